@@ -1,0 +1,13 @@
+//! Device models of iovmm.
+//!
+//! Everything here is driven by the `vmm` crate through a few traits:
+//! [`bus::BusDevice`] for MMIO and port I/O, [`interrupt::MsiSink`] for
+//! interrupt delivery and [`pci::PciDevice`] for PCI functions. Devices never
+//! touch KVM directly; the `vmm` crate implements the traits over KVM.
+#![warn(missing_docs)]
+
+pub mod bus;
+pub mod interrupt;
+pub mod legacy;
+pub mod pci;
+pub mod virtio;
