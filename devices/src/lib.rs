@@ -10,4 +10,5 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
+pub mod vhost_user;
 pub mod virtio;

@@ -1,1 +1,1 @@
-//! Legacy platform devices.
+//! Legacy platform devices: serial console, IOAPIC, reset and power-off paths.

@@ -1,1 +1,1 @@
-//! Virtio.
+//! Virtio: the device trait and the modern virtio-pci transport.

@@ -1,0 +1,1 @@
+//! vhost-user frontend and the IOTLB protocol codec.
