@@ -1,0 +1,6 @@
+//! x86_64 platform: memory layout, boot protocol, vCPU registers, ACPI.
+
+pub mod acpi;
+pub mod boot;
+pub mod layout;
+pub mod regs;

@@ -1,0 +1,5 @@
+//! Thin wrappers over KVM state: guest memory, the VM and its vCPUs.
+
+pub mod memory;
+
+pub mod vm;
