@@ -1,1 +1,7 @@
 //! placeholder
+#![warn(missing_docs)]
+
+pub mod address_space;
+pub mod notifier;
+pub mod translate;
+pub mod types;
