@@ -93,7 +93,10 @@ pub struct ActivateContext {
 impl std::fmt::Debug for ActivateContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ActivateContext")
-            .field("queues", &self.queues.iter().map(|q| q.0).collect::<Vec<_>>())
+            .field(
+                "queues",
+                &self.queues.iter().map(|q| q.0).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
