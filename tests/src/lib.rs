@@ -1,1 +1,3 @@
-//! placeholder
+//! iovmm integration-test helpers: real KVM guests and real backends.
+
+pub mod guest;

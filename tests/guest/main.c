@@ -1,0 +1,161 @@
+/*
+ * Ring-3 entry of the iovmm fast test guest: reads the scenario from the kernel command line
+ * (iovmm.test=NAME plus iovmm.* parameters), runs it, prints one IOVMM-RESULT line and exits
+ * through the exit port with EXIT_* (abi.h).
+ */
+#include "env.h"
+#include "net.h"
+#include "pci.h"
+
+/* TSC at the first ring-0 instruction (boot.S) and at ring-3 entry. */
+extern u64 boot_tsc;
+static u64 user_tsc;
+
+static struct pci_dev pci_devs[PCI_MAX_DEVICES];
+static size_t pci_count;
+
+static int run_hello(void)
+{
+    printf("IOVMM-TEST hello ok\n");
+    struct result r;
+    result_begin(&r, "hello", "ok");
+    result_u64(&r, "ring0_cycles", user_tsc - boot_tsc);
+    result_u64(&r, "ram_bytes", mem_total_ram());
+    result_u64(&r, "tsc_khz", tsc_khz());
+    result_emit(&r);
+    return EXIT_OK;
+}
+
+static int run_fault(void)
+{
+    /* PML4 entry 1 (512 GiB and up) is never mapped: a user-mode write page fault (vector 14). */
+    volatile u32 *unmapped = (volatile u32 *)0x8000000000ULL;
+    printf("IOVMM-TEST fault: writing to %p\n", (void *)unmapped);
+    *unmapped = 0x1234;
+    struct result r;
+    result_begin(&r, "fault", "failed");
+    result_str(&r, "error", "the write to an unmapped address did not fault");
+    result_emit(&r);
+    return EXIT_FAILED;
+}
+
+static int run_tsc(void)
+{
+    u64 iterations;
+    if (cmdline_u64("iovmm.iterations", 10000000, &iterations))
+        return -EXIT_USAGE;
+    u64 t0 = rdtsc();
+    for (u64 i = 0; i < iterations; i++)
+        __asm__ volatile("" : "+r"(i)); /* keeps the loop */
+    u64 cycles = rdtsc() - t0;
+    struct result r;
+    result_begin(&r, "tsc", "ok");
+    result_u64(&r, "iterations", iterations);
+    result_u64(&r, "cycles", cycles);
+    result_u64(&r, "tsc_khz", tsc_khz());
+    result_emit(&r);
+    return EXIT_OK;
+}
+
+static const char *bar_kind_name(enum pci_bar_kind k)
+{
+    return k == PCI_BAR_IO ? "io" : k == PCI_BAR_MEM32 ? "mem32" : "mem64";
+}
+
+static void print_bars(const struct pci_dev *d)
+{
+    for (int i = 0; i < 6; i++) {
+        struct pci_bar b = pci_bar(d, i);
+        if (b.kind == PCI_BAR_NONE)
+            continue;
+        u64 size = pci_bar_size(d, i);
+        if (size == 0)
+            continue;
+        printf("  bar%d %s 0x%llx size 0x%llx%s\n", i, bar_kind_name(b.kind), (unsigned long long)b.addr,
+               (unsigned long long)size, b.prefetchable ? " prefetchable" : "");
+    }
+}
+
+static int run_pci_scan(void)
+{
+    char ids[512] = "";
+    size_t len = 0;
+    pci_count = pci_scan(pci_devs, PCI_MAX_DEVICES);
+    for (size_t i = 0; i < pci_count; i++) {
+        const struct pci_dev *d = &pci_devs[i];
+        printf("pci %02x:%02x.%x %04x:%04x class %06x\n", d->bus, d->dev, d->fn, d->vendor, d->device,
+               d->class_code);
+        if ((d->header_type & 0x7f) == 0)
+            print_bars(d);
+        int n = snprintf(ids + len, sizeof(ids) - len, "%s%02x:%02x.%x=%04x:%04x:%06x", i ? "," : "", d->bus,
+                         d->dev, d->fn, d->vendor, d->device, d->class_code);
+        if (n > 0 && len + (size_t)n < sizeof(ids))
+            len += (size_t)n;
+        else
+            ids[len] = '\0'; /* list truncated at a whole entry */
+    }
+    struct result r;
+    result_begin(&r, "pci-scan", "ok");
+    result_u64(&r, "devices", pci_count);
+    result_str(&r, "ids", ids);
+    result_emit(&r);
+    return EXIT_OK;
+}
+
+struct scenario {
+    const char *name;
+    int (*run)(void);
+};
+
+static int run_net_tx_scenario(void)
+{
+    pci_count = pci_scan(pci_devs, PCI_MAX_DEVICES);
+    return run_net_tx(pci_devs, pci_count);
+}
+
+static const struct scenario scenarios[] = {
+    {"hello", run_hello}, {"fault", run_fault},   {"tsc", run_tsc},
+    {"pci-scan", run_pci_scan}, {"net-tx", run_net_tx_scenario},
+};
+
+static int fail(const char *test, int code, const char *status, const char *why)
+{
+    struct result r;
+    result_begin(&r, test, status);
+    result_str(&r, "error", why);
+    result_str(&r, "cmdline", cmdline_raw());
+    result_emit(&r);
+    return code;
+}
+
+static bool valid_name(const char *s)
+{
+    for (; *s; s++) {
+        if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '-' || *s == '_'))
+            return false;
+    }
+    return true;
+}
+
+int guest_main(void);
+
+int guest_main(void)
+{
+    user_tsc = rdtsc();
+    cmdline_init();
+    static char test[32];
+    if (!cmdline_get("iovmm.test", test, sizeof(test)) || !valid_name(test) || !test[0])
+        return fail("none", EXIT_USAGE, "error", "iovmm.test=NAME is missing or malformed on the command line");
+    current_test = test;
+    if (!mem_init())
+        return fail(test, EXIT_FAILED, "error", "no free RAM after the image in the e820 map");
+    for (size_t i = 0; i < ARRAY_SIZE(scenarios); i++) {
+        if (strcmp(test, scenarios[i].name) == 0) {
+            int code = scenarios[i].run();
+            if (code < 0) /* a parameter error the scenario did not report itself */
+                return fail(test, -code, "error", "a numeric iovmm.* parameter is malformed");
+            return code;
+        }
+    }
+    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, tsc, pci-scan, net-tx)");
+}

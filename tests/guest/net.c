@@ -1,0 +1,218 @@
+/*
+ * virtio-net scenarios. net-tx: transmit N frames of S bytes on queue 1 (each one descriptor:
+ * the 12-byte virtio_net_hdr followed by the frame), poll the used ring for completions, report
+ * a checksum of the frame bytes and TSC cycles per frame.
+ *
+ * Parameters: iovmm.frames (1000), iovmm.size (frame bytes without the header, 60..65000, 1514),
+ * iovmm.batch (frames added per kick, 1), iovmm.queue (max queue size, 256), iovmm.iommu (off),
+ * iovmm.timeout_ms (10000), iovmm.reset (1: reset the device at the end).
+ *
+ * Frame i: dst ff:ff:ff:ff:ff:ff, src = the device MAC (52:54:00:00:00:01 without VIRTIO_NET_F_MAC),
+ * ethertype 0x88b5, then byte j (j >= 14) = (u8)(i * 31 + j). "checksum" is the wrapping u64 sum of
+ * every frame byte of every frame (Ethernet header included, virtio_net_hdr excluded), which a
+ * backend can recompute from what it received.
+ */
+#include "net.h"
+#include "env.h"
+#include "virtio.h"
+
+#define VIRTIO_NET_F_MAC (1ULL << 5)
+#define NET_HDR_LEN 12
+#define RX_QUEUE 0
+#define TX_QUEUE 1
+
+struct net_params {
+    u64 frames, size, batch, queue, timeout_ms, reset;
+    enum iommu_mode iommu;
+};
+
+struct net_tx {
+    struct virtio_dev vd;
+    struct dma_ctx dma;
+    struct virtq rxq, txq;
+    u8 mac[6];
+    u8 *bufs;          /* txq.size slots of `stride` bytes */
+    u64 stride;
+    u64 *slot_dma;     /* device address of each in-flight slot, by descriptor id */
+    u64 sent, completed, checksum, bytes;
+};
+
+static const char *read_params(struct net_params *p)
+{
+    char mode[16];
+    if (cmdline_u64("iovmm.frames", 1000, &p->frames) || cmdline_u64("iovmm.size", 1514, &p->size) ||
+        cmdline_u64("iovmm.batch", 1, &p->batch) || cmdline_u64("iovmm.queue", 256, &p->queue) ||
+        cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset))
+        return "a numeric iovmm.* parameter is malformed";
+    if (p->size < 60 || p->size > 65000)
+        return "iovmm.size must be 60..65000 bytes";
+    if (p->batch == 0 || p->queue < 2 || p->queue > 32768)
+        return "iovmm.batch must be >= 1 and iovmm.queue 2..32768";
+    p->iommu = IOMMU_OFF;
+    if (cmdline_get("iovmm.iommu", mode, sizeof(mode)) && !iommu_mode_parse(mode, &p->iommu))
+        return "iovmm.iommu must be off, passthrough, strict or lazy";
+    return NULL;
+}
+
+static const char *net_setup(struct net_tx *n, const struct pci_dev *pci, const struct net_params *p)
+{
+    const char *err = dma_init(&n->dma, pci, p->iommu);
+    if (!err)
+        err = virtio_pci_init(&n->vd, pci, &n->dma);
+    if (!err)
+        err = virtio_negotiate(&n->vd, VIRTIO_F_ACCESS_PLATFORM | VIRTIO_NET_F_MAC, VIRTIO_F_VERSION_1);
+    /* Both queues of the pair are set up (vhost-user backends start only then); rx stays empty. */
+    if (!err)
+        err = virtio_setup_queue(&n->vd, &n->rxq, RX_QUEUE, 64);
+    if (!err)
+        err = virtio_setup_queue(&n->vd, &n->txq, TX_QUEUE, (u16)p->queue);
+    if (err)
+        return err;
+    static const u8 default_mac[6] = {0x52, 0x54, 0x00, 0x00, 0x00, 0x01};
+    memcpy(n->mac, default_mac, 6);
+    if ((n->vd.features & VIRTIO_NET_F_MAC) && n->vd.device_cfg) {
+        for (u32 i = 0; i < 6; i++)
+            n->mac[i] = virtio_cfg_read8(&n->vd, i);
+    }
+    n->stride = ALIGN_UP(NET_HDR_LEN + p->size, 64);
+    n->bufs = mem_alloc(n->stride * n->txq.size, 4096);
+    n->slot_dma = mem_alloc(sizeof(u64) * n->txq.size, 64);
+    if (!n->bufs || !n->slot_dma)
+        return "out of guest memory for transmit buffers (raise --memory or lower iovmm.size)";
+    virtio_driver_ok(&n->vd);
+    return NULL;
+}
+
+/* Writes frame `seq` after a zeroed header; returns the sum of its bytes. */
+static u64 fill_frame(u8 *buf, const u8 *mac, u64 seq, u64 size)
+{
+    memset(buf, 0, NET_HDR_LEN);
+    u8 *f = buf + NET_HDR_LEN;
+    memset(f, 0xff, 6);
+    memcpy(f + 6, mac, 6);
+    f[12] = 0x88;
+    f[13] = 0xb5;
+    for (u64 j = 14; j < size; j++)
+        f[j] = (u8)(seq * 31 + j);
+    u64 sum = 0;
+    for (u64 j = 0; j < size; j++)
+        sum += f[j];
+    return sum;
+}
+
+/* Adds up to `batch` frames; returns false on a DMA mapping failure. */
+static bool submit_batch(struct net_tx *n, const struct net_params *p)
+{
+    u64 added = 0;
+    while (added < p->batch && n->sent < p->frames && n->txq.num_free > 0) {
+        u16 slot = n->txq.free_head; /* the descriptor id virtq_add will use */
+        u8 *buf = n->bufs + (u64)slot * n->stride;
+        n->checksum += fill_frame(buf, n->mac, n->sent, p->size);
+        u64 len = NET_HDR_LEN + p->size;
+        u64 addr = dma_map(&n->dma, buf, len, DMA_TO_DEVICE);
+        if (addr == DMA_MAPPING_ERROR)
+            return false;
+        n->slot_dma[slot] = addr;
+        struct vq_buf b = {.addr = addr, .len = (u32)len, .device_writes = false};
+        virtq_add(&n->txq, &b, 1);
+        n->sent++;
+        n->bytes += p->size;
+        added++;
+    }
+    if (added)
+        virtq_kick(&n->txq);
+    return true;
+}
+
+static u64 reap(struct net_tx *n, const struct net_params *p)
+{
+    u32 id, len;
+    u64 got = 0;
+    while (virtq_get_used(&n->txq, &id, &len)) {
+        dma_unmap(&n->dma, n->slot_dma[id], NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+        n->completed++;
+        got++;
+    }
+    return got;
+}
+
+/* Runs the transmit loop; returns false on timeout or mapping failure. */
+static bool transmit(struct net_tx *n, const struct net_params *p, const char **why)
+{
+    u64 timeout = ms_to_cycles(p->timeout_ms), last_progress = rdtsc();
+    while (n->completed < p->frames) {
+        if (!submit_batch(n, p)) {
+            *why = "dma_map failed";
+            return false;
+        }
+        if (reap(n, p)) {
+            last_progress = rdtsc();
+        } else if (rdtsc() - last_progress > timeout) {
+            *why = "no transmit completion within iovmm.timeout_ms";
+            return false;
+        } else {
+            cpu_relax();
+        }
+    }
+    dma_flush(&n->dma);
+    return true;
+}
+
+static void report(struct net_tx *n, const struct net_params *p, const char *status, const char *why, u64 cycles)
+{
+    struct result r;
+    result_begin(&r, "net-tx", status);
+    if (why)
+        result_str(&r, "error", why);
+    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_u64(&r, "frames", p->frames);
+    result_u64(&r, "size", p->size);
+    result_u64(&r, "sent", n->sent);
+    result_u64(&r, "completed", n->completed);
+    result_u64(&r, "bytes", n->bytes);
+    result_u64(&r, "checksum", n->checksum);
+    result_u64(&r, "queue_size", n->txq.size);
+    result_u64(&r, "kicks", n->txq.kicks);
+    result_u64(&r, "maps", n->dma.maps);
+    result_u64(&r, "unmaps", n->dma.unmaps);
+    result_hex(&r, "features", n->vd.features);
+    result_u64(&r, "cycles", cycles);
+    result_u64(&r, "cycles_per_frame", p->frames ? cycles / p->frames : 0);
+    result_u64(&r, "tsc_khz", tsc_khz());
+    result_emit(&r);
+}
+
+int run_net_tx(const struct pci_dev *devs, size_t ndevs)
+{
+    static struct net_tx n; /* zeroed .bss; large enough to keep off the stack */
+    struct net_params p;
+    const char *err = read_params(&p);
+    if (err) {
+        report(&n, &p, "error", err, 0);
+        return EXIT_USAGE;
+    }
+    static const u16 net_ids[] = {0x1041, 0x1000, 0};
+    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, net_ids);
+    if (!pci) {
+        report(&n, &p, "error", "no virtio-net device on PCI bus 0", 0);
+        return EXIT_UNSUPPORTED;
+    }
+    err = net_setup(&n, pci, &p);
+    if (err) {
+        bool unsupported = n.dma.mode != IOMMU_OFF;
+        report(&n, &p, unsupported ? "unsupported" : "error", err, 0);
+        return unsupported ? EXIT_UNSUPPORTED : EXIT_FAILED;
+    }
+    printf("IOVMM-TEST net-tx: %02x:%02x.%x queue %u, %llu frames of %llu bytes\n", pci->bus, pci->dev,
+           pci->fn, n.txq.size, (unsigned long long)p.frames, (unsigned long long)p.size);
+    u64 t0 = rdtsc();
+    const char *why = NULL;
+    bool ok = transmit(&n, &p, &why);
+    u64 cycles = rdtsc() - t0;
+    if (p.reset && !virtio_reset(&n.vd) && ok) {
+        ok = false;
+        why = "the device did not finish its reset after the run";
+    }
+    report(&n, &p, ok ? "ok" : "failed", why, cycles);
+    return ok ? EXIT_OK : EXIT_FAILED;
+}
