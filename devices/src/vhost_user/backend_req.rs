@@ -1,0 +1,482 @@
+//! Server for the back-end request channel (the socketpair end the front end
+//! keeps after VHOST_USER_SET_BACKEND_REQ_FD).
+//!
+//! It reads BACKEND_IOTLB_MSG requests, asks a [`MissHandler`] for the
+//! translation, sends the UPDATE on the main socket through an
+//! [`IotlbChannel`] (waiting for that UPDATE's own ack), and only then acks
+//! the miss if the back end set NEED_REPLY. It never reads the main socket
+//! outside such an exchange, so it cannot steal another request's reply.
+//!
+//! Unknown or unsupported requests get a non-zero reply when NEED_REPLY was
+//! set, else a log line. A malformed frame (bad version, reserved flags,
+//! oversized, wrong IOTLB size, a reply where a request belongs, a truncated
+//! frame) closes the channel with a log line.
+
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::channel::{ChannelError, IotlbChannel};
+use super::frame::{read_frame, write_frame};
+use super::miss::{check_update, MissHandler};
+use super::wire::{encode_ack, BackendRequest, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
+
+/// Bound on how long the rest of a frame may take once its first byte came.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why the back-end request channel was closed.
+#[derive(Debug, Error)]
+pub enum BackendReqError {
+    /// The back end sent a frame that violates the protocol.
+    #[error("malformed message on the vhost-user back-end channel: {0}; channel closed")]
+    Malformed(WireError),
+    /// The back end sent a reply where only requests are allowed.
+    #[error("unexpected reply (request {0}) on the vhost-user back-end channel; channel closed")]
+    UnexpectedReply(u32),
+    /// Reading or writing the channel failed (including end of stream).
+    #[error("vhost-user back-end channel closed: {0}")]
+    Channel(ChannelError),
+}
+
+impl From<ChannelError> for BackendReqError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::Protocol(w) => BackendReqError::Malformed(w),
+            other => BackendReqError::Channel(other),
+        }
+    }
+}
+
+/// Counters of one back-end request channel.
+#[derive(Debug, Default)]
+pub struct BackendReqStats {
+    /// MISS requests received.
+    pub misses: AtomicU64,
+    /// Misses answered with an UPDATE that the back end acked.
+    pub misses_served: AtomicU64,
+    /// Misses refused (no translation, bad UPDATE, or UPDATE send failed).
+    pub misses_refused: AtomicU64,
+    /// ACCESS_FAIL reports received.
+    pub access_fails: AtomicU64,
+    /// Requests that were unknown or not supported.
+    pub unsupported: AtomicU64,
+}
+
+/// What [`BackendReqServer::serve_one`] did with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// A miss; `ok` is whether an UPDATE was sent and acked.
+    Miss {
+        /// Whether the miss was answered with an UPDATE.
+        ok: bool,
+    },
+    /// An ACCESS_FAIL report.
+    AccessFail,
+    /// A request this front end does not handle (code given).
+    Unsupported(u32),
+}
+
+/// Serves one back-end request channel.
+pub struct BackendReqServer {
+    stream: UnixStream,
+    handler: Arc<dyn MissHandler>,
+    main: Arc<dyn IotlbChannel>,
+    stats: Arc<BackendReqStats>,
+}
+
+impl BackendReqServer {
+    /// Serve `stream`, answering misses with `handler` and sending the
+    /// UPDATEs through `main`.
+    pub fn new(
+        stream: UnixStream,
+        handler: Arc<dyn MissHandler>,
+        main: Arc<dyn IotlbChannel>,
+    ) -> Self {
+        BackendReqServer {
+            stream,
+            handler,
+            main,
+            stats: Arc::new(BackendReqStats::default()),
+        }
+    }
+
+    /// The channel's counters (shared; they keep updating).
+    pub fn stats(&self) -> Arc<BackendReqStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Block for one request, handle it and reply if asked to.
+    ///
+    /// An error means the channel must be closed.
+    pub fn serve_one(&mut self) -> Result<Served, BackendReqError> {
+        let (hdr, payload) = read_frame(&self.stream, None, FRAME_TIMEOUT)?;
+        if hdr.is_reply() {
+            return Err(BackendReqError::UnexpectedReply(hdr.request));
+        }
+        let (served, value) = match BackendRequest::try_from(hdr.request) {
+            Ok(BackendRequest::IotlbMsg) => self.iotlb(&hdr, &payload)?,
+            Ok(other) => {
+                log::warn!("vhost-user back end sent unsupported request {other:?}");
+                (Served::Unsupported(hdr.request), 1)
+            }
+            Err(e) => {
+                log::warn!("vhost-user back-end channel: {e}");
+                (Served::Unsupported(hdr.request), 1)
+            }
+        };
+        if let Served::Unsupported(_) = served {
+            self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+        }
+        if hdr.need_reply() {
+            write_frame(&self.stream, &encode_ack(hdr.request, value))?;
+        }
+        Ok(served)
+    }
+
+    fn iotlb(&self, hdr: &Header, payload: &[u8]) -> Result<(Served, u64), BackendReqError> {
+        let msg = match IotlbMsg::decode(hdr.request, payload) {
+            Ok(m) => m,
+            Err(e @ WireError::SizeMismatch { .. }) => return Err(BackendReqError::Malformed(e)),
+            Err(e) => {
+                log::warn!("vhost-user back end sent an invalid IOTLB message: {e}");
+                return Ok((Served::Unsupported(hdr.request), 1));
+            }
+        };
+        // decode() validated both fields.
+        let perm = msg.permission().unwrap_or(IotlbPerm::None);
+        match msg.kind() {
+            Ok(IotlbType::Miss) => {
+                let ok = self.miss(msg.iova, perm);
+                Ok((Served::Miss { ok }, u64::from(!ok)))
+            }
+            Ok(IotlbType::AccessFail) => {
+                self.stats.access_fails.fetch_add(1, Ordering::Relaxed);
+                self.handler.on_access_fail(msg.iova, perm);
+                Ok((Served::AccessFail, 0))
+            }
+            other => {
+                log::warn!("vhost-user back end sent IOTLB type {other:?}, which only a front end may send");
+                Ok((Served::Unsupported(hdr.request), 1))
+            }
+        }
+    }
+
+    /// Answer a miss: UPDATE on the main socket (acked) before returning true.
+    fn miss(&self, iova: u64, perm: IotlbPerm) -> bool {
+        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let res = self
+            .handler
+            .on_miss(iova, perm)
+            .and_then(|u| check_update(iova, perm, &u).map(|()| u));
+        let sent = match res {
+            Ok(update) => self.main.send_iotlb(&update, true).map_err(|e| {
+                log::warn!("UPDATE for IOTLB miss at {iova:#x} failed: {e}");
+            }),
+            Err(e) => {
+                log::info!("IOTLB miss refused: {e}");
+                Err(())
+            }
+        };
+        let counter = match sent {
+            Ok(()) => &self.stats.misses_served,
+            Err(()) => &self.stats.misses_refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        sent.is_ok()
+    }
+
+    /// Serve until the channel fails or is closed; returns the reason.
+    pub fn run(mut self) -> BackendReqError {
+        loop {
+            if let Err(e) = self.serve_one() {
+                match &e {
+                    BackendReqError::Channel(ChannelError::Disconnected) => {
+                        log::info!("vhost-user back-end channel closed by the peer")
+                    }
+                    other => log::error!("{other}"),
+                }
+                return e;
+            }
+        }
+    }
+
+    /// Run the server on its own thread.
+    pub fn spawn(self, name: &str) -> std::io::Result<BackendReqThread> {
+        let shutdown = self.stream.try_clone()?;
+        let join = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || self.run())?;
+        Ok(BackendReqThread { shutdown, join })
+    }
+}
+
+/// A running back-end channel thread.
+pub struct BackendReqThread {
+    shutdown: UnixStream,
+    join: JoinHandle<BackendReqError>,
+}
+
+impl BackendReqThread {
+    /// Whether the thread has exited (channel closed).
+    pub fn is_finished(&self) -> bool {
+        self.join.is_finished()
+    }
+
+    /// Close the channel and wait for the thread; returns why it ended.
+    pub fn stop(self) -> Option<BackendReqError> {
+        // Errors only mean the socket is already closed.
+        let _ = self.shutdown.shutdown(Shutdown::Both);
+        self.join.join().ok()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::vhost_user::channel::{MainSocket, MockIotlbChannel, MockReply};
+    use crate::vhost_user::miss::MissError;
+    use crate::vhost_user::wire::{
+        decode_ack, encode_iotlb_frame, IOTLB_MSG_SIZE, VHOST_USER_BACKEND_IOTLB_MSG,
+    };
+    use std::time::Instant;
+
+    const UADDR: u64 = 0x7f00_0000_0000;
+
+    fn translate(iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
+        if iova >= 0x10_0000 {
+            return Err(MissError::Unmapped { iova });
+        }
+        if perm == IotlbPerm::Wo {
+            return Err(MissError::PermissionDenied { iova, wanted: perm });
+        }
+        let page = iova & !0xfff;
+        Ok(IotlbMsg::update(page, 0x1000, UADDR + page, IotlbPerm::Ro))
+    }
+
+    fn server(mock: &Arc<MockIotlbChannel>) -> (BackendReqServer, UnixStream) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let main: Arc<dyn IotlbChannel> = Arc::clone(mock) as Arc<dyn IotlbChannel>;
+        (
+            BackendReqServer::new(ours, Arc::new(translate), main),
+            theirs,
+        )
+    }
+
+    fn send_miss(peer: &UnixStream, iova: u64, perm: IotlbPerm, need_reply: bool) {
+        let frame = encode_iotlb_frame(
+            VHOST_USER_BACKEND_IOTLB_MSG,
+            &IotlbMsg::miss(iova, perm),
+            need_reply,
+        );
+        write_frame(peer, &frame).unwrap();
+    }
+
+    fn read_ack(peer: &UnixStream, request: u32) -> u64 {
+        let (hdr, payload) = read_frame(peer, None, Duration::from_secs(2)).unwrap();
+        decode_ack(&hdr, &payload, request).unwrap()
+    }
+
+    #[test]
+    fn miss_is_answered_with_update_then_zero_ack() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (mut srv, peer) = server(&mock);
+        send_miss(&peer, 0x3456, IotlbPerm::Ro, true);
+        assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
+        assert_eq!(read_ack(&peer, 1), 0);
+        let update = IotlbMsg::update(0x3000, 0x1000, UADDR + 0x3000, IotlbPerm::Ro);
+        assert_eq!(mock.sent(), vec![(update, true)]);
+        assert_eq!(srv.stats().misses_served.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn unmapped_or_forbidden_miss_gets_nonzero_ack_and_no_update() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (mut srv, peer) = server(&mock);
+        send_miss(&peer, 0x20_0000, IotlbPerm::Ro, true);
+        assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
+        assert_eq!(read_ack(&peer, 1), 1);
+        send_miss(&peer, 0x1000, IotlbPerm::Wo, true);
+        assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
+        assert_eq!(read_ack(&peer, 1), 1);
+        assert!(mock.sent().is_empty());
+        assert_eq!(srv.stats().misses_refused.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn failed_update_send_gets_nonzero_ack() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        mock.script(&[MockReply::Nack(9)]);
+        let (mut srv, peer) = server(&mock);
+        send_miss(&peer, 0x1000, IotlbPerm::Ro, true);
+        assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
+        assert_eq!(read_ack(&peer, 1), 1);
+    }
+
+    #[test]
+    fn handler_update_not_covering_the_miss_is_refused() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let bad =
+            |_iova: u64, _p: IotlbPerm| Ok(IotlbMsg::update(0x9000, 0x1000, UADDR, IotlbPerm::Rw));
+        let mut srv = BackendReqServer::new(ours, Arc::new(bad), mock.clone());
+        send_miss(&peer, 0x1000, IotlbPerm::Ro, true);
+        assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
+        assert_eq!(read_ack(&peer, 1), 1);
+        assert!(mock.sent().is_empty());
+    }
+
+    #[test]
+    fn miss_without_need_reply_gets_no_ack() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (mut srv, peer) = server(&mock);
+        send_miss(&peer, 0x1000, IotlbPerm::Ro, false);
+        assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
+        let deadline = Instant::now() + Duration::from_millis(30);
+        assert!(matches!(
+            read_frame(&peer, Some(deadline), Duration::from_secs(1)),
+            Err(ChannelError::Timeout)
+        ));
+        assert_eq!(mock.sent().len(), 1);
+    }
+
+    #[test]
+    fn unknown_request_gets_nonzero_reply_only_when_asked() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (mut srv, peer) = server(&mock);
+        write_frame(&peer, &Header::request(77, 0, true).encode()).unwrap();
+        assert_eq!(srv.serve_one().unwrap(), Served::Unsupported(77));
+        assert_eq!(read_ack(&peer, 77), 1);
+        write_frame(&peer, &Header::request(2, 0, false).encode()).unwrap();
+        assert_eq!(srv.serve_one().unwrap(), Served::Unsupported(2));
+        send_miss(&peer, 0x1000, IotlbPerm::Ro, true);
+        assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
+        assert_eq!(read_ack(&peer, 1), 0);
+    }
+
+    #[test]
+    fn update_type_from_backend_is_refused_not_fatal() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (mut srv, peer) = server(&mock);
+        let frame = encode_iotlb_frame(1, &IotlbMsg::update(0, 1, 0, IotlbPerm::Rw), true);
+        write_frame(&peer, &frame).unwrap();
+        assert_eq!(srv.serve_one().unwrap(), Served::Unsupported(1));
+        assert_eq!(read_ack(&peer, 1), 1);
+        let mut unknown = encode_iotlb_frame(1, &IotlbMsg::miss(0, IotlbPerm::Ro), true);
+        unknown[12 + 25] = 9;
+        write_frame(&peer, &unknown).unwrap();
+        assert_eq!(srv.serve_one().unwrap(), Served::Unsupported(1));
+        assert_eq!(read_ack(&peer, 1), 1);
+    }
+
+    #[test]
+    fn access_fail_is_counted_and_acked() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (mut srv, peer) = server(&mock);
+        let mut frame = encode_iotlb_frame(1, &IotlbMsg::miss(0x5000, IotlbPerm::Wo), true);
+        frame[12 + 25] = IotlbType::AccessFail as u8;
+        write_frame(&peer, &frame).unwrap();
+        assert_eq!(srv.serve_one().unwrap(), Served::AccessFail);
+        assert_eq!(read_ack(&peer, 1), 0);
+        assert_eq!(srv.stats().access_fails.load(Ordering::Relaxed), 1);
+    }
+
+    fn assert_closes(bytes: &[u8]) -> BackendReqError {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (srv, peer) = server(&mock);
+        write_frame(&peer, bytes).unwrap();
+        let thread = srv.spawn("test-backend-req").unwrap();
+        let start = Instant::now();
+        while !thread.is_finished() {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "channel not closed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(mock.sent().is_empty());
+        thread.stop().unwrap()
+    }
+
+    #[test]
+    fn malformed_messages_close_the_channel() {
+        let mut bad_version = Header::request(1, 0, false);
+        bad_version.flags = 0x2;
+        assert!(matches!(
+            assert_closes(&bad_version.encode()),
+            BackendReqError::Malformed(WireError::BadVersion(2))
+        ));
+        let oversized = Header::request(1, 0x2000, false);
+        assert!(matches!(
+            assert_closes(&oversized.encode()),
+            BackendReqError::Malformed(WireError::Oversized(0x2000))
+        ));
+        let mut short = Header::request(1, 16, true).encode().to_vec();
+        short.extend_from_slice(&[0u8; 16]);
+        assert!(matches!(
+            assert_closes(&short),
+            BackendReqError::Malformed(WireError::SizeMismatch { got: 16, .. })
+        ));
+        let reply = encode_ack(1, 0);
+        assert!(matches!(
+            assert_closes(&reply),
+            BackendReqError::UnexpectedReply(1)
+        ));
+    }
+
+    #[test]
+    fn truncated_frame_times_out_and_closes() {
+        let frame = encode_iotlb_frame(1, &IotlbMsg::miss(0, IotlbPerm::Ro), true);
+        assert!(matches!(
+            assert_closes(&frame[..IOTLB_MSG_SIZE]),
+            BackendReqError::Channel(ChannelError::Timeout)
+        ));
+    }
+
+    #[test]
+    fn stop_ends_an_idle_server() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (srv, _peer) = server(&mock);
+        let thread = srv.spawn("test-backend-req").unwrap();
+        assert!(matches!(
+            thread.stop(),
+            Some(BackendReqError::Channel(ChannelError::Disconnected))
+        ));
+    }
+
+    /// A real main socket and a real back-end channel: the UPDATE must be on
+    /// the main socket (and acked) before the miss is acked.
+    #[test]
+    fn update_is_sent_on_main_socket_before_the_miss_is_acked() {
+        let (main_ours, main_peer) = UnixStream::pair().unwrap();
+        let main = Arc::new(MainSocket::new(main_ours, 2, Duration::from_secs(2)).unwrap());
+        let (req_ours, req_peer) = UnixStream::pair().unwrap();
+        let srv = BackendReqServer::new(req_ours, Arc::new(translate), main.clone());
+        let thread = srv.spawn("test-backend-req").unwrap();
+
+        send_miss(&req_peer, 0x7abc, IotlbPerm::Ro, true);
+        let (hdr, payload) = read_frame(&main_peer, None, Duration::from_secs(2)).unwrap();
+        assert_eq!(hdr, Header::request(22, 32, true));
+        let update = IotlbMsg::decode(22, &payload).unwrap();
+        assert_eq!(
+            update,
+            IotlbMsg::update(0x7000, 0x1000, UADDR + 0x7000, IotlbPerm::Ro)
+        );
+        // No miss ack may arrive while the UPDATE is unacknowledged.
+        let early = Instant::now() + Duration::from_millis(50);
+        assert!(matches!(
+            read_frame(&req_peer, Some(early), Duration::from_secs(1)),
+            Err(ChannelError::Timeout)
+        ));
+        write_frame(&main_peer, &encode_ack(22, 0)).unwrap();
+        assert_eq!(read_ack(&req_peer, 1), 0);
+        assert_eq!(main.stats().updates, 1);
+        drop(req_peer);
+        thread.stop();
+    }
+}

@@ -1,0 +1,515 @@
+//! The front end's side of the main vhost-user socket for IOTLB traffic.
+//!
+//! [`IotlbChannel`] is the seam the IOMMU glue uses to push UPDATE and
+//! INVALIDATE messages. [`MainSocket`] implements it on the real socket and
+//! also owns the vhost crate's [`Frontend`] for the same socket, so that every
+//! request on the main socket, ours or the crate's, is written and answered
+//! under one lock (see the module documentation of `vhost_user` for why).
+//! [`MockIotlbChannel`] records messages for tests.
+
+use std::collections::VecDeque;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+
+use super::frame::{read_frame, write_frame};
+use super::wire::{
+    decode_ack, encode_iotlb_frame, IotlbMsg, IotlbType, WireError, VHOST_USER_IOTLB_MSG,
+};
+
+/// Default bound on how long the front end waits for a reply-ack.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of the IOTLB channels.
+#[derive(Debug, Error)]
+pub enum ChannelError {
+    /// The back end answered with a non-zero ack.
+    #[error("vhost-user back end refused the message (ack value {0}); its IOTLB may be stale, reset the device")]
+    Nack(u64),
+    /// No complete reply arrived in time.
+    #[error("vhost-user back end did not answer in time; the socket is now closed, reconnect the back end")]
+    Timeout,
+    /// The peer closed the socket.
+    #[error("vhost-user back end disconnected; reconnect it to continue")]
+    Disconnected,
+    /// The peer sent a frame that does not follow the protocol.
+    #[error("vhost-user protocol violation: {0}")]
+    Protocol(#[from] WireError),
+    /// A socket call failed.
+    #[error("vhost-user socket I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// An earlier failure left the stream out of sync; nothing more is sent.
+    #[error("vhost-user main socket was closed after an earlier failure; reconnect the back end")]
+    Broken,
+    /// A request issued through the vhost crate's `Frontend` failed.
+    #[error("vhost-user request failed: {0}")]
+    Frontend(vhost::Error),
+}
+
+/// Sends front-end IOTLB messages (UPDATE, INVALIDATE) to a back end.
+pub trait IotlbChannel: Send + Sync {
+    /// Send `msg` as VHOST_USER_IOTLB_MSG. With `need_reply`, wait for the
+    /// reply-ack (bounded by the channel's timeout) and fail on non-zero.
+    fn send_iotlb(&self, msg: &IotlbMsg, need_reply: bool) -> Result<(), ChannelError>;
+}
+
+/// Counters of the IOTLB traffic on one main socket.
+#[derive(Debug, Default)]
+pub struct IotlbStats {
+    updates: AtomicU64,
+    invalidations: AtomicU64,
+    nacks: AtomicU64,
+    failures: AtomicU64,
+    acked: AtomicU64,
+    rtt_total_ns: AtomicU64,
+    rtt_max_ns: AtomicU64,
+}
+
+/// A copy of [`IotlbStats`] at one point in time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IotlbStatsSnapshot {
+    /// UPDATE messages written.
+    pub updates: u64,
+    /// INVALIDATE messages written.
+    pub invalidations: u64,
+    /// Non-zero acks received.
+    pub nacks: u64,
+    /// Timeouts, disconnects and protocol errors.
+    pub failures: u64,
+    /// Messages whose ack arrived (zero or not).
+    pub acked: u64,
+    /// Sum of ack round-trip times in nanoseconds.
+    pub rtt_total_ns: u64,
+    /// Largest ack round-trip time in nanoseconds.
+    pub rtt_max_ns: u64,
+}
+
+impl IotlbStats {
+    fn count_sent(&self, msg: &IotlbMsg) {
+        match msg.kind() {
+            Ok(IotlbType::Update) => self.updates.fetch_add(1, Ordering::Relaxed),
+            Ok(IotlbType::Invalidate) => self.invalidations.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
+    }
+
+    fn count_ack(&self, rtt: Duration, value: u64) {
+        let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        self.rtt_total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.rtt_max_ns.fetch_max(ns, Ordering::Relaxed);
+        if value != 0 {
+            self.nacks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Read all counters.
+    pub fn snapshot(&self) -> IotlbStatsSnapshot {
+        IotlbStatsSnapshot {
+            updates: self.updates.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            nacks: self.nacks.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            rtt_total_ns: self.rtt_total_ns.load(Ordering::Relaxed),
+            rtt_max_ns: self.rtt_max_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+struct MainInner {
+    frontend: Frontend,
+    raw: UnixStream,
+}
+
+/// The main vhost-user socket: the crate's [`Frontend`] and our raw IOTLB
+/// frames, serialised by one mutex.
+///
+/// A request and its reply are always exchanged under the lock, so no other
+/// request can be interleaved while one waits for its reply (QEMU's
+/// "Expected 22 received 40" bug). After a timeout, disconnect or protocol
+/// error the stream may be out of sync, so the socket is shut down and every
+/// later call fails with [`ChannelError::Broken`].
+pub struct MainSocket {
+    inner: Mutex<MainInner>,
+    broken: AtomicBool,
+    timeout: Duration,
+    stats: IotlbStats,
+}
+
+impl MainSocket {
+    /// Wrap a connected main socket. `timeout` bounds every reply wait and
+    /// write on the socket, including those of the crate's `Frontend`.
+    pub fn new(
+        stream: UnixStream,
+        max_queue_num: u64,
+        timeout: Duration,
+    ) -> Result<Self, ChannelError> {
+        let raw = stream.try_clone()?;
+        // Socket options belong to the socket, so they also bound the
+        // Frontend's own blocking reads and writes on the same socket.
+        raw.set_read_timeout(Some(timeout))?;
+        raw.set_write_timeout(Some(timeout))?;
+        Ok(MainSocket {
+            inner: Mutex::new(MainInner {
+                frontend: Frontend::from_stream(stream, max_queue_num),
+                raw,
+            }),
+            broken: AtomicBool::new(false),
+            timeout,
+            stats: IotlbStats::default(),
+        })
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, MainInner>, ChannelError> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(ChannelError::Broken);
+        }
+        self.inner.lock().map_err(|_| ChannelError::Broken)
+    }
+
+    fn mark_broken(&self, inner: &MainInner) {
+        self.broken.store(true, Ordering::Release);
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        // Wake any peer and make the stream unusable; errors do not matter.
+        let _ = inner.raw.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Run `f` with exclusive use of the crate's `Frontend`.
+    ///
+    /// `f` must not keep a clone of the `Frontend`: requests sent through a
+    /// clone would bypass the lock.
+    pub fn with_frontend<R>(
+        &self,
+        f: impl FnOnce(&mut Frontend) -> vhost::Result<R>,
+    ) -> Result<R, ChannelError> {
+        let mut inner = self.lock()?;
+        match f(&mut inner.frontend) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if desyncs_stream(&e) {
+                    log::error!("vhost-user main socket failed, closing it: {e}");
+                    self.mark_broken(&inner);
+                }
+                Err(ChannelError::Frontend(e))
+            }
+        }
+    }
+
+    /// Create the back-end request channel: a socketpair whose far end is
+    /// sent with VHOST_USER_SET_BACKEND_REQ_FD. Returns our end, to be
+    /// served by a `BackendReqServer`.
+    pub fn open_backend_channel(&self) -> Result<UnixStream, ChannelError> {
+        let (ours, theirs) = UnixStream::pair()?;
+        self.with_frontend(|fe| fe.set_backend_request_fd(&theirs))?;
+        Ok(ours)
+    }
+
+    /// Whether the socket was closed after a failure.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// IOTLB counters of this socket.
+    pub fn stats(&self) -> IotlbStatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    fn exchange(
+        &self,
+        inner: &MainInner,
+        msg: &IotlbMsg,
+        need_reply: bool,
+    ) -> Result<(), ChannelError> {
+        let frame = encode_iotlb_frame(VHOST_USER_IOTLB_MSG, msg, need_reply);
+        let start = Instant::now();
+        write_frame(&inner.raw, &frame)?;
+        self.stats.count_sent(msg);
+        if !need_reply {
+            return Ok(());
+        }
+        let deadline = start.checked_add(self.timeout);
+        let (hdr, payload) = read_frame(&inner.raw, deadline, self.timeout)?;
+        let value = decode_ack(&hdr, &payload, VHOST_USER_IOTLB_MSG)?;
+        self.stats.count_ack(start.elapsed(), value);
+        if value != 0 {
+            return Err(ChannelError::Nack(value));
+        }
+        Ok(())
+    }
+}
+
+impl IotlbChannel for MainSocket {
+    fn send_iotlb(&self, msg: &IotlbMsg, need_reply: bool) -> Result<(), ChannelError> {
+        let inner = self.lock()?;
+        let res = self.exchange(&inner, msg, need_reply);
+        if let Err(e) = &res {
+            if !matches!(e, ChannelError::Nack(_)) {
+                log::error!("vhost-user IOTLB message failed, closing the main socket: {e}");
+                self.mark_broken(&inner);
+            }
+        }
+        res
+    }
+}
+
+/// Whether a vhost crate error may have left a partial frame on the stream.
+fn desyncs_stream(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as U;
+    match e {
+        vhost::Error::VhostUserProtocol(u) => matches!(
+            u,
+            U::PartialMessage
+                | U::InvalidMessage
+                | U::Disconnected
+                | U::OversizedMsg
+                | U::IncorrectFds
+                | U::SocketError(_)
+                | U::SocketBroken(_)
+                | U::SocketRetry(_)
+        ),
+        vhost::Error::IOError(_) => true,
+        _ => false,
+    }
+}
+
+/// What the mock answers to the next message that asks for a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MockReply {
+    /// Ack with zero.
+    Ack,
+    /// Ack with this non-zero value.
+    Nack(u64),
+    /// Behave as if no ack arrived in time.
+    Timeout,
+    /// Behave as if the back end went away.
+    Disconnected,
+}
+
+/// An [`IotlbChannel`] that records every message and answers from a script
+/// (default: ack). For unit tests of code that drives the IOTLB.
+#[derive(Debug, Default)]
+pub struct MockIotlbChannel {
+    sent: Mutex<Vec<(IotlbMsg, bool)>>,
+    script: Mutex<VecDeque<MockReply>>,
+}
+
+impl MockIotlbChannel {
+    /// A mock that acks everything.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Queue the answers for the next messages; once exhausted, ack.
+    pub fn script(&self, replies: &[MockReply]) {
+        if let Ok(mut s) = self.script.lock() {
+            s.extend(replies.iter().copied());
+        }
+    }
+
+    /// Every message sent so far, with its `need_reply` flag.
+    pub fn sent(&self) -> Vec<(IotlbMsg, bool)> {
+        self.sent.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl IotlbChannel for MockIotlbChannel {
+    fn send_iotlb(&self, msg: &IotlbMsg, need_reply: bool) -> Result<(), ChannelError> {
+        self.sent
+            .lock()
+            .map_err(|_| ChannelError::Broken)?
+            .push((*msg, need_reply));
+        let reply = self
+            .script
+            .lock()
+            .map_err(|_| ChannelError::Broken)?
+            .pop_front()
+            .unwrap_or(MockReply::Ack);
+        match reply {
+            MockReply::Ack => Ok(()),
+            MockReply::Nack(v) if need_reply => Err(ChannelError::Nack(v)),
+            MockReply::Nack(_) => Ok(()),
+            MockReply::Timeout => Err(ChannelError::Timeout),
+            MockReply::Disconnected => Err(ChannelError::Disconnected),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::vhost_user::wire::{encode_ack, Header, IotlbPerm, IOTLB_FRAME_SIZE};
+    use std::thread;
+    use vhost::VhostBackend;
+
+    fn pair(timeout: Duration) -> (MainSocket, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (MainSocket::new(a, 2, timeout).unwrap(), b)
+    }
+
+    fn read_iotlb(peer: &UnixStream) -> (Header, IotlbMsg) {
+        let (hdr, payload) = read_frame(peer, None, Duration::from_secs(2)).unwrap();
+        (hdr, IotlbMsg::decode(hdr.request, &payload).unwrap())
+    }
+
+    #[test]
+    fn update_round_trips_over_a_socketpair_with_ack() {
+        let (main, peer) = pair(Duration::from_secs(2));
+        let msg = IotlbMsg::update(0x10_0000, 0x1000, 0x7f12_3400_0000, IotlbPerm::Ro);
+        let backend = thread::spawn(move || {
+            let (hdr, got) = read_iotlb(&peer);
+            write_frame(&peer, &encode_ack(hdr.request, 0)).unwrap();
+            (hdr, got)
+        });
+        main.send_iotlb(&msg, true).unwrap();
+        let (hdr, got) = backend.join().unwrap();
+        assert_eq!(hdr, Header::request(22, 32, true));
+        assert_eq!(got, msg);
+        let s = main.stats();
+        assert_eq!((s.updates, s.acked, s.nacks), (1, 1, 0));
+    }
+
+    #[test]
+    fn message_without_need_reply_does_not_wait() {
+        let (main, peer) = pair(Duration::from_millis(50));
+        main.send_iotlb(&IotlbMsg::invalidate(0, 4096), false)
+            .unwrap();
+        let (hdr, got) = read_iotlb(&peer);
+        assert!(!hdr.need_reply());
+        assert_eq!(got, IotlbMsg::invalidate(0, 4096));
+        assert_eq!(main.stats().invalidations, 1);
+    }
+
+    #[test]
+    fn nonzero_ack_is_a_nack_error_and_keeps_the_socket() {
+        let (main, peer) = pair(Duration::from_secs(2));
+        let backend = thread::spawn(move || {
+            for value in [3u64, 0] {
+                let (hdr, _) = read_iotlb(&peer);
+                write_frame(&peer, &encode_ack(hdr.request, value)).unwrap();
+            }
+        });
+        let msg = IotlbMsg::invalidate(0x1000, 0x1000);
+        assert!(matches!(
+            main.send_iotlb(&msg, true),
+            Err(ChannelError::Nack(3))
+        ));
+        assert!(!main.is_broken());
+        main.send_iotlb(&msg, true).unwrap();
+        backend.join().unwrap();
+        assert_eq!(main.stats().nacks, 1);
+    }
+
+    #[test]
+    fn missing_ack_times_out_and_breaks_the_socket() {
+        let (main, peer) = pair(Duration::from_millis(40));
+        let start = Instant::now();
+        let err = main
+            .send_iotlb(&IotlbMsg::invalidate(0, 1), true)
+            .unwrap_err();
+        assert!(matches!(err, ChannelError::Timeout));
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert!(main.is_broken());
+        assert!(matches!(
+            main.send_iotlb(&IotlbMsg::invalidate(0, 1), true),
+            Err(ChannelError::Broken)
+        ));
+        // The peer sees the frame, then end of stream after the shutdown.
+        let mut buf = [0u8; IOTLB_FRAME_SIZE];
+        crate::vhost_user::frame::read_exact_until(&peer, &mut buf, None).unwrap();
+        assert!(matches!(
+            read_frame(&peer, None, Duration::from_secs(1)),
+            Err(ChannelError::Disconnected)
+        ));
+    }
+
+    #[test]
+    fn disconnect_while_waiting_is_reported() {
+        let (main, peer) = pair(Duration::from_secs(2));
+        let backend = thread::spawn(move || {
+            let _ = read_iotlb(&peer);
+            drop(peer);
+        });
+        let err = main
+            .send_iotlb(&IotlbMsg::invalidate(0, 1), true)
+            .unwrap_err();
+        backend.join().unwrap();
+        assert!(matches!(err, ChannelError::Disconnected));
+        assert!(main.is_broken());
+    }
+
+    #[test]
+    fn reply_to_another_request_is_a_protocol_error() {
+        let (main, peer) = pair(Duration::from_secs(2));
+        let backend = thread::spawn(move || {
+            let _ = read_iotlb(&peer);
+            write_frame(&peer, &encode_ack(40, 0)).unwrap();
+        });
+        let err = main
+            .send_iotlb(&IotlbMsg::invalidate(0, 1), true)
+            .unwrap_err();
+        backend.join().unwrap();
+        assert!(matches!(
+            err,
+            ChannelError::Protocol(WireError::ReplyMismatch {
+                got: 40,
+                expected: 22
+            })
+        ));
+    }
+
+    #[test]
+    fn frontend_requests_share_the_socket_and_lock() {
+        let (main, peer) = pair(Duration::from_secs(2));
+        let backend = thread::spawn(move || {
+            // GET_FEATURES (1) then our IOTLB message, answered in order.
+            let (hdr, payload) = read_frame(&peer, None, Duration::from_secs(2)).unwrap();
+            assert_eq!((hdr.request, payload.len()), (1, 0));
+            let reply = crate::vhost_user::wire::encode_u64_frame(Header::reply(1, 8), 0x1234);
+            write_frame(&peer, &reply).unwrap();
+            let (hdr, _) = read_iotlb(&peer);
+            write_frame(&peer, &encode_ack(hdr.request, 0)).unwrap();
+        });
+        let features = main.with_frontend(|fe| fe.get_features()).unwrap();
+        assert_eq!(features, 0x1234);
+        main.send_iotlb(&IotlbMsg::invalidate(0, 1), true).unwrap();
+        backend.join().unwrap();
+    }
+
+    #[test]
+    fn frontend_socket_failure_breaks_the_channel() {
+        let (main, peer) = pair(Duration::from_secs(2));
+        drop(peer);
+        assert!(matches!(
+            main.with_frontend(|fe| fe.get_features()),
+            Err(ChannelError::Frontend(_))
+        ));
+        assert!(main.is_broken());
+        assert!(matches!(
+            main.send_iotlb(&IotlbMsg::invalidate(0, 1), false),
+            Err(ChannelError::Broken)
+        ));
+    }
+
+    #[test]
+    fn mock_records_and_follows_its_script() {
+        let mock = MockIotlbChannel::new();
+        mock.script(&[MockReply::Nack(2), MockReply::Timeout]);
+        let m = IotlbMsg::invalidate(0, 1);
+        assert!(matches!(
+            mock.send_iotlb(&m, true),
+            Err(ChannelError::Nack(2))
+        ));
+        assert!(matches!(
+            mock.send_iotlb(&m, true),
+            Err(ChannelError::Timeout)
+        ));
+        mock.send_iotlb(&m, false).unwrap();
+        assert_eq!(mock.sent(), vec![(m, true), (m, true), (m, false)]);
+    }
+}
