@@ -1,4 +1,4 @@
-#!/bin/sh
+#!/bin/bash
 # Builds the Linux test guest: kernel (bzImage + uncompressed ELF vmlinux) and a busybox initramfs.
 #
 # Usage: build-linux-guest.sh [OUTDIR]      (default: resources/out next to this script)
@@ -11,7 +11,7 @@
 #                      virtio_blk, virtio_net (+deps), prints IOVMM-GUEST-READY and powers off
 #   kernel-version     the kernel release string
 # Does nothing when all outputs exist and are newer than this script and guest-tools.py.
-set -eu
+set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 OUTDIR=${1:-$SCRIPT_DIR/out}
@@ -34,7 +34,7 @@ print_outputs() {
 
 up_to_date() {
     for f in $OUTPUTS; do
-        [ "$OUTDIR/$f" -nt "$0" ] && [ "$OUTDIR/$f" -nt "$TOOLS" ] || return 1
+        [ "$OUTDIR/$f" -nt "$SCRIPT_DIR/build-linux-guest.sh" ] && [ "$OUTDIR/$f" -nt "$TOOLS" ] || return 1
     done
 }
 
@@ -76,12 +76,22 @@ pick_kernel_package() {
     fi
 }
 
+# Prints the cached .deb of package $1, if any.
+cached_deb() {
+    for f in "$CACHE/$1"_*.deb; do
+        if [ -f "$f" ]; then
+            echo "$f"
+            return
+        fi
+    done
+}
+
 # Extracts package $1 (downloaded into the cache unless already there) into directory $2.
 fetch_and_extract() {
-    deb=$(ls "$CACHE/$1"_*.deb 2>/dev/null | head -n 1 || true)
+    deb=$(cached_deb "$1")
     if [ -z "$deb" ]; then
         apt_download "$1"
-        deb=$(ls "$CACHE/$1"_*.deb 2>/dev/null | head -n 1 || true)
+        deb=$(cached_deb "$1")
         [ -n "$deb" ] || die "apt-get download $1 produced no .deb in $CACHE"
     fi
     mkdir -p "$2"
@@ -125,6 +135,7 @@ exec </dev/console >/dev/console 2>&1
 while read -r m; do
     insmod "/lib/modules/\$m" || echo "iovmm-init: insmod \$m failed"
 done </lib/modules/load-order
+echo "iovmm-init: modules loaded: \$(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 echo $MARKER
 poweroff -f
 INIT

@@ -9,6 +9,10 @@
 set -eu
 
 PACKAGES="busybox-static cpio zstd xz-utils binutils gcc dpdk-dev python3"
+# QEMU (reference runs only) comes from bookworm-backports: newer virtio-iommu/VT-d models, and
+# it must match qemu-utils when that is already installed from there.
+QEMU_PACKAGES="qemu-system-x86"
+WITH_QEMU=0
 # IOVMM_APT_ETC lets tests point the script at a copy of /etc/apt.
 APT_ETC=${IOVMM_APT_ETC:-/etc/apt}
 BACKPORTS_FILE=$APT_ETC/sources.list.d/iovmm-backports.sources
@@ -25,7 +29,7 @@ usage() {
 
 for arg in "$@"; do
     case "$arg" in
-    --with-qemu) PACKAGES="$PACKAGES qemu-system-x86" ;;
+    --with-qemu) WITH_QEMU=1 ;;
     -h | --help) usage ;;
     *) echo "install-deps.sh: unknown argument '$arg'" >&2; usage ;;
     esac
@@ -35,6 +39,7 @@ LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
 [ "$(id -u)" -eq 0 ] || die "must run as root (it edits apt sources and installs packages)"
 command -v apt-get >/dev/null 2>&1 || die "apt-get not found: this script supports Debian bookworm only"
+# shellcheck source=/dev/null
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
 [ "$codename" = bookworm ] || die "expected Debian bookworm, found '${codename:-unknown}'"
 
@@ -109,17 +114,36 @@ enable_backports() {
     NEED_UPDATE=1
 }
 
+# Prints the packages of $@ that are not installed.
 missing_packages() {
-    for p in $PACKAGES; do
+    for p in "$@"; do
         status=$(dpkg-query -W -f '${db:Status-Status}' "$p" 2>/dev/null || true)
         [ "$status" = installed ] || printf '%s ' "$p"
     done
 }
 
+# Installs packages; "$1" is extra apt-get options (may be empty), the rest package names.
+install_packages() {
+    opts=$1
+    shift
+    echo "install-deps.sh: installing $*"
+    # shellcheck disable=SC2086 # $opts is a word list
+    apt-get install -y -qq --no-install-recommends $opts "$@" >"$LOG" 2>&1 || {
+        cat "$LOG" >&2
+        die "apt-get install $* failed (apt output above)"
+    }
+}
+
 NEED_UPDATE=0
 backports_configured || enable_backports
-missing=$(missing_packages)
-if [ -z "$missing" ] && [ "$NEED_UPDATE" -eq 0 ]; then
+# shellcheck disable=SC2086 # the package lists are word lists
+missing=$(missing_packages $PACKAGES)
+missing_qemu=""
+if [ "$WITH_QEMU" -eq 1 ]; then
+    # shellcheck disable=SC2086
+    missing_qemu=$(missing_packages $QEMU_PACKAGES)
+fi
+if [ -z "$missing$missing_qemu" ] && [ "$NEED_UPDATE" -eq 0 ]; then
     echo "install-deps.sh: all packages present, bookworm-backports enabled; nothing to do"
     exit 0
 fi
@@ -129,13 +153,9 @@ apt-get update -qq >"$LOG" 2>&1 || {
     cat "$LOG" >&2
     die "apt-get update failed; check the apt sources in $APT_ETC and network access"
 }
-if [ -n "$missing" ]; then
-    echo "install-deps.sh: installing $missing"
-    # shellcheck disable=SC2086 # word splitting of the package list is intended
-    apt-get install -y -qq --no-install-recommends $missing >"$LOG" 2>&1 || {
-        cat "$LOG" >&2
-        die "apt-get install $missing failed (apt output above)"
-    }
-fi
+# shellcheck disable=SC2086
+[ -z "$missing" ] || install_packages "" $missing
+# shellcheck disable=SC2086
+[ -z "$missing_qemu" ] || install_packages "-t bookworm-backports" $missing_qemu
 command -v dpdk-testpmd >/dev/null 2>&1 || die "dpdk-testpmd not on PATH after installing dpdk-dev"
 echo "install-deps.sh: done"
