@@ -1,1 +1,10 @@
-//! Virtio transports. Only the modern (virtio 1.x) PCI transport exists.
+//! Virtio transports. Only the modern (virtio 1.x) PCI transport exists:
+//! [`VirtioPciDevice`] with its common configuration registers
+//! ([`common_config`]) and MSI-X based interrupt delivery ([`interrupt`]).
+
+pub mod common_config;
+pub mod interrupt;
+pub mod pci;
+
+pub use interrupt::{VirtioPciInterrupt, VIRTIO_MSI_NO_VECTOR};
+pub use pci::{VirtioPciDevice, VirtioPciError};
