@@ -6,3 +6,4 @@ pub mod domain;
 pub mod notifier;
 pub mod translate;
 pub mod types;
+pub mod virtio;
