@@ -15,6 +15,9 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
+use devices::legacy::acpi_pm::{
+    S5_SLEEP_TYPE as S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_REG_BIT_WIDTH, SLEEP_STATUS_PORT,
+};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -28,12 +31,6 @@ use crate::vstate::memory::GuestMemoryMmap;
 pub const OEM_ID: [u8; 6] = *b"IOVMM ";
 /// OEM table id written into every table.
 pub const OEM_TABLE_ID: [u8; 8] = *b"IOVMMVM ";
-/// I/O port of the hardware-reduced sleep control register.
-pub const SLEEP_CONTROL_PORT: u16 = 0x3c0;
-/// I/O port of the hardware-reduced sleep status register.
-pub const SLEEP_STATUS_PORT: u16 = 0x3c1;
-/// SLP_TYP value that means S5 (soft off), as advertised in `\_S5_`.
-pub const S5_SLP_TYP: u8 = 5;
 
 /// ACPI errors.
 #[derive(Debug, Error)]
@@ -124,13 +121,13 @@ fn dsdt() -> Vec<u8> {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io = |port: u16| {
+    let io = |port: u64| {
         GAS::new(
             AddressSpace::SystemIo,
-            8,
+            SLEEP_REG_BIT_WIDTH,
             0,
             AccessSize::ByteAccess,
-            port as u64,
+            port,
         )
     };
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)

@@ -1,0 +1,209 @@
+//! Builds a VM from a [`VmConfig`] and starts it.
+//!
+//! Order: validate, open KVM, create memfd RAM and the VM (split irqchip),
+//! create devices, load kernel / initramfs / command line, write the zero
+//! page, page tables and ACPI tables, create and configure vCPUs, then start
+//! the vCPU threads and the event loop thread.
+
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::SubscriberOps;
+use kvm_ioctls::Kvm;
+
+use crate::arch::x86_64::{acpi, boot, layout, regs};
+use crate::config::{SerialMode, VmConfig};
+use crate::device_manager::{DeviceManager, SerialSink};
+use crate::event_loop::{run_until_exit, ExitHandler, VmmEventManager};
+use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
+use crate::vstate::vcpu::{install_kick_handler, ExitState, VcpuHandle, VcpuRunner, VmExit};
+use crate::vstate::vm::{open_kvm, Vm};
+use crate::{VmmError, VmmResult};
+
+/// How long a stopping VMM waits for each vCPU thread.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A built VM, owned by the event loop thread once started.
+pub struct Machine {
+    /// Guest RAM (kept alive while the VM runs).
+    pub mem: GuestMemoryMmap,
+    /// The KVM VM.
+    pub vm: Arc<Vm>,
+    /// Devices.
+    pub devices: DeviceManager,
+    /// The event manager.
+    pub em: VmmEventManager,
+    /// Stop reasons.
+    pub exit: Arc<ExitState>,
+    vcpus: Vec<VcpuRunner>,
+}
+
+fn serial_sink(mode: &SerialMode) -> VmmResult<(SerialSink, Option<Arc<Mutex<Vec<u8>>>>)> {
+    Ok(match mode {
+        SerialMode::Stdout => (Box::new(std::io::stdout()), None),
+        SerialMode::Off => (Box::new(std::io::sink()), None),
+        SerialMode::File(p) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| VmmError::SerialFile {
+                    path: p.clone(),
+                    source,
+                })?;
+            (Box::new(f), None)
+        }
+        SerialMode::Capture => {
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            (Box::new(CaptureWriter(buf.clone())), Some(buf))
+        }
+    })
+}
+
+/// Serial output kept in memory for library users and tests.
+struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for CaptureWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap, rsdp: u64) -> VmmResult<u64> {
+    let kernel = boot::load_kernel(mem, &config.kernel)?;
+    let initramfs = match &config.initramfs {
+        Some(p) => {
+            let max = boot::initrd_addr_max(kernel.setup_header.as_ref());
+            Some(boot::load_initramfs(
+                mem,
+                p,
+                config.memory.0,
+                kernel.end,
+                max,
+            )?)
+        }
+        None => None,
+    };
+    boot::load_cmdline(mem, &config.cmdline)?;
+    let params = boot::build_boot_params(&boot::BootParamsInput {
+        setup_header: kernel.setup_header,
+        cmdline_len: config.cmdline.len(),
+        initramfs,
+        mem_size: config.memory.0,
+        rsdp,
+    });
+    boot::write_boot_params(mem, &params)?;
+    regs::write_boot_tables(mem)?;
+    Ok(kernel.entry)
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    config: &VmConfig,
+    vm: &Vm,
+    devices: &DeviceManager,
+    exit: &Arc<ExitState>,
+    entry: u64,
+) -> VmmResult<Vec<VcpuRunner>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut runners = Vec::with_capacity(config.cpus as usize);
+    for index in 0..config.cpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(|source| VmmError::CreateVcpu { index, source })?;
+        regs::setup_cpuid(kvm, &fd, index, config.cpus)?;
+        regs::setup_lint(&fd)?;
+        if index == 0 {
+            regs::setup_boot_vcpu(&fd, entry)?;
+        }
+        runners.push(VcpuRunner {
+            index,
+            fd,
+            pio: devices.pio.clone(),
+            mmio: devices.mmio.clone(),
+            eoi: devices.eoi_handler(),
+            exit: exit.clone(),
+            stop: stop.clone(),
+        });
+    }
+    Ok(runners)
+}
+
+/// Builds the VM without running it. Returns the machine and the serial capture buffer.
+pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<Arc<Mutex<Vec<u8>>>>)> {
+    config.validate()?;
+    let kvm = open_kvm()?;
+    let mem = create_guest_memory(&layout::ram_ranges(config.memory.0))?;
+    let vm = Arc::new(Vm::new(&kvm, &mem)?);
+    let exit = Arc::new(ExitState::new().map_err(VmmError::EventFd)?);
+    let (sink, capture) = serial_sink(&config.serial)?;
+    let devices = DeviceManager::new(vm.clone(), sink)?;
+    let tables = acpi::build(&acpi::AcpiConfig {
+        cpus: config.cpus,
+        extra_tables: Vec::new(),
+    })?;
+    acpi::write(&mem, &tables)?;
+    let entry = load_guest(config, &mem, tables.rsdp_addr())?;
+    let vcpus = create_vcpus(&kvm, config, &vm, &devices, &exit, entry)?;
+    let mut em = VmmEventManager::new().map_err(VmmError::EventManager)?;
+    let mut handler = ExitHandler::new(exit.clone());
+    devices.register_exit_sources(&mut handler)?;
+    em.add_subscriber(Arc::new(Mutex::new(handler)));
+    Ok((
+        Machine {
+            mem,
+            vm,
+            devices,
+            em,
+            exit,
+            vcpus,
+        },
+        capture,
+    ))
+}
+
+impl Machine {
+    /// Starts vCPU threads; the caller's thread becomes the event loop by
+    /// calling [`Machine::run`].
+    pub fn start_vcpus(&mut self) -> VmmResult<Vec<VcpuHandle>> {
+        install_kick_handler().map_err(VmmError::Signal)?;
+        let mut handles = Vec::new();
+        for runner in self.vcpus.drain(..) {
+            match runner.spawn() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop_vcpus(handles);
+                    return Err(VmmError::SpawnThread(e));
+                }
+            }
+        }
+        Ok(handles)
+    }
+
+    /// Runs the event loop until the VM stops, then stops the vCPUs.
+    pub fn run(mut self, vcpus: Vec<VcpuHandle>, started: Instant) -> VmExit {
+        let reason = run_until_exit(&mut self.em, &self.exit);
+        log::info!(
+            "vmm: guest stopped after {:?}: {reason:?}",
+            started.elapsed()
+        );
+        stop_vcpus(vcpus);
+        reason
+    }
+}
+
+fn stop_vcpus(vcpus: Vec<VcpuHandle>) {
+    for v in vcpus {
+        v.stop(VCPU_STOP_TIMEOUT);
+    }
+}

@@ -1,0 +1,137 @@
+//! Command-line options of the `iovmm` binary, mapped onto [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{ByteSize, ConfigError, SerialMode, VmConfig, DEFAULT_CMDLINE};
+
+/// iovmm: a minimal KVM VMM whose vIOMMUs protect DMA by vhost-user backends.
+#[derive(Debug, Parser)]
+#[command(name = "iovmm", version, about, long_about = None)]
+pub struct Cli {
+    /// Kernel: ELF vmlinux, bzImage, or an ELF test guest.
+    #[arg(long, value_name = "FILE", required_unless_present = "config")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to load.
+    #[arg(long, value_name = "FILE")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STRING")]
+    pub cmdline: Option<String>,
+    /// Guest RAM, e.g. 256M or 1G.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<ByteSize>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u8>,
+    /// Serial console: stdout, off or file=PATH.
+    #[arg(long, value_name = "MODE")]
+    pub serial: Option<SerialMode>,
+    /// JSON configuration file with the same fields; command-line options override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    pub log_level: String,
+}
+
+impl Cli {
+    /// Builds the VM configuration (the file first, then command-line overrides).
+    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        let mut cfg = match (&self.config, &self.kernel) {
+            (Some(path), _) => VmConfig::from_json_file(path)?,
+            (None, Some(k)) => VmConfig::new(k),
+            (None, None) => VmConfig::new(""),
+        };
+        if let Some(k) = &self.kernel {
+            cfg.kernel = k.clone();
+        }
+        if let Some(i) = &self.initramfs {
+            cfg.initramfs = Some(i.clone());
+        }
+        if let Some(c) = &self.cmdline {
+            cfg.cmdline = c.clone();
+        }
+        if let Some(m) = self.memory {
+            cfg.memory = m;
+        }
+        if let Some(c) = self.cpus {
+            cfg.cpus = c;
+        }
+        if let Some(s) = &self.serial {
+            cfg.serial = s.clone();
+        }
+        if cfg.cmdline.is_empty() {
+            cfg.cmdline = DEFAULT_CMDLINE.into();
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("iovmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn options_map_onto_the_config() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--initramfs",
+            "/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--serial",
+            "off",
+        ])
+        .unwrap()
+        .to_config()
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.initramfs, Some("/i".into()));
+        assert_eq!(c.cmdline, "console=ttyS0 quiet");
+        assert_eq!(
+            (c.memory.0, c.cpus, c.serial),
+            (512 << 20, 2, SerialMode::Off)
+        );
+    }
+
+    #[test]
+    fn bad_values_and_missing_kernel_are_usage_errors() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["--kernel", "/k", "--memory", "lots"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--cpus", "300"]).is_err());
+        assert!(parse(&["--kernel", "/k", "--serial", "pty"]).is_err());
+    }
+
+    #[test]
+    fn command_line_overrides_the_config_file() {
+        let p = std::env::temp_dir().join(format!("iovmm-cli-{}.json", std::process::id()));
+        std::fs::write(&p, r#"{"kernel":"/from-file","memory":"1G","cpus":2}"#).unwrap();
+        let c = parse(&["--config", p.to_str().unwrap(), "--cpus", "4"])
+            .unwrap()
+            .to_config()
+            .unwrap();
+        assert_eq!(
+            (c.kernel, c.memory.0, c.cpus),
+            ("/from-file".into(), 1 << 30, 4)
+        );
+        std::fs::write(&p, "{not json").unwrap();
+        let e = parse(&["--config", p.to_str().unwrap()])
+            .unwrap()
+            .to_config()
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::ConfigFile { .. }));
+        std::fs::remove_file(&p).unwrap();
+    }
+}

@@ -1,0 +1,184 @@
+//! Creates the platform devices and puts them on the buses.
+//!
+//! Legacy devices: COM1 16550 (IRQ 4 through the userspace IOAPIC), i8042
+//! (reset), the debug exit port for test guests and the ACPI sleep
+//! registers (power off). PCI: the root complex, reachable through ECAM and
+//! ports 0xCF8/0xCFC.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, BusError};
+use devices::interrupt::MsiSink;
+use devices::legacy::acpi_pm::{AcpiSleepRegs, SLEEP_CONTROL_PORT, SLEEP_REGS_LEN};
+use devices::legacy::exit_port::{ExitPort, EXIT_PORT_LEN};
+use devices::legacy::i8042::I8042;
+use devices::legacy::ioapic::{Ioapic, IoapicError, IoapicPin};
+use devices::legacy::serial::{Serial, SERIAL_PORT_LEN};
+use devices::legacy::IrqLine;
+use devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::{
+    EXIT_PORT, I8042_PORT, IOAPIC_SIZE, IOAPIC_START, PCI_CONFIG_IO_PORT, PCI_ECAM_SIZE,
+    PCI_ECAM_START, SERIAL_IRQ, SERIAL_PORT,
+};
+use crate::event_loop::ExitHandler;
+use crate::vstate::vcpu::VmExit;
+use crate::vstate::vm::Vm;
+
+/// Where serial output is written.
+pub type SerialSink = Box<dyn Write + Send>;
+
+/// Device setup errors.
+#[derive(Debug, Error)]
+pub enum DeviceManagerError {
+    /// A device range could not be registered.
+    #[error("cannot register {name} on the bus")]
+    Bus {
+        /// Which device.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: BusError,
+    },
+    /// The serial IRQ pin could not be wired.
+    #[error("cannot wire the serial port to the IOAPIC")]
+    Ioapic(#[source] IoapicError),
+    /// An eventfd could not be created or cloned.
+    #[error("cannot create an eventfd for {0}")]
+    EventFd(&'static str, #[source] std::io::Error),
+}
+
+/// The VM's devices and buses.
+pub struct DeviceManager {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// The userspace IOAPIC.
+    pub ioapic: Arc<Mutex<Ioapic>>,
+    /// The PCI root complex.
+    pub pci: Arc<Mutex<PciRoot>>,
+    exit_port: Arc<Mutex<ExitPort>>,
+    exit_port_evt: EventFd,
+    reset_evt: EventFd,
+    poweroff_evt: EventFd,
+}
+
+fn evt(name: &'static str) -> Result<EventFd, DeviceManagerError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceManagerError::EventFd(name, e))
+}
+
+fn clone_evt(fd: &EventFd, name: &'static str) -> Result<EventFd, DeviceManagerError> {
+    fd.try_clone()
+        .map_err(|e| DeviceManagerError::EventFd(name, e))
+}
+
+fn insert(
+    bus: &Bus,
+    name: &'static str,
+    dev: Arc<Mutex<dyn devices::bus::BusDevice>>,
+    base: u64,
+    len: u64,
+) -> Result<(), DeviceManagerError> {
+    bus.insert(dev, base, len)
+        .map_err(|source| DeviceManagerError::Bus { name, source })
+}
+
+impl DeviceManager {
+    /// Creates all platform devices.
+    pub fn new(vm: Arc<Vm>, serial_out: SerialSink) -> Result<Self, DeviceManagerError> {
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let msi: Arc<dyn MsiSink> = vm;
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(msi)));
+        insert(&mmio, "IOAPIC", ioapic.clone(), IOAPIC_START, IOAPIC_SIZE)?;
+        let pin = IoapicPin::new(ioapic.clone(), SERIAL_IRQ as usize)
+            .map_err(DeviceManagerError::Ioapic)?;
+        let pin: Arc<dyn IrqLine> = Arc::new(pin);
+        let serial = Arc::new(Mutex::new(Serial::new(serial_out, Some(pin))));
+        insert(&pio, "serial", serial, SERIAL_PORT as u64, SERIAL_PORT_LEN)?;
+
+        let reset_evt = evt("i8042 reset")?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(clone_evt(&reset_evt, "i8042")?)));
+        insert(&pio, "i8042", i8042, I8042_PORT as u64, 5)?;
+        let exit_port_evt = evt("exit port")?;
+        let exit_port = Arc::new(Mutex::new(ExitPort::new(clone_evt(
+            &exit_port_evt,
+            "exit port",
+        )?)));
+        insert(
+            &pio,
+            "exit port",
+            exit_port.clone(),
+            EXIT_PORT as u64,
+            EXIT_PORT_LEN,
+        )?;
+        let poweroff_evt = evt("ACPI power off")?;
+        let pm = AcpiSleepRegs::new(clone_evt(&poweroff_evt, "ACPI")?);
+        let pm = Arc::new(Mutex::new(pm));
+        insert(
+            &pio,
+            "ACPI sleep registers",
+            pm,
+            SLEEP_CONTROL_PORT,
+            SLEEP_REGS_LEN,
+        )?;
+
+        let pci = Arc::new(Mutex::new(PciRoot::new(None)));
+        let cfg_io = Arc::new(Mutex::new(PciConfigIo::new(pci.clone())));
+        insert(
+            &pio,
+            "PCI config ports",
+            cfg_io,
+            PCI_CONFIG_IO_PORT as u64,
+            8,
+        )?;
+        let ecam = Arc::new(Mutex::new(PciConfigMmio::new(pci.clone())));
+        insert(&mmio, "PCI ECAM", ecam, PCI_ECAM_START, PCI_ECAM_SIZE)?;
+        Ok(DeviceManager {
+            pio,
+            mmio,
+            ioapic,
+            pci,
+            exit_port,
+            exit_port_evt,
+            reset_evt,
+            poweroff_evt,
+        })
+    }
+
+    /// The handler vCPUs call on KVM_EXIT_IOAPIC_EOI.
+    pub fn eoi_handler(&self) -> Arc<dyn Fn(u8) + Send + Sync> {
+        let ioapic = self.ioapic.clone();
+        Arc::new(move |vector| {
+            ioapic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .end_of_interrupt(vector)
+        })
+    }
+
+    /// Lets the event loop turn guest stop requests into exit reasons.
+    pub fn register_exit_sources(&self, h: &mut ExitHandler) -> Result<(), DeviceManagerError> {
+        let port = self.exit_port.clone();
+        h.add_source(
+            clone_evt(&self.exit_port_evt, "exit port")?,
+            Box::new(move || {
+                let code = port.lock().unwrap_or_else(|e| e.into_inner()).exit_code();
+                VmExit::ExitPort(code.unwrap_or(u32::MAX))
+            }),
+        );
+        h.add_source(
+            clone_evt(&self.reset_evt, "i8042")?,
+            Box::new(|| VmExit::Reset),
+        );
+        h.add_source(
+            clone_evt(&self.poweroff_evt, "ACPI")?,
+            Box::new(|| VmExit::PowerOff),
+        );
+        Ok(())
+    }
+}
