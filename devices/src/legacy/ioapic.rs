@@ -16,6 +16,11 @@
 //! `p` with KVM_SET_GSI_ROUTING whenever it changes; a listener installed with
 //! [`Ioapic::set_route_listener`] is told about every change.
 //! [`Ioapic::eoi_vectors`] lists the vectors that need the EOI exit.
+//!
+//! Remappable-format entries (VT-d interrupt remapping, bit 48 set) become
+//! remappable-format MSI addresses (see [`redirection_to_msi`]); whoever
+//! implements the [`MsiSink`] must translate those through the vIOMMU's
+//! interrupt remapping table before injecting them.
 
 use std::sync::{Arc, Mutex};
 
@@ -54,14 +59,18 @@ const DELIVERY_STATUS: u64 = 1 << 12;
 const REMOTE_IRR: u64 = 1 << 14;
 const TRIGGER_LEVEL: u64 = 1 << 15;
 const MASKED: u64 = 1 << 16;
-const DEST_SHIFT: u32 = 56;
+/// Bits 63:48: the 8-bit destination (63:56) plus, when non-zero, the
+/// extended destination ID (55:49) or the interrupt-remapping index and
+/// format bit (63:48).
+const DEST_FIELD_SHIFT: u32 = 48;
+const DEST_FIELD_MASK: u64 = 0xFFFF;
 /// Bits the guest may write: vector, delivery/destination mode, polarity,
-/// trigger mode, mask and the 8-bit destination.
-const WRITABLE_BITS: u64 = 0xFF00_0000_0001_AFFF;
+/// trigger mode, mask and bits 63:48.
+const WRITABLE_BITS: u64 = 0xFFFF_0000_0001_AFFF;
 const READ_ONLY_BITS: u64 = DELIVERY_STATUS | REMOTE_IRR;
 
 // MSI message fields.
-const MSI_DEST_SHIFT: u32 = 12;
+const MSI_DEST_FIELD_SHIFT: u32 = 4;
 const MSI_ADDR_DEST_LOGICAL: u64 = 1 << 2;
 const MSI_DATA_DELIVERY_SHIFT: u32 = 8;
 const MSI_DATA_LEVEL_ASSERT: u32 = 1 << 14;
@@ -80,9 +89,16 @@ pub enum IoapicError {
 pub type RouteListener = Box<dyn FnMut(usize, Option<MsiMessage>) + Send>;
 
 /// Composes the MSI message a redirection entry delivers.
+///
+/// Bits 63:48 of the entry land in address bits 19:4 and bit 11
+/// (destination mode) in address bit 2. For a compatibility-format entry
+/// this is the usual `destination << 12` (plus KVM's extended destination
+/// ID, entry bits 55:49, in address bits 11:5). For a remappable-format
+/// entry (bit 48 set, VT-d interrupt remapping) it is the remappable MSI
+/// address: handle[14:0] in bits 19:5, format in bit 4, handle[15] in bit 2.
 pub fn redirection_to_msi(entry: u64) -> MsiMessage {
-    let dest = (entry >> DEST_SHIFT) & 0xFF;
-    let mut address = MSI_ADDRESS_BASE | (dest << MSI_DEST_SHIFT);
+    let dest_field = (entry >> DEST_FIELD_SHIFT) & DEST_FIELD_MASK;
+    let mut address = MSI_ADDRESS_BASE | (dest_field << MSI_DEST_FIELD_SHIFT);
     if entry & DEST_MODE_LOGICAL != 0 {
         address |= MSI_ADDR_DEST_LOGICAL;
     }
@@ -412,7 +428,7 @@ mod tests {
         reg_write(&mut io, 0x10 + 2 * 5, 0xFFFF_FFFF);
         reg_write(&mut io, 0x10 + 2 * 5 + 1, 0xFFFF_FFFF);
         assert_eq!(reg_read(&mut io, 0x10 + 2 * 5), 0x0001_AFFF);
-        assert_eq!(reg_read(&mut io, 0x10 + 2 * 5 + 1), 0xFF00_0000);
+        assert_eq!(reg_read(&mut io, 0x10 + 2 * 5 + 1), 0xFFFF_0000);
     }
 
     #[test]
@@ -432,6 +448,12 @@ mod tests {
                 address: 0xFEE0_F004,
                 data: 0xC141
             }
+        );
+        // Remappable format (bit 48): handle 0x9234 -> address bits 19:5 and 2.
+        let remappable = 0x23 | DEST_MODE_LOGICAL | (1u64 << 48) | (0x1234u64 << 49);
+        assert_eq!(
+            redirection_to_msi(remappable).address,
+            0xFEE0_0000 | (0x1234 << 5) | (1 << 4) | (1 << 2)
         );
         let nmi = 0x02 | (4 << 8) | (0xFFu64 << 56);
         assert_eq!(
