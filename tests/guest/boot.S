@@ -168,7 +168,7 @@ gdt:
     .quad 0x00cff2000000ffff    /* 0x20 user data, DPL 3 */
     .quad 0x00affa000000ffff    /* 0x28 user code, 64-bit, DPL 3 */
 gdt_tss:                        /* 0x30 64-bit TSS, base patched at boot */
-    .quad 0x0000890000000067
+    .quad 0x0000890000000000 + (tss_end - tss - 1)
     .quad 0
 gdt_end:
 
@@ -178,7 +178,16 @@ tss:
     .quad kstack_top            /* RSP0 */
     .fill 11, 8, 0              /* RSP1, RSP2, reserved, IST1..7, reserved */
     .short 0
-    .short 104                  /* I/O map base beyond the limit: no bitmap */
+    .short tss_iopb - tss
+/*
+ * An all-zero I/O permission bitmap: every port is allowed from ring 3 even when IOPL reads as 0.
+ * kvm-pvm does not keep the guest's IOPL=3 across exits from native ring 3 (measured: after the
+ * first cpuid exit, `out` in ring 3 raised #GP with IOPL=0), so ring-3 port I/O relies on this.
+ */
+tss_iopb:
+    .fill 8192, 1, 0
+    .byte 0xff
+tss_end:
 
     .balign 16
 idt:

@@ -58,6 +58,14 @@ int cmdline_u64(const char *key, u64 dflt, u64 *out)
     return parse_u64(val, out) ? 0 : -1;
 }
 
+u64 tsc_rate_khz(void)
+{
+    u64 khz;
+    if (cmdline_u64("iovmm.tsc_khz", 0, &khz) == 0 && khz != 0)
+        return khz;
+    return tsc_khz();
+}
+
 /* ------------------------------------------------------------------ memory */
 
 static u64 arena_next, arena_end, total_ram;

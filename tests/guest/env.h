@@ -13,6 +13,9 @@ bool cmdline_get(const char *key, char *buf, size_t size);
 /* Numeric parameter (see parse_u64). Returns 0 and sets *out = dflt when absent; -1 if malformed. */
 int cmdline_u64(const char *key, u64 dflt, u64 *out);
 
+/* TSC rate in kHz: iovmm.tsc_khz when given (CPUID does not tell it on AMD), else CPUID, else 0. */
+u64 tsc_rate_khz(void);
+
 /* ---- physical memory: e820 and a bump allocator over free RAM past the image */
 struct e820_entry {
     u64 addr, size;

@@ -21,7 +21,7 @@ static int run_hello(void)
     result_begin(&r, "hello", "ok");
     result_u64(&r, "ring0_cycles", user_tsc - boot_tsc);
     result_u64(&r, "ram_bytes", mem_total_ram());
-    result_u64(&r, "tsc_khz", tsc_khz());
+    result_u64(&r, "tsc_khz", tsc_rate_khz());
     result_emit(&r);
     return EXIT_OK;
 }
@@ -52,7 +52,7 @@ static int run_tsc(void)
     result_begin(&r, "tsc", "ok");
     result_u64(&r, "iterations", iterations);
     result_u64(&r, "cycles", cycles);
-    result_u64(&r, "tsc_khz", tsc_khz());
+    result_u64(&r, "tsc_khz", tsc_rate_khz());
     result_emit(&r);
     return EXIT_OK;
 }

@@ -178,8 +178,18 @@ static void report(struct net_tx *n, const struct net_params *p, const char *sta
     result_hex(&r, "features", n->vd.features);
     result_u64(&r, "cycles", cycles);
     result_u64(&r, "cycles_per_frame", p->frames ? cycles / p->frames : 0);
-    result_u64(&r, "tsc_khz", tsc_khz());
+    result_u64(&r, "tsc_khz", tsc_rate_khz());
     result_emit(&r);
+}
+
+/* The result line of a run that did not get to transmit. */
+static int report_setup_error(const char *status, const char *why, int code)
+{
+    struct result r;
+    result_begin(&r, "net-tx", status);
+    result_str(&r, "error", why);
+    result_emit(&r);
+    return code;
 }
 
 int run_net_tx(const struct pci_dev *devs, size_t ndevs)
@@ -187,22 +197,17 @@ int run_net_tx(const struct pci_dev *devs, size_t ndevs)
     static struct net_tx n; /* zeroed .bss; large enough to keep off the stack */
     struct net_params p;
     const char *err = read_params(&p);
-    if (err) {
-        report(&n, &p, "error", err, 0);
-        return EXIT_USAGE;
-    }
+    if (err)
+        return report_setup_error("error", err, EXIT_USAGE);
     static const u16 net_ids[] = {0x1041, 0x1000, 0};
     const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, net_ids);
-    if (!pci) {
-        report(&n, &p, "error", "no virtio-net device on PCI bus 0", 0);
-        return EXIT_UNSUPPORTED;
-    }
+    if (!pci)
+        return report_setup_error("unsupported", "no virtio-net device on PCI bus 0", EXIT_UNSUPPORTED);
     err = net_setup(&n, pci, &p);
-    if (err) {
-        bool unsupported = n.dma.mode != IOMMU_OFF;
-        report(&n, &p, unsupported ? "unsupported" : "error", err, 0);
-        return unsupported ? EXIT_UNSUPPORTED : EXIT_FAILED;
-    }
+    if (err && p.iommu != IOMMU_OFF)
+        return report_setup_error("unsupported", err, EXIT_UNSUPPORTED);
+    if (err)
+        return report_setup_error("failed", err, EXIT_FAILED);
     printf("IOVMM-TEST net-tx: %02x:%02x.%x queue %u, %llu frames of %llu bytes\n", pci->bus, pci->dev,
            pci->fn, n.txq.size, (unsigned long long)p.frames, (unsigned long long)p.size);
     u64 t0 = rdtsc();

@@ -28,7 +28,7 @@
 
 u64 ms_to_cycles(u64 ms)
 {
-    u64 khz = tsc_khz();
+    u64 khz = tsc_rate_khz();
     return ms * (khz ? khz : 3000000);
 }
 

@@ -96,7 +96,7 @@ void virtq_kick(struct virtq *vq);
 /* Pops one used element (frees its chain); false when none is pending. */
 bool virtq_get_used(struct virtq *vq, u32 *id, u32 *len);
 
-/* Milliseconds to TSC cycles (assumes 3 GHz when CPUID does not tell the TSC rate). */
+/* Milliseconds to TSC cycles (assumes 3 GHz when the TSC rate is unknown). */
 u64 ms_to_cycles(u64 ms);
 
 #endif

@@ -182,6 +182,12 @@ impl Scenario {
         self.param("timeout_ms", ms)
     }
 
+    /// The host TSC rate, so the guest can turn timeouts into cycles and report it
+    /// (`iovmm.tsc_khz`; CPUID does not tell it on AMD hosts).
+    pub fn tsc_khz(self, khz: u64) -> Self {
+        self.param("tsc_khz", khz)
+    }
+
     /// The DMA layer's IOMMU mode (`iovmm.iommu`).
     pub fn iommu(self, mode: IommuMode) -> Self {
         self.param("iommu", mode.as_str())
