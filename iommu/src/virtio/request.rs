@@ -217,28 +217,17 @@ pub fn execute(
         log::debug!("virtio-iommu: writable part of {writable_len} bytes has no room for the tail");
         return Response::unwritten();
     }
-    let acked = |bit: u32| acked_features & (1u64 << bit) != 0;
+    let ctx = Ctx {
+        settings,
+        acked: acked_features,
+    };
     let result = match *req {
         Request::Attach {
             domain,
             endpoint,
             flags,
             reserved_zero,
-        } => {
-            let allowed = if acked(VIRTIO_IOMMU_F_BYPASS_CONFIG) {
-                VIRTIO_IOMMU_ATTACH_F_BYPASS
-            } else {
-                0
-            };
-            if !reserved_zero || flags & !allowed != 0 {
-                Err(S_INVAL)
-            } else if !settings.domain_in_range(domain.0) {
-                Err(S_RANGE)
-            } else {
-                let bypass = flags & VIRTIO_IOMMU_ATTACH_F_BYPASS != 0;
-                domains.attach(endpoint, domain, bypass).map_err(status_of)
-            }
-        }
+        } => execute_attach(domains, &ctx, domain, endpoint, flags, reserved_zero),
         Request::Detach { domain, endpoint } => {
             if settings.domain_in_range(domain.0) {
                 domains.detach(endpoint, domain).map_err(status_of)
@@ -246,24 +235,23 @@ pub fn execute(
                 Err(S_RANGE)
             }
         }
-        Request::Map { .. } if !acked(VIRTIO_IOMMU_F_MAP_UNMAP) => Err(S_UNSUPP),
+        Request::Map { .. } | Request::Unmap { .. } if !ctx.acked(VIRTIO_IOMMU_F_MAP_UNMAP) => {
+            Err(S_UNSUPP)
+        }
         Request::Map {
             domain,
             virt_start,
             virt_end,
             phys_start,
             flags,
-        } => {
-            let mmio_ok = acked(VIRTIO_IOMMU_F_MMIO);
-            let map = MapArgs {
-                virt_start,
-                virt_end,
-                phys_start,
-                flags,
-            };
-            execute_map(domains, settings, mmio_ok, domain, map)
-        }
-        Request::Unmap { .. } if !acked(VIRTIO_IOMMU_F_MAP_UNMAP) => Err(S_UNSUPP),
+        } => execute_map(
+            domains,
+            &ctx,
+            domain,
+            (virt_start, virt_end),
+            phys_start,
+            flags,
+        ),
         Request::Unmap {
             domain,
             virt_start,
@@ -279,48 +267,78 @@ pub fn execute(
     }
 }
 
-struct MapArgs {
-    virt_start: u64,
-    virt_end: u64,
-    phys_start: u64,
+/// What request execution needs to know besides the model: settings and acked features.
+struct Ctx<'a> {
+    settings: &'a VirtioIommuSettings,
+    acked: u64,
+}
+
+impl Ctx<'_> {
+    fn acked(&self, bit: u32) -> bool {
+        self.acked & (1u64 << bit) != 0
+    }
+}
+
+fn execute_attach(
+    domains: &mut Domains,
+    ctx: &Ctx<'_>,
+    domain: DomainId,
+    endpoint: RequesterId,
     flags: u32,
+    reserved_zero: bool,
+) -> Result<Vec<IommuEvent>, u8> {
+    let known = if ctx.acked(VIRTIO_IOMMU_F_BYPASS_CONFIG) {
+        VIRTIO_IOMMU_ATTACH_F_BYPASS
+    } else {
+        0
+    };
+    if !reserved_zero || flags & !known != 0 {
+        return Err(S_INVAL);
+    }
+    if !ctx.settings.domain_in_range(domain.0) {
+        return Err(S_RANGE);
+    }
+    let bypass = flags & VIRTIO_IOMMU_ATTACH_F_BYPASS != 0;
+    domains.attach(endpoint, domain, bypass).map_err(status_of)
 }
 
 fn execute_map(
     domains: &mut Domains,
-    settings: &VirtioIommuSettings,
-    mmio_ok: bool,
+    ctx: &Ctx<'_>,
     domain: DomainId,
-    a: MapArgs,
+    (virt_start, virt_end): (u64, u64),
+    phys_start: u64,
+    flags: u32,
 ) -> Result<Vec<IommuEvent>, u8> {
+    let settings = ctx.settings;
     let mut known = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
-    if mmio_ok {
+    if ctx.acked(VIRTIO_IOMMU_F_MMIO) {
         known |= VIRTIO_IOMMU_MAP_F_MMIO;
     }
-    if a.flags & !known != 0 {
+    if flags & !known != 0 {
         return Err(S_INVAL);
     }
     if !settings.domain_in_range(domain.0) {
         return Err(S_RANGE);
     }
-    let range = IovaRange::new(a.virt_start, a.virt_end).map_err(|_| S_RANGE)?;
+    let range = IovaRange::new(virt_start, virt_end).map_err(|_| S_RANGE)?;
     let g = settings.granule();
     // The granule is a power of two. `virt_end + 1` wraps to 0 for a mapping reaching
     // 2^64 - 1, which is aligned.
     let aligned = |x: u64| x & (g - 1) == 0;
-    if !aligned(a.virt_start) || !aligned(a.phys_start) || !aligned(a.virt_end.wrapping_add(1)) {
+    if !aligned(virt_start) || !aligned(phys_start) || !aligned(virt_end.wrapping_add(1)) {
         return Err(S_RANGE);
     }
     if !settings.effective_input_range().contains_range(range) {
         return Err(S_RANGE);
     }
     let perm = permissions(
-        a.flags & VIRTIO_IOMMU_MAP_F_READ != 0,
-        a.flags & VIRTIO_IOMMU_MAP_F_WRITE != 0,
+        flags & VIRTIO_IOMMU_MAP_F_READ != 0,
+        flags & VIRTIO_IOMMU_MAP_F_WRITE != 0,
     );
-    let mapping = Mapping::new(range, GuestAddress(a.phys_start), perm)
+    let mapping = Mapping::new(range, GuestAddress(phys_start), perm)
         .map_err(|_| S_RANGE)?
-        .with_mmio(a.flags & VIRTIO_IOMMU_MAP_F_MMIO != 0);
+        .with_mmio(flags & VIRTIO_IOMMU_MAP_F_MMIO != 0);
     domains.map(domain, mapping).map_err(status_of)
 }
 
