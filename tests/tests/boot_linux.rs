@@ -60,7 +60,7 @@ fn linux_vmlinux_prints_its_banner() {
         .into();
     cfg.memory = "512M".parse().expect("size");
     cfg.serial = SerialMode::Capture;
-    let vmm = Vmm::start(&cfg).expect("VM starts");
+    let mut vmm = Vmm::start(&cfg).expect("VM starts");
     let banner = wait_for(&vmm, BANNER, BANNER_TIMEOUT);
     let out = vmm.serial_output().unwrap_or_default();
     let banner = banner.unwrap_or_else(|| {

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
-use devices::interrupt::MsiSink;
+use devices::interrupt::{IrqfdRouter, MsiSink};
 use devices::legacy::acpi_pm::{AcpiSleepRegs, SLEEP_CONTROL_PORT, SLEEP_REGS_LEN};
 use devices::legacy::exit_port::{ExitPort, EXIT_PORT_LEN};
 use devices::legacy::i8042::I8042;
@@ -92,8 +92,19 @@ impl DeviceManager {
     pub fn new(vm: Arc<Vm>, serial_out: SerialSink) -> Result<Self, DeviceManagerError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
-        let msi: Arc<dyn MsiSink> = vm;
+        let msi: Arc<dyn MsiSink> = vm.clone();
         let ioapic = Arc::new(Mutex::new(Ioapic::new(msi)));
+        // KVM (split irqchip) only exits on EOIs of vectors it finds in the
+        // level-triggered MSI routes of GSIs 0..23, so mirror each pin's route.
+        let router = vm;
+        ioapic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_route_listener(Box::new(move |pin, msg| {
+                if let Err(e) = router.set_msi_route(pin as u32, msg) {
+                    log::warn!("ioapic: cannot mirror the route of pin {pin} into KVM: {e}");
+                }
+            }));
         insert(&mmio, "IOAPIC", ioapic.clone(), IOAPIC_START, IOAPIC_SIZE)?;
         let pin = IoapicPin::new(ioapic.clone(), SERIAL_IRQ as usize)
             .map_err(DeviceManagerError::Ioapic)?;

@@ -10,7 +10,7 @@
 //! use vmm::{Vmm, VmConfig, VmExit};
 //! let mut cfg = VmConfig::new("vmlinux");
 //! cfg.cmdline = "console=ttyS0".into();
-//! let vmm = Vmm::start(&cfg)?;
+//! let mut vmm = Vmm::start(&cfg)?;
 //! assert_eq!(vmm.wait()?, VmExit::PowerOff);
 //! # Ok::<(), vmm::VmmError>(())
 //! ```
@@ -134,16 +134,22 @@ impl Vmm {
         self.exit.request(VmExit::Stopped);
     }
 
-    /// Waits until the VM stops and returns why.
-    pub fn wait(mut self) -> VmmResult<VmExit> {
+    /// Waits until the VM stops (threads joined, devices dropped) and returns
+    /// why. The handle stays usable, e.g. for [`Vmm::serial_output`].
+    pub fn wait(&mut self) -> VmmResult<VmExit> {
         match self.thread.take() {
             Some(t) => t.join().map_err(|_| VmmError::Panicked),
             None => Ok(self.exit.reason().unwrap_or(VmExit::Stopped)),
         }
     }
 
+    /// Whether the VM has stopped (or is stopping).
+    pub fn has_exited(&self) -> bool {
+        self.exit.reason().is_some()
+    }
+
     /// Waits at most `timeout`; stops the VM when it is still running then.
-    pub fn wait_timeout(self, timeout: Duration) -> VmmResult<VmExit> {
+    pub fn wait_timeout(&mut self, timeout: Duration) -> VmmResult<VmExit> {
         let deadline = Instant::now() + timeout;
         while self.exit.reason().is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));

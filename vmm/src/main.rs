@@ -65,7 +65,7 @@ fn main() -> ExitCode {
         .to_config()
         .map_err(vmm::VmmError::from)
         .and_then(|cfg| {
-            let vmm = Vmm::start(&cfg)?;
+            let mut vmm = Vmm::start(&cfg)?;
             vmm.wait()
         });
     match result {
