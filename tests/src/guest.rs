@@ -548,14 +548,57 @@ impl Parser<'_> {
 mod tests {
     use super::*;
 
+    fn le_u64(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
     #[test]
-    fn guest_elf_is_built_and_is_x86_64_elf() {
+    fn guest_elf_is_x86_64_entered_at_2_mib_with_identity_loaded_segments() {
         let bytes = std::fs::read(test_guest_path()).unwrap();
         assert_eq!(&bytes[..4], b"\x7fELF");
         assert_eq!(bytes[4], 2, "ELFCLASS64");
         assert_eq!(u16::from_le_bytes([bytes[18], bytes[19]]), 62, "EM_X86_64");
-        let entry = u64::from_le_bytes(bytes[24..32].try_into().unwrap());
-        assert_eq!(entry, 0x20_0000, "the guest is linked and entered at 2 MiB");
+        assert_eq!(le_u64(&bytes, 24), 0x20_0000, "entry");
+        let phoff = le_u64(&bytes, 32) as usize;
+        let phentsize = u16::from_le_bytes([bytes[54], bytes[55]]) as usize;
+        let phnum = u16::from_le_bytes([bytes[56], bytes[57]]) as usize;
+        let loads: Vec<(u64, u64, u64)> = (0..phnum)
+            .map(|i| &bytes[phoff + i * phentsize..])
+            .filter(|ph| u32::from_le_bytes(ph[..4].try_into().unwrap()) == 1)
+            .map(|ph| (le_u64(ph, 16), le_u64(ph, 24), le_u64(ph, 40)))
+            .collect();
+        assert!(!loads.is_empty());
+        for (vaddr, paddr, memsz) in loads {
+            assert_eq!(vaddr, paddr, "vaddr = paddr");
+            assert!(
+                paddr >= 0x20_0000 && paddr + memsz <= 0x100_0000,
+                "segment at {paddr:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn guest_code_has_no_sse_avx_x87_or_emulator_hostile_instructions() {
+        let out = std::process::Command::new("objdump")
+            .arg("-d")
+            .arg(test_guest_path())
+            .output()
+            .expect("objdump (binutils, see resources/install-deps.sh)");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("<_start>:") || text.contains("<__image_start>:"));
+        for bad in [
+            "%xmm",
+            "%ymm",
+            "%zmm",
+            "%st",
+            "int3",
+            "xsave",
+            "xrstor",
+            "cmpxchg16b",
+        ] {
+            assert!(!text.contains(bad), "the guest contains {bad}");
+        }
     }
 
     #[test]
