@@ -121,10 +121,21 @@ pub trait PciDevice: Send {
 }
 
 /// Moves a device's BAR in the VMM (MMIO bus entry, ioeventfds).
+///
+/// Called by [`PciRoot`] with the root and device locks held, when the guest
+/// changed a BAR address while memory decoding is on (or turned decoding on
+/// after changing it). A typical implementation relocates the bus entry with
+/// [`crate::bus::Bus::relocate`], then unregisters
+/// `dev.bar_ioeventfds(index, old_base)` and registers
+/// `dev.bar_ioeventfds(index, new_base)`, where `index` is the entry of
+/// `dev.bars()` whose `addr` is `new_base`. It must not lock `dev` again nor
+/// call into the root.
 pub trait DeviceRelocation: Send + Sync {
     /// Moves the BAR mapped at `old_base` (`len` bytes) of `dev` to
-    /// `new_base`. The range `[new_base, new_base + len)` is non-empty and
-    /// does not wrap. On error the BAR stays at `old_base`.
+    /// `new_base`. The range `[new_base, new_base + len)` is non-empty, does
+    /// not wrap and ends below 2^52 (2^32 for 32-bit BARs). On error the BAR
+    /// stays mapped at `old_base` and the root retries on the next BAR or
+    /// command write.
     fn move_bar(
         &self,
         old_base: u64,

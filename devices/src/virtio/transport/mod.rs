@@ -5,6 +5,8 @@
 pub mod common_config;
 pub mod interrupt;
 pub mod pci;
+#[cfg(test)]
+mod test_utils;
 
 pub use interrupt::{VirtioPciInterrupt, VIRTIO_MSI_NO_VECTOR};
 pub use pci::{VirtioPciDevice, VirtioPciError};

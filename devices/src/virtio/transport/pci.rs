@@ -159,7 +159,7 @@ pub struct VirtioPciDevice {
     kicks: Vec<EventFd>,
     mem: GuestMemoryMmap,
     layout: BarLayout,
-    msix_cap_reg: usize,
+    pub(super) msix_cap_reg: usize,
     pci_cfg_cap_offset: usize,
     device_features: u64,
     active: bool,
@@ -573,162 +573,9 @@ impl BusDevice for VirtioPciDevice {
 mod tests {
     use vm_memory::GuestMemoryMmap as Mmap;
 
+    use super::super::test_utils::*;
     use super::*;
-    use crate::interrupt::MsiMessage;
-    use crate::pci::allocator::{allocate_bars, BarAllocator};
     use crate::pci::msix::test_utils::{RecordingRouter, RecordingSink};
-    use crate::virtio::VirtioInterrupt;
-
-    const FEATURE_X: u64 = 1 << 3;
-    const DEVICE_STATUS: u64 = 0x14;
-
-    /// What the dummy device saw.
-    #[derive(Default)]
-    struct Record {
-        acked: Vec<u64>,
-        activated: Vec<Vec<(usize, u16, u64, bool)>>,
-        kicks: Vec<EventFd>,
-        interrupt: Option<Arc<dyn VirtioInterrupt>>,
-        resets: usize,
-        config: [u8; 8],
-    }
-
-    struct Dummy {
-        record: Arc<Mutex<Record>>,
-        fail_activate: bool,
-    }
-
-    impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            23
-        }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[256, 128]
-        }
-        fn config_len(&self) -> usize {
-            8
-        }
-        fn avail_features(&self) -> u64 {
-            FEATURE_X | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << 34
-        }
-        fn ack_features(&mut self, features: u64) {
-            lock(&self.record).acked.push(features);
-        }
-        fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-            let r = lock(&self.record);
-            let o = offset as usize;
-            data.copy_from_slice(&r.config[o..o + data.len()]);
-        }
-        fn write_config(&mut self, offset: u64, data: &[u8]) {
-            let o = offset as usize;
-            lock(&self.record).config[o..o + data.len()].copy_from_slice(data);
-        }
-        fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioDeviceError> {
-            if self.fail_activate {
-                return Err(VirtioDeviceError::QueueCount {
-                    expected: 3,
-                    actual: ctx.queues.len(),
-                });
-            }
-            let mut r = lock(&self.record);
-            let queues = ctx
-                .queues
-                .iter()
-                .map(|(i, q, _)| (*i, q.size(), q.desc_table(), q.event_idx_enabled()))
-                .collect();
-            r.activated.push(queues);
-            r.kicks = ctx.queues.into_iter().map(|q| q.2).collect();
-            r.interrupt = Some(ctx.interrupt);
-            Ok(())
-        }
-        fn reset(&mut self) -> bool {
-            let mut r = lock(&self.record);
-            r.resets += 1;
-            r.kicks.clear();
-            r.interrupt = None;
-            true
-        }
-    }
-
-    struct Fixture {
-        dev: VirtioPciDevice,
-        record: Arc<Mutex<Record>>,
-        sink: Arc<RecordingSink>,
-        base: u64,
-    }
-
-    fn fixture_with(fail_activate: bool, router: Option<Arc<dyn IrqfdRouter>>) -> Fixture {
-        let mem = Mmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let record = Arc::new(Mutex::new(Record::default()));
-        let dummy = Dummy {
-            record: record.clone(),
-            fail_activate,
-        };
-        let sink = Arc::new(RecordingSink::default());
-        let mut dev = VirtioPciDevice::new(Box::new(dummy), mem, sink.clone(), router).unwrap();
-        let bars = allocate_bars(&mut dev, &mut BarAllocator::mmio32(), None).unwrap();
-        let base = bars[0].addr;
-        Fixture {
-            dev,
-            record,
-            sink,
-            base,
-        }
-    }
-
-    fn fixture() -> Fixture {
-        fixture_with(false, None)
-    }
-
-    impl Fixture {
-        fn read(&mut self, offset: u64, len: usize) -> u64 {
-            let mut data = [0u8; 8];
-            self.dev.read(self.base, offset, &mut data[..len]);
-            u64::from_le_bytes(data)
-        }
-        fn write(&mut self, offset: u64, len: usize, v: u64) {
-            self.dev.write(self.base, offset, &v.to_le_bytes()[..len]);
-        }
-        fn status(&mut self) -> u8 {
-            self.read(DEVICE_STATUS, 1) as u8
-        }
-        fn negotiate(&mut self, features: u64) {
-            self.write(DEVICE_STATUS, 1, 0);
-            self.write(DEVICE_STATUS, 1, 1);
-            self.write(DEVICE_STATUS, 1, 3);
-            for sel in 0..2u64 {
-                self.write(0x08, 4, sel);
-                self.write(0x0c, 4, (features >> (32 * sel)) & 0xffff_ffff);
-            }
-            self.write(DEVICE_STATUS, 1, 0xb);
-        }
-        fn setup_queue(&mut self, index: u64, size: u64, desc: u64, vector: u64) {
-            self.write(0x16, 2, index);
-            self.write(0x18, 2, size);
-            self.write(0x20, 4, desc);
-            self.write(0x24, 4, 0);
-            self.write(0x28, 8, desc + 0x1000);
-            self.write(0x30, 8, desc + 0x2000);
-            self.write(0x1a, 2, vector);
-            self.write(0x1c, 2, 1);
-        }
-        /// Enables MSI-X and programs `vector` with data `0x40 + vector`.
-        fn enable_msix(&mut self, vector: u64) {
-            let entry = MSIX_TABLE_OFFSET + vector * 16;
-            self.write(entry, 4, 0xfee0_0000);
-            self.write(entry + 8, 4, 0x40 + vector);
-            self.write(entry + 12, 4, 0);
-            let reg = self.dev.msix_cap_reg;
-            self.dev.write_config_register(reg, 3, &[0x80]);
-        }
-    }
-
-    fn msg(vector: u32) -> MsiMessage {
-        MsiMessage {
-            address: 0xfee0_0000,
-            data: 0x40 + vector,
-        }
-    }
 
     #[test]
     fn identity_follows_the_virtio_spec() {
@@ -995,5 +842,67 @@ mod tests {
         // Without device config the device-config capability is omitted.
         let mut dev = new(Bad(4, vec![8])).unwrap();
         assert_eq!(dev.read_config_register(0x60 / 4) >> 24, 2);
+    }
+
+    /// Relocation over a real bus that also records the ioeventfd moves.
+    struct BusRelocation {
+        bus: Arc<crate::bus::Bus>,
+        ioevents: Mutex<Vec<(Vec<u64>, Vec<u64>)>>,
+    }
+
+    impl crate::pci::DeviceRelocation for BusRelocation {
+        fn move_bar(
+            &self,
+            old: u64,
+            new: u64,
+            _len: u64,
+            dev: &mut dyn PciDevice,
+        ) -> std::io::Result<()> {
+            self.bus.relocate(old, new).map_err(std::io::Error::other)?;
+            let index = dev.bars().iter().find(|b| b.addr == new).unwrap().index;
+            let addrs = |base| {
+                dev.bar_ioeventfds(index, base)
+                    .iter()
+                    .map(|e| e.1)
+                    .collect()
+            };
+            lock(&self.ioevents).push((addrs(old), addrs(new)));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn ecam_programmed_bar_move_relocates_bus_entry() {
+        use crate::pci::{PciConfigMmio, PciRoot, PCI_ECAM_BASE};
+        let f = fixture();
+        let base = f.base;
+        let dev = Arc::new(Mutex::new(f.dev));
+        let bus = Arc::new(crate::bus::Bus::new());
+        bus.insert(dev.clone(), base, 0x8000).unwrap();
+        let reloc = Arc::new(BusRelocation {
+            bus: bus.clone(),
+            ioevents: Mutex::new(Vec::new()),
+        });
+        let root = Arc::new(Mutex::new(PciRoot::new(Some(reloc.clone()))));
+        let bdf = lock(&root).add_device(dev.clone()).unwrap();
+        let mut ecam = PciConfigMmio::new(root);
+        let cfg = u64::from(bdf.device()) << 15;
+        let mut id = [0u8; 4];
+        ecam.read(PCI_ECAM_BASE, cfg, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 0x1057_1af4);
+        ecam.write(PCI_ECAM_BASE, cfg + 0x10, &0xd000_0000u32.to_le_bytes());
+        ecam.write(PCI_ECAM_BASE, cfg + 0x4, &[0x02, 0x00]);
+        let mut n = [0u8; 2];
+        assert!(bus.read(0xd000_0012, &mut n), "BAR answers at its new base");
+        assert_eq!(u16::from_le_bytes(n), 2);
+        assert!(!bus.read(base + 0x12, &mut n));
+        let moved = lock(&reloc.ioevents).clone();
+        assert_eq!(
+            moved,
+            vec![(
+                vec![base + 0x3000, base + 0x3004],
+                vec![0xd000_3000, 0xd000_3004]
+            )]
+        );
     }
 }
