@@ -1,5 +1,6 @@
 //! Test fixtures for the virtio-pci transport: a recording dummy device and
 //! a driver-side register helper.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
 
