@@ -22,6 +22,9 @@ use crate::vstate::vcpu::{install_kick_handler, ExitState, VcpuHandle, VcpuRunne
 use crate::vstate::vm::{open_kvm, Vm};
 use crate::{VmmError, VmmResult};
 
+/// Serial output captured in memory ([`SerialMode::Capture`]).
+pub type SerialCapture = Arc<Mutex<Vec<u8>>>;
+
 /// How long a stopping VMM waits for each vCPU thread.
 const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -40,7 +43,7 @@ pub struct Machine {
     vcpus: Vec<VcpuRunner>,
 }
 
-fn serial_sink(mode: &SerialMode) -> VmmResult<(SerialSink, Option<Arc<Mutex<Vec<u8>>>>)> {
+fn serial_sink(mode: &SerialMode) -> VmmResult<(SerialSink, Option<SerialCapture>)> {
     Ok(match mode {
         SerialMode::Stdout => (Box::new(std::io::stdout()), None),
         SerialMode::Off => (Box::new(std::io::sink()), None),
@@ -140,7 +143,7 @@ fn create_vcpus(
 }
 
 /// Builds the VM without running it. Returns the machine and the serial capture buffer.
-pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<Arc<Mutex<Vec<u8>>>>)> {
+pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
     config.validate()?;
     let kvm = open_kvm()?;
     let mem = create_guest_memory(&layout::ram_ranges(config.memory.0))?;

@@ -229,7 +229,7 @@ impl VmConfig {
     /// Checks the configuration without touching KVM.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mem = self.memory.0;
-        if !(MIN_MEMORY..=MAX_MEMORY).contains(&mem) || mem % 4096 != 0 {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&mem) || !mem.is_multiple_of(4096) {
             return Err(ConfigError::MemorySize(mem));
         }
         if self.cpus == 0 || self.cpus > MAX_CPUS {

@@ -67,6 +67,15 @@ pub const I8042_PORT: u16 = 0x60;
 /// PCI configuration address port.
 pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
 
+// The fixed areas must not overlap; checked at compile time.
+const _: () = {
+    assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(ACPI_START + ACPI_SIZE <= HIMEM_START);
+    assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+};
+
 /// The guest RAM ranges for `mem_size` bytes: `(start, len)` pairs.
 pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
     let low = mem_size.min(MMIO_HOLE_START);
@@ -95,14 +104,5 @@ mod tests {
                 (RAM_64BIT_START, (4 << 30) - MMIO_HOLE_START)
             ]
         );
-    }
-
-    #[test]
-    fn fixed_areas_do_not_overlap() {
-        assert!(PDE_START + 4 * 0x1000 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(ACPI_START + ACPI_SIZE <= HIMEM_START);
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
     }
 }
