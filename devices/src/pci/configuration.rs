@@ -409,11 +409,16 @@ fn align4(v: usize) -> usize {
     (v + 3) & !3
 }
 
+/// True for a 1-, 2- or 4-byte access at byte `offset` within one dword.
+fn fits_in_dword(offset: u64, len: usize) -> bool {
+    matches!(len, 1 | 2 | 4) && offset.checked_add(len as u64).is_some_and(|end| end <= 4)
+}
+
 /// Turns a 1/2/4-byte access at byte `offset` of a dword into a shifted
 /// value and the mask of the bytes it covers. `None` for other sizes or
 /// accesses crossing the dword.
 pub fn merge_partial(offset: u64, data: &[u8]) -> Option<(u32, u32)> {
-    if !matches!(data.len(), 1 | 2 | 4) || offset + data.len() as u64 > 4 {
+    if !fits_in_dword(offset, data.len()) {
         return None;
     }
     let mut bytes = [0u8; 4];
@@ -427,7 +432,7 @@ pub fn merge_partial(offset: u64, data: &[u8]) -> Option<(u32, u32)> {
 /// Copies the bytes of `value` that a `data.len()`-byte read at byte
 /// `offset` of a dword returns; invalid sizes read as all ones.
 pub fn extract_partial(value: u32, offset: u64, data: &mut [u8]) {
-    if !matches!(data.len(), 1 | 2 | 4) || offset + data.len() as u64 > 4 {
+    if !fits_in_dword(offset, data.len()) {
         data.fill(0xff);
         return;
     }
@@ -622,6 +627,7 @@ mod tests {
             Some((0x1234_0000, 0xffff_0000))
         );
         assert_eq!(merge_partial(3, &[1, 2]), None);
+        assert_eq!(merge_partial(u64::MAX, &[1]), None);
         let mut two = [0u8; 2];
         extract_partial(0x1234_5678, 1, &mut two);
         assert_eq!(two, [0x56, 0x34]);
