@@ -395,7 +395,7 @@ impl Domains {
                 range: covered,
             })
             .collect();
-        self.total_mappings -= removed.len();
+        self.total_mappings = self.total_mappings.saturating_sub(removed.len());
         Ok(events)
     }
 
@@ -458,7 +458,7 @@ impl Domains {
         if let Some(dom) = self.domains.get_mut(&domain) {
             dom.endpoints.remove(&rid);
             if dom.endpoints.is_empty() {
-                self.total_mappings -= dom.space.len();
+                self.total_mappings = self.total_mappings.saturating_sub(dom.space.len());
                 self.domains.remove(&domain);
             }
         }
@@ -851,5 +851,58 @@ mod tests {
             d.translate(rid(0), Iova(0x2000), 1, Permissions::Read),
             Err(TranslateError::Unmapped { iova: Iova(0x2000) })
         );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Attach(u16, u32, bool),
+        Detach(u16, u32),
+        Map(u32, u64),
+        Unmap(u32, u64, u64),
+        Reset,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u16..4, 0u32..4, any::<bool>()).prop_map(|(e, d, b)| Op::Attach(e, d, b)),
+            (0u16..4, 0u32..4).prop_map(|(e, d)| Op::Detach(e, d)),
+            (0u32..4, 0u64..16).prop_map(|(d, p)| Op::Map(d, p)),
+            (0u32..4, 0u64..16, 0u64..16).prop_map(|(d, s, l)| Op::Unmap(d, s, l)),
+            Just(Op::Reset),
+        ]
+    }
+
+    fn check_invariants(d: &Domains) {
+        let sum: usize = d.domains.values().map(|x| x.space.len()).sum();
+        assert_eq!(d.total_mappings(), sum);
+        for dom in d.domains.values() {
+            assert!(!dom.endpoints.is_empty(), "empty domains are freed");
+            for ep in dom.endpoints() {
+                assert_eq!(d.endpoint_domain(ep), Some(dom.id()));
+            }
+        }
+        for (ep, dom) in d.endpoints().iter() {
+            if let Some(id) = dom {
+                assert!(d.domain(id).unwrap().endpoints.contains(&ep));
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn bookkeeping_stays_consistent(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut d = with_endpoints(DomainsConfig::default(), 4);
+            for op in ops {
+                let _ = match op {
+                    Op::Attach(e, id, b) => d.attach(rid(e), DomainId(id), b),
+                    Op::Detach(e, id) => d.detach(rid(e), DomainId(id)),
+                    Op::Map(id, p) => d.map(DomainId(id), mapping(p * 0x1000, p * 0x1000 + 0xfff, 0)),
+                    Op::Unmap(id, s, l) => d.unmap(DomainId(id), r(s * 0x1000, (s + l) * 0x1000 + 0xfff)),
+                    Op::Reset => Ok(d.reset()),
+                };
+                check_invariants(&d);
+            }
+        }
     }
 }
