@@ -905,4 +905,29 @@ mod tests {
             )]
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn random_guest_accesses_never_panic(
+            ops in proptest::collection::vec(
+                (0u64..0x9000, proptest::sample::select(vec![1usize, 2, 3, 4, 8, 16]), proptest::prelude::any::<u64>(), 0u8..3),
+                1..64,
+            )
+        ) {
+            let mut f = fixture();
+            for (offset, len, value, kind) in ops {
+                let mut bytes = [0u8; 16];
+                bytes[..8].copy_from_slice(&value.to_le_bytes());
+                match kind {
+                    0 => f.dev.write(f.base, offset, &bytes[..len]),
+                    1 => f.dev.read(f.base, offset, &mut bytes[..len]),
+                    _ => {
+                        let reg = (offset as usize / 4) % 1100;
+                        f.dev.write_config_register(reg, offset % 5, &bytes[..len]);
+                        f.dev.read_config_register(reg);
+                    }
+                }
+            }
+        }
+    }
 }
