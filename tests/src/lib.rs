@@ -1,3 +1,4 @@
 //! iovmm integration-test helpers: real KVM guests and real backends.
 
+pub mod backend;
 pub mod guest;

@@ -1,0 +1,432 @@
+//! The main-socket server loop of the test back end.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use devices::vhost_user::wire::{
+    encode_ack, encode_u64_frame, Header, IotlbMsg, IotlbType, HEADER_SIZE, PROTOCOL_F_BACKEND_REQ,
+    PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_IOTLB_MSG,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::iotlb::IotlbEntry;
+use super::memory::{parse_mem_table, MemTable, MAX_REGIONS};
+use super::{lock, BackendError, Counters, RecordedMsg, Shared, MAX_RECORDS, QUEUE_NUM};
+
+/// Front-end request codes handled here.
+mod req {
+    pub const GET_FEATURES: u32 = 1;
+    pub const SET_FEATURES: u32 = 2;
+    pub const SET_OWNER: u32 = 3;
+    pub const RESET_OWNER: u32 = 4;
+    pub const SET_MEM_TABLE: u32 = 5;
+    pub const SET_VRING_NUM: u32 = 8;
+    pub const SET_VRING_ADDR: u32 = 9;
+    pub const SET_VRING_BASE: u32 = 10;
+    pub const GET_VRING_BASE: u32 = 11;
+    pub const SET_VRING_KICK: u32 = 12;
+    pub const SET_VRING_CALL: u32 = 13;
+    pub const SET_VRING_ERR: u32 = 14;
+    pub const GET_PROTOCOL_FEATURES: u32 = 15;
+    pub const SET_PROTOCOL_FEATURES: u32 = 16;
+    pub const GET_QUEUE_NUM: u32 = 17;
+    pub const SET_VRING_ENABLE: u32 = 18;
+    pub const SET_BACKEND_REQ_FD: u32 = 21;
+}
+
+/// Largest queue size accepted.
+const MAX_QUEUE_SIZE: u32 = 1024;
+/// Protocol features offered.
+pub const OFFERED_PROTOCOL: u64 = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK | PROTOCOL_F_BACKEND_REQ;
+
+/// Virtio features offered: VERSION_1, protocol features and optionally
+/// ACCESS_PLATFORM (no indirect descriptors, no event index, no MRG_RXBUF).
+pub fn offered_features(access_platform: bool) -> u64 {
+    let ap = if access_platform {
+        VIRTIO_F_ACCESS_PLATFORM
+    } else {
+        0
+    };
+    VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | ap
+}
+
+/// One message off the wire.
+struct Msg {
+    hdr: Header,
+    payload: Vec<u8>,
+    files: Vec<File>,
+}
+
+/// What a handler wants sent back.
+enum Reply {
+    /// Nothing beyond the optional reply-ack (0 = success).
+    Ack(u64),
+    /// A u64 reply (GET_* requests).
+    U64(u64),
+    /// A vring-state reply (GET_VRING_BASE).
+    State(u32, u32),
+}
+
+fn recv_msg(stream: &UnixStream) -> Result<Msg, BackendError> {
+    let mut raw = [0u8; HEADER_SIZE];
+    let mut fds = [-1; MAX_REGIONS];
+    let mut iov = [libc::iovec {
+        iov_base: raw.as_mut_ptr().cast(),
+        iov_len: raw.len(),
+    }];
+    // SAFETY: the iovec points at `raw`, which may take arbitrary bytes.
+    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| BackendError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    // SAFETY: the first `nfds` entries are fresh descriptors now owned here.
+    let files: Vec<File> = fds[..nfds]
+        .iter()
+        .map(|fd| unsafe { File::from_raw_fd(*fd) })
+        .collect();
+    if n == 0 {
+        return Err(BackendError::Disconnected);
+    }
+    let mut r = stream;
+    r.read_exact(&mut raw[n..]).map_err(eof_is_disconnect)?;
+    let hdr = Header::decode(&raw)?;
+    let mut payload = vec![0u8; hdr.size as usize];
+    r.read_exact(&mut payload).map_err(eof_is_disconnect)?;
+    Ok(Msg {
+        hdr,
+        payload,
+        files,
+    })
+}
+
+fn eof_is_disconnect(e: std::io::Error) -> BackendError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => BackendError::Disconnected,
+        _ => BackendError::Io(e),
+    }
+}
+
+fn u64_payload(m: &Msg) -> Result<u64, BackendError> {
+    let raw: [u8; 8] = m.payload.as_slice().try_into().map_err(|_| {
+        BackendError::BadMessage(format!("request {} needs an 8-byte payload", m.hdr.request))
+    })?;
+    Ok(u64::from_ne_bytes(raw))
+}
+
+/// (index, num) of a vring-state payload, index checked.
+fn state_payload(m: &Msg) -> Result<(usize, u32), BackendError> {
+    let v = u64_payload(m)?;
+    let index = (v & 0xffff_ffff) as usize;
+    if index >= QUEUE_NUM {
+        return Err(BackendError::BadMessage(format!(
+            "vring index {index} >= {QUEUE_NUM}"
+        )));
+    }
+    Ok((index, (v >> 32) as u32))
+}
+
+impl Shared {
+    fn record(&self, m: &Msg) {
+        Counters::bump(&self.counters.messages);
+        let mut r = lock(&self.records);
+        if r.len() < MAX_RECORDS {
+            r.push(RecordedMsg {
+                request: m.hdr.request,
+                flags: m.hdr.flags,
+                payload: m.payload.clone(),
+                nfds: m.files.len(),
+            });
+        }
+    }
+
+    fn dispatch(&self, m: Msg) -> Result<Reply, BackendError> {
+        match m.hdr.request {
+            req::GET_FEATURES => Ok(Reply::U64(offered_features(self.config.access_platform))),
+            req::SET_FEATURES => self.set_features(u64_payload(&m)?),
+            req::SET_OWNER => {
+                lock(&self.neg).owner = true;
+                Ok(Reply::Ack(0))
+            }
+            req::RESET_OWNER => {
+                self.reset();
+                Ok(Reply::Ack(0))
+            }
+            req::SET_MEM_TABLE => self.set_mem_table(&m),
+            req::SET_VRING_NUM | req::SET_VRING_BASE | req::SET_VRING_ENABLE => {
+                self.vring_state(&m)
+            }
+            req::SET_VRING_ADDR => self.vring_addr(&m.payload),
+            req::GET_VRING_BASE => self.get_vring_base(&m),
+            req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => self.vring_fd(m),
+            req::GET_PROTOCOL_FEATURES => Ok(Reply::U64(OFFERED_PROTOCOL)),
+            req::SET_PROTOCOL_FEATURES => self.set_protocol(u64_payload(&m)?),
+            req::GET_QUEUE_NUM => Ok(Reply::U64(QUEUE_NUM as u64)),
+            req::SET_BACKEND_REQ_FD => self.set_backend_req_fd(m),
+            VHOST_USER_IOTLB_MSG => self.iotlb_msg(&m),
+            other => Err(BackendError::BadMessage(format!(
+                "unsupported request {other}"
+            ))),
+        }
+    }
+
+    fn set_features(&self, f: u64) -> Result<Reply, BackendError> {
+        let offered = offered_features(self.config.access_platform);
+        if f & !offered != 0 {
+            return Err(BackendError::BadMessage(format!(
+                "features {f:#x} not offered ({offered:#x})"
+            )));
+        }
+        lock(&self.neg).features = f;
+        // Like Linux vhost: a (re)negotiation starts with an empty IOTLB.
+        lock(&self.iotlb).clear();
+        Ok(Reply::Ack(0))
+    }
+
+    fn set_protocol(&self, f: u64) -> Result<Reply, BackendError> {
+        if f & !OFFERED_PROTOCOL != 0 {
+            return Err(BackendError::BadMessage(format!(
+                "protocol features {f:#x} not offered"
+            )));
+        }
+        lock(&self.neg).protocol = f;
+        Ok(Reply::Ack(0))
+    }
+
+    fn set_mem_table(&self, m: &Msg) -> Result<Reply, BackendError> {
+        let regions = parse_mem_table(&m.payload, m.files.len())?;
+        let table = MemTable::map(&regions, &m.files)?;
+        *lock(&self.mem) = Arc::new(table);
+        Ok(Reply::Ack(0))
+    }
+
+    fn vring_state(&self, m: &Msg) -> Result<Reply, BackendError> {
+        let (index, num) = state_payload(m)?;
+        let mut v = lock(&self.vrings[index]);
+        match m.hdr.request {
+            req::SET_VRING_NUM => {
+                if num == 0 || num > MAX_QUEUE_SIZE || !num.is_power_of_two() {
+                    return Err(BackendError::BadMessage(format!("queue size {num}")));
+                }
+                v.num = num as u16;
+            }
+            req::SET_VRING_BASE => {
+                v.last_avail = num as u16;
+                v.used_idx = num as u16;
+            }
+            _ => v.enabled = num != 0,
+        }
+        Ok(Reply::Ack(0))
+    }
+
+    fn vring_addr(&self, p: &[u8]) -> Result<Reply, BackendError> {
+        if p.len() != 40 {
+            return Err(BackendError::BadMessage(format!(
+                "SET_VRING_ADDR with {} bytes",
+                p.len()
+            )));
+        }
+        let u = |o: usize| {
+            p.get(o..o + 8)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_ne_bytes)
+                .unwrap_or(0)
+        };
+        let index = (u(0) & 0xffff_ffff) as usize;
+        let v = self
+            .vrings
+            .get(index)
+            .ok_or_else(|| BackendError::BadMessage(format!("vring index {index}")))?;
+        let mut v = lock(v);
+        // Layout: index u32, flags u32, desc, used, avail, log (u64 each).
+        (v.desc, v.used, v.avail) = (u(8), u(16), u(24));
+        Ok(Reply::Ack(0))
+    }
+
+    fn get_vring_base(&self, m: &Msg) -> Result<Reply, BackendError> {
+        let (index, _) = state_payload(m)?;
+        let mut v = lock(&self.vrings[index]);
+        v.started = false;
+        v.kick = None;
+        Ok(Reply::State(index as u32, u32::from(v.last_avail)))
+    }
+
+    fn vring_fd(&self, mut m: Msg) -> Result<Reply, BackendError> {
+        let v = u64_payload(&m)?;
+        let index = (v & 0xff) as usize;
+        let nofd = v & 0x100 != 0;
+        let vr = self
+            .vrings
+            .get(index)
+            .ok_or_else(|| BackendError::BadMessage(format!("vring index {index}")))?;
+        let file = match (nofd, m.files.len()) {
+            (true, 0) => None,
+            (false, 1) => m.files.pop(),
+            (_, n) => {
+                return Err(BackendError::BadMessage(format!(
+                    "{n} fds with vring flag {v:#x}"
+                )))
+            }
+        };
+        let mut vr = lock(vr);
+        match m.hdr.request {
+            req::SET_VRING_KICK => {
+                vr.kick = file.map(Arc::new);
+                vr.started = true;
+                drop(vr);
+                self.wake_datapath();
+            }
+            req::SET_VRING_CALL => vr.call = file,
+            _ => {}
+        }
+        Ok(Reply::Ack(0))
+    }
+
+    fn set_backend_req_fd(&self, mut m: Msg) -> Result<Reply, BackendError> {
+        let file = match (m.files.pop(), m.files.len()) {
+            (Some(f), 0) => f,
+            _ => {
+                return Err(BackendError::BadMessage(
+                    "SET_BACKEND_REQ_FD needs exactly one fd".into(),
+                ))
+            }
+        };
+        let stream = UnixStream::from(OwnedFd::from(file));
+        if self.config.misbehave.bogus_backend_msg {
+            let mut bogus = Header::request(1, 0, true);
+            bogus.flags = 0x2;
+            let mut w = &stream;
+            w.write_all(&bogus.encode())?;
+        }
+        *lock(&self.backend_chan) = Some(stream);
+        Ok(Reply::Ack(0))
+    }
+
+    fn iotlb_msg(&self, m: &Msg) -> Result<Reply, BackendError> {
+        if self.config.misbehave.nack_iotlb {
+            return Ok(Reply::Ack(1));
+        }
+        let msg = IotlbMsg::decode(m.hdr.request, &m.payload)?;
+        let mut tlb = lock(&self.iotlb);
+        match msg.kind()? {
+            IotlbType::Update => {
+                let e = IotlbEntry {
+                    iova: msg.iova,
+                    size: msg.size,
+                    uaddr: msg.uaddr,
+                    perm: msg.permission()?,
+                };
+                let in_mem = lock(&self.mem).uaddr_to_host(msg.uaddr).is_some();
+                if !in_mem || !tlb.insert(e) {
+                    return Err(BackendError::BadMessage(format!(
+                        "UPDATE {msg:x?} not inside guest memory"
+                    )));
+                }
+                Counters::bump(&self.counters.iotlb_updates);
+                self.iotlb_cv.notify_all();
+            }
+            IotlbType::Invalidate => {
+                tlb.invalidate(msg.iova, msg.size);
+                Counters::bump(&self.counters.iotlb_invalidates);
+            }
+            other => {
+                return Err(BackendError::BadMessage(format!(
+                    "IOTLB type {other:?} from the front end"
+                )))
+            }
+        }
+        Ok(Reply::Ack(0))
+    }
+
+    /// Whether an Ack reply is sent for this header.
+    fn wants_ack(&self, hdr: &Header) -> bool {
+        let reply_ack = lock(&self.neg).protocol & PROTOCOL_F_REPLY_ACK != 0;
+        // IOTLB_MSG is always answered when asked (QEMU always asks).
+        hdr.need_reply() && (reply_ack || hdr.request == VHOST_USER_IOTLB_MSG)
+    }
+
+    fn send_reply(
+        &self,
+        stream: &UnixStream,
+        hdr: &Header,
+        reply: Reply,
+    ) -> Result<(), BackendError> {
+        let mis = &self.config.misbehave;
+        let frame = match reply {
+            Reply::Ack(_) if !self.wants_ack(hdr) => return Ok(()),
+            Reply::Ack(v) => {
+                let request = if mis.bogus_reply && hdr.request == VHOST_USER_IOTLB_MSG {
+                    40
+                } else {
+                    hdr.request
+                };
+                encode_ack(request, v)
+            }
+            Reply::U64(v) => encode_u64_frame(Header::reply(hdr.request, 0), v),
+            Reply::State(i, n) => {
+                let v = u64::from(i) | (u64::from(n) << 32);
+                encode_u64_frame(Header::reply(hdr.request, 0), v)
+            }
+        };
+        if !mis.ack_delay.is_zero() {
+            std::thread::sleep(mis.ack_delay);
+        }
+        let mut w = stream;
+        w.write_all(&frame)?;
+        Ok(())
+    }
+}
+
+/// Serve one connection until it closes; the state is reset afterwards.
+pub(crate) fn serve_connection(shared: &Shared, stream: UnixStream) -> Result<(), BackendError> {
+    let res = serve_inner(shared, &stream);
+    shared.reset();
+    shared
+        .connections_ended
+        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    match &res {
+        Err(BackendError::Disconnected) | Ok(()) => {
+            log::info!("front end disconnected: {:?}", shared.counters.snapshot());
+            Ok(())
+        }
+        Err(e) => {
+            log::warn!("connection closed: {e}");
+            res
+        }
+    }
+}
+
+fn serve_inner(shared: &Shared, stream: &UnixStream) -> Result<(), BackendError> {
+    loop {
+        let m = recv_msg(stream)?;
+        shared.record(&m);
+        if let Some(limit) = shared.config.misbehave.disconnect_after {
+            if shared.counters.snapshot().messages >= limit {
+                log::info!("misbehaving: disconnecting after {limit} messages");
+                return Ok(());
+            }
+        }
+        let hdr = m.hdr;
+        let reply = match shared.dispatch(m) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("refusing request {}: {e}", hdr.request);
+                Counters::bump(&shared.counters.bad_messages);
+                Reply::Ack(1)
+            }
+        };
+        shared.send_reply(stream, &hdr, reply)?;
+    }
+}
+
+/// Accept and serve connections one at a time until the listener fails.
+pub(crate) fn accept_loop(shared: &Shared, listener: &UnixListener) -> Result<(), BackendError> {
+    loop {
+        let (stream, _) = listener.accept()?;
+        let _ = serve_connection(shared, stream);
+        if shared.stop.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+    }
+}
