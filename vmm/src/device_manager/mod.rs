@@ -25,8 +25,14 @@ use crate::arch::x86_64::layout::{
     PCI_ECAM_START, SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::event_loop::ExitHandler;
+
+pub mod pci;
+
 use crate::vstate::vcpu::VmExit;
 use crate::vstate::vm::Vm;
+use devices::pci::{BarAllocator, PciBdf};
+use devices::virtio::{GuestMemoryMmap, VirtioDevice};
+use pci::{BarRelocator, PciSetupError};
 
 /// Where serial output is written.
 pub type SerialSink = Box<dyn Write + Send>;
@@ -46,6 +52,9 @@ pub enum DeviceManagerError {
     /// The serial IRQ pin could not be wired.
     #[error("cannot wire the serial port to the IOAPIC")]
     Ioapic(#[source] IoapicError),
+    /// A PCI device could not be added.
+    #[error(transparent)]
+    Pci(#[from] PciSetupError),
     /// An eventfd could not be created or cloned.
     #[error("cannot create an eventfd for {0}")]
     EventFd(&'static str, #[source] std::io::Error),
@@ -61,6 +70,8 @@ pub struct DeviceManager {
     pub ioapic: Arc<Mutex<Ioapic>>,
     /// The PCI root complex.
     pub pci: Arc<Mutex<PciRoot>>,
+    vm: Arc<Vm>,
+    mmio32: BarAllocator,
     exit_port: Arc<Mutex<ExitPort>>,
     exit_port_evt: EventFd,
     reset_evt: EventFd,
@@ -96,7 +107,7 @@ impl DeviceManager {
         let ioapic = Arc::new(Mutex::new(Ioapic::new(msi)));
         // KVM (split irqchip) only exits on EOIs of vectors it finds in the
         // level-triggered MSI routes of GSIs 0..23, so mirror each pin's route.
-        let router = vm;
+        let router = vm.clone();
         ioapic
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -138,7 +149,11 @@ impl DeviceManager {
             SLEEP_REGS_LEN,
         )?;
 
-        let pci = Arc::new(Mutex::new(PciRoot::new(None)));
+        let relocator = BarRelocator {
+            mmio: mmio.clone(),
+            vm: vm.clone(),
+        };
+        let pci = Arc::new(Mutex::new(PciRoot::new(Some(Arc::new(relocator)))));
         let cfg_io = Arc::new(Mutex::new(PciConfigIo::new(pci.clone())));
         insert(
             &pio,
@@ -154,11 +169,29 @@ impl DeviceManager {
             mmio,
             ioapic,
             pci,
+            vm,
+            mmio32: BarAllocator::mmio32(),
             exit_port,
             exit_port_evt,
             reset_evt,
             poweroff_evt,
         })
+    }
+
+    /// Adds a virtio device behind a virtio-pci transport on bus 0.
+    pub fn add_virtio_pci(
+        &mut self,
+        mem: GuestMemoryMmap,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<PciBdf, DeviceManagerError> {
+        Ok(pci::add_virtio_pci(
+            &self.pci,
+            &self.mmio,
+            &mut self.mmio32,
+            &self.vm,
+            mem,
+            device,
+        )?)
     }
 
     /// The handler vCPUs call on KVM_EXIT_IOAPIC_EOI.
