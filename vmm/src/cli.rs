@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{ByteSize, ConfigError, SerialMode, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{
+    ByteSize, ConfigError, IommuConfig, SerialMode, VhostUserConfig, VmConfig, DEFAULT_CMDLINE,
+};
 
 /// iovmm: a minimal KVM VMM whose vIOMMUs protect DMA by vhost-user backends.
 #[derive(Debug, Parser)]
@@ -28,6 +30,12 @@ pub struct Cli {
     /// Serial console: stdout, off or file=PATH.
     #[arg(long, value_name = "MODE")]
     pub serial: Option<SerialMode>,
+    /// vIOMMU: virtio or vtd[,caching_mode=on][,device_iotlb=on][,intremap=on][,aw=39|48][,iotlb=miss|prefetch].
+    #[arg(long, value_name = "KIND[,OPTS]")]
+    pub iommu: Option<IommuConfig>,
+    /// vhost-user device: net|blk,socket=PATH[,iommu=on][,ats=on]; repeat for more devices.
+    #[arg(long = "vhost-user", value_name = "KIND,socket=PATH[,OPTS]")]
+    pub vhost_user: Vec<VhostUserConfig>,
     /// JSON configuration file with the same fields; command-line options override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -62,6 +70,10 @@ impl Cli {
         if let Some(s) = &self.serial {
             cfg.serial = s.clone();
         }
+        if let Some(i) = &self.iommu {
+            cfg.iommu = Some(i.clone());
+        }
+        cfg.vhost_user.extend(self.vhost_user.iter().cloned());
         if cfg.cmdline.is_empty() {
             cfg.cmdline = DEFAULT_CMDLINE.into();
         }

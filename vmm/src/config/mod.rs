@@ -14,6 +14,13 @@ use thiserror::Error;
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 
+mod devices;
+
+pub use devices::{IommuConfig, IommuKind, IotlbPolicyConfig, VhostUserConfig, VhostUserKind};
+
+/// Most vhost-user devices per VM (PCI bus 0 has 31 free slots).
+pub const MAX_VHOST_USER_DEVICES: usize = 16;
+
 /// Smallest guest memory accepted.
 pub const MIN_MEMORY: u64 = 16 << 20;
 /// Largest guest memory accepted.
@@ -53,6 +60,17 @@ pub enum ConfigError {
     /// The serial option was not understood.
     #[error("invalid serial option {0:?}: use stdout, off or file=PATH")]
     Serial(String),
+    /// A device option string could not be parsed.
+    #[error("invalid device option {option:?}: {reason}")]
+    DeviceOption {
+        /// The option as given.
+        option: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Options that do not work together.
+    #[error("invalid configuration: {0}")]
+    Combination(String),
     /// The JSON configuration file could not be read or parsed.
     #[error("configuration file {path:?}: {reason}")]
     ConfigFile {
@@ -201,6 +219,12 @@ pub struct VmConfig {
     /// Serial console destination.
     #[serde(default)]
     pub serial: SerialMode,
+    /// The vIOMMU, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iommu: Option<IommuConfig>,
+    /// vhost-user devices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vhost_user: Vec<VhostUserConfig>,
 }
 
 impl VmConfig {
@@ -213,6 +237,8 @@ impl VmConfig {
             memory: default_memory(),
             cpus: default_cpus(),
             serial: SerialMode::default(),
+            iommu: None,
+            vhost_user: Vec::new(),
         }
     }
 
@@ -238,9 +264,40 @@ impl VmConfig {
         if self.cmdline.len() >= CMDLINE_MAX_SIZE || self.cmdline.contains('\0') {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
         }
+        self.validate_devices()?;
         check_file("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
             check_file("initramfs", initramfs)?;
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    fn validate_devices(&self) -> Result<(), ConfigError> {
+        if let Some(iommu) = &self.iommu {
+            iommu.validate()?;
+        }
+        if self.vhost_user.len() > MAX_VHOST_USER_DEVICES {
+            return Err(ConfigError::Combination(format!(
+                "{} vhost-user devices requested; at most {MAX_VHOST_USER_DEVICES} are supported",
+                self.vhost_user.len()
+            )));
+        }
+        let kind = self.iommu.as_ref().map(|i| i.kind);
+        for d in &self.vhost_user {
+            if d.iommu && kind.is_none() {
+                return Err(ConfigError::Combination(format!(
+                    "vhost-user device {:?} has iommu=on but the VM has no vIOMMU: add --iommu virtio or --iommu vtd",
+                    d.socket
+                )));
+            }
+            if d.ats && kind != Some(IommuKind::Vtd) {
+                return Err(ConfigError::Combination(format!(
+                    "vhost-user device {:?} has ats=on, which needs --iommu vtd",
+                    d.socket
+                )));
+            }
         }
         Ok(())
     }
@@ -362,6 +419,32 @@ mod tests {
         assert_eq!(n.memory.0, 256 << 20);
         assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","bogus":1}"#).is_err());
         assert!(serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","serial":"tty9"}"#).is_err());
+    }
+
+    #[test]
+    fn device_combinations_are_validated() {
+        let k = kernel_file();
+        let mut c = VmConfig::new(&k.0);
+        c.vhost_user.push("net,socket=/s,iommu=on".parse().unwrap());
+        assert!(c.validate().unwrap_err().to_string().contains("no vIOMMU"));
+        c.iommu = Some("virtio".parse().unwrap());
+        c.validate().unwrap();
+        c.vhost_user[0].ats = true;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("needs --iommu vtd"));
+        c.iommu = Some("vtd,device_iotlb=on".parse().unwrap());
+        c.validate().unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
+        let from_json: VmConfig = serde_json::from_str(
+            r#"{"kernel":"/k","iommu":{"kind":"vtd","caching_mode":true},
+                "vhost_user":[{"kind":"net","socket":"/s","iommu":true}]}"#,
+        )
+        .unwrap();
+        assert!(from_json.iommu.unwrap().caching_mode && from_json.vhost_user[0].iommu);
     }
 
     #[test]
