@@ -1,4 +1,5 @@
 //! iovmm integration-test helpers: real KVM guests and real backends.
 
 pub mod backend;
+pub mod dpdk;
 pub mod guest;
