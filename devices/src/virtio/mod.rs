@@ -7,6 +7,7 @@
 //! MMIO bus.
 
 pub mod device;
+pub mod iommu;
 pub mod transport;
 
 pub use device::{
