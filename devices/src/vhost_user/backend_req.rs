@@ -23,7 +23,7 @@ use thiserror::Error;
 
 use super::channel::{ChannelError, IotlbChannel};
 use super::frame::{read_frame, write_frame};
-use super::miss::{check_update, MissHandler};
+use super::miss::MissHandler;
 use super::wire::{encode_ack, BackendRequest, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
 
 /// Bound on how long the rest of a frame may take once its first byte came.
@@ -169,25 +169,16 @@ impl BackendReqServer {
     /// Answer a miss: UPDATE on the main socket (acked) before returning true.
     fn miss(&self, iova: u64, perm: IotlbPerm) -> bool {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let res = self
-            .handler
-            .on_miss(iova, perm)
-            .and_then(|u| check_update(iova, perm, &u).map(|()| u));
-        let sent = match res {
-            Ok(update) => self.main.send_iotlb(&update, true).map_err(|e| {
-                log::warn!("UPDATE for IOTLB miss at {iova:#x} failed: {e}");
-            }),
+        let res = self.handler.answer_miss(iova, perm, self.main.as_ref());
+        let counter = match &res {
+            Ok(_) => &self.stats.misses_served,
             Err(e) => {
                 log::info!("IOTLB miss refused: {e}");
-                Err(())
+                &self.stats.misses_refused
             }
         };
-        let counter = match sent {
-            Ok(()) => &self.stats.misses_served,
-            Err(()) => &self.stats.misses_refused,
-        };
         counter.fetch_add(1, Ordering::Relaxed);
-        sent.is_ok()
+        res.is_ok()
     }
 
     /// Serve until the channel fails or is closed; returns the reason.

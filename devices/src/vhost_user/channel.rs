@@ -55,6 +55,11 @@ pub trait IotlbChannel: Send + Sync {
     /// Send `msg` as VHOST_USER_IOTLB_MSG. With `need_reply`, wait for the
     /// reply-ack (bounded by the channel's timeout) and fail on non-zero.
     fn send_iotlb(&self, msg: &IotlbMsg, need_reply: bool) -> Result<(), ChannelError>;
+
+    /// Give up on the back end: close the socket so every later call fails
+    /// and the back end sees the disconnect (used when it refused to drop a
+    /// translation). The default does nothing.
+    fn close(&self) {}
 }
 
 /// Counters of the IOTLB traffic on one main socket.
@@ -255,6 +260,13 @@ impl IotlbChannel for MainSocket {
         }
         res
     }
+
+    fn close(&self) {
+        if let Ok(inner) = self.lock() {
+            log::error!("closing the vhost-user main socket on request");
+            self.mark_broken(&inner);
+        }
+    }
 }
 
 /// Whether a vhost crate error may have left a partial frame on the stream.
@@ -296,6 +308,7 @@ pub enum MockReply {
 pub struct MockIotlbChannel {
     sent: Mutex<Vec<(IotlbMsg, bool)>>,
     script: Mutex<VecDeque<MockReply>>,
+    closed: AtomicBool,
 }
 
 impl MockIotlbChannel {
@@ -315,10 +328,22 @@ impl MockIotlbChannel {
     pub fn sent(&self) -> Vec<(IotlbMsg, bool)> {
         self.sent.lock().map(|s| s.clone()).unwrap_or_default()
     }
+
+    /// Whether `close` was called (later sends fail with `Broken`).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
 }
 
 impl IotlbChannel for MockIotlbChannel {
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
     fn send_iotlb(&self, msg: &IotlbMsg, need_reply: bool) -> Result<(), ChannelError> {
+        if self.is_closed() {
+            return Err(ChannelError::Broken);
+        }
         self.sent
             .lock()
             .map_err(|_| ChannelError::Broken)?

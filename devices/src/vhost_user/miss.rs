@@ -3,6 +3,7 @@
 
 use thiserror::Error;
 
+use super::channel::IotlbChannel;
 use super::wire::{IotlbMsg, IotlbPerm, IotlbType};
 
 /// Why a miss got no UPDATE (the back end then gets a non-zero ack).
@@ -34,6 +35,27 @@ pub enum MissError {
         /// The IOVA asked for.
         iova: u64,
     },
+    /// The device sits behind a vIOMMU but no translation was configured yet.
+    #[error("IOTLB miss for IOVA {iova:#x} before the VMM configured the device's IOMMU translation; refused")]
+    NoTranslation {
+        /// The IOVA asked for.
+        iova: u64,
+    },
+    /// The IOVA cannot be covered by an UPDATE (the last byte of the 64-bit
+    /// space, whose end `iova + size` would wrap).
+    #[error("IOTLB miss for IOVA {iova:#x} cannot be answered: an UPDATE there would wrap the 64-bit space")]
+    Unrepresentable {
+        /// The IOVA asked for.
+        iova: u64,
+    },
+    /// The UPDATE could not be delivered (socket failure or back-end nack).
+    #[error("UPDATE for the IOTLB miss at IOVA {iova:#x} failed: {reason}")]
+    UpdateFailed {
+        /// The IOVA asked for.
+        iova: u64,
+        /// What the main socket reported.
+        reason: String,
+    },
     /// The handler produced an UPDATE that does not answer the miss.
     #[error("translation for IOVA {iova:#x} is not a valid UPDATE covering it with {wanted:?}: {update:?}")]
     BadUpdate {
@@ -55,6 +77,29 @@ pub enum MissError {
 pub trait MissHandler: Send + Sync {
     /// Translate `iova` for an access of kind `perm`.
     fn on_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError>;
+
+    /// Answer a miss completely: translate, send the UPDATE through `main`
+    /// with NEED_REPLY and wait for its ack. Returns the UPDATE sent.
+    ///
+    /// The default runs [`MissHandler::on_miss`], checks the result with
+    /// [`check_update`] and sends it. Handlers that must serialise "translate
+    /// + install" against invalidations (the IOTLB bridge) override this and
+    /// hold their lock across both steps.
+    fn answer_miss(
+        &self,
+        iova: u64,
+        perm: IotlbPerm,
+        main: &dyn IotlbChannel,
+    ) -> Result<IotlbMsg, MissError> {
+        let update = self.on_miss(iova, perm)?;
+        check_update(iova, perm, &update)?;
+        main.send_iotlb(&update, true)
+            .map_err(|e| MissError::UpdateFailed {
+                iova,
+                reason: e.to_string(),
+            })?;
+        Ok(update)
+    }
 
     /// An ACCESS_FAIL report from the back end. Informational; logged.
     fn on_access_fail(&self, iova: u64, perm: IotlbPerm) {

@@ -42,7 +42,9 @@
 //! INVALIDATE ack cannot hang us: both waits time out.
 
 pub mod backend_req;
+pub mod bridge;
 pub mod channel;
 mod frame;
 pub mod miss;
+pub mod stats;
 pub mod wire;

@@ -1,0 +1,217 @@
+//! Per-device counters of a vhost-user frontend: IOTLB misses, updates,
+//! invalidations and their latencies, exposed as plain snapshots for the
+//! library API.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::channel::IotlbStatsSnapshot;
+
+/// Number of histogram buckets: bucket `i` holds samples below `2^i` µs
+/// (and at least `2^(i-1)` µs); the last one everything larger (~35 min).
+pub const LATENCY_BUCKETS: usize = 32;
+
+/// A lock-free latency histogram with power-of-two microsecond buckets.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS],
+    count: AtomicU64,
+    total_ns: AtomicU64,
+    max_ns: AtomicU64,
+}
+
+/// A summary of a [`LatencyHistogram`]. Percentiles are bucket upper bounds,
+/// so they overestimate by at most a factor of two (and never exceed `max_ns`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LatencySummary {
+    /// Number of samples.
+    pub count: u64,
+    /// Mean in nanoseconds (0 without samples).
+    pub mean_ns: u64,
+    /// Median (upper bound of its bucket), in nanoseconds.
+    pub p50_ns: u64,
+    /// 99th percentile (upper bound of its bucket), in nanoseconds.
+    pub p99_ns: u64,
+    /// Largest sample in nanoseconds.
+    pub max_ns: u64,
+}
+
+fn bucket_of(us: u64) -> usize {
+    // Bucket i covers [2^(i-1), 2^i) µs; 0 covers [0, 1) µs.
+    let bits = (u64::BITS - us.leading_zeros()) as usize;
+    bits.min(LATENCY_BUCKETS - 1)
+}
+
+fn bucket_upper_ns(i: usize) -> u64 {
+    1u64.checked_shl(i as u32)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(1000)
+}
+
+impl LatencyHistogram {
+    /// Record one sample.
+    pub fn record(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let b = bucket_of(ns / 1000);
+        self.buckets[b].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    fn percentile(counts: &[u64], total: u64, pct: u64, max_ns: u64) -> u64 {
+        if total == 0 {
+            return 0;
+        }
+        // Smallest rank r with r >= total * pct / 100, at least 1.
+        let rank = (total.saturating_mul(pct).div_ceil(100)).max(1);
+        let mut seen = 0u64;
+        for (i, c) in counts.iter().enumerate() {
+            seen = seen.saturating_add(*c);
+            if seen >= rank {
+                return bucket_upper_ns(i).min(max_ns);
+            }
+        }
+        max_ns
+    }
+
+    /// Count, mean, p50, p99 and max.
+    pub fn summary(&self) -> LatencySummary {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().fold(0, |a, c| a.saturating_add(*c));
+        let max_ns = self.max_ns.load(Ordering::Relaxed);
+        let sum = self.total_ns.load(Ordering::Relaxed);
+        LatencySummary {
+            count: self.count.load(Ordering::Relaxed),
+            mean_ns: sum.checked_div(total).unwrap_or(0),
+            p50_ns: Self::percentile(&counts, total, 50, max_ns),
+            p99_ns: Self::percentile(&counts, total, 99, max_ns),
+            max_ns,
+        }
+    }
+}
+
+/// Counters of one [`super::bridge::IotlbBridge`].
+#[derive(Debug, Default)]
+pub struct BridgeCounters {
+    pub(crate) misses: AtomicU64,
+    pub(crate) misses_served: AtomicU64,
+    pub(crate) misses_refused: AtomicU64,
+    pub(crate) faults: AtomicU64,
+    pub(crate) access_fails: AtomicU64,
+    pub(crate) prefetches: AtomicU64,
+    pub(crate) invalidations: AtomicU64,
+    pub(crate) invalidation_failures: AtomicU64,
+    pub(crate) miss_latency: LatencyHistogram,
+    pub(crate) invalidate_latency: LatencyHistogram,
+}
+
+/// A copy of the bridge counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BridgeStats {
+    /// MISS requests received from the back end.
+    pub misses: u64,
+    /// Misses answered with an acked UPDATE.
+    pub misses_served: u64,
+    /// Misses refused (unmapped, forbidden, stopped, send failure).
+    pub misses_refused: u64,
+    /// Refused misses reported to the vIOMMU's fault hook.
+    pub faults: u64,
+    /// ACCESS_FAIL reports from the back end.
+    pub access_fails: u64,
+    /// UPDATEs pushed for MAP events (prefetch policy).
+    pub prefetches: u64,
+    /// INVALIDATEs acked by the back end (one per notification, or two for
+    /// a split range).
+    pub invalidations: u64,
+    /// Notifications whose INVALIDATE failed.
+    pub invalidation_failures: u64,
+    /// From MISS receipt to the UPDATE's ack (served misses only).
+    pub miss_latency: LatencySummary,
+    /// From the start of `notify` to the last INVALIDATE ack.
+    pub invalidate_latency: LatencySummary,
+}
+
+impl BridgeCounters {
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Read every counter.
+    pub fn snapshot(&self) -> BridgeStats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BridgeStats {
+            misses: l(&self.misses),
+            misses_served: l(&self.misses_served),
+            misses_refused: l(&self.misses_refused),
+            faults: l(&self.faults),
+            access_fails: l(&self.access_fails),
+            prefetches: l(&self.prefetches),
+            invalidations: l(&self.invalidations),
+            invalidation_failures: l(&self.invalidation_failures),
+            miss_latency: self.miss_latency.summary(),
+            invalidate_latency: self.invalidate_latency.summary(),
+        }
+    }
+}
+
+/// Everything a vhost-user device counts, for the library API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VhostUserStats {
+    /// Main-socket IOTLB traffic: UPDATE/INVALIDATE messages written, acks,
+    /// nacks, failures and the ack round-trip time.
+    pub iotlb: IotlbStatsSnapshot,
+    /// Miss and invalidation handling (all zero without a vIOMMU).
+    pub bridge: BridgeStats,
+    /// Successful activations.
+    pub activations: u64,
+    /// Whether the back end is gone (the device refuses to start).
+    pub broken: bool,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_powers_of_two_microseconds() {
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(1), 1);
+        assert_eq!(bucket_of(2), 2);
+        assert_eq!(bucket_of(3), 2);
+        assert_eq!(bucket_of(1024), 11);
+        assert_eq!(bucket_of(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
+    #[test]
+    fn empty_histogram_summarises_to_zero() {
+        assert_eq!(
+            LatencyHistogram::default().summary(),
+            LatencySummary::default()
+        );
+    }
+
+    #[test]
+    fn percentiles_follow_the_distribution() {
+        let h = LatencyHistogram::default();
+        for _ in 0..98 {
+            h.record(Duration::from_micros(10));
+        }
+        h.record(Duration::from_millis(5));
+        h.record(Duration::from_millis(5));
+        let s = h.summary();
+        assert_eq!(s.count, 100);
+        // 10 µs lands in [8, 16) µs.
+        assert_eq!(s.p50_ns, 16_000);
+        // The 99th sample is one of the 5 ms ones: bucket [4096, 8192) µs,
+        // capped at the max.
+        assert_eq!(s.p99_ns, 5_000_000);
+        assert_eq!(s.max_ns, 5_000_000);
+        assert_eq!(s.mean_ns, (98 * 10_000 + 2 * 5_000_000) / 100);
+    }
+}
