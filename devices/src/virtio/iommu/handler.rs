@@ -237,3 +237,221 @@ fn set_status(response: &mut Response, status: u8) {
         response.status = Some(status);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use iommu::notifier::{IommuEvent, IommuNotifier, NotifierFlags, NotifyError};
+    use iommu::translate::{DmaTranslate, TranslateError};
+    use iommu::types::{Access, Iova};
+    use iommu::virtio::protocol::*;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap as Mmap};
+
+    use super::super::test_utils::*;
+    use super::*;
+
+    const RW: u32 = VIRTIO_IOMMU_MAP_F_READ | VIRTIO_IOMMU_MAP_F_WRITE;
+
+    /// A consumer that waits, then records each event with the used index it saw.
+    struct Slow {
+        mem: Mmap<()>,
+        used: u64,
+        delay: Duration,
+        fail: bool,
+        seen: Mutex<Vec<(IommuEvent, u16)>>,
+    }
+
+    impl IommuNotifier for Slow {
+        fn notify(&self, ev: &IommuEvent) -> Result<(), NotifyError> {
+            std::thread::sleep(self.delay);
+            let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+            self.seen.lock().unwrap().push((ev.clone(), idx));
+            if self.fail {
+                Err(NotifyError::new("back end disconnected"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn consumer(d: &Driver, delay_ms: u64, fail: bool) -> Arc<Slow> {
+        Arc::new(Slow {
+            mem: d.mem.clone(),
+            used: d.req.used,
+            delay: Duration::from_millis(delay_ms),
+            fail,
+            seen: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn translate(state: &IommuState, iova: u64) -> Result<u64, TranslateError> {
+        state
+            .translate(EP, Iova(iova), 4, Access::Read)
+            .map(|t| t.fragments[0].0 .0)
+    }
+
+    #[test]
+    fn attach_map_unmap_detach_round_trip_with_exact_statuses() {
+        let state = state();
+        let mut d = Driver::new(state.clone(), ALL_FEATURES);
+        let ep = EP.endpoint_id();
+        assert_eq!(d.status(&attach(1, ep, 0)), S_OK);
+        assert_eq!(d.status(&attach(1, 0x10, 0)), S_NOENT);
+        assert_eq!(d.status(&attach(1, ep, 2)), S_INVAL);
+        assert_eq!(d.status(&map(1, 0x10000, 0x1ffff, 0x20_0000, RW)), S_OK);
+        assert_eq!(translate(&state, 0x10010), Ok(0x20_0010));
+        assert_eq!(d.status(&map(1, 0x18000, 0x18fff, 0, RW)), S_INVAL);
+        assert_eq!(d.status(&map(1, 0x30800, 0x30fff, 0, RW)), S_RANGE);
+        assert_eq!(d.status(&map(2, 0x30000, 0x30fff, 0, RW)), S_NOENT);
+        assert_eq!(d.status(&unmap(1, 0x10000, 0x10fff)), S_RANGE);
+        assert_eq!(translate(&state, 0x10010), Ok(0x20_0010));
+        assert_eq!(d.status(&unmap(1, 0x10000, 0x1ffff)), S_OK);
+        assert!(matches!(
+            translate(&state, 0x10010),
+            Err(TranslateError::Unmapped { .. })
+        ));
+        assert_eq!(d.status(&unmap(1, 0, 0xfff)), S_OK);
+        assert_eq!(d.status(&detach(1, ep)), S_OK);
+        assert_eq!(d.status(&detach(1, 0x10)), S_NOENT);
+        assert!(matches!(
+            translate(&state, 0x10010),
+            Err(TranslateError::NotAttached { .. })
+        ));
+        let stats = state.stats();
+        assert_eq!(
+            (1..=5).map(|t| stats.requests(t)).collect::<Vec<_>>(),
+            vec![3, 2, 4, 3, 0]
+        );
+        assert_eq!(stats.statuses(S_OK), 5);
+        assert_eq!(stats.statuses(S_RANGE), 2);
+        assert!(d.interrupt.triggers.lock().unwrap().len() >= 12);
+    }
+
+    #[test]
+    fn probe_reports_the_msi_window_and_zero_fills() {
+        let mut d = Driver::new(state(), ALL_FEATURES);
+        let (used, out) = d.request(&probe(EP.endpoint_id()), 512 + 4 + 8);
+        assert_eq!(used, 516);
+        let mut prop = vec![1, 0, 20, 0, VIRTIO_IOMMU_RESV_MEM_T_MSI, 0, 0, 0];
+        prop.extend_from_slice(&0xfee0_0000u64.to_le_bytes());
+        prop.extend_from_slice(&0xfeef_ffffu64.to_le_bytes());
+        assert_eq!(&out[..24], &prop[..]);
+        assert!(out[24..512].iter().all(|&b| b == 0));
+        assert_eq!(&out[512..516], &[S_OK, 0, 0, 0]);
+        assert_eq!(
+            &out[516..],
+            &[0xAA; 8],
+            "bytes past the reply stay untouched"
+        );
+        let (used, out) = d.request(&probe(0x10), 516);
+        assert_eq!((used, out[512]), (516, S_NOENT));
+        let (used, out) = d.request(&probe(EP.endpoint_id()), 100);
+        assert_eq!((used, out[96]), (100, S_INVAL));
+    }
+
+    #[test]
+    fn requests_needing_unacked_features_are_refused() {
+        let missing = 1 << VIRTIO_IOMMU_F_MAP_UNMAP | 1 << VIRTIO_IOMMU_F_BYPASS_CONFIG;
+        let mut d = Driver::new(state(), ALL_FEATURES & !missing);
+        assert_eq!(d.status(&attach(1, EP.endpoint_id(), 0)), S_OK);
+        assert_eq!(d.status(&map(1, 0, 0xfff, 0, RW)), S_UNSUPP);
+        assert_eq!(d.status(&attach(2, EP.endpoint_id(), 1)), S_INVAL);
+    }
+
+    #[test]
+    fn malformed_chains_are_returned_unwritten_without_side_effects() {
+        let state = state();
+        let mut d = Driver::new(state.clone(), ALL_FEATURES);
+        let req = attach(1, EP.endpoint_id(), 0);
+        let r = d.alloc(64 * 1024);
+        d.mem.write_slice(&req, GuestAddress(r)).unwrap();
+        let w = d.alloc(4);
+        let cases: Vec<Vec<(u64, u32, bool)>> = vec![
+            vec![(r, 3, false), (w, 4, true)],
+            vec![(r, 20, false), (w, 3, true)],
+            vec![(r, 20, false)],
+            vec![(w, 4, true), (r, 20, false)],
+            vec![(r, 64 * 1024, false), (r, 1, false), (w, 4, true)],
+            vec![(MEM_SIZE - 8, 20, false), (w, 4, true)],
+            vec![(r, 20, false), (MEM_SIZE - 2, 4, true)],
+        ];
+        for bufs in &cases {
+            assert_eq!(d.raw(bufs), 0, "chain {bufs:x?} must be returned unwritten");
+        }
+        assert_eq!(d.mem.read_obj::<u32>(GuestAddress(w)).unwrap(), 0xAAAA_AAAA);
+        assert_eq!(state.with_domains(|m| m.endpoint_domain(EP)), None);
+        let (used, _) = d.request(&[9, 0, 0, 0, 0, 0, 0, 0], 4);
+        assert_eq!(used, 0, "unknown request type");
+        assert_eq!(state.stats().unwritten(), cases.len() as u64 + 1);
+        assert_eq!(d.status(&req), S_OK, "device still serves requests");
+    }
+
+    #[test]
+    fn unmap_completes_only_after_a_slow_consumer_returned() {
+        let state = state();
+        let mut d = Driver::new(state.clone(), ALL_FEATURES);
+        assert_eq!(d.status(&attach(1, EP.endpoint_id(), 0)), S_OK);
+        assert_eq!(d.status(&map(1, 0x10000, 0x1ffff, 0x20_0000, RW)), S_OK);
+        let slow = consumer(&d, 150, false);
+        state
+            .register_notifier(EP, NotifierFlags::UNMAP, slow.clone())
+            .unwrap();
+        let before = d.req.used_idx(&d.mem);
+        assert_eq!(d.status(&unmap(1, 0x10000, 0x1ffff)), S_OK);
+        let seen = slow.seen.lock().unwrap().clone();
+        let range = IovaRange::new(0x10000, 0x1ffff).unwrap();
+        assert_eq!(seen, vec![(IommuEvent::Unmap { rid: EP, range }, before)]);
+        assert_eq!(d.req.used_idx(&d.mem), before.wrapping_add(1));
+    }
+
+    #[test]
+    fn failing_unmap_consumer_completes_with_deverr() {
+        let state = state();
+        let mut d = Driver::new(state.clone(), ALL_FEATURES);
+        assert_eq!(d.status(&attach(1, EP.endpoint_id(), 0)), S_OK);
+        assert_eq!(d.status(&map(1, 0x10000, 0x1ffff, 0x20_0000, RW)), S_OK);
+        let bad = consumer(&d, 0, true);
+        let good = consumer(&d, 0, false);
+        state
+            .register_notifier(EP, NotifierFlags::UNMAP, bad)
+            .unwrap();
+        state
+            .register_notifier(EP, NotifierFlags::UNMAP, good.clone())
+            .unwrap();
+        assert_eq!(d.status(&unmap(1, 0x10000, 0x1ffff)), S_DEVERR);
+        assert_eq!(good.seen.lock().unwrap().len(), 1, "others still notified");
+        assert!(
+            translate(&state, 0x10000).is_err(),
+            "the model keeps the unmap"
+        );
+        assert_eq!(state.stats().notifier_failures(), 1);
+        assert_eq!(state.stats().statuses(S_DEVERR), 1);
+    }
+
+    #[test]
+    fn failing_map_consumer_rolls_the_mapping_back() {
+        let state = state();
+        let mut d = Driver::new(state.clone(), ALL_FEATURES);
+        assert_eq!(d.status(&attach(1, EP.endpoint_id(), 0)), S_OK);
+        let bad = consumer(&d, 0, true);
+        let flags = NotifierFlags::MAP | NotifierFlags::UNMAP;
+        state.register_notifier(EP, flags, bad.clone()).unwrap();
+        assert_eq!(d.status(&map(1, 0x10000, 0x1ffff, 0x20_0000, RW)), S_DEVERR);
+        assert!(matches!(
+            translate(&state, 0x10000),
+            Err(TranslateError::Unmapped { .. })
+        ));
+        let kinds: Vec<bool> = bad
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(e, _)| matches!(e, IommuEvent::Map { .. }))
+            .collect();
+        assert_eq!(kinds, vec![true, false], "MAP, then the undoing UNMAP");
+        assert_eq!(state.with_domains(|m| m.total_mappings()), 0);
+    }
+}
