@@ -1,9 +1,15 @@
 //! Splitting a descriptor chain into its device-readable bytes and its device-writable
 //! regions, with bounds, and writing a reply across the writable regions.
 
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 use crate::virtio::GuestMemoryMmap;
+
+/// `VRING_AVAIL_F_NO_INTERRUPT`: the driver does not want used-buffer interrupts.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Why a chain cannot be served. The chain is returned to the driver unwritten.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +127,21 @@ pub fn check_writable(
         left -= n;
     }
     Ok(())
+}
+
+/// Whether the driver wants an interrupt for the buffers just used. With EVENT_IDX this is
+/// virtio-queue's `used_event` check; without it the device honours `VRING_AVAIL_F_NO_INTERRUPT`
+/// (Linux sets it on the request queue, which it polls). Errors err on the side of signalling.
+pub fn needs_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    // Order the used ring update before reading the driver's flags.
+    fence(Ordering::SeqCst);
+    match mem.read_obj::<u16>(GuestAddress(queue.avail_ring())) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
+        Err(_) => true,
+    }
 }
 
 /// Writes `bytes` across the writable regions, in order. The caller made sure they fit.

@@ -113,16 +113,14 @@ impl EventQueue {
             log::warn!("virtio-iommu: cannot return event buffer {head}: {e}");
             return;
         }
-        match self.queue.needs_notification(&self.mem) {
-            Ok(false) => {}
-            Ok(true) | Err(_) => {
-                if let Err(e) = self
-                    .interrupt
-                    .trigger(VirtioInterruptType::Queue(EVENTQ_INDEX))
-                {
-                    log::warn!("virtio-iommu: cannot signal the event queue: {e}");
-                }
-            }
+        if !chain::needs_interrupt(&mut self.queue, &self.mem) {
+            return;
+        }
+        if let Err(e) = self
+            .interrupt
+            .trigger(VirtioInterruptType::Queue(EVENTQ_INDEX))
+        {
+            log::warn!("virtio-iommu: cannot signal the event queue: {e}");
         }
     }
 }

@@ -135,7 +135,7 @@ impl RequestQueue {
     }
 
     fn signal(&mut self) {
-        if matches!(self.queue.needs_notification(&self.mem), Ok(false)) {
+        if !chain::needs_interrupt(&mut self.queue, &self.mem) {
             return;
         }
         if let Err(e) = self
@@ -328,6 +328,20 @@ mod tests {
         assert_eq!(stats.statuses(S_OK), 5);
         assert_eq!(stats.statuses(S_RANGE), 2);
         assert!(d.interrupt.triggers.lock().unwrap().len() >= 12);
+    }
+
+    #[test]
+    fn no_interrupt_flag_suppresses_request_interrupts() {
+        let mut d = Driver::new(state(), ALL_FEATURES);
+        d.req.set_avail_flags(&d.mem, 1);
+        assert_eq!(d.status(&attach(1, EP.endpoint_id(), 0)), S_OK);
+        assert!(d.interrupt.triggers.lock().unwrap().is_empty());
+        d.req.set_avail_flags(&d.mem, 0);
+        assert_eq!(d.status(&attach(1, EP.endpoint_id(), 0)), S_OK);
+        assert_eq!(
+            *d.interrupt.triggers.lock().unwrap(),
+            vec![VirtioInterruptType::Queue(0)]
+        );
     }
 
     #[test]

@@ -109,6 +109,11 @@ impl Ring {
         head
     }
 
+    /// Sets the avail ring flags (1 = `VRING_AVAIL_F_NO_INTERRUPT`).
+    pub(crate) fn set_avail_flags(&self, mem: &GuestMemoryMmap, flags: u16) {
+        mem.write_obj(flags, GuestAddress(self.avail)).unwrap();
+    }
+
     pub(crate) fn used_idx(&self, mem: &GuestMemoryMmap) -> u16 {
         mem.read_obj(GuestAddress(self.used + 2)).unwrap()
     }
