@@ -284,6 +284,17 @@ mod tests {
     }
 
     #[test]
+    fn the_pci_transport_exposes_it_as_device_0x1057() {
+        use crate::pci::msix::test_utils::RecordingSink;
+        use crate::pci::PciDevice;
+        use crate::virtio::transport::VirtioPciDevice;
+        let dev = VirtioIommuDevice::new(state());
+        let sink = Arc::new(RecordingSink::default());
+        let mut pci = VirtioPciDevice::new(Box::new(dev), mem(), sink, None).unwrap();
+        assert_eq!(pci.read_config_register(0), 0x1057_1af4);
+    }
+
+    #[test]
     fn bypass_byte_is_writable_only_with_bypass_config() {
         let state = boot_bypass_state();
         let rec = Arc::new(Recorder::default());
