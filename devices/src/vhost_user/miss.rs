@@ -82,9 +82,9 @@ pub trait MissHandler: Send + Sync {
     /// with NEED_REPLY and wait for its ack. Returns the UPDATE sent.
     ///
     /// The default runs [`MissHandler::on_miss`], checks the result with
-    /// [`check_update`] and sends it. Handlers that must serialise "translate
-    /// + install" against invalidations (the IOTLB bridge) override this and
-    /// hold their lock across both steps.
+    /// [`check_update`] and sends it. Handlers that must serialise
+    /// translating and installing against invalidations (the IOTLB bridge)
+    /// override this and hold their lock across both steps.
     fn answer_miss(
         &self,
         iova: u64,

@@ -45,6 +45,14 @@ pub mod backend_req;
 pub mod bridge;
 pub mod channel;
 mod frame;
+pub mod frontend;
+pub mod kind;
 pub mod miss;
+pub mod relay;
 pub mod stats;
 pub mod wire;
+
+pub use bridge::{FaultHook, IotlbBridge, IotlbPolicy};
+pub use frontend::{VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserStatsHandle};
+pub use kind::VhostUserKind;
+pub use stats::VhostUserStats;

@@ -1,0 +1,208 @@
+//! What differs between vhost-user device types: the virtio device id, the
+//! queues, which back-end features may reach the guest, and where the
+//! device configuration space comes from.
+
+/// virtio-net feature bits used here.
+pub mod net {
+    /// Device handles packets with partial checksum.
+    pub const F_CSUM: u32 = 0;
+    /// Driver handles packets with partial checksum.
+    pub const F_GUEST_CSUM: u32 = 1;
+    /// Device has a MAC address in its configuration.
+    pub const F_MAC: u32 = 5;
+    /// Driver can receive TSOv4 .. UFO, device can send them (bits 7..=14).
+    pub const F_OFFLOADS: [u32; 8] = [7, 8, 9, 10, 11, 12, 13, 14];
+    /// Driver can merge receive buffers.
+    pub const F_MRG_RXBUF: u32 = 15;
+    /// Configuration status field is available.
+    pub const F_STATUS: u32 = 16;
+    /// Link is up (status field).
+    pub const S_LINK_UP: u16 = 1;
+    /// Configuration length served: mac[6] + status u16.
+    pub const CONFIG_LEN: usize = 8;
+}
+
+/// virtio-blk feature bits used here.
+pub mod blk {
+    /// size_max in the configuration.
+    pub const F_SIZE_MAX: u32 = 1;
+    /// seg_max in the configuration.
+    pub const F_SEG_MAX: u32 = 2;
+    /// geometry in the configuration.
+    pub const F_GEOMETRY: u32 = 4;
+    /// Device is read-only.
+    pub const F_RO: u32 = 5;
+    /// blk_size in the configuration.
+    pub const F_BLK_SIZE: u32 = 6;
+    /// Cache flush command.
+    pub const F_FLUSH: u32 = 9;
+    /// Topology information in the configuration.
+    pub const F_TOPOLOGY: u32 = 10;
+    /// Discard command (limits in the configuration).
+    pub const F_DISCARD: u32 = 13;
+    /// Write-zeroes command (limits in the configuration).
+    pub const F_WRITE_ZEROES: u32 = 14;
+    /// Configuration length served: `struct virtio_blk_config` up to
+    /// `write_zeroes_may_unmap` and its padding.
+    pub const CONFIG_LEN: usize = 60;
+}
+
+/// Ring feature: indirect descriptors.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// Ring feature: event index.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
+/// The vhost-user device types this frontend can present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VhostUserKind {
+    /// virtio-net: queue 0 receive, queue 1 transmit.
+    Net,
+    /// virtio-blk: one request queue.
+    Blk,
+}
+
+const fn bits(list: &[u32]) -> u64 {
+    let mut v = 0u64;
+    let mut i = 0;
+    while i < list.len() {
+        v |= 1u64 << list[i];
+        i += 1;
+    }
+    v
+}
+
+const RING: u64 = bits(&[VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX]);
+
+const NET_DATA: u64 =
+    bits(&[net::F_CSUM, net::F_GUEST_CSUM, net::F_MRG_RXBUF]) | bits(&net::F_OFFLOADS) | RING;
+
+const BLK_CONFIG_FIELDS: u64 = bits(&[
+    blk::F_SIZE_MAX,
+    blk::F_SEG_MAX,
+    blk::F_GEOMETRY,
+    blk::F_BLK_SIZE,
+    blk::F_TOPOLOGY,
+    blk::F_DISCARD,
+    blk::F_WRITE_ZEROES,
+]);
+
+const BLK_DATA: u64 = bits(&[blk::F_RO, blk::F_FLUSH]) | RING;
+
+impl VhostUserKind {
+    /// The virtio device id.
+    pub fn device_type(self) -> u32 {
+        match self {
+            VhostUserKind::Net => 1,
+            VhostUserKind::Blk => 2,
+        }
+    }
+
+    /// Number of virtqueues (all mandatory).
+    pub fn num_queues(self) -> usize {
+        match self {
+            VhostUserKind::Net => 2,
+            VhostUserKind::Blk => 1,
+        }
+    }
+
+    /// Length of the device configuration space.
+    pub fn config_len(self) -> usize {
+        match self {
+            VhostUserKind::Net => net::CONFIG_LEN,
+            VhostUserKind::Blk => blk::CONFIG_LEN,
+        }
+    }
+
+    /// Device-type features of the back end that may be offered to the
+    /// guest. Features needing a queue or a configuration field this
+    /// frontend does not provide (control queue, multiqueue, MTU, ...) are
+    /// left out. With `backend_config` (the CONFIG protocol feature), the
+    /// configuration comes from the back end, so the features describing
+    /// its fields pass too.
+    pub fn passthrough_features(self, backend_config: bool) -> u64 {
+        match (self, backend_config) {
+            (VhostUserKind::Net, false) => NET_DATA,
+            (VhostUserKind::Net, true) => NET_DATA | bits(&[net::F_MAC, net::F_STATUS]),
+            (VhostUserKind::Blk, false) => BLK_DATA,
+            (VhostUserKind::Blk, true) => BLK_DATA | BLK_CONFIG_FIELDS,
+        }
+    }
+
+    /// Features the frontend itself implements (they are never sent to the
+    /// back end): the MAC address and link status of a locally served
+    /// virtio-net configuration.
+    pub fn local_features(self, backend_config: bool) -> u64 {
+        match (self, backend_config) {
+            (VhostUserKind::Net, false) => bits(&[net::F_MAC, net::F_STATUS]),
+            _ => 0,
+        }
+    }
+
+    /// The configuration served when the back end has no CONFIG protocol
+    /// feature: MAC + link-up status for net, the capacity (in 512-byte
+    /// sectors) for blk.
+    pub fn local_config(self, mac: [u8; 6], capacity_sectors: u64) -> Vec<u8> {
+        match self {
+            VhostUserKind::Net => {
+                let mut c = mac.to_vec();
+                c.extend_from_slice(&net::S_LINK_UP.to_le_bytes());
+                c
+            }
+            VhostUserKind::Blk => {
+                let mut c = vec![0u8; blk::CONFIG_LEN];
+                c[..8].copy_from_slice(&capacity_sectors.to_le_bytes());
+                c
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_offers_no_control_queue_multiqueue_or_mtu() {
+        for cfg in [false, true] {
+            let f = VhostUserKind::Net.passthrough_features(cfg);
+            for bit in [3u32, 17, 18, 19, 21, 22, 23, 30, 32, 33, 34] {
+                assert_eq!(f & (1 << bit), 0, "bit {bit} must not pass");
+            }
+        }
+        assert_eq!(
+            VhostUserKind::Net.passthrough_features(false) & (1 << net::F_MAC),
+            0
+        );
+        assert_ne!(
+            VhostUserKind::Net.local_features(false) & (1 << net::F_MAC),
+            0
+        );
+        assert_eq!(VhostUserKind::Net.local_features(true), 0);
+    }
+
+    #[test]
+    fn blk_config_field_features_need_backend_config() {
+        let without = VhostUserKind::Blk.passthrough_features(false);
+        let with = VhostUserKind::Blk.passthrough_features(true);
+        assert_eq!(without & (1 << blk::F_SEG_MAX), 0);
+        assert_ne!(with & (1 << blk::F_SEG_MAX), 0);
+        assert_ne!(without & (1 << blk::F_FLUSH), 0);
+        // Multiqueue (12) and writeback toggling (11) are never offered.
+        assert_eq!(with & (1 << 12 | 1 << 11), 0);
+    }
+
+    #[test]
+    fn local_configs_have_the_declared_length_and_content() {
+        let mac = [2, 0, 0, 0, 0, 1];
+        let c = VhostUserKind::Net.local_config(mac, 0);
+        assert_eq!(c.len(), VhostUserKind::Net.config_len());
+        assert_eq!(c, vec![2, 0, 0, 0, 0, 1, 1, 0]);
+        let b = VhostUserKind::Blk.local_config(mac, 0x1234);
+        assert_eq!(b.len(), VhostUserKind::Blk.config_len());
+        assert_eq!(
+            u64::from_le_bytes(b[..8].try_into().unwrap_or_default()),
+            0x1234
+        );
+        assert!(b[8..].iter().all(|x| *x == 0));
+    }
+}

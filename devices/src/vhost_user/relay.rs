@@ -1,0 +1,127 @@
+//! Relays vring call eventfds to [`VirtioInterrupt::trigger`] for queues
+//! that have no irqfd (the transport was built without irqfds, or the driver
+//! assigned no MSI-X vector). With irqfds the back end signals KVM directly
+//! and this thread does not exist.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio::{VirtioInterrupt, VirtioInterruptType};
+
+/// A running relay thread.
+pub struct CallRelay {
+    stop: Arc<EventFd>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl CallRelay {
+    /// Relay each `(queue index, eventfd)` pair to `interrupt`.
+    pub fn spawn(
+        calls: Vec<(u16, EventFd)>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        name: &str,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let s = Arc::clone(&stop);
+        let join = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || relay_loop(&calls, interrupt.as_ref(), &s))?;
+        Ok(CallRelay {
+            stop,
+            join: Some(join),
+        })
+    }
+
+    /// Stop the thread and wait for it.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        // A full counter still wakes the poller; nothing else can fail here.
+        let _ = self.stop.write(1);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+impl Drop for CallRelay {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn relay_loop(calls: &[(u16, EventFd)], interrupt: &dyn VirtioInterrupt, stop: &EventFd) {
+    let mut fds: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
+        .chain(calls.iter().map(|c| c.1.as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `fds` is a valid pollfd array of the given length, and
+        // every fd stays open for the lifetime of this loop.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("vhost-user call relay: poll failed, stopping: {e}");
+            return;
+        }
+        if fds[0].revents != 0 {
+            return;
+        }
+        for (p, (queue, fd)) in fds[1..].iter().zip(calls) {
+            if p.revents & libc::POLLIN != 0 && fd.read().is_ok() {
+                if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(*queue)) {
+                    log::warn!("vhost-user call relay: interrupt for queue {queue} failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<VirtioInterruptType>>);
+
+    impl VirtioInterrupt for Recorder {
+        fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(t);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn call_signals_become_queue_interrupts_until_stopped() {
+        let rec = Arc::new(Recorder::default());
+        let a = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let b = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let relay = CallRelay::spawn(vec![(0, a), (1, b)], rec.clone(), "relay-test").unwrap();
+        b2.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while rec.0.lock().unwrap().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(*rec.0.lock().unwrap(), vec![VirtioInterruptType::Queue(1)]);
+        relay.stop();
+        a2.write(1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(rec.0.lock().unwrap().len(), 1);
+    }
+}
