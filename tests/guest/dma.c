@@ -1,4 +1,4 @@
-/* DMA address layer: only the no-vIOMMU path so far (see dma.h). */
+/* DMA address layer: identity for off/passthrough, IOVAs + a vIOMMU driver otherwise (see dma.h). */
 #include "dma.h"
 
 static const char *const mode_names[] = {
@@ -24,30 +24,196 @@ const char *iommu_mode_name(enum iommu_mode mode)
     return (size_t)mode < ARRAY_SIZE(mode_names) ? mode_names[mode] : "?";
 }
 
+bool dma_fail(struct dma_ctx *ctx, const char *why)
+{
+    if (!ctx->error)
+        ctx->error = why;
+    return false;
+}
+
+static bool parse_word(const char *key, const char *const *words, size_t n, int *out)
+{
+    char val[16];
+    if (!cmdline_get(key, val, sizeof(val)))
+        return true; /* absent: keep the default */
+    for (size_t i = 0; i < n; i++) {
+        if (strcmp(val, words[i]) == 0) {
+            *out = (int)i;
+            return true;
+        }
+    }
+    return false;
+}
+
+static const char *read_params(struct dma_ctx *ctx, enum viommu_kind *kind)
+{
+    static const char *const kinds[] = {"auto", "virtio", "vtd"};
+    static const char *const ats[] = {"auto", "on", "off"};
+    static const char *const flush[] = {"domain", "pages"};
+    int k = VIOMMU_AUTO, a = ATS_AUTO, f = LAZY_FLUSH_DOMAIN;
+    if (!parse_word("iovmm.viommu", kinds, ARRAY_SIZE(kinds), &k))
+        return "iovmm.viommu must be auto, virtio or vtd";
+    if (!parse_word("iovmm.ats", ats, ARRAY_SIZE(ats), &a))
+        return "iovmm.ats must be auto, on or off";
+    if (!parse_word("iovmm.lazy_flush", flush, ARRAY_SIZE(flush), &f))
+        return "iovmm.lazy_flush must be domain or pages";
+    /* Linux's flush queue holds 256 IOVAs per CPU. */
+    if (cmdline_u64("iovmm.lazy_batch", 256, &ctx->lazy_batch) || ctx->lazy_batch == 0 ||
+        ctx->lazy_batch > LAZY_BATCH_MAX)
+        return "iovmm.lazy_batch must be 1..4096";
+    *kind = (enum viommu_kind)k;
+    ctx->ats_mode = (enum ats_mode)a;
+    ctx->lazy_flush = (enum lazy_flush)f;
+    return NULL;
+}
+
+static const char *unsupported(struct dma_ctx *ctx, const char *why)
+{
+    ctx->unsupported = true;
+    return why;
+}
+
+static const struct iommu_driver *pick_driver(enum viommu_kind kind)
+{
+    if (kind != VIOMMU_VTD && virtio_iommu_driver.present())
+        return &virtio_iommu_driver;
+    if (kind != VIOMMU_VIRTIO && vtd_driver.present())
+        return &vtd_driver;
+    return NULL;
+}
+
 const char *dma_init(struct dma_ctx *ctx, const struct pci_dev *pci, enum iommu_mode mode)
 {
-    *ctx = (struct dma_ctx){.mode = mode, .pci = pci};
-    if (mode != IOMMU_OFF)
-        return "this iommu mode needs a vIOMMU driver, which the test guest does not have yet";
+    *ctx = (struct dma_ctx){.mode = mode, .requested = mode, .pci = pci, .gran = 4096};
+    enum viommu_kind kind;
+    const char *err = read_params(ctx, &kind);
+    if (err)
+        return err;
+    ctx->ats_pos = pci_find_ext_cap(pci, PCI_EXT_CAP_ID_ATS);
+    if (mode == IOMMU_OFF)
+        return ctx->ats_mode == ATS_ON ? unsupported(ctx, "iovmm.ats=on needs a vIOMMU mode (iovmm.iommu)") : NULL;
+    ctx->drv = pick_driver(kind);
+    if (!ctx->drv)
+        return unsupported(ctx, kind == VIOMMU_VIRTIO ? "no virtio-iommu (1af4:1057) on PCI bus 0"
+                                : kind == VIOMMU_VTD  ? "no VT-d remapping unit (DMAR table or 0xfed90000)"
+                                                      : "no vIOMMU: no virtio-iommu on PCI bus 0 and no VT-d unit");
+    static struct dma_range pending[LAZY_BATCH_MAX];
+    ctx->pending = pending;
+    err = ctx->drv->attach(ctx);
+    if (err)
+        return err;
+    if (ctx->ats_mode == ATS_ON && !ctx->ats_enabled)
+        return unsupported(ctx, ctx->ats_note ? ctx->ats_note : "iovmm.ats=on but the device has no ATS capability");
     return NULL;
+}
+
+static bool translated(const struct dma_ctx *ctx) { return ctx->mode == IOMMU_STRICT || ctx->mode == IOMMU_LAZY; }
+
+static u32 dir_prot(enum dma_dir dir)
+{
+    return dir == DMA_TO_DEVICE ? IOMMU_PROT_READ
+           : dir == DMA_FROM_DEVICE ? IOMMU_PROT_WRITE
+                                    : IOMMU_PROT_READ | IOMMU_PROT_WRITE;
 }
 
 u64 dma_map(struct dma_ctx *ctx, const void *va, u64 len, enum dma_dir dir)
 {
-    (void)dir;
+    u64 t0 = rdtsc();
     u64 pa = (u64)(uintptr_t)va; /* identity-mapped guest */
     if (len == 0 || pa + len < pa)
         return DMA_MAPPING_ERROR;
+    u64 addr = pa;
+    if (translated(ctx)) {
+        u64 off = pa & (ctx->gran - 1), size = ALIGN_UP(off + len, ctx->gran);
+        u64 iova = iova_alloc(ctx->iova, size);
+        if (iova == IOVA_NONE) {
+            dma_fail(ctx, "IOVA space exhausted");
+            return DMA_MAPPING_ERROR;
+        }
+        const char *err = ctx->drv->map(ctx, iova, pa - off, size, dir_prot(dir));
+        if (err) {
+            dma_fail(ctx, err);
+            iova_free(ctx->iova, iova, size);
+            return DMA_MAPPING_ERROR;
+        }
+        addr = iova + off;
+    }
     ctx->maps++;
-    return pa;
+    ctx->map_cycles += rdtsc() - t0;
+    return addr;
+}
+
+static void lazy_flush(struct dma_ctx *ctx)
+{
+    if (ctx->npending == 0)
+        return;
+    u64 t0 = rdtsc();
+    const char *err = ctx->drv->flush(ctx, ctx->pending, ctx->npending);
+    if (err) {
+        dma_fail(ctx, err);
+    } else {
+        /* Only now may the IOVAs be handed out again. */
+        for (u64 i = 0; i < ctx->npending; i++) {
+            if (!iova_free(ctx->iova, ctx->pending[i].iova, ctx->pending[i].size))
+                dma_fail(ctx, "IOVA free failed (double unmap or allocator full)");
+        }
+    }
+    ctx->npending = 0;
+    ctx->flushes++;
+    ctx->flush_cycles += rdtsc() - t0;
 }
 
 void dma_unmap(struct dma_ctx *ctx, u64 dma_addr, u64 len, enum dma_dir dir)
 {
-    (void)dma_addr;
-    (void)len;
     (void)dir;
+    u64 t0 = rdtsc();
+    if (translated(ctx)) {
+        u64 off = dma_addr & (ctx->gran - 1), iova = dma_addr - off, size = ALIGN_UP(off + len, ctx->gran);
+        if (ctx->mode == IOMMU_STRICT) {
+            const char *err = ctx->drv->unmap_sync(ctx, iova, size);
+            if (err)
+                dma_fail(ctx, err);
+            else if (!iova_free(ctx->iova, iova, size))
+                dma_fail(ctx, "IOVA free failed (double unmap or allocator full)");
+        } else {
+            const char *err = ctx->drv->unmap_deferred(ctx, iova, size);
+            if (err)
+                dma_fail(ctx, err);
+            ctx->pending[ctx->npending++] = (struct dma_range){iova, size};
+            if (ctx->npending >= ctx->lazy_batch)
+                lazy_flush(ctx);
+        }
+    }
     ctx->unmaps++;
+    ctx->unmap_cycles += rdtsc() - t0;
 }
 
-void dma_flush(struct dma_ctx *ctx) { ctx->flushes++; }
+void dma_flush(struct dma_ctx *ctx)
+{
+    if (ctx->mode == IOMMU_LAZY)
+        lazy_flush(ctx);
+}
+
+void dma_report(struct dma_ctx *ctx, struct result *r)
+{
+    result_str(r, "iommu_mode", iommu_mode_name(ctx->mode));
+    result_str(r, "viommu", ctx->drv ? ctx->drv->name : "none");
+    result_u64(r, "maps", ctx->maps);
+    result_u64(r, "unmaps", ctx->unmaps);
+    result_u64(r, "flushes", ctx->flushes);
+    result_u64(r, "iommu_reqs", ctx->iommu_reqs);
+    result_u64(r, "iommu_syncs", ctx->iommu_syncs);
+    result_u64(r, "map_cycles", ctx->map_cycles);
+    result_u64(r, "unmap_cycles", ctx->unmap_cycles);
+    result_u64(r, "flush_cycles", ctx->flush_cycles);
+    if (ctx->mode == IOMMU_LAZY)
+        result_u64(r, "lazy_batch", ctx->lazy_batch);
+    if (ctx->iova)
+        result_u64(r, "iova_in_use", ctx->iova->in_use);
+    result_u64(r, "ats_cap", ctx->ats_pos != 0);
+    result_u64(r, "ats", ctx->ats_enabled);
+    if (ctx->ats_note && !ctx->ats_enabled)
+        result_str(r, "ats_note", ctx->ats_note);
+    if (ctx->drv && ctx->drv->report)
+        ctx->drv->report(ctx, r);
+}

@@ -60,10 +60,21 @@ int cmdline_u64(const char *key, u64 dflt, u64 *out)
 
 u64 tsc_rate_khz(void)
 {
+    /* Cached: CPUID is a VM exit and timeouts are computed on every vIOMMU request. */
+    static u64 cached;
+    static bool known;
+    if (known)
+        return cached;
     u64 khz;
-    if (cmdline_u64("iovmm.tsc_khz", 0, &khz) == 0 && khz != 0)
-        return khz;
-    return tsc_khz();
+    cached = (cmdline_u64("iovmm.tsc_khz", 0, &khz) == 0 && khz != 0) ? khz : tsc_khz();
+    known = true;
+    return cached;
+}
+
+u64 ms_to_cycles(u64 ms)
+{
+    u64 khz = tsc_rate_khz();
+    return ms * (khz ? khz : 3000000);
 }
 
 /* ------------------------------------------------------------------ memory */
@@ -118,6 +129,16 @@ void *mem_alloc(u64 size, u64 align)
 }
 
 u64 mem_free_bytes(void) { return arena_end - arena_next; }
+
+bool e820_entry_at(u32 i, struct e820_entry *out)
+{
+    const u8 *bp = (const u8 *)BOOT_PARAMS_ADDR;
+    u32 n = bp[BP_E820_ENTRIES];
+    if (i >= n || i >= BP_E820_MAX)
+        return false;
+    *out = ((const struct e820_entry *)(bp + BP_E820_TABLE))[i];
+    return true;
+}
 u64 mem_total_ram(void) { return total_ram; }
 
 /* ------------------------------------------------------------------ result line */

@@ -15,6 +15,8 @@ int cmdline_u64(const char *key, u64 dflt, u64 *out);
 
 /* TSC rate in kHz: iovmm.tsc_khz when given (CPUID does not tell it on AMD), else CPUID, else 0. */
 u64 tsc_rate_khz(void);
+/* Milliseconds to TSC cycles (assumes 3 GHz when the TSC rate is unknown). */
+u64 ms_to_cycles(u64 ms);
 
 /* ---- physical memory: e820 and a bump allocator over free RAM past the image */
 struct e820_entry {
@@ -28,11 +30,13 @@ bool mem_init(void);
 /* Zeroed, `align`-aligned (power of two) memory; NULL when exhausted. Never freed. */
 void *mem_alloc(u64 size, u64 align);
 u64 mem_free_bytes(void);
+/* e820 entry i of the boot_params table; false past its end. */
+bool e820_entry_at(u32 i, struct e820_entry *out);
 u64 mem_total_ram(void);
 
 /* ---- the result line: IOVMM-RESULT {"test":"...","status":"...",...} */
 struct result {
-    char buf[1024];
+    char buf[2048];
     size_t len;
     bool overflow;
 };

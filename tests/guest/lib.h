@@ -35,6 +35,9 @@ static inline u32 mmio_read32(u64 a) { return *(volatile u32 *)a; }
 static inline void mmio_write8(u64 a, u8 v) { *(volatile u8 *)a = v; }
 static inline void mmio_write16(u64 a, u16 v) { *(volatile u16 *)a = v; }
 static inline void mmio_write32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+/* One 64-bit access (VT-d registers accept them; virtio-pci uses the split form below). */
+static inline u64 mmio_read64(u64 a) { return *(volatile u64 *)a; }
+static inline void mmio_write64(u64 a, u64 v) { *(volatile u64 *)a = v; }
 /* 64-bit registers are written low half first, as two 32-bit accesses (like Linux's virtio-pci). */
 static inline void mmio_write64_split(u64 a, u64 v)
 {
@@ -44,6 +47,8 @@ static inline void mmio_write64_split(u64 a, u64 v)
 
 static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
 static inline void mb(void) { __asm__ volatile("mfence" : : : "memory"); }
+/* Writes a cache line back to memory (for a non-coherent IOMMU page walker). */
+static inline void clflush(const volatile void *p) { __asm__ volatile("clflush (%0)" : : "r"(p) : "memory"); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
 
 /* Serialised TSC read (lfence keeps earlier instructions from drifting past it). */

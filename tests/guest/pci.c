@@ -23,6 +23,15 @@ static bool probe(struct pci_dev *d, u8 dev, u8 fn)
     return true;
 }
 
+static const struct pci_dev *last_scan;
+static size_t last_count;
+
+const struct pci_dev *pci_scanned(size_t *n)
+{
+    *n = last_count;
+    return last_scan;
+}
+
 size_t pci_scan(struct pci_dev *out, size_t max)
 {
     size_t n = 0;
@@ -36,6 +45,8 @@ size_t pci_scan(struct pci_dev *out, size_t max)
                 n++;
         }
     }
+    last_scan = out;
+    last_count = n;
     return n;
 }
 
@@ -134,4 +145,22 @@ void pci_enable(const struct pci_dev *d, u16 command_bits)
 {
     u16 cmd = pci_read16(d, PCI_COMMAND);
     pci_write16(d, PCI_COMMAND, cmd | command_bits);
+}
+
+u16 pci_find_ext_cap(const struct pci_dev *d, u16 id)
+{
+    u16 pos = PCI_EXT_CAP_START;
+    /* At most (4096 - 256) / 4 headers fit: bounds a malformed (looping) list. */
+    for (int guard = 0; guard < 960; guard++) {
+        u32 hdr = pci_read32(d, pos);
+        if (hdr == 0 || hdr == 0xffffffff)
+            return 0;
+        if ((hdr & 0xffff) == id)
+            return pos;
+        u16 next = (u16)((hdr >> 20) & 0xffc);
+        if (next < PCI_EXT_CAP_START)
+            return 0;
+        pos = next;
+    }
+    return 0;
 }

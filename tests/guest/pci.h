@@ -24,6 +24,15 @@
 #define PCI_CAP_ID_MSIX 0x11
 #define PCI_CAP_ID_VNDR 0x09
 
+/* PCI Express extended capabilities (ECAM offsets 0x100..0xfff). */
+#define PCI_EXT_CAP_START 0x100
+#define PCI_EXT_CAP_ID_ATS 0x000f
+#define PCI_ATS_CAP 0x04         /* u16: 4:0 invalidate queue depth (0 = 32), bit 5 page aligned request */
+#define PCI_ATS_CTRL 0x06        /* u16: 4:0 smallest translation unit, bit 15 enable */
+#define PCI_ATS_CAP_QDEP(c) ((c) & 0x1f)
+#define PCI_ATS_CAP_PAGE_ALIGNED 0x20
+#define PCI_ATS_CTRL_ENABLE 0x8000
+
 struct pci_dev {
     u8 bus, dev, fn;
     u16 vendor, device;
@@ -49,6 +58,10 @@ void pci_write32(const struct pci_dev *d, u16 off, u32 v);
 
 /* Enumerates bus 0 (all functions of multi-function devices); returns the number found. */
 size_t pci_scan(struct pci_dev *out, size_t max);
+/* The result of the last pci_scan (its array and count); NULL/0 before the first scan. */
+const struct pci_dev *pci_scanned(size_t *n);
+/* Requester ID (endpoint/source ID): bus << 8 | dev << 3 | fn. */
+static inline u16 pci_sid(const struct pci_dev *d) { return (u16)(d->bus << 8 | d->dev << 3 | d->fn); }
 /* First function with this vendor and one of the device ids (0-terminated list), or NULL. */
 const struct pci_dev *pci_find(const struct pci_dev *devs, size_t n, u16 vendor, const u16 *ids);
 /* Decodes BAR idx (the upper half of a 64-bit BAR gives PCI_BAR_NONE). */
@@ -57,6 +70,8 @@ struct pci_bar pci_bar(const struct pci_dev *d, int idx);
 u64 pci_bar_size(const struct pci_dev *d, int idx);
 /* Offset of the next capability with id `id` after `after` (0: from the start), 0 if none. */
 u8 pci_find_cap(const struct pci_dev *d, u8 id, u8 after);
+/* Offset of extended capability `id` (walked from 0x100 over ECAM), 0 if none. */
+u16 pci_find_ext_cap(const struct pci_dev *d, u16 id);
 void pci_enable(const struct pci_dev *d, u16 command_bits);
 
 #endif

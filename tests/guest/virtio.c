@@ -26,12 +26,6 @@
 
 #define VIRTIO_NO_VECTOR 0xffff
 
-u64 ms_to_cycles(u64 ms)
-{
-    u64 khz = tsc_rate_khz();
-    return ms * (khz ? khz : 3000000);
-}
-
 static const char *map_cap(const struct pci_dev *pci, u8 pos, u64 *out)
 {
     u8 bar = pci_read8(pci, (u16)(pos + 4));
@@ -126,6 +120,13 @@ const char *virtio_negotiate(struct virtio_dev *vd, u64 wanted, u64 required)
 void virtio_driver_ok(struct virtio_dev *vd) { add_status(vd, VIRTIO_STATUS_DRIVER_OK); }
 
 u8 virtio_cfg_read8(const struct virtio_dev *vd, u32 off) { return mmio_read8(vd->device_cfg + off); }
+u32 virtio_cfg_read32(const struct virtio_dev *vd, u32 off) { return mmio_read32(vd->device_cfg + off); }
+
+u64 virtio_cfg_read64(const struct virtio_dev *vd, u32 off)
+{
+    u64 lo = virtio_cfg_read32(vd, off);
+    return lo | (u64)virtio_cfg_read32(vd, off + 4) << 32;
+}
 
 static u16 pow2_floor(u16 v)
 {

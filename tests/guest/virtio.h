@@ -88,6 +88,9 @@ void virtio_driver_ok(struct virtio_dev *vd);
 /* Writes 0 to device_status and waits for the device to finish the reset. */
 bool virtio_reset(struct virtio_dev *vd);
 u8 virtio_cfg_read8(const struct virtio_dev *vd, u32 off);
+u32 virtio_cfg_read32(const struct virtio_dev *vd, u32 off);
+/* Two 32-bit reads, low half first (like Linux's virtio_cread for 64-bit fields). */
+u64 virtio_cfg_read64(const struct virtio_dev *vd, u32 off);
 
 /* Adds a chain (not yet visible to the device); returns its head id, or -1 when the ring is full. */
 int virtq_add(struct virtq *vq, const struct vq_buf *bufs, u16 n);
@@ -95,8 +98,5 @@ int virtq_add(struct virtq *vq, const struct vq_buf *bufs, u16 n);
 void virtq_kick(struct virtq *vq);
 /* Pops one used element (frees its chain); false when none is pending. */
 bool virtq_get_used(struct virtq *vq, u32 *id, u32 *len);
-
-/* Milliseconds to TSC cycles (assumes 3 GHz when the TSC rate is unknown). */
-u64 ms_to_cycles(u64 ms);
 
 #endif
