@@ -12,9 +12,11 @@ use std::time::{Duration, Instant};
 
 use event_manager::SubscriberOps;
 use kvm_ioctls::Kvm;
+use vm_memory::GuestMemoryBackend;
 
 use crate::arch::x86_64::{acpi, boot, layout, regs};
 use crate::config::{SerialMode, VmConfig};
+use crate::device_manager::iommu::Viommu;
 use crate::device_manager::{DeviceManager, SerialSink};
 use crate::event_loop::{run_until_exit, ExitHandler, VmmEventManager};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
@@ -40,6 +42,8 @@ pub struct Machine {
     pub em: VmmEventManager,
     /// Stop reasons.
     pub exit: Arc<ExitState>,
+    /// The vIOMMU, if configured.
+    pub viommu: Option<Viommu>,
     vcpus: Vec<VcpuRunner>,
 }
 
@@ -142,6 +146,26 @@ fn create_vcpus(
     Ok(runners)
 }
 
+/// Creates the vIOMMU and the PCI devices. Devices behind the vIOMMU are
+/// added first, right after it, so their BDFs form one range.
+fn create_devices(
+    config: &VmConfig,
+    devices: &mut DeviceManager,
+    mem: &GuestMemoryMmap,
+) -> VmmResult<Option<Viommu>> {
+    let ram_end = mem.last_addr().0;
+    let viommu = match &config.iommu {
+        Some(cfg) => Some(Viommu::create(cfg, devices, mem, ram_end)?),
+        None => None,
+    };
+    if !config.vhost_user.is_empty() {
+        return Err(VmmError::Config(crate::ConfigError::Combination(
+            "vhost-user devices are not wired into the VMM yet".into(),
+        )));
+    }
+    Ok(viommu)
+}
+
 /// Builds the VM without running it. Returns the machine and the serial capture buffer.
 pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
     config.validate()?;
@@ -150,10 +174,20 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
     let vm = Arc::new(Vm::new(&kvm, &mem)?);
     let exit = Arc::new(ExitState::new().map_err(VmmError::EventFd)?);
     let (sink, capture) = serial_sink(&config.serial)?;
-    let devices = DeviceManager::new(vm.clone(), sink)?;
+    let mut devices = DeviceManager::new(vm.clone(), sink)?;
+    let viommu = create_devices(config, &mut devices, &mem)?;
+    let mut extra_tables = Vec::new();
+    if let Some(t) = viommu
+        .as_ref()
+        .map(|v| v.acpi_table())
+        .transpose()?
+        .flatten()
+    {
+        extra_tables.push(t);
+    }
     let tables = acpi::build(&acpi::AcpiConfig {
         cpus: config.cpus,
-        extra_tables: Vec::new(),
+        extra_tables,
     })?;
     acpi::write(&mem, &tables)?;
     let entry = load_guest(config, &mem, tables.rsdp_addr())?;
@@ -169,6 +203,7 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
             devices,
             em,
             exit,
+            viommu,
             vcpus,
         },
         capture,

@@ -26,6 +26,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::event_loop::ExitHandler;
 
+pub mod iommu;
 pub mod pci;
 
 use crate::vstate::vcpu::VmExit;
@@ -52,6 +53,9 @@ pub enum DeviceManagerError {
     /// The serial IRQ pin could not be wired.
     #[error("cannot wire the serial port to the IOAPIC")]
     Ioapic(#[source] IoapicError),
+    /// The vIOMMU could not be set up.
+    #[error(transparent)]
+    Iommu(#[from] iommu::IommuSetupError),
     /// A PCI device could not be added.
     #[error(transparent)]
     Pci(#[from] PciSetupError),

@@ -1,0 +1,118 @@
+//! The vIOMMU of the VM and the ACPI table that describes it.
+//!
+//! With `--iommu virtio` the virtio-iommu is the first PCI function after the
+//! host bridge (00:01.0); the devices behind it are added right after it so
+//! that they form one contiguous BDF range for the VIOT PCI range node.
+
+use std::sync::Arc;
+
+use devices::pci::PciBdf;
+use devices::virtio::iommu::{IommuState, VirtioIommuDevice, VirtioIommuDeviceError};
+use devices::virtio::GuestMemoryMmap;
+use iommu::virtio::VirtioIommuSettings;
+use iommu::{DmaTranslate, DomainsConfig, RequesterId};
+use thiserror::Error;
+
+use super::{DeviceManager, DeviceManagerError};
+use crate::arch::x86_64::viot;
+use crate::config::{IommuConfig, IommuKind};
+
+/// vIOMMU setup errors.
+#[derive(Debug, Error)]
+pub enum IommuSetupError {
+    /// The virtio-iommu state could not be created.
+    #[error("cannot create the virtio-iommu")]
+    Virtio(#[source] VirtioIommuDeviceError),
+    /// An endpoint could not be registered.
+    #[error("cannot register endpoint {0} with the vIOMMU")]
+    Endpoint(PciBdf),
+    /// The VIOT table could not be built.
+    #[error("cannot build the ACPI VIOT table")]
+    Viot(#[source] viot::ViotError),
+    /// The model is not available yet.
+    #[error("--iommu {0:?} is not supported by this build yet")]
+    Unsupported(IommuKind),
+}
+
+/// The VM's vIOMMU.
+pub enum Viommu {
+    /// virtio-iommu.
+    Virtio {
+        /// Shared model state (translation, notifier set, faults).
+        state: Arc<IommuState>,
+        /// Where the virtio-iommu sits.
+        bdf: PciBdf,
+        /// Endpoints registered behind it, in BDF order.
+        endpoints: Vec<PciBdf>,
+    },
+}
+
+impl Viommu {
+    /// Creates the configured vIOMMU and puts it on the machine.
+    pub fn create(
+        cfg: &IommuConfig,
+        dm: &mut DeviceManager,
+        mem: &GuestMemoryMmap,
+        ram_end: u64,
+    ) -> Result<Self, DeviceManagerError> {
+        match cfg.kind {
+            IommuKind::Virtio => {
+                let domains = DomainsConfig {
+                    boot_bypass: true,
+                    identity_limit: ram_end,
+                    ..DomainsConfig::default()
+                };
+                let state = IommuState::new(VirtioIommuSettings::default(), domains)
+                    .map_err(IommuSetupError::Virtio)?;
+                let device = VirtioIommuDevice::new(state.clone());
+                let bdf = dm.add_virtio_pci(mem.clone(), Box::new(device))?;
+                Ok(Viommu::Virtio {
+                    state,
+                    bdf,
+                    endpoints: Vec::new(),
+                })
+            }
+            IommuKind::Vtd => Err(IommuSetupError::Unsupported(IommuKind::Vtd).into()),
+        }
+    }
+
+    /// Registers a PCI function as an endpoint behind the vIOMMU.
+    pub fn add_endpoint(&mut self, bdf: PciBdf) -> Result<(), DeviceManagerError> {
+        match self {
+            Viommu::Virtio {
+                state, endpoints, ..
+            } => {
+                state
+                    .add_endpoint(requester_id(bdf))
+                    .map_err(|_| IommuSetupError::Endpoint(bdf))?;
+                endpoints.push(bdf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Translation through the vIOMMU, for IOTLB misses.
+    pub fn translate(&self) -> Arc<dyn DmaTranslate> {
+        match self {
+            Viommu::Virtio { state, .. } => state.clone(),
+        }
+    }
+
+    /// The ACPI table describing the vIOMMU (VIOT or DMAR), if it has endpoints.
+    pub fn acpi_table(&self) -> Result<Option<Vec<u8>>, DeviceManagerError> {
+        match self {
+            Viommu::Virtio { bdf, endpoints, .. } => {
+                let (Some(first), Some(last)) = (endpoints.first(), endpoints.last()) else {
+                    return Ok(None);
+                };
+                let t = viot::build(*bdf, *first, *last).map_err(IommuSetupError::Viot)?;
+                Ok(Some(t))
+            }
+        }
+    }
+}
+
+/// The requester id of a bus-0 function.
+pub fn requester_id(bdf: PciBdf) -> RequesterId {
+    RequesterId::from_bdf(bdf.segment(), bdf.requester_id())
+}
