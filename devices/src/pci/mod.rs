@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod allocator;
+pub mod ats;
 pub mod configuration;
 pub mod msix;
 pub mod root;

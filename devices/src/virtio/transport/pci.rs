@@ -20,6 +20,7 @@
 //! registers KVM ioeventfds from [`VirtioPciDevice::ioeventfds`] without
 //! data match and with any access width (Linux notifies with 2-byte writes).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
@@ -32,6 +33,7 @@ use super::common_config::{StatusAction, VirtioPciCommonConfig, COMMON_CONFIG_LE
 use super::interrupt::{InterruptState, VirtioPciInterrupt};
 use crate::bus::BusDevice;
 use crate::interrupt::{IrqfdRouter, MsiSink};
+use crate::pci::ats::{Ats, AtsListener};
 use crate::pci::configuration::{
     PciBarInfo, PciBarRegionType, PciConfigError, PciConfiguration, PciHeader,
 };
@@ -164,6 +166,7 @@ pub struct VirtioPciDevice {
     device_features: u64,
     active: bool,
     broken: bool,
+    ats: Option<Ats>,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -226,7 +229,24 @@ impl VirtioPciDevice {
             device_features,
             active: false,
             broken: false,
+            ats: None,
         })
+    }
+
+    /// Gives the function a PCI Express capability and the ATS extended
+    /// capability; `listener` hears every guest change of ATS Enable. Returns
+    /// a shared view of the enable bit.
+    pub fn enable_ats(
+        &mut self,
+        listener: Option<AtsListener>,
+    ) -> Result<Arc<AtomicBool>, VirtioPciError> {
+        if let Some(a) = &self.ats {
+            return Ok(a.enabled_flag());
+        }
+        let ats = Ats::add_to(&mut self.config, listener)?;
+        let flag = ats.enabled_flag();
+        self.ats = Some(ats);
+        Ok(flag)
     }
 
     /// The wrapped device.
@@ -528,6 +548,9 @@ impl PciDevice for VirtioPciDevice {
 
     fn write_config_register(&mut self, reg_idx: usize, offset: u64, data: &[u8]) {
         self.config.write_reg(reg_idx, offset, data);
+        if let Some(ats) = &self.ats {
+            ats.after_write(reg_idx, &self.config);
+        }
         if reg_idx == self.msix_cap_reg {
             let msg_ctl = (self.config.read_reg(reg_idx) >> 16) as u16;
             lock(&self.msix).set_message_control(msg_ctl);
