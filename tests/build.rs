@@ -19,6 +19,7 @@ const SOURCES: &[&str] = &[
     "vtd.c",
     "virtio.c",
     "net.c",
+    "dmatest.c",
     "main.c",
 ];
 const CFLAGS: &[&str] = &[

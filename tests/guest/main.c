@@ -3,6 +3,7 @@
  * (iovmm.test=NAME plus iovmm.* parameters), runs it, prints one IOVMM-RESULT line and exits
  * through the exit port with EXIT_* (abi.h).
  */
+#include "dmatest.h"
 #include "env.h"
 #include "net.h"
 #include "pci.h"
@@ -113,9 +114,16 @@ static int run_net_tx_scenario(void)
     return run_net_tx(pci_devs, pci_count);
 }
 
+static int run_dma_map_scenario(void)
+{
+    pci_count = pci_scan(pci_devs, PCI_MAX_DEVICES);
+    return run_dma_map(pci_devs, pci_count);
+}
+
 static const struct scenario scenarios[] = {
-    {"hello", run_hello}, {"fault", run_fault},   {"tsc", run_tsc},
-    {"pci-scan", run_pci_scan}, {"net-tx", run_net_tx_scenario},
+    {"hello", run_hello},       {"fault", run_fault},
+    {"tsc", run_tsc},           {"pci-scan", run_pci_scan},
+    {"net-tx", run_net_tx_scenario}, {"dma-map", run_dma_map_scenario},
 };
 
 static int fail(const char *test, int code, const char *status, const char *why)
@@ -157,5 +165,5 @@ int guest_main(void)
             return code;
         }
     }
-    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, tsc, pci-scan, net-tx)");
+    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, tsc, pci-scan, net-tx, dma-map)");
 }

@@ -166,6 +166,8 @@ static void poll_events(void)
 {
     u32 id, len;
     bool reposted = false;
+    if (!v.evtq.used) /* set-up did not get that far */
+        return;
     while (virtq_get_used(&v.evtq, &id, &len)) {
         if (id >= EVENT_BUFS)
             continue;
