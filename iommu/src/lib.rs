@@ -61,6 +61,7 @@ pub mod notifier;
 pub mod translate;
 pub mod types;
 pub mod virtio;
+pub mod vtd;
 
 pub use address_space::{AddressSpace, AddressSpaceError, Mapping};
 pub use domain::{DomainError, Domains, DomainsConfig};

@@ -1,0 +1,148 @@
+//! Test helpers: a small guest memory, a table builder writing root/context/page tables, and
+//! register access shorthands.
+#![allow(clippy::unwrap_used)]
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::{Vtd, VtdAction, VtdConfig};
+
+/// Guest memory used by the tests.
+pub type Mem = GuestMemoryMmap<()>;
+
+/// Size of the test memory.
+pub const MEM_SIZE: u64 = 0x100_0000;
+
+/// R permission bit of a paging entry.
+pub const PTE_R: u64 = 1;
+/// R|W permission bits of a paging entry.
+pub const PTE_RW: u64 = 3;
+
+/// 16 MiB of guest memory at GPA 0.
+pub fn test_mem() -> Mem {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+}
+
+/// Context entry low qword: present, translation type `tt`, table pointer.
+pub fn ctx_lo(slptptr: u64, tt: u64) -> u64 {
+    slptptr | (tt << 2) | 1
+}
+
+/// Context entry high qword: AW and DID.
+pub fn ctx_hi(aw: u64, did: u16) -> u64 {
+    aw | (u64::from(did) << 8)
+}
+
+/// Allocates zeroed 4 KiB pages from 1 MiB upwards and writes table entries.
+pub struct Builder<'a> {
+    mem: &'a Mem,
+    next: u64,
+}
+
+impl<'a> Builder<'a> {
+    /// A builder over `mem`.
+    pub fn new(mem: &'a Mem) -> Self {
+        Self {
+            mem,
+            next: 0x10_0000,
+        }
+    }
+
+    /// A fresh zeroed page.
+    pub fn alloc(&mut self) -> u64 {
+        let page = self.next;
+        self.next += 0x1000;
+        self.mem
+            .write_slice(&[0u8; 4096], GuestAddress(page))
+            .unwrap();
+        page
+    }
+
+    /// Writes a little-endian qword.
+    pub fn write_u64(&self, addr: u64, value: u64) {
+        self.mem.write_obj(value.to_le(), GuestAddress(addr)).unwrap();
+    }
+
+    /// Reads a little-endian qword.
+    pub fn read_u64(&self, addr: u64) -> u64 {
+        u64::from_le(self.mem.read_obj(GuestAddress(addr)).unwrap())
+    }
+
+    /// Writes root entry `bus`.
+    pub fn write_root(&self, root: u64, bus: u8, lo: u64, hi: u64) {
+        self.write_u64(root + u64::from(bus) * 16, lo);
+        self.write_u64(root + u64::from(bus) * 16 + 8, hi);
+    }
+
+    /// Writes context entry `devfn`.
+    pub fn write_context(&self, table: u64, devfn: u8, lo: u64, hi: u64) {
+        self.write_u64(table + u64::from(devfn) * 16, lo);
+        self.write_u64(table + u64::from(devfn) * 16 + 8, hi);
+    }
+
+    /// Maps `iova` with a leaf at `leaf_level` (1: 4K, 2: 2M, 3: 1G) whose entry is
+    /// `gpa | flags` (+PS above level 1), creating missing intermediate tables (R|W).
+    pub fn map(&mut self, root: u64, levels: u8, iova: u64, gpa: u64, leaf_level: u8, flags: u64) {
+        let mut table = root;
+        for level in (leaf_level..=levels).rev() {
+            let shift = 12 + 9 * (u32::from(level) - 1);
+            let slot = table + ((iova >> shift) & 511) * 8;
+            if level == leaf_level {
+                let ps = if level > 1 { 0x80 } else { 0 };
+                self.write_u64(slot, gpa | flags | ps);
+                return;
+            }
+            let entry = self.read_u64(slot);
+            table = if entry & 3 == 0 {
+                let next = self.alloc();
+                self.write_u64(slot, next | PTE_RW);
+                next
+            } else {
+                entry & 0xf_ffff_ffff_f000
+            };
+        }
+    }
+
+    /// Clears the 4 KiB leaf of `iova` (all intermediate tables must exist).
+    pub fn unmap_4k(&self, root: u64, levels: u8, iova: u64) {
+        let mut table = root;
+        for level in (1..=levels).rev() {
+            let shift = 12 + 9 * (u32::from(level) - 1);
+            let slot = table + ((iova >> shift) & 511) * 8;
+            if level == 1 {
+                self.write_u64(slot, 0);
+                return;
+            }
+            table = self.read_u64(slot) & 0xf_ffff_ffff_f000;
+        }
+    }
+}
+
+/// A unit over fresh test memory.
+pub fn vtd_with(config: VtdConfig) -> (Vtd<Mem>, Mem) {
+    let mem = test_mem();
+    (Vtd::new(config, mem.clone()).unwrap(), mem)
+}
+
+/// 32-bit register read.
+pub fn r32(vtd: &Vtd<Mem>, offset: u64) -> u32 {
+    let mut buf = [0u8; 4];
+    vtd.mmio_read(offset, &mut buf);
+    u32::from_le_bytes(buf)
+}
+
+/// 64-bit register read.
+pub fn r64(vtd: &Vtd<Mem>, offset: u64) -> u64 {
+    let mut buf = [0u8; 8];
+    vtd.mmio_read(offset, &mut buf);
+    u64::from_le_bytes(buf)
+}
+
+/// 32-bit register write.
+pub fn w32(vtd: &mut Vtd<Mem>, offset: u64, value: u32) -> Vec<VtdAction> {
+    vtd.mmio_write(offset, &value.to_le_bytes())
+}
+
+/// 64-bit register write.
+pub fn w64(vtd: &mut Vtd<Mem>, offset: u64, value: u64) -> Vec<VtdAction> {
+    vtd.mmio_write(offset, &value.to_le_bytes())
+}
