@@ -12,6 +12,11 @@ PACKAGES="busybox-static cpio zstd xz-utils binutils gcc dpdk-dev python3"
 # QEMU (reference runs only) comes from bookworm-backports: newer virtio-iommu/VT-d models, and
 # it must match qemu-utils when that is already installed from there.
 QEMU_PACKAGES="qemu-system-x86"
+# Shared libraries of bookworm's QEMU 7.2, which fetch-qemu72.sh unpacks without installing it
+# (the benchmark's reference VMM). Installed from the default suites.
+QEMU72_LIBS="libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10 libgnutls30
+    libhogweed6 libibverbs1 libjpeg62-turbo libnettle8 libnuma1 libpixman-1-0 libpmem1 libpng16-16
+    librdmacm1 libsasl2-2 libseccomp2 libslirp0 libudev1 liburing2 libvdeplug2 libzstd1"
 WITH_QEMU=0
 # IOVMM_APT_ETC lets tests point the script at a copy of /etc/apt.
 APT_ETC=${IOVMM_APT_ETC:-/etc/apt}
@@ -142,6 +147,8 @@ missing_qemu=""
 if [ "$WITH_QEMU" -eq 1 ]; then
     # shellcheck disable=SC2086
     missing_qemu=$(missing_packages $QEMU_PACKAGES)
+    # shellcheck disable=SC2086
+    missing=$missing$(missing_packages $QEMU72_LIBS)
 fi
 if [ -z "$missing$missing_qemu" ] && [ "$NEED_UPDATE" -eq 0 ]; then
     echo "install-deps.sh: all packages present, bookworm-backports enabled; nothing to do"
