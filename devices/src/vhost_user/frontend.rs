@@ -250,6 +250,8 @@ impl VhostUserStatsHandle {
 /// threads (also on a failed activation).
 #[derive(Default)]
 struct Running {
+    /// Rings handed a kick fd (the back end may be processing them).
+    started: Vec<usize>,
     queues: Vec<(usize, Queue, EventFd)>,
     server: Option<BackendReqThread>,
     relay: Option<CallRelay>,
@@ -598,15 +600,15 @@ impl VhostUserDevice {
         Ok(relay)
     }
 
-    fn start(&self, ctx: ActivateContext) -> Result<Running, VhostUserError> {
+    fn start(&self, ctx: ActivateContext, run: &mut Running) -> Result<(), VhostUserError> {
         self.check_queues(&ctx)?;
-        let mut run = Running::default();
-        self.start_device(&ctx, &mut run)?;
+        self.start_device(&ctx, run)?;
         let mut relayed = Vec::new();
         for (index, queue, kick) in &ctx.queues {
             if let Some(efd) = self.start_queue(&ctx, *index, queue, kick)? {
                 relayed.push((u16::try_from(*index).unwrap_or(u16::MAX), efd));
             }
+            run.started.push(*index);
         }
         if !relayed.is_empty() {
             let relay = CallRelay::spawn(relayed, ctx.interrupt.clone(), "vhost-user-call")
@@ -619,13 +621,13 @@ impl VhostUserDevice {
             }
         }
         run.queues = ctx.queues;
-        Ok(run)
+        Ok(())
     }
 
     /// Stop every ring (GET_VRING_BASE); returns false if the back end failed.
     fn stop_rings(&self, run: &Running) -> bool {
         let mut ok = true;
-        for (index, ..) in &run.queues {
+        for index in &run.started {
             if self.has_protocol_features() {
                 if let Err(e) =
                     self.request("SET_VRING_ENABLE", |fe| fe.set_vring_enable(*index, false))
@@ -707,8 +709,9 @@ impl VirtioDevice for VhostUserDevice {
         if self.is_broken() {
             return Err(VirtioDeviceError::Backend(Box::new(VhostUserError::Broken)));
         }
-        match self.start(ctx) {
-            Ok(run) => {
+        let mut run = Running::default();
+        match self.start(ctx, &mut run) {
+            Ok(()) => {
                 self.running = Some(run);
                 self.counters.activations.fetch_add(1, Ordering::Relaxed);
                 Ok(())
@@ -718,6 +721,11 @@ impl VirtioDevice for VhostUserDevice {
                 if let Some(b) = &self.bridge {
                     b.stop();
                 }
+                if !self.main.is_broken() {
+                    // Rings already kicked must not keep running.
+                    self.stop_rings(&run);
+                }
+                drop(run);
                 self.mark_broken_if_dead();
                 Err(VirtioDeviceError::Backend(Box::new(e)))
             }

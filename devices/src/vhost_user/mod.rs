@@ -1,4 +1,60 @@
-//! vhost-user frontend and the IOTLB protocol codec.
+//! vhost-user frontend devices and the IOTLB protocol.
+//!
+//! iovmm is the vhost-user *frontend*: a [`VhostUserDevice`] is a virtio
+//! device (net or blk) whose data path runs in an external back end. When
+//! the device sits behind a vIOMMU, its [`IotlbBridge`] keeps the back end's
+//! device IOTLB consistent with the guest's IOMMU mappings.
+//!
+//! # API for the VMM
+//!
+//! ```text
+//! // 1. Before the guest starts: connect and negotiate (fails with a typed
+//! //    VhostUserError if the socket is absent or the back end lacks what
+//! //    the device needs, e.g. BACKEND_REQ/REPLY_ACK/ACCESS_PLATFORM with iommu).
+//! let mut cfg = VhostUserConfig::net("/run/vu.sock");      // or ::blk(path, Some(sectors))
+//! cfg.iommu = true;                                         // --vhost-user net,socket=..,iommu=on
+//! let dev = VhostUserDevice::connect(cfg)?;
+//! let stats = dev.stats_handle();                           // keep for the library API
+//! // 2. Behind a vIOMMU, once the PCI address (requester id) is known:
+//! let bridge = dev.bridge().expect("iommu=on");             // Arc<IotlbBridge>
+//! bridge.set_translation(viommu_translate /* Arc<dyn DmaTranslate> */, rid,
+//!                        Some(fault_hook) /* FaultHook */);
+//! notifier_set.register_with_fallback(rid, NotifierFlags::NONE, bridge.clone())?;
+//! // 3. Wrap `dev` in the virtio-pci transport. The transport drives
+//! //    activate/reset; stats.snapshot() reads the counters at any time.
+//! ```
+//!
+//! * `activate` sends SET_FEATURES (the driver's acked features the back end
+//!   offered, plus VHOST_USER_F_PROTOCOL_FEATURES), SET_MEM_TABLE (every
+//!   guest RAM region with its memfd; the table stays GPA -> VMM address),
+//!   behind a vIOMMU opens the back-end request channel and starts its
+//!   server thread, then per queue SET_VRING_NUM/BASE/ADDR, SET_VRING_CALL
+//!   (the queue's irqfd from `VirtioInterrupt::notifier`, or an eventfd
+//!   relayed to `trigger` by a helper thread when there is none),
+//!   SET_VRING_KICK (the transport's ioeventfd) and SET_VRING_ENABLE.
+//!   Behind a vIOMMU ring addresses are passed untranslated (IOVAs); without
+//!   one they are translated to VMM virtual addresses, as the spec requires.
+//!   A device behind a vIOMMU refuses to start if `set_translation` was not
+//!   called or the driver did not accept VIRTIO_F_ACCESS_PLATFORM (the back
+//!   end would otherwise bypass the IOMMU).
+//! * `reset` disables and stops every ring (GET_VRING_BASE), stops the
+//!   server and relay threads and returns true unless the back end is gone.
+//! * Back-end death: every request is bounded by the configured timeout;
+//!   afterwards the socket is closed, the device reports itself broken
+//!   (`activate` fails, `reset` returns false) and never panics. There is no
+//!   reconnection.
+//!
+//! **Lock order for the vIOMMU.** The bridge calls `DmaTranslate::translate`
+//! while holding its own lock (so an UPDATE computed before an unmap is
+//! acked before that unmap's INVALIDATE is sent). The vIOMMU must therefore
+//! deliver events (`NotifierSet::dispatch*`) *after* releasing the lock its
+//! `translate` takes, exactly as the `iommu` crate's models return events
+//! instead of delivering them. The fault hook is called with no bridge lock
+//! held. `notify` for unmap-type events returns only after the back end
+//! acked the INVALIDATE; a nack closes the back end's socket and returns an
+//! error.
+//!
+//! # Modules
 //!
 //! vhost 0.18 can neither send VHOST_USER_IOTLB_MSG from its `Frontend` nor
 //! receive VHOST_USER_BACKEND_IOTLB_MSG in its `FrontendReqHandler` (the arm
@@ -12,6 +68,10 @@
 //!   implementation; [`channel::MockIotlbChannel`] for tests.
 //! * [`backend_req`]: the server for the back-end request channel, which
 //!   answers misses through a [`miss::MissHandler`].
+//! * [`bridge`]: [`IotlbBridge`], the `MissHandler` + `IommuNotifier` of one
+//!   endpoint.
+//! * [`frontend`]: [`VhostUserDevice`]; [`kind`]: what differs between net
+//!   and blk; [`relay`]: call-eventfd relay; [`stats`]: counters.
 //!
 //! # One lock for the main socket
 //!

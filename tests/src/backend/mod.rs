@@ -73,6 +73,9 @@ pub struct Misbehaviour {
     pub bogus_reply: bool,
     /// Answer IOTLB_MSG with a non-zero ack (and ignore its content).
     pub nack_iotlb: bool,
+    /// Protocol feature bits not to offer (e.g. REPLY_ACK or BACKEND_REQ,
+    /// to test a front end's refusal).
+    pub withhold_protocol: u64,
 }
 
 /// Configuration of the test back end.

@@ -30,6 +30,9 @@ pub(crate) struct Access<'a> {
     mem: Arc<MemTable>,
     iommu: bool,
     allow_miss: bool,
+    /// Ring (not buffer) accesses: without an IOMMU the vring addresses of
+    /// SET_VRING_ADDR are front-end virtual addresses, not GPAs.
+    ring: bool,
 }
 
 impl<'a> Access<'a> {
@@ -39,12 +42,24 @@ impl<'a> Access<'a> {
             mem: Arc::clone(&lock(&shared.mem)),
             iommu: shared.iommu_on(),
             allow_miss: true,
+            ring: false,
+        }
+    }
+
+    /// An accessor for the vring structures themselves.
+    pub(crate) fn for_rings(shared: &'a Shared) -> Self {
+        Access {
+            ring: true,
+            ..Self::new(shared)
         }
     }
 
     /// Host pointer for `addr` and how many bytes are contiguous from it.
     fn chunk(&self, addr: u64, perm: IotlbPerm) -> Result<(*mut u8, u64), BackendError> {
         let fail = BackendError::Translate { addr, perm };
+        if !self.iommu && self.ring {
+            return self.mem.uaddr_to_host(addr).ok_or(fail);
+        }
         if !self.iommu {
             return self.mem.gpa_to_host(addr).ok_or(fail);
         }
@@ -212,13 +227,14 @@ struct Desc {
 /// indices written back afterwards.
 struct Queue<'a> {
     acc: Access<'a>,
+    ring: Access<'a>,
     v: &'a mut VringState,
 }
 
 impl Queue<'_> {
     fn desc(&self, i: u16) -> Result<Desc, BackendError> {
         let mut b = [0u8; 16];
-        self.acc.read(self.v.desc + 16 * u64::from(i), &mut b)?;
+        self.ring.read(self.v.desc + 16 * u64::from(i), &mut b)?;
         let u64_at = |o: usize| {
             u64::from_le_bytes([
                 b[o],
@@ -241,13 +257,13 @@ impl Queue<'_> {
 
     /// The next available chain head, if any.
     fn next_avail(&mut self) -> Result<Option<u16>, BackendError> {
-        let idx = self.acc.read_u16(self.v.avail + 2)?;
+        let idx = self.ring.read_u16(self.v.avail + 2)?;
         if idx == self.v.last_avail {
             return Ok(None);
         }
         fence(Ordering::Acquire);
         let slot = u64::from(self.v.last_avail % self.v.num);
-        let head = self.acc.read_u16(self.v.avail + 4 + 2 * slot)?;
+        let head = self.ring.read_u16(self.v.avail + 4 + 2 * slot)?;
         if head >= self.v.num {
             return Err(BackendError::BadMessage(format!(
                 "avail ring head {head} >= queue size"
@@ -286,11 +302,11 @@ impl Queue<'_> {
         let mut elem = [0u8; 8];
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());
-        self.acc.write(self.v.used + 4 + 8 * slot, &elem)?;
+        self.ring.write(self.v.used + 4 + 8 * slot, &elem)?;
         fence(Ordering::Release);
         self.v.used_idx = self.v.used_idx.wrapping_add(1);
         self.v.last_avail = self.v.last_avail.wrapping_add(1);
-        self.acc
+        self.ring
             .write(self.v.used + 2, &self.v.used_idx.to_le_bytes())
     }
 
@@ -395,6 +411,7 @@ fn service(shared: &Shared, index: usize) {
     }
     let mut q = Queue {
         acc: Access::new(shared),
+        ring: Access::for_rings(shared),
         v: &mut v,
     };
     let res = if index == 0 {

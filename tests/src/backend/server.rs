@@ -160,7 +160,7 @@ impl Shared {
             req::SET_VRING_ADDR => self.vring_addr(&m.payload),
             req::GET_VRING_BASE => self.get_vring_base(&m),
             req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => self.vring_fd(m),
-            req::GET_PROTOCOL_FEATURES => Ok(Reply::U64(OFFERED_PROTOCOL)),
+            req::GET_PROTOCOL_FEATURES => Ok(Reply::U64(self.offered_protocol())),
             req::SET_PROTOCOL_FEATURES => self.set_protocol(u64_payload(&m)?),
             req::GET_QUEUE_NUM => Ok(Reply::U64(QUEUE_NUM as u64)),
             req::SET_BACKEND_REQ_FD => self.set_backend_req_fd(m),
@@ -184,8 +184,12 @@ impl Shared {
         Ok(Reply::Ack(0))
     }
 
+    fn offered_protocol(&self) -> u64 {
+        OFFERED_PROTOCOL & !self.config.misbehave.withhold_protocol
+    }
+
     fn set_protocol(&self, f: u64) -> Result<Reply, BackendError> {
-        if f & !OFFERED_PROTOCOL != 0 {
+        if f & !self.offered_protocol() != 0 {
             return Err(BackendError::BadMessage(format!(
                 "protocol features {f:#x} not offered"
             )));

@@ -47,6 +47,9 @@ struct Args {
     /// Answer IOTLB messages with a non-zero ack.
     #[arg(long)]
     nack_iotlb: bool,
+    /// Protocol feature bits not to offer (e.g. 8 = REPLY_ACK, 32 = BACKEND_REQ).
+    #[arg(long, default_value_t = 0)]
+    withhold_protocol: u64,
     /// Exit after the first connection ends.
     #[arg(long)]
     once: bool,
@@ -74,6 +77,7 @@ fn config(a: &Args) -> BackendConfig {
             bogus_backend_msg: a.bogus_backend_msg,
             bogus_reply: a.bogus_reply,
             nack_iotlb: a.nack_iotlb,
+            withhold_protocol: a.withhold_protocol,
         },
     }
 }

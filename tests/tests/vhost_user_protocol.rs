@@ -1,0 +1,720 @@
+//! Protocol tests of the vhost-user frontend device and its IOTLB bridge
+//! against iovmm's own test back end, in-process and without KVM: the device
+//! is driven through the `VirtioDevice` trait with memfd-backed guest memory
+//! and split rings laid out by the test.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use devices::vhost_user::wire::{
+    IotlbMsg, IotlbPerm, FLAG_NEED_REPLY, FLAG_VERSION, PROTOCOL_F_BACKEND_REQ,
+    PROTOCOL_F_REPLY_ACK, VHOST_USER_IOTLB_MSG, VIRTIO_F_ACCESS_PLATFORM,
+};
+use devices::vhost_user::{
+    FaultHook, IotlbBridge, VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind,
+};
+use devices::virtio::{
+    ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterrupt,
+    VirtioInterruptType,
+};
+use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, TestBackend};
+use iommu::address_space::Mapping;
+use iommu::{
+    DmaTranslate, DomainId, Domains, DomainsConfig, Extent, IommuEvent, Iova, IovaRange,
+    NotifierFlags, NotifierSet, Permissions, RequesterId, TranslateError, Translation, UnmapKind,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM: u64 = 0x20_0000;
+/// IOVAs are GPAs shifted by this, so IOVA != GPA is exercised.
+const IOVA_OFF: u64 = 0x8000_0000;
+const RING_BASE: u64 = 0x1_0000;
+const BUF: u64 = 0x4_0000;
+const QSIZE: u16 = 8;
+const NET_HDR: usize = 12;
+const RID: RequesterId = RequesterId::from_bdf(0, 0x18);
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// IOVA range -> (GPA, permission); extents are whole mappings.
+#[derive(Default)]
+struct Stub(Mutex<Vec<(IovaRange, u64, Permissions)>>);
+
+impl Stub {
+    fn map(&self, iova: u64, len: u64, gpa: u64, perm: Permissions) {
+        let r = IovaRange::from_start_len(iova, len).unwrap();
+        self.0.lock().unwrap().push((r, gpa, perm));
+    }
+}
+
+impl DmaTranslate for Stub {
+    fn translate(
+        &self,
+        _rid: RequesterId,
+        iova: Iova,
+        len: u64,
+        access: Permissions,
+    ) -> Result<Translation, TranslateError> {
+        let maps = self.0.lock().unwrap();
+        let (r, gpa, perm) = *maps
+            .iter()
+            .find(|(r, ..)| r.contains(iova.0))
+            .ok_or(TranslateError::Unmapped { iova })?;
+        if !perm.allow(access) {
+            return Err(TranslateError::PermissionDenied {
+                iova,
+                requested: access,
+                allowed: perm,
+            });
+        }
+        Ok(Translation {
+            fragments: vec![(GuestAddress(gpa + (iova.0 - r.start())), len)],
+            perm,
+            extent: Extent {
+                iova: r,
+                gpa: GuestAddress(gpa),
+                perm,
+            },
+        })
+    }
+}
+
+/// Records interrupts; optionally hands out per-queue irqfds.
+#[derive(Default)]
+struct TestIrq {
+    fired: Mutex<Vec<VirtioInterruptType>>,
+    irqfds: Vec<EventFd>,
+}
+
+impl VirtioInterrupt for TestIrq {
+    fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
+        self.fired.lock().unwrap().push(t);
+        Ok(())
+    }
+
+    fn notifier(&self, t: VirtioInterruptType) -> Option<&EventFd> {
+        match t {
+            VirtioInterruptType::Queue(q) => self.irqfds.get(usize::from(q)),
+            VirtioInterruptType::Config => None,
+        }
+    }
+}
+
+struct Rig {
+    dev: VhostUserDevice,
+    be: BackendHandle,
+    mem: GuestMemoryMmap,
+    irq: Arc<TestIrq>,
+    kicks: Vec<EventFd>,
+    iommu: bool,
+}
+
+fn backend(config: BackendConfig) -> (UnixStream, BackendHandle) {
+    let (a, b) = UnixStream::pair().unwrap();
+    (a, TestBackend::serve_stream(b, config).unwrap())
+}
+
+fn dev_config(kind: VhostUserKind, iommu: bool) -> VhostUserConfig {
+    let mut c = match kind {
+        VhostUserKind::Net => VhostUserConfig::net("/test/socketpair"),
+        VhostUserKind::Blk => VhostUserConfig::blk("/test/socketpair", Some(2048)),
+    };
+    c.iommu = iommu;
+    c.timeout = TIMEOUT;
+    c
+}
+
+fn try_connect(
+    config: BackendConfig,
+    dcfg: VhostUserConfig,
+) -> (Result<VhostUserDevice, VhostUserError>, BackendHandle) {
+    let (sock, be) = backend(config);
+    (VhostUserDevice::from_stream(sock, dcfg), be)
+}
+
+fn rig_with(config: BackendConfig, kind: VhostUserKind, iommu: bool, irqfds: bool) -> Rig {
+    let (dev, be) = try_connect(config, dev_config(kind, iommu));
+    let n = kind.num_queues();
+    let irqfds = if irqfds {
+        (0..n)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Rig {
+        dev: dev.unwrap(),
+        be,
+        mem: vmm::vstate::memory::create_guest_memory(&[(0, MEM)]).unwrap(),
+        irq: Arc::new(TestIrq {
+            fired: Mutex::default(),
+            irqfds,
+        }),
+        kicks: Vec::new(),
+        iommu,
+    }
+}
+
+fn rig(config: BackendConfig, iommu: bool) -> Rig {
+    rig_with(config, VhostUserKind::Net, iommu, false)
+}
+
+fn ring_gpa(q: usize) -> u64 {
+    RING_BASE + 0x4000 * q as u64
+}
+
+impl Rig {
+    /// The address the driver programs for `gpa`.
+    fn dma(&self, gpa: u64) -> u64 {
+        if self.iommu {
+            gpa + IOVA_OFF
+        } else {
+            gpa
+        }
+    }
+
+    fn queue(&self, q: usize) -> Queue {
+        let mut queue = Queue::new(256).unwrap();
+        queue.set_size(QSIZE);
+        let base = ring_gpa(q);
+        queue
+            .try_set_desc_table_address(GuestAddress(self.dma(base)))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.dma(base + 0x1000)))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(self.dma(base + 0x2000)))
+            .unwrap();
+        queue.set_ready(true);
+        queue
+    }
+
+    fn activate(&mut self) -> Result<(), VirtioDeviceError> {
+        let avail = self.dev.avail_features();
+        self.dev.ack_features(avail);
+        let n = self.dev.queue_max_sizes().len();
+        let mut queues = Vec::new();
+        self.kicks.clear();
+        for q in 0..n {
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            self.kicks.push(kick.try_clone().unwrap());
+            queues.push((q, self.queue(q), kick));
+        }
+        self.dev.activate(ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: self.irq.clone(),
+        })
+    }
+
+    /// Post one TX frame at avail slot `slot` of queue 1 and kick.
+    fn send_tx(&self, slot: u16, frame: &[u8]) {
+        let base = ring_gpa(1);
+        let buf = BUF + 0x1000 * u64::from(slot);
+        let mut data = vec![0u8; NET_HDR];
+        data.extend_from_slice(frame);
+        self.mem.write_slice(&data, GuestAddress(buf)).unwrap();
+        let mut d = self.dma(buf).to_le_bytes().to_vec();
+        d.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        d.extend_from_slice(&[0, 0, 0, 0]);
+        let slot_q = u64::from(slot % QSIZE);
+        self.mem
+            .write_slice(&d, GuestAddress(base + 16 * slot_q))
+            .unwrap();
+        let avail = base + 0x1000;
+        self.mem
+            .write_obj(slot % QSIZE, GuestAddress(avail + 4 + 2 * slot_q))
+            .unwrap();
+        self.mem
+            .write_obj(slot.wrapping_add(1), GuestAddress(avail + 2))
+            .unwrap();
+        self.kicks[1].write(1).unwrap();
+    }
+
+    fn used_idx(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(ring_gpa(q) + 0x2002))
+            .unwrap()
+    }
+
+    fn host(&self, gpa: u64) -> u64 {
+        self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
+    }
+
+    fn iotlb_msgs(&self) -> Vec<(u32, IotlbMsg)> {
+        self.be
+            .records()
+            .iter()
+            .filter(|r| r.request == VHOST_USER_IOTLB_MSG)
+            .map(|r| (r.flags, IotlbMsg::decode(r.request, &r.payload).unwrap()))
+            .collect()
+    }
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+type Faults = Arc<Mutex<Vec<(RequesterId, u64, IotlbPerm)>>>;
+
+/// Map all guest RAM at IOVA_OFF through a stub and record faults.
+fn stub_translation(r: &Rig) -> (Arc<Stub>, Faults) {
+    let stub = Arc::new(Stub::default());
+    stub.map(IOVA_OFF, MEM, 0, Permissions::ReadWrite);
+    let faults: Faults = Arc::default();
+    let f = faults.clone();
+    let hook: FaultHook =
+        Arc::new(move |rid, iova, perm| f.lock().unwrap().push((rid, iova, perm)));
+    r.dev
+        .set_translation(stub.clone(), RID, Some(hook))
+        .unwrap();
+    (stub, faults)
+}
+
+fn backend_err(e: VirtioDeviceError) -> VhostUserError {
+    match e {
+        VirtioDeviceError::Backend(b) => *b.downcast::<VhostUserError>().unwrap(),
+        other => panic!("expected a back-end error, got {other:?}"),
+    }
+}
+
+#[test]
+fn net_device_offers_access_platform_only_behind_an_iommu() {
+    let mut plain = rig(BackendConfig::default(), false);
+    assert_eq!(plain.dev.device_type(), 1);
+    assert_eq!(plain.dev.queue_max_sizes(), &[256, 256]);
+    assert_eq!(plain.dev.avail_features() & VIRTIO_F_ACCESS_PLATFORM, 0);
+    // MAC (5) and STATUS (16) are served locally.
+    assert_eq!(
+        plain.dev.avail_features() & (1 << 5 | 1 << 16),
+        1 << 5 | 1 << 16
+    );
+    let mut cfg = [0u8; 8];
+    plain.dev.read_config(0, &mut cfg);
+    assert_eq!(cfg, [0x02, 0x69, 0x6f, 0x76, 0x6d, 0x01, 1, 0]);
+    let iommu = rig(BackendConfig::default(), true);
+    assert_ne!(iommu.dev.avail_features() & VIRTIO_F_ACCESS_PLATFORM, 0);
+    let proto = iommu.dev.protocol_features();
+    assert_eq!(proto & PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_BACKEND_REQ);
+    // Without iommu, ACCESS_PLATFORM is not sent to the back end either.
+    plain.activate().unwrap();
+    assert_eq!(plain.be.features() & VIRTIO_F_ACCESS_PLATFORM, 0);
+}
+
+fn refusal(config: BackendConfig) -> Vec<&'static str> {
+    match try_connect(config, dev_config(VhostUserKind::Net, true)).0 {
+        Err(VhostUserError::MissingFeatures { missing, .. }) => missing,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn withholding(bits: u64) -> BackendConfig {
+    BackendConfig {
+        misbehave: Misbehaviour {
+            withhold_protocol: bits,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+#[test]
+fn iommu_device_is_refused_when_the_backend_lacks_iotlb_support() {
+    assert_eq!(
+        refusal(withholding(PROTOCOL_F_REPLY_ACK)),
+        vec!["VHOST_USER_PROTOCOL_F_REPLY_ACK"]
+    );
+    assert_eq!(
+        refusal(withholding(PROTOCOL_F_BACKEND_REQ)),
+        vec!["VHOST_USER_PROTOCOL_F_BACKEND_REQ"]
+    );
+    let no_ap = BackendConfig {
+        access_platform: false,
+        ..Default::default()
+    };
+    assert_eq!(refusal(no_ap.clone()), vec!["VIRTIO_F_ACCESS_PLATFORM"]);
+    // The same back ends are fine for a device without a vIOMMU.
+    for c in [withholding(PROTOCOL_F_BACKEND_REQ), no_ap] {
+        assert!(try_connect(c, dev_config(VhostUserKind::Net, false))
+            .0
+            .is_ok());
+    }
+}
+
+#[test]
+fn connecting_to_a_missing_socket_is_a_clear_error() {
+    let err =
+        VhostUserDevice::connect(VhostUserConfig::net("/nonexistent/iovmm-vu.sock")).unwrap_err();
+    assert!(matches!(err, VhostUserError::Connect { .. }));
+    assert!(err.to_string().contains("/nonexistent/iovmm-vu.sock"));
+}
+
+#[test]
+fn connect_by_path_to_a_listening_backend() {
+    let dir = std::env::temp_dir().join(format!("iovmm-vu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("net.sock");
+    let _be = TestBackend::listen(&path, BackendConfig::default()).unwrap();
+    let mut cfg = VhostUserConfig::net(&path);
+    cfg.iommu = true;
+    let dev = VhostUserDevice::connect(cfg).unwrap();
+    assert!(dev.bridge().is_some());
+    drop(dev);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tx_frame_reaches_the_backend_without_iommu() {
+    let mut r = rig(BackendConfig::default(), false);
+    r.activate().unwrap();
+    let frame = b"\xff\xff\xff\xff\xff\xff\x02\x00\x00\x00\x00\x01\x08\x00hello";
+    r.send_tx(0, frame);
+    assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
+    let c = r.be.counters();
+    assert_eq!(
+        (c.tx_bytes, c.tx_checksum),
+        (frame.len() as u64, fnv1a(frame))
+    );
+    assert_eq!(c.misses_sent, 0);
+    // Used ring updated, and the call relayed as a queue-1 interrupt.
+    let deadline = Instant::now() + TIMEOUT;
+    while r.irq.fired.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(r.used_idx(1), 1);
+    assert_eq!(
+        *r.irq.fired.lock().unwrap(),
+        vec![VirtioInterruptType::Queue(1)]
+    );
+    assert!(r.iotlb_msgs().is_empty());
+}
+
+#[test]
+fn irqfds_are_handed_to_the_backend_as_call_fds() {
+    let mut r = rig_with(BackendConfig::default(), VhostUserKind::Net, false, true);
+    r.activate().unwrap();
+    r.send_tx(0, b"frame-through-irqfd");
+    assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
+    let deadline = Instant::now() + TIMEOUT;
+    while r.irq.irqfds[1].read().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the back end never signalled the irqfd"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(r.irq.fired.lock().unwrap().is_empty());
+}
+
+#[test]
+fn tx_behind_iommu_is_served_by_misses_with_exact_updates() {
+    let mut r = rig(BackendConfig::default(), true);
+    let _t = stub_translation(&r);
+    r.activate().unwrap();
+    let frame = b"behind the vIOMMU";
+    r.send_tx(0, frame);
+    assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
+    assert_eq!(r.be.counters().tx_checksum, fnv1a(frame));
+    // Ring addresses went out untranslated (IOVAs).
+    let addr = r.be.records().into_iter().find(|m| m.request == 9).unwrap();
+    let desc = u64::from_ne_bytes(addr.payload[8..16].try_into().unwrap());
+    assert_eq!(desc, IOVA_OFF + ring_gpa(0));
+    // One miss: the UPDATE covers the whole extent (all of RAM, one region).
+    let want = IotlbMsg::update(IOVA_OFF, MEM, r.host(0), IotlbPerm::Rw);
+    assert_eq!(r.iotlb_msgs(), vec![(FLAG_VERSION | FLAG_NEED_REPLY, want)]);
+    let s = r.dev.stats();
+    assert_eq!((s.bridge.misses, s.bridge.misses_served), (1, 1));
+    assert_eq!((s.iotlb.updates, s.iotlb.acked, s.iotlb.nacks), (1, 1, 0));
+    assert_eq!(s.bridge.miss_latency.count, 1);
+}
+
+#[test]
+fn unmapped_miss_gets_no_update_a_nonzero_ack_and_a_fault() {
+    let config = BackendConfig {
+        miss_need_reply: true,
+        miss_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let mut r = rig(config, true);
+    let (_stub, faults) = stub_translation(&r);
+    r.activate().unwrap();
+    let outside = IOVA_OFF + MEM + 0x1000;
+    assert!(r.be.read(outside, 4).is_err());
+    assert_eq!(r.be.counters().miss_nacks, 1);
+    // (Starting the rings may have fetched ring translations; nothing else.)
+    let covering: Vec<_> = r
+        .iotlb_msgs()
+        .into_iter()
+        .filter(|(_, m)| m.iova <= outside && outside - m.iova < m.size)
+        .collect();
+    assert!(covering.is_empty(), "{covering:x?}");
+    assert!(r.iotlb_msgs().iter().all(|(_, m)| m.iova == IOVA_OFF));
+    assert_eq!(*faults.lock().unwrap(), vec![(RID, outside, IotlbPerm::Ro)]);
+    assert_eq!(r.dev.stats().bridge.faults, 1);
+}
+
+#[test]
+fn miss_is_acked_only_after_its_update_was_acked() {
+    let delay = Duration::from_millis(150);
+    let config = BackendConfig {
+        miss_need_reply: true,
+        misbehave: Misbehaviour {
+            ack_delay: delay,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut r = rig(config, true);
+    let _t = stub_translation(&r);
+    r.activate().unwrap();
+    r.mem.write_slice(b"data", GuestAddress(BUF)).unwrap();
+    let start = Instant::now();
+    // The back end blocks on the miss ack; the UPDATE's ack is delayed by
+    // `delay`, so the miss ack cannot come sooner.
+    assert_eq!(r.be.read(IOVA_OFF + BUF, 4).unwrap(), b"data");
+    assert!(start.elapsed() >= delay);
+    assert_eq!(r.be.counters().miss_nacks, 0);
+}
+
+#[test]
+fn invalidate_is_acked_before_notify_returns() {
+    let delay = Duration::from_millis(120);
+    let config = BackendConfig {
+        misbehave: Misbehaviour {
+            ack_delay: delay,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut r = rig(config, true);
+    let _t = stub_translation(&r);
+    r.activate().unwrap();
+    let bridge = r.dev.bridge().unwrap();
+    let range = IovaRange::from_start_len(IOVA_OFF, 0x1000).unwrap();
+    let start = Instant::now();
+    bridge.notify_unmap_for_test(range);
+    assert!(start.elapsed() >= delay);
+    assert_eq!(r.be.counters().iotlb_invalidates, 1);
+    let (flags, msg) = r.iotlb_msgs().pop().unwrap();
+    assert_eq!(flags, FLAG_VERSION | FLAG_NEED_REPLY);
+    assert_eq!(msg, IotlbMsg::invalidate(IOVA_OFF, 0x1000));
+}
+
+/// Deliver an Unmap the way a vIOMMU does.
+trait NotifyUnmap {
+    fn notify_unmap_for_test(&self, range: IovaRange);
+}
+
+impl NotifyUnmap for IotlbBridge {
+    fn notify_unmap_for_test(&self, range: IovaRange) {
+        use iommu::IommuNotifier;
+        self.notify(&IommuEvent::Unmap { rid: RID, range }).unwrap();
+    }
+}
+
+#[test]
+fn probe_fails_right_after_a_guest_unmap_was_notified() {
+    let mut r = rig(BackendConfig::default(), true);
+    let domains = Arc::new(RwLock::new(Domains::new(DomainsConfig::default())));
+    let dom = DomainId(1);
+    {
+        let mut d = domains.write().unwrap();
+        d.add_endpoint(RID).unwrap();
+        d.attach(RID, dom, false).unwrap();
+        for page in 0..(MEM / 0x1000) {
+            let range = IovaRange::from_start_len(IOVA_OFF + page * 0x1000, 0x1000).unwrap();
+            let m = Mapping::new(range, GuestAddress(page * 0x1000), Permissions::ReadWrite);
+            d.map(dom, m.unwrap()).unwrap();
+        }
+    }
+    r.dev.set_translation(domains.clone(), RID, None).unwrap();
+    let mut set = NotifierSet::new(NotifierFlags::MAP | NotifierFlags::UNMAP);
+    let (_h, kind) = set
+        .register_with_fallback(RID, NotifierFlags::NONE, r.dev.bridge().unwrap())
+        .unwrap();
+    assert_eq!(kind, UnmapKind::Iotlb);
+    r.activate().unwrap();
+    for page in [0x40u64, 0x41, 0x90] {
+        let iova = IOVA_OFF + page * 0x1000;
+        r.be.read(iova, 8).unwrap();
+        assert!(r.be.probe(iova, 8));
+        let range = IovaRange::from_start_len(iova, 0x1000).unwrap();
+        // The model's lock is released before the events are delivered.
+        let events = domains.write().unwrap().unmap(dom, range).unwrap();
+        set.dispatch_all(&events).unwrap();
+        assert!(
+            !r.be.probe(iova, 1),
+            "page {page:#x} still usable after unmap"
+        );
+        assert!(r.be.read(iova, 1).is_err());
+    }
+    assert!(r.dev.stats().bridge.invalidations >= 3);
+}
+
+#[test]
+fn malformed_backend_message_closes_only_the_backend_channel() {
+    let config = BackendConfig {
+        misbehave: Misbehaviour {
+            bogus_backend_msg: true,
+            ..Default::default()
+        },
+        miss_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let mut r = rig(config, true);
+    let _t = stub_translation(&r);
+    r.activate().unwrap();
+    // The back-end channel is gone: a miss goes unanswered...
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(r.be.read(IOVA_OFF + BUF, 4).is_err());
+    // ...but the main socket is fine.
+    r.dev
+        .bridge()
+        .unwrap()
+        .notify_unmap_for_test(IovaRange::FULL);
+    assert!(!r.dev.is_broken());
+    assert!(r.dev.reset());
+    r.activate().unwrap();
+}
+
+#[test]
+fn backend_disconnect_gives_typed_errors_and_never_hangs() {
+    let config = BackendConfig {
+        misbehave: Misbehaviour {
+            disconnect_after: Some(9),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut r = rig(config, true);
+    let _t = stub_translation(&r);
+    let err = backend_err(r.activate().unwrap_err());
+    assert!(matches!(err, VhostUserError::Request { .. }), "{err}");
+    assert!(r.dev.is_broken());
+    let again = backend_err(r.activate().unwrap_err());
+    assert!(matches!(again, VhostUserError::Broken));
+    assert!(!r.dev.reset());
+    let bridge = r.dev.bridge().unwrap();
+    let range = IovaRange::from_start_len(IOVA_OFF, 0x1000).unwrap();
+    use iommu::IommuNotifier;
+    assert!(bridge
+        .notify(&IommuEvent::Unmap { rid: RID, range })
+        .is_err());
+    assert!(r.dev.stats().broken);
+    assert!(start.elapsed() < TIMEOUT * 2);
+}
+
+#[test]
+fn backend_gone_at_connect_is_a_request_error() {
+    let config = BackendConfig {
+        misbehave: Misbehaviour {
+            disconnect_after: Some(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (res, _be) = try_connect(config, dev_config(VhostUserKind::Net, false));
+    assert!(matches!(res, Err(VhostUserError::Request { .. })));
+}
+
+#[test]
+fn reset_stops_the_rings_and_the_device_restarts() {
+    let mut r = rig(BackendConfig::default(), true);
+    let _t = stub_translation(&r);
+    r.activate().unwrap();
+    r.send_tx(0, b"first");
+    assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
+    assert!(r.dev.reset());
+    let get_base = r.be.records().iter().filter(|m| m.request == 11).count();
+    assert_eq!(get_base, 2);
+    assert!(!r.dev.bridge().unwrap().is_running());
+    // Restart on fresh rings.
+    for q in 0..2 {
+        let z = vec![0u8; 0x3000];
+        r.mem.write_slice(&z, GuestAddress(ring_gpa(q))).unwrap();
+    }
+    r.activate().unwrap();
+    r.send_tx(0, b"second");
+    assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 2));
+    assert_eq!(r.dev.stats().activations, 2);
+}
+
+#[test]
+fn iommu_device_refuses_to_start_without_translation_or_access_platform() {
+    let mut r = rig(BackendConfig::default(), true);
+    let err = backend_err(r.activate().unwrap_err());
+    assert!(matches!(err, VhostUserError::NoTranslation));
+    let _t = stub_translation(&r);
+    r.dev
+        .ack_features(r.dev.avail_features() & !VIRTIO_F_ACCESS_PLATFORM);
+    let queues = (0..2)
+        .map(|q| (q, r.queue(q), EventFd::new(0).unwrap()))
+        .collect();
+    let err = r.dev.activate(ActivateContext {
+        mem: r.mem.clone(),
+        queues,
+        interrupt: r.irq.clone(),
+    });
+    assert!(matches!(
+        backend_err(err.unwrap_err()),
+        VhostUserError::AccessPlatformNotAcked
+    ));
+    assert!(!r.dev.is_broken());
+}
+
+#[test]
+fn blk_device_serves_capacity_and_starts_one_queue() {
+    let mut r = rig_with(BackendConfig::default(), VhostUserKind::Blk, false, false);
+    assert_eq!(r.dev.device_type(), 2);
+    assert_eq!(r.dev.queue_max_sizes().len(), 1);
+    let mut cap = [0u8; 8];
+    r.dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 2048);
+    r.activate().unwrap();
+    let kicks = r.be.records().iter().filter(|m| m.request == 12).count();
+    assert_eq!(kicks, 1);
+    let mut no_cap = dev_config(VhostUserKind::Blk, false);
+    no_cap.capacity_sectors = None;
+    let (res, _be) = try_connect(BackendConfig::default(), no_cap);
+    assert!(matches!(res, Err(VhostUserError::MissingCapacity)));
+}
+
+#[test]
+fn failed_activation_stops_the_rings_it_started() {
+    let mut r = rig(BackendConfig::default(), false);
+    let avail = r.dev.avail_features();
+    r.dev.ack_features(avail);
+    let mut bad = r.queue(1);
+    // A ring outside guest RAM (no vIOMMU): refused after queue 0 started.
+    bad.try_set_desc_table_address(GuestAddress(MEM + 0x1000))
+        .unwrap();
+    let queues = vec![
+        (0, r.queue(0), EventFd::new(0).unwrap()),
+        (1, bad, EventFd::new(0).unwrap()),
+    ];
+    let err = r.dev.activate(ActivateContext {
+        mem: r.mem.clone(),
+        queues,
+        interrupt: r.irq.clone(),
+    });
+    assert!(matches!(
+        backend_err(err.unwrap_err()),
+        VhostUserError::RingAddress { queue: 1, .. }
+    ));
+    let recs = r.be.records();
+    let stopped: Vec<u64> = recs
+        .iter()
+        .filter(|m| m.request == 11)
+        .map(|m| u64::from_ne_bytes(m.payload[..8].try_into().unwrap()) & 0xffff_ffff)
+        .collect();
+    assert_eq!(stopped, vec![0]);
+    assert!(r.dev.reset());
+    r.activate().unwrap();
+}
