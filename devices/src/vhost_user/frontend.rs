@@ -419,7 +419,7 @@ impl VhostUserDevice {
         let buf = vec![0u8; len];
         let size = u32::try_from(len).unwrap_or(u32::MAX);
         let (_, data) = self.request("GET_CONFIG", |fe| {
-            fe.get_config(0, size, VhostUserConfigFlags::WRITABLE, &buf)
+            fe.get_config(0, size, VhostUserConfigFlags::empty(), &buf)
         })?;
         Ok(data)
     }
