@@ -43,7 +43,7 @@ use crate::pci::msix::{
 use crate::pci::root::{lock, PciDevice};
 use crate::virtio::device::{
     ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterruptType,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// PCI vendor ID of virtio devices.
@@ -311,6 +311,10 @@ impl VirtioPciDevice {
             return Err(VirtioPciError::Broken);
         }
         let event_idx = self.common.driver_features() & 1 << VIRTIO_RING_F_EVENT_IDX != 0;
+        // Behind a vIOMMU the ring addresses are IOVAs: they cannot be checked
+        // against guest memory here (the address setters above still check
+        // alignment); the device translates them.
+        let iova_rings = self.common.driver_features() & 1 << VIRTIO_F_ACCESS_PLATFORM != 0;
         let mut queues = Vec::new();
         for (index, regs) in self.common.queues().iter().enumerate() {
             if !regs.enabled {
@@ -330,7 +334,7 @@ impl VirtioPciDevice {
                 .map_err(invalid)?;
             queue.set_ready(true);
             queue.set_event_idx(event_idx);
-            if !queue.is_valid(&self.mem) {
+            if !iova_rings && !queue.is_valid(&self.mem) {
                 return Err(VirtioPciError::InvalidQueue(index));
             }
             let kick = self.kicks[index]
