@@ -87,8 +87,10 @@ const char *dma_init(struct dma_ctx *ctx, const struct pci_dev *pci, enum iommu_
     *ctx = (struct dma_ctx){.mode = mode, .requested = mode, .pci = pci, .gran = 4096};
     enum viommu_kind kind;
     const char *err = read_params(ctx, &kind);
-    if (err)
+    if (err) {
+        ctx->usage = true;
         return err;
+    }
     ctx->ats_pos = pci_find_ext_cap(pci, PCI_EXT_CAP_ID_ATS);
     if (mode == IOMMU_OFF)
         return ctx->ats_mode == ATS_ON ? unsupported(ctx, "iovmm.ats=on needs a vIOMMU mode (iovmm.iommu)") : NULL;
@@ -105,6 +107,12 @@ const char *dma_init(struct dma_ctx *ctx, const struct pci_dev *pci, enum iommu_
     if (ctx->ats_mode == ATS_ON && !ctx->ats_enabled)
         return unsupported(ctx, ctx->ats_note ? ctx->ats_note : "iovmm.ats=on but the device has no ATS capability");
     return NULL;
+}
+
+const char *dma_exit_status(const struct dma_ctx *ctx, int *code)
+{
+    *code = ctx->usage ? EXIT_USAGE : ctx->unsupported ? EXIT_UNSUPPORTED : EXIT_FAILED;
+    return ctx->usage ? "error" : ctx->unsupported ? "unsupported" : "failed";
 }
 
 static bool translated(const struct dma_ctx *ctx) { return ctx->mode == IOMMU_STRICT || ctx->mode == IOMMU_LAZY; }

@@ -73,6 +73,7 @@ struct dma_ctx {
     u64 npending;
     const char *error;         /* first failure; the scenario reports it and exits EXIT_FAILED */
     bool unsupported;          /* dma_init failed because something is absent (EXIT_UNSUPPORTED) */
+    bool usage;                /* dma_init failed on a malformed iovmm.* parameter (EXIT_USAGE) */
     /* Counters for the result line. */
     u64 maps, unmaps, flushes; /* flushes: lazy batches */
     u64 iommu_reqs;            /* virtio-iommu requests / VT-d queued descriptors (waits included) */
@@ -84,7 +85,8 @@ bool iommu_mode_parse(const char *s, enum iommu_mode *out);
 const char *iommu_mode_name(enum iommu_mode mode);
 
 /* Prepares DMA for one device (reads iovmm.viommu, iovmm.ats, iovmm.lazy_batch, iovmm.lazy_flush).
- * NULL on success, else why; ctx->unsupported tells "absent" from "failed". */
+ * NULL on success, else why; ctx->unsupported / ctx->usage tell "absent" and "bad parameter" from
+ * "failed". dma_exit_status() maps that to the result status and exit code. */
 const char *dma_init(struct dma_ctx *ctx, const struct pci_dev *pci, enum iommu_mode mode);
 /* Device address for [va, va + len), or DMA_MAPPING_ERROR (ctx->error says why). */
 u64 dma_map(struct dma_ctx *ctx, const void *va, u64 len, enum dma_dir dir);
@@ -93,6 +95,8 @@ void dma_unmap(struct dma_ctx *ctx, u64 dma_addr, u64 len, enum dma_dir dir);
 void dma_flush(struct dma_ctx *ctx);
 /* Records the first error (later ones are dropped); returns false for convenience. */
 bool dma_fail(struct dma_ctx *ctx, const char *why);
+/* Result status and exit code of a dma_init failure. */
+const char *dma_exit_status(const struct dma_ctx *ctx, int *code);
 /* Adds the DMA/vIOMMU fields to a result line. */
 void dma_report(struct dma_ctx *ctx, struct result *r);
 

@@ -124,8 +124,10 @@ int run_dma_map(const struct pci_dev *devs, size_t ndevs)
     u8 *bufs = mem_alloc(p.inflight * ALIGN_UP(p.size, 64) + 4096, 4096);
     err = bufs ? dma_init(&dma, ep, p.mode) : "out of guest memory for the buffers";
     if (err) {
-        report(&dma, &p, ep, dma.unsupported ? "unsupported" : "failed", err, 0);
-        return dma.unsupported ? EXIT_UNSUPPORTED : EXIT_FAILED;
+        int code = EXIT_FAILED;
+        const char *status = bufs ? dma_exit_status(&dma, &code) : "failed";
+        report(&dma, &p, ep, status, err, 0);
+        return code;
     }
     u64 t0 = rdtsc();
     for (u64 i = 0; i < p.iterations && round_trip(&dma, bufs + 64, addrs, &p); i++)

@@ -215,10 +215,11 @@ int run_net_tx(const struct pci_dev *devs, size_t ndevs)
     if (!pci)
         return report_setup_error("unsupported", "no virtio-net device on PCI bus 0", EXIT_UNSUPPORTED, NULL);
     err = net_setup(&n, pci, &p);
-    if (err && n.dma.unsupported)
-        return report_setup_error("unsupported", err, EXIT_UNSUPPORTED, &n.dma);
-    if (err)
-        return report_setup_error("failed", err, EXIT_FAILED, &n.dma);
+    if (err) {
+        int code;
+        const char *status = dma_exit_status(&n.dma, &code);
+        return report_setup_error(status, err, code, &n.dma);
+    }
     printf("IOVMM-TEST net-tx: %02x:%02x.%x queue %u, %llu frames of %llu bytes\n", pci->bus, pci->dev,
            pci->fn, n.txq.size, (unsigned long long)p.frames, (unsigned long long)p.size);
     u64 t0 = rdtsc();
