@@ -38,7 +38,9 @@ pub enum DmarError {
         function: u8,
     },
     /// The DRHD would exceed its 16-bit length field.
-    #[error("DMAR DRHD with {scopes} device scopes exceeds 65535 bytes; use INCLUDE_PCI_ALL instead")]
+    #[error(
+        "DMAR DRHD with {scopes} device scopes exceeds 65535 bytes; use INCLUDE_PCI_ALL instead"
+    )]
     TooManyScopes {
         /// Number of scopes requested.
         scopes: usize,
@@ -364,10 +366,7 @@ mod tests {
             };
             8190
         ];
-        assert_eq!(
-            dmar.build(),
-            Err(DmarError::TooManyScopes { scopes: 8190 })
-        );
+        assert_eq!(dmar.build(), Err(DmarError::TooManyScopes { scopes: 8190 }));
         dmar.devices.clear();
         dmar.host_address_width = 52;
         assert_eq!(dmar.build(), Err(DmarError::AddressWidth(52)));

@@ -236,7 +236,7 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::vtd::regs::{FECTL, FEDATA, FEADDR, FEUADDR, FRCD_BASE, FSTS, FSTS_PPF};
+    use crate::vtd::regs::{FEADDR, FECTL, FEDATA, FEUADDR, FRCD_BASE, FSTS, FSTS_PPF};
     use crate::vtd::testutil::{r32, r64, vtd_with, w32, w64};
     use crate::vtd::VtdConfig;
 

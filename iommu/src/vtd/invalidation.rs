@@ -1,6 +1,6 @@
-//! Invalidations: parsing 128-bit queued-invalidation descriptors, the address-range math of
-//! page-selective (AM) and device-TLB (S bit) invalidations, running the queue between IQH and
-//! IQT, and turning each invalidation into the notifier events consumers must see.
+//! Invalidations: running the queue between IQH and IQT (descriptors are decoded by
+//! [`super::descriptor`]), and turning each invalidation into the notifier events consumers
+//! must see.
 //!
 //! Events per descriptor:
 //! * context-cache: `DetachEndpoint` for every cached source id it selects (the requester may
@@ -17,9 +17,12 @@
 use log::warn;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::descriptor::{
+    parse_descriptor, psi_range, ContextScope, Descriptor, DescriptorCaps, IotlbScope,
+};
 use super::fault::MsiMessage;
 use super::pagewalk::{extent, walk};
-use super::regs::{CTL_IM, CTL_IP, FSTS_IQE, ICS_IWC, MAMV};
+use super::regs::{CTL_IM, CTL_IP, FSTS_IQE, ICS_IWC};
 use super::tables::{Context, TranslationType};
 use super::{Vtd, VtdAction, WaitCompletion};
 use crate::notifier::IommuEvent;
@@ -73,194 +76,15 @@ pub enum InvalidationError {
         addr: u64,
     },
     /// IQT points past the end of the queue.
-    #[error("IQT index {tail} is beyond the queue's {entries} entries; keep IQT below 256 << IQA.QS")]
+    #[error(
+        "IQT index {tail} is beyond the queue's {entries} entries; keep IQT below 256 << IQA.QS"
+    )]
     TailOutOfRange {
         /// The tail index.
         tail: u64,
         /// Entries in the queue.
         entries: u64,
     },
-}
-
-/// Scope of a context-cache invalidation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ContextScope {
-    /// Every context entry.
-    Global,
-    /// The entries of one domain.
-    Domain(u16),
-    /// One device (SID with the low FM function bits ignored).
-    Device {
-        /// Domain id (informational).
-        did: u16,
-        /// Source id.
-        sid: u16,
-        /// Function mask (0..=3).
-        fm: u8,
-    },
-}
-
-impl ContextScope {
-    fn selects(self, sid: u16, ctx: &Context) -> bool {
-        match self {
-            ContextScope::Global => true,
-            ContextScope::Domain(did) => ctx.did == did,
-            ContextScope::Device { sid: s, fm, .. } => {
-                let ignore: u16 = [0, 0b100, 0b110, 0b111][usize::from(fm & 3)];
-                sid & !ignore == s & !ignore
-            }
-        }
-    }
-}
-
-/// Scope of an IOTLB invalidation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IotlbScope {
-    /// Everything.
-    Global,
-    /// One domain.
-    Domain(u16),
-    /// `2^am` pages at `addr` in one domain.
-    Page {
-        /// Domain id.
-        did: u16,
-        /// Address (bits 63:12 of the descriptor).
-        addr: u64,
-        /// Address mask.
-        am: u8,
-        /// Invalidation hint (only leaves changed); ignored since only leaves are cached.
-        ih: bool,
-    },
-}
-
-/// A decoded descriptor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Descriptor {
-    /// Type 1.
-    ContextCache(ContextScope),
-    /// Type 2.
-    Iotlb(IotlbScope),
-    /// Type 3.
-    DeviceTlb {
-        /// Source id of the device.
-        sid: u16,
-        /// The range to invalidate, decoded from ADDR and S.
-        range: IovaRange,
-        /// Max invalidations pending (0 = 32); informational.
-        max_pending: u8,
-    },
-    /// Type 4: `None` = global, else (index, mask).
-    InterruptEntryCache(Option<(u16, u8)>),
-    /// Type 5.
-    Wait(WaitCompletion),
-}
-
-/// Unit features the parser needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DescriptorCaps {
-    /// ECAP.DT.
-    pub device_tlb: bool,
-}
-
-/// `[addr, addr + 2^am pages)` with `addr` aligned down to that size; the full 64-bit range
-/// when the size reaches 2^64.
-pub fn psi_range(addr: u64, am: u8) -> IovaRange {
-    aligned_range(addr, 12 + u32::from(am))
-}
-
-/// The device-TLB invalidation range: one page for S=0; for S=1, with k one bits from ADDR[12]
-/// upwards, 2^(k+1) pages aligned to that size (the full range when that reaches 2^64).
-pub fn device_tlb_range(addr: u64, size_bit: bool) -> IovaRange {
-    if !size_bit {
-        return aligned_range(addr, 12);
-    }
-    let ones = (addr >> 12).trailing_ones();
-    aligned_range(addr, 12 + ones + 1)
-}
-
-fn aligned_range(addr: u64, shift: u32) -> IovaRange {
-    if shift >= 64 {
-        return IovaRange::FULL;
-    }
-    let mask = (1u64 << shift) - 1;
-    IovaRange::new(addr & !mask, addr | mask).unwrap_or(IovaRange::FULL)
-}
-
-/// Decodes and validates one legacy descriptor.
-pub fn parse_descriptor(
-    qw0: u64,
-    qw1: u64,
-    caps: DescriptorCaps,
-) -> Result<Descriptor, InvalidationError> {
-    let desc_type = (qw0 & 0xf) as u8 | (((qw0 >> 9) & 7) as u8) << 4;
-    let (rsv0, rsv1): (u64, u64) = match desc_type {
-        1 => (0xfffc_0000_0000_f1c0, u64::MAX),
-        2 => (0xffff_ffff_0000_f100, 0xf80),
-        3 => (0x000f_0000_ffe0_01f0, 0xffe),
-        4 => (0xffff_0000_07ff_f1e0, u64::MAX),
-        5 => (0x0000_0000_ffff_f100, 0x3),
-        _ => return Err(InvalidationError::UnknownType { desc_type }),
-    };
-    if qw0 & rsv0 != 0 || qw1 & rsv1 != 0 {
-        return Err(InvalidationError::Reserved {
-            desc_type,
-            qw0,
-            qw1,
-        });
-    }
-    let granularity = ((qw0 >> 4) & 3) as u8;
-    let did = (qw0 >> 16) as u16;
-    match desc_type {
-        1 => context_scope(granularity, did, (qw0 >> 32) as u16, ((qw0 >> 48) & 3) as u8)
-            .map(Descriptor::ContextCache),
-        2 => iotlb_scope(granularity, did, qw1).map(Descriptor::Iotlb),
-        3 if !caps.device_tlb => Err(InvalidationError::DeviceTlbUnsupported),
-        3 => Ok(Descriptor::DeviceTlb {
-            sid: (qw0 >> 32) as u16,
-            range: device_tlb_range(qw1 & !0xfff, qw1 & 1 != 0),
-            max_pending: ((qw0 >> 16) & 0x1f) as u8,
-        }),
-        4 => Ok(Descriptor::InterruptEntryCache(
-            (qw0 & 0x10 != 0).then_some(((qw0 >> 32) as u16, ((qw0 >> 27) & 0x1f) as u8)),
-        )),
-        _ => Ok(Descriptor::Wait(WaitCompletion {
-            status: (qw0 & 0x20 != 0).then_some((qw1 & !3, (qw0 >> 32) as u32)),
-            interrupt: qw0 & 0x10 != 0,
-            fence: qw0 & 0x40 != 0,
-        })),
-    }
-}
-
-/// The scope of a context-cache request with granularity `g` (CCMD.CIRG or descriptor G).
-pub fn context_scope(g: u8, did: u16, sid: u16, fm: u8) -> Result<ContextScope, InvalidationError> {
-    match g {
-        1 => Ok(ContextScope::Global),
-        2 => Ok(ContextScope::Domain(did)),
-        3 => Ok(ContextScope::Device { did, sid, fm }),
-        _ => Err(InvalidationError::Granularity { desc_type: 1 }),
-    }
-}
-
-/// The scope of an IOTLB request with granularity `g`; `addr_word` is the descriptor's high
-/// qword or the IVA register (ADDR 63:12, IH 6, AM 5:0).
-pub fn iotlb_scope(g: u8, did: u16, addr_word: u64) -> Result<IotlbScope, InvalidationError> {
-    match g {
-        1 => Ok(IotlbScope::Global),
-        2 => Ok(IotlbScope::Domain(did)),
-        3 => {
-            let am = (addr_word & 0x3f) as u8;
-            if am > MAMV {
-                return Err(InvalidationError::MaskTooLarge { am, mamv: MAMV });
-            }
-            Ok(IotlbScope::Page {
-                did,
-                addr: addr_word & !0xfff,
-                am,
-                ih: addr_word & 0x40 != 0,
-            })
-        }
-        _ => Err(InvalidationError::Granularity { desc_type: 2 }),
-    }
 }
 
 /// The invalidation queue as latched when QIE was set.
@@ -279,7 +103,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
 
     /// Context-cache invalidation: drops the selected cached contexts and detaches them.
     pub(crate) fn invalidate_context(&mut self, scope: ContextScope) -> Vec<IommuEvent> {
-        let removed = self.caches().context.remove_where(|s, c| scope.selects(s, c));
+        let removed = self
+            .caches()
+            .context
+            .remove_where(|s, c| scope.selects(s, c));
         removed
             .into_iter()
             .map(|sid| IommuEvent::DetachEndpoint { rid: self.rid(sid) })
@@ -361,7 +188,9 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
                 Ok(leaf) => {
                     let (ext, gpa) = extent(&self.mem, &p, &leaf);
                     let clipped = ext.intersection(range);
-                    if let Some(c) = clipped.filter(|c| !c.intersects(msi) && leaf.perm != Permissions::No) {
+                    if let Some(c) =
+                        clipped.filter(|c| !c.intersects(msi) && leaf.perm != Permissions::No)
+                    {
                         out.push((c, gpa + (c.start() - ext.start()), leaf.perm));
                     }
                     ext.end()
@@ -388,7 +217,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
         let tail = (self.regs.iqt >> 4) & 0x7fff;
         let entries = self.qi.entries.max(1);
         if tail >= entries {
-            self.queue_error(&mut out, InvalidationError::TailOutOfRange { tail, entries });
+            self.queue_error(
+                &mut out,
+                InvalidationError::TailOutOfRange { tail, entries },
+            );
             return out;
         }
         let mut batch = Vec::new();
@@ -430,7 +262,12 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
         Ok((u64::from_le_bytes(lo), u64::from_le_bytes(hi)))
     }
 
-    fn run_descriptor(&mut self, desc: Descriptor, batch: &mut Vec<IommuEvent>, out: &mut Vec<VtdAction>) {
+    fn run_descriptor(
+        &mut self,
+        desc: Descriptor,
+        batch: &mut Vec<IommuEvent>,
+        out: &mut Vec<VtdAction>,
+    ) {
         match desc {
             Descriptor::ContextCache(scope) => batch.extend(self.invalidate_context(scope)),
             Descriptor::Iotlb(scope) => batch.extend(self.invalidate_iotlb(scope)),
@@ -450,7 +287,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
     }
 
     fn queue_error(&mut self, out: &mut Vec<VtdAction>, error: InvalidationError) {
-        warn!("VT-d invalidation queue error at head {}: {error}", self.qi.head);
+        warn!(
+            "VT-d invalidation queue error at head {}: {error}",
+            self.qi.head
+        );
         self.regs.fsts |= FSTS_IQE;
         out.extend(self.raise_fault_event());
     }
@@ -459,7 +299,11 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
     /// the invalidation event. Call only after every earlier [`VtdAction::Notify`] returned.
     pub fn complete_wait(&mut self, wait: &WaitCompletion) -> Vec<VtdAction> {
         if let Some((addr, data)) = wait.status {
-            if self.mem.write_obj(data.to_le(), GuestAddress(addr)).is_err() {
+            if self
+                .mem
+                .write_obj(data.to_le(), GuestAddress(addr))
+                .is_err()
+            {
                 warn!("VT-d wait descriptor status write to {addr:#x} failed: not guest RAM");
             }
         }
@@ -503,5 +347,357 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
 fn flush(batch: &mut Vec<IommuEvent>, out: &mut Vec<VtdAction>) {
     if !batch.is_empty() {
         out.push(VtdAction::Notify(std::mem::take(batch)));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::translate::DmaTranslate;
+    use crate::types::Iova;
+    use crate::vtd::regs::{
+        FECTL, FSTS, GCMD, GCMD_QIE, GCMD_TE, ICS, IEADDR, IECTL, IEDATA, IQA, IQH, IQT,
+    };
+    use crate::vtd::testutil::*;
+    use crate::vtd::VtdConfig;
+
+    fn range(start: u64, end: u64) -> IovaRange {
+        IovaRange::new(start, end).unwrap()
+    }
+
+    /// Two devices in domain 2, one in domain 3, each with a translation cached.
+    fn rig_with_devices(config: VtdConfig) -> Rig {
+        let mut rig = Rig::new(config);
+        rig.attach(0x08, 2, 0);
+        rig.attach(0x10, 2, 0);
+        rig.attach(0x18, 3, 0);
+        rig.map(0x1000, 0x9000, 1, PTE_RW);
+        for devfn in [0x08, 0x10, 0x18] {
+            rig.vtd
+                .translate(
+                    Rig::rid(devfn),
+                    Iova(0x1000),
+                    1,
+                    crate::types::Permissions::Read,
+                )
+                .unwrap();
+        }
+        rig
+    }
+
+    fn unmap(devfn: u8, r: IovaRange) -> IommuEvent {
+        IommuEvent::Unmap {
+            rid: Rig::rid(devfn),
+            range: r,
+        }
+    }
+
+    #[test]
+    fn iotlb_psi_unmaps_exact_range_for_domain_endpoints() {
+        let mut rig = rig_with_devices(VtdConfig::default());
+        let actions = rig.submit(&[iotlb_desc(3, 2, 0x4000, 2, false)]);
+        let r = range(0x4000, 0x7fff);
+        assert_eq!(
+            actions,
+            vec![VtdAction::Notify(vec![unmap(0x08, r), unmap(0x10, r)])]
+        );
+    }
+
+    #[test]
+    fn iotlb_domain_and_global_unmap_the_whole_range() {
+        let mut rig = rig_with_devices(VtdConfig::default());
+        let actions = rig.submit(&[iotlb_desc(2, 3, 0, 0, false)]);
+        assert_eq!(
+            actions,
+            vec![VtdAction::Notify(vec![unmap(0x18, IovaRange::FULL)])]
+        );
+        let actions = rig.submit(&[iotlb_desc(1, 0, 0, 0, false)]);
+        let all: Vec<_> = [0x08, 0x10, 0x18]
+            .iter()
+            .map(|&d| unmap(d, IovaRange::FULL))
+            .collect();
+        assert_eq!(actions, vec![VtdAction::Notify(all)]);
+    }
+
+    #[test]
+    fn context_invalidation_detaches_selected_cached_devices() {
+        let mut rig = rig_with_devices(VtdConfig::default());
+        let detach = |d| IommuEvent::DetachEndpoint { rid: Rig::rid(d) };
+        // Device-selective with FM=3 (ignore function bits) selects 0x08..0x0f only.
+        let actions = rig.submit(&[cc_desc(3, 0, 0x0b, 3)]);
+        assert_eq!(actions, vec![VtdAction::Notify(vec![detach(0x08)])]);
+        assert_eq!(rig.vtd.cached_domain(Rig::rid(0x08)), None);
+        let actions = rig.submit(&[cc_desc(2, 3, 0, 0)]);
+        assert_eq!(actions, vec![VtdAction::Notify(vec![detach(0x18)])]);
+        let actions = rig.submit(&[cc_desc(1, 0, 0, 0)]);
+        assert_eq!(actions, vec![VtdAction::Notify(vec![detach(0x10)])]);
+        // Nothing cached any more: nothing to notify.
+        assert!(rig.submit(&[cc_desc(1, 0, 0, 0)]).is_empty());
+    }
+
+    #[test]
+    fn device_tlb_descriptor_emits_deviotlb_unmap() {
+        let mut rig = Rig::new(VtdConfig {
+            device_iotlb: true,
+            ..VtdConfig::default()
+        });
+        let actions = rig.submit(&[devtlb_desc(0x0108, 0x7fff_ffff_ffff_f000, true)]);
+        let rid = crate::types::RequesterId::from_bdf(0, 0x0108);
+        assert_eq!(
+            actions,
+            vec![VtdAction::Notify(vec![IommuEvent::DevIotlbUnmap {
+                rid,
+                range: IovaRange::FULL
+            }])]
+        );
+    }
+
+    #[test]
+    fn iec_descriptor_asks_for_route_refresh() {
+        let mut rig = Rig::new(VtdConfig::default());
+        let actions = rig.submit(&[iec_desc(Some((4, 1))), iec_desc(None)]);
+        assert_eq!(
+            actions,
+            vec![
+                VtdAction::InterruptCacheInvalidated(Some((4, 1))),
+                VtdAction::InterruptCacheInvalidated(None)
+            ]
+        );
+    }
+
+    #[test]
+    fn wait_completes_only_after_preceding_events_and_writes_status_on_completion() {
+        let mut rig = rig_with_devices(VtdConfig {
+            device_iotlb: true,
+            ..VtdConfig::default()
+        });
+        let status = rig.b.alloc();
+        let actions = rig.submit(&[
+            iotlb_desc(3, 3, 0x1000, 0, true),
+            devtlb_desc(0x18, 0x1000, false),
+            wait_desc(true, false, 2, status),
+            iotlb_desc(2, 3, 0, 0, false),
+        ]);
+        let page = range(0x1000, 0x1fff);
+        let wait = WaitCompletion {
+            status: Some((status, 2)),
+            interrupt: false,
+            fence: false,
+        };
+        assert_eq!(
+            actions,
+            vec![
+                VtdAction::Notify(vec![
+                    unmap(0x18, page),
+                    IommuEvent::DevIotlbUnmap {
+                        rid: Rig::rid(0x18),
+                        range: page
+                    }
+                ]),
+                VtdAction::WaitDone(wait),
+                VtdAction::Notify(vec![unmap(0x18, IovaRange::FULL)]),
+            ]
+        );
+        // The model did not write the status itself: the adapter does it after notifying.
+        assert_eq!(rig.b.read_u64(status), 0);
+        assert!(rig.vtd.complete_wait(&wait).is_empty());
+        assert_eq!(rig.b.read_u64(status), 2);
+        assert_eq!(r32(&rig.vtd, ICS), 0, "no IF, no IWC");
+    }
+
+    #[test]
+    fn wait_with_interrupt_sets_iwc_and_signals_or_pends() {
+        let mut rig = Rig::new(VtdConfig::default());
+        w32(&mut rig.vtd, IEDATA, 0x55);
+        w32(&mut rig.vtd, IEADDR, 0xfee0_0000);
+        let wait = WaitCompletion {
+            status: None,
+            interrupt: true,
+            fence: true,
+        };
+        // Masked (reset state): IP pends, the MSI fires on unmask.
+        assert!(rig.vtd.complete_wait(&wait).is_empty());
+        assert_eq!(r32(&rig.vtd, ICS), 1);
+        assert_eq!(r32(&rig.vtd, IECTL), CTL_IM | CTL_IP);
+        let msi = MsiMessage {
+            addr: 0xfee0_0000,
+            data: 0x55,
+        };
+        assert_eq!(
+            w32(&mut rig.vtd, IECTL, 0),
+            vec![VtdAction::InvalidationEvent(msi)]
+        );
+        // IWC still set: no second event until software clears it.
+        assert!(rig.vtd.complete_wait(&wait).is_empty());
+        w32(&mut rig.vtd, ICS, 1);
+        assert_eq!(r32(&rig.vtd, ICS), 0);
+        assert_eq!(
+            rig.vtd.complete_wait(&wait),
+            vec![VtdAction::InvalidationEvent(msi)]
+        );
+    }
+
+    #[test]
+    fn queue_wraps_around() {
+        let mut rig = Rig::new(VtdConfig::default());
+        let nops: Vec<_> = (0..254).map(|_| wait_desc(false, false, 0, 0)).collect();
+        rig.submit(&nops);
+        assert_eq!(r64(&rig.vtd, IQH), 254 << 4);
+        let status = rig.b.alloc();
+        let actions = rig.submit(&[
+            wait_desc(false, false, 0, 0),
+            wait_desc(false, false, 0, 0),
+            wait_desc(true, false, 7, status),
+        ]);
+        assert_eq!(actions.len(), 3);
+        assert_eq!(r64(&rig.vtd, IQH), 1 << 4);
+        assert_eq!(
+            actions[2],
+            VtdAction::WaitDone(WaitCompletion {
+                status: Some((status, 7)),
+                interrupt: false,
+                fence: false
+            })
+        );
+    }
+
+    #[test]
+    fn bad_descriptor_sets_iqe_stops_head_and_resumes_after_clear() {
+        let mut rig = rig_with_devices(VtdConfig::default());
+        w32(&mut rig.vtd, FECTL, 0);
+        let actions = rig.submit(&[
+            iotlb_desc(2, 2, 0, 0, false),
+            (0x6, 0),
+            wait_desc(false, false, 0, 0),
+        ]);
+        assert_eq!(actions.len(), 2);
+        assert!(matches!(&actions[0], VtdAction::Notify(ev) if ev.len() == 2));
+        assert!(matches!(actions[1], VtdAction::FaultEvent(_)));
+        assert_ne!(r32(&rig.vtd, FSTS) & FSTS_IQE, 0);
+        assert_eq!(
+            r64(&rig.vtd, IQH),
+            1 << 4,
+            "head stays at the bad descriptor"
+        );
+        // Further tail writes do nothing while IQE is set.
+        assert!(rig.submit(&[]).is_empty());
+        // Software replaces the bad descriptor, then clears IQE: processing resumes.
+        rig.b
+            .write_u64(rig.queue + 16, wait_desc(false, false, 0, 0).0);
+        let actions = w32(&mut rig.vtd, FSTS, FSTS_IQE);
+        assert_eq!(actions.len(), 2);
+        assert_eq!(r64(&rig.vtd, IQH), 3 << 4);
+    }
+
+    #[test]
+    fn tail_beyond_queue_size_and_unreadable_queue_set_iqe() {
+        let mut rig = Rig::new(VtdConfig::default());
+        w32(&mut rig.vtd, IQT, 256 << 4);
+        assert_ne!(r32(&rig.vtd, FSTS) & FSTS_IQE, 0);
+
+        let mut rig = Rig::new(VtdConfig::default());
+        w32(&mut rig.vtd, GCMD, GCMD_TE);
+        w64(&mut rig.vtd, IQA, 1 << 40);
+        w32(&mut rig.vtd, GCMD, GCMD_TE | GCMD_QIE);
+        w32(&mut rig.vtd, IQT, 1 << 4);
+        assert_ne!(r32(&rig.vtd, FSTS) & FSTS_IQE, 0);
+        assert_eq!(r64(&rig.vtd, IQH), 0);
+    }
+
+    #[test]
+    fn tail_written_before_enable_is_processed_on_enable() {
+        let mut rig = Rig::new(VtdConfig::default());
+        w32(&mut rig.vtd, GCMD, GCMD_TE);
+        rig.b.write_u64(rig.queue, iec_desc(None).0);
+        assert!(w32(&mut rig.vtd, IQT, 1 << 4).is_empty(), "queue disabled");
+        let actions = w32(&mut rig.vtd, GCMD, GCMD_TE | GCMD_QIE);
+        assert_eq!(actions, vec![VtdAction::InterruptCacheInvalidated(None)]);
+    }
+
+    #[test]
+    fn caching_mode_psi_emits_map_events_for_present_entries() {
+        let mut rig = Rig::new(VtdConfig {
+            caching_mode: true,
+            ..VtdConfig::default()
+        });
+        rig.attach(0x08, 2, 0);
+        rig.map(0x10_0000, 0x50_0000, 1, PTE_RW);
+        rig.vtd
+            .translate(
+                Rig::rid(0x08),
+                Iova(0x10_0000),
+                1,
+                crate::types::Permissions::Read,
+            )
+            .unwrap();
+        // New mappings: two contiguous RW pages, a hole, a read-only page.
+        rig.map(0x10_1000, 0x50_1000, 1, PTE_RW);
+        rig.map(0x10_2000, 0x50_2000, 1, PTE_RW);
+        rig.map(0x10_4000, 0x70_0000, 1, PTE_R);
+        rig.map(0x10_8000, 0x80_0000, 1, PTE_RW); // outside the invalidated range
+        let actions = rig.submit(&[iotlb_desc(3, 2, 0x10_0000, 3, false)]);
+        let rid = Rig::rid(0x08);
+        let map = |s, e, gpa, perm| IommuEvent::Map {
+            rid,
+            range: range(s, e),
+            gpa: GuestAddress(gpa),
+            perm,
+        };
+        use crate::types::Permissions::{Read, ReadWrite};
+        assert_eq!(
+            actions,
+            vec![VtdAction::Notify(vec![
+                unmap(0x08, range(0x10_0000, 0x10_7fff)),
+                map(0x10_0000, 0x10_2fff, 0x50_0000, ReadWrite),
+                map(0x10_4000, 0x10_4fff, 0x70_0000, Read),
+            ])]
+        );
+    }
+
+    #[test]
+    fn caching_mode_scan_skips_large_holes_quickly() {
+        let mut rig = Rig::new(VtdConfig {
+            caching_mode: true,
+            ..VtdConfig::default()
+        });
+        rig.attach(0x08, 2, 0);
+        rig.map(0x4000_0000, 0x20_0000, 2, PTE_RW);
+        rig.vtd
+            .translate(
+                Rig::rid(0x08),
+                Iova(0x4000_0000),
+                1,
+                crate::types::Permissions::Read,
+            )
+            .unwrap();
+        rig.map(0x3fff_f000, 0x1000, 1, PTE_RW);
+        // 2^18 pages = 1 GiB from 0x0: mostly not present, the last page is mapped.
+        let actions = rig.submit(&[iotlb_desc(3, 2, 0, 18, false)]);
+        let VtdAction::Notify(events) = &actions[0] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(events.len(), 2);
+        assert!(matches!(
+            events[1],
+            IommuEvent::Map {
+                gpa: GuestAddress(0x1000),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn invalidation_drops_cached_translation() {
+        let mut rig = rig_with_devices(VtdConfig::default());
+        let rid = Rig::rid(0x08);
+        let read = crate::types::Permissions::Read;
+        // Change the mapping without invalidating: the cached translation is still used.
+        rig.map(0x1000, 0xa000, 1, PTE_RW);
+        let t = rig.vtd.translate(rid, Iova(0x1000), 1, read).unwrap();
+        assert_eq!(t.fragments[0].0, GuestAddress(0x9000));
+        rig.submit(&[iotlb_desc(3, 2, 0x1000, 0, false)]);
+        let t = rig.vtd.translate(rid, Iova(0x1000), 1, read).unwrap();
+        assert_eq!(t.fragments[0].0, GuestAddress(0xa000));
     }
 }

@@ -183,7 +183,10 @@ mod tests {
         tlb.insert(1, t(0x8000, 0x8fff, 0));
         tlb.insert(2, t(0x1000, 0x1fff, 0));
         tlb.invalidate_range(1, IovaRange::new(0x4000, 0x7fff).unwrap());
-        assert!(tlb.lookup(1, 0x1000).is_none(), "overlapping extent dropped");
+        assert!(
+            tlb.lookup(1, 0x1000).is_none(),
+            "overlapping extent dropped"
+        );
         assert!(tlb.lookup(1, 0x0).is_some());
         assert!(tlb.lookup(1, 0x8000).is_some());
         assert!(tlb.lookup(2, 0x1000).is_some());

@@ -10,7 +10,8 @@
 use log::{debug, warn};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::invalidation::{context_scope, iotlb_scope, InvalidationError, IotlbScope};
+use super::descriptor::{context_scope, iotlb_scope, IotlbScope};
+use super::invalidation::InvalidationError;
 use super::regs::*;
 use super::{Vtd, VtdAction};
 use crate::notifier::IommuEvent;
@@ -19,8 +20,8 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
     /// Reads `data.len()` (4 or 8) bytes of the register file at `offset`.
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
         let value = match data.len() {
-            4 if offset % 4 == 0 => u64::from(self.read32(offset)),
-            8 if offset % 8 == 0 => self.read64(offset),
+            4 if offset.is_multiple_of(4) => u64::from(self.read32(offset)),
+            8 if offset.is_multiple_of(8) => self.read64(offset),
             len => {
                 debug!("VT-d: ignoring {len}-byte read at {offset:#x}");
                 0
@@ -35,9 +36,15 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
     /// Writes `data` (4 or 8 bytes) to the register file at `offset`; returns the side effects
     /// to carry out in order.
     pub fn mmio_write(&mut self, offset: u64, data: &[u8]) -> Vec<VtdAction> {
-        match (data.len(), <[u8; 8]>::try_from(data), <[u8; 4]>::try_from(data)) {
-            (4, _, Ok(b)) if offset % 4 == 0 => self.write32(offset, u32::from_le_bytes(b)),
-            (8, Ok(b), _) if offset % 8 == 0 => {
+        match (
+            data.len(),
+            <[u8; 8]>::try_from(data),
+            <[u8; 4]>::try_from(data),
+        ) {
+            (4, _, Ok(b)) if offset.is_multiple_of(4) => {
+                self.write32(offset, u32::from_le_bytes(b))
+            }
+            (8, Ok(b), _) if offset.is_multiple_of(8) => {
                 let value = u64::from_le_bytes(b);
                 if self.is_reg64(offset) {
                     self.write64(offset, value, u64::MAX)
@@ -257,5 +264,264 @@ fn notify(events: Vec<IommuEvent>) -> Vec<VtdAction> {
         Vec::new()
     } else {
         vec![VtdAction::Notify(events)]
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::translate::DmaTranslate;
+    use crate::types::{Iova, Permissions};
+    use crate::vtd::testutil::{r32, r64, vtd_with, w32, w64, Rig, PTE_RW};
+    use crate::vtd::VtdConfig;
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn reset_values() {
+        let config = VtdConfig::default();
+        let (vtd, _) = vtd_with(config.clone());
+        assert_eq!(r32(&vtd, VER), 0x10);
+        assert_eq!(r64(&vtd, CAP), cap(&config));
+        assert_eq!(r64(&vtd, ECAP), ecap(&config));
+        assert_eq!(r32(&vtd, GCMD), 0);
+        assert_eq!(r32(&vtd, GSTS), 0);
+        assert_eq!(r32(&vtd, FSTS), 0);
+        assert_eq!(r32(&vtd, FECTL), CTL_IM);
+        assert_eq!(r32(&vtd, IECTL), CTL_IM);
+        for reg in [RTADDR, CCMD, IQH, IQT, IQA, IQER, IRTA, IOTLB, AFLOG] {
+            assert_eq!(r64(&vtd, reg), 0, "{reg:#x}");
+        }
+    }
+
+    #[test]
+    fn te_handshake_updates_gsts_synchronously_and_resets_consumers() {
+        let (mut vtd, _) = vtd_with(VtdConfig::default());
+        let actions = w32(&mut vtd, GCMD, GCMD_TE);
+        assert_eq!(r32(&vtd, GSTS) & GCMD_TE, GCMD_TE);
+        assert!(vtd.translation_enabled());
+        assert_eq!(actions, vec![VtdAction::Notify(vec![IommuEvent::Reset])]);
+        // Writing the same level again changes nothing.
+        assert!(w32(&mut vtd, GCMD, GCMD_TE).is_empty());
+        assert_eq!(
+            w32(&mut vtd, GCMD, 0),
+            vec![VtdAction::Notify(vec![IommuEvent::Reset])]
+        );
+        assert_eq!(r32(&vtd, GSTS), 0);
+    }
+
+    #[test]
+    fn srtp_latches_rtaddr_only_when_commanded() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 2, 0);
+        rig.map(0x1000, 0x9000, 1, PTE_RW);
+        let rid = Rig::rid(0x08);
+        let t = rig.vtd.translate(rid, Iova(0x1000), 4, Permissions::Read);
+        assert_eq!(t.unwrap().fragments[0].0, GuestAddress(0x9000));
+        assert_ne!(r32(&rig.vtd, GSTS) & GCMD_SRTP, 0, "RTPS");
+        // A new, empty root table is not used until SRTP.
+        let empty = rig.b.alloc();
+        w64(&mut rig.vtd, RTADDR, empty);
+        assert!(rig
+            .vtd
+            .translate(rid, Iova(0x1000), 4, Permissions::Read)
+            .is_ok());
+        // SRTP acts on every write with it set, with TE kept as a level.
+        let actions = w32(&mut rig.vtd, GCMD, GCMD_TE | GCMD_QIE | GCMD_SRTP);
+        assert_eq!(actions, vec![VtdAction::Notify(vec![IommuEvent::Reset])]);
+        assert!(rig.vtd.translation_enabled());
+        assert!(rig
+            .vtd
+            .translate(rid, Iova(0x1000), 4, Permissions::Read)
+            .is_err());
+    }
+
+    #[test]
+    fn rtaddr_reserved_bits_read_zero() {
+        let (mut vtd, _) = vtd_with(VtdConfig {
+            address_width: 39,
+            ..VtdConfig::default()
+        });
+        w64(&mut vtd, RTADDR, u64::MAX);
+        assert_eq!(r64(&vtd, RTADDR), 0x7f_ffff_f000);
+    }
+
+    #[test]
+    fn qie_enable_and_disable_reset_the_head() {
+        let mut rig = Rig::new(VtdConfig::default());
+        assert_ne!(r32(&rig.vtd, GSTS) & GCMD_QIE, 0);
+        rig.submit(&[crate::vtd::testutil::wait_desc(false, false, 0, 0)]);
+        assert_eq!(r64(&rig.vtd, IQH), 0x10);
+        w32(&mut rig.vtd, GCMD, GCMD_TE);
+        assert_eq!(r32(&rig.vtd, GSTS) & GCMD_QIE, 0);
+        assert_eq!(r64(&rig.vtd, IQH), 0);
+    }
+
+    #[test]
+    fn register_context_invalidation_clears_icc_and_reports_caig() {
+        let (mut vtd, _) = vtd_with(VtdConfig::default());
+        w64(&mut vtd, CCMD, CCMD_ICC | (1 << CCMD_CIRG_SHIFT));
+        let v = r64(&vtd, CCMD);
+        assert_eq!(v & CCMD_ICC, 0);
+        assert_eq!((v >> CCMD_CAIG_SHIFT) & 3, 1);
+        // Granularity 0 is refused: CAIG 0.
+        w64(&mut vtd, CCMD, CCMD_ICC);
+        assert_eq!((r64(&vtd, CCMD) >> CCMD_CAIG_SHIFT) & 3, 0);
+        assert_eq!(r64(&vtd, CCMD) & CCMD_ICC, 0);
+    }
+
+    #[test]
+    fn register_context_invalidation_detaches_cached_device() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x10, 5, 0);
+        rig.map(0, 0x4000, 1, PTE_RW);
+        rig.vtd
+            .translate(Rig::rid(0x10), Iova(0), 1, Permissions::Read)
+            .unwrap();
+        let cmd = CCMD_ICC | (3 << CCMD_CIRG_SHIFT) | (0x10 << 16) | 5;
+        let actions = w64(&mut rig.vtd, CCMD, cmd);
+        let detach = IommuEvent::DetachEndpoint {
+            rid: Rig::rid(0x10),
+        };
+        assert_eq!(actions, vec![VtdAction::Notify(vec![detach])]);
+        assert_eq!((r64(&rig.vtd, CCMD) >> CCMD_CAIG_SHIFT) & 3, 3);
+    }
+
+    #[test]
+    fn register_iotlb_invalidation_reports_iaig_and_unmaps() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 7, 0);
+        rig.map(0x20_0000, 0x4000, 1, PTE_RW);
+        rig.vtd
+            .translate(Rig::rid(0x08), Iova(0x20_0000), 1, Permissions::Read)
+            .unwrap();
+        w64(&mut rig.vtd, IVA, 0x20_0000 | 1);
+        let actions = w64(
+            &mut rig.vtd,
+            IOTLB,
+            IOTLB_IVT | (3 << IOTLB_IIRG_SHIFT) | (7 << 32),
+        );
+        let v = r64(&rig.vtd, IOTLB);
+        assert_eq!(v & IOTLB_IVT, 0);
+        assert_eq!((v >> IOTLB_IAIG_SHIFT) & 3, 3);
+        let range = crate::types::IovaRange::new(0x20_0000, 0x20_1fff).unwrap();
+        let unmap = IommuEvent::Unmap {
+            rid: Rig::rid(0x08),
+            range,
+        };
+        assert_eq!(actions, vec![VtdAction::Notify(vec![unmap])]);
+        // AM above MAMV falls back to a domain-selective flush, reported as such.
+        w64(&mut rig.vtd, IVA, 19);
+        w64(
+            &mut rig.vtd,
+            IOTLB,
+            IOTLB_IVT | (3 << IOTLB_IIRG_SHIFT) | (7 << 32),
+        );
+        assert_eq!((r64(&rig.vtd, IOTLB) >> IOTLB_IAIG_SHIFT) & 3, 2);
+        w64(&mut rig.vtd, IOTLB, IOTLB_IVT | (1 << IOTLB_IIRG_SHIFT));
+        assert_eq!((r64(&rig.vtd, IOTLB) >> IOTLB_IAIG_SHIFT) & 3, 1);
+    }
+
+    #[test]
+    fn split_32_bit_halves_of_64_bit_registers() {
+        let (mut vtd, _) = vtd_with(VtdConfig::default());
+        w32(&mut vtd, RTADDR, 0x1234_5000);
+        w32(&mut vtd, RTADDR + 4, 0x7f);
+        assert_eq!(r64(&vtd, RTADDR), 0x7f_1234_5000);
+        assert_eq!(r32(&vtd, RTADDR + 4), 0x7f);
+        let cap64 = r64(&vtd, CAP);
+        assert_eq!(
+            u64::from(r32(&vtd, CAP)) | u64::from(r32(&vtd, CAP + 4)) << 32,
+            cap64
+        );
+        // CCMD: low half first (DID), then the high half with ICC starts the invalidation.
+        assert!(w32(&mut vtd, CCMD, 0x42).is_empty());
+        assert_eq!(r64(&vtd, CCMD), 0x42);
+        w32(
+            &mut vtd,
+            CCMD + 4,
+            ((CCMD_ICC | (2 << CCMD_CIRG_SHIFT)) >> 32) as u32,
+        );
+        let v = r64(&vtd, CCMD);
+        assert_eq!(
+            (v & CCMD_ICC, (v >> CCMD_CAIG_SHIFT) & 3, v & 0xffff),
+            (0, 2, 0x42)
+        );
+    }
+
+    #[test]
+    fn eight_byte_access_to_32_bit_registers_splits() {
+        let (mut vtd, _) = vtd_with(VtdConfig::default());
+        w64(&mut vtd, FEADDR, 0x0000_0001_fee0_0004);
+        assert_eq!(r32(&vtd, FEADDR), 0xfee0_0004);
+        assert_eq!(r32(&vtd, FEUADDR), 1);
+        w32(&mut vtd, GCMD, GCMD_TE);
+        assert_eq!(
+            r64(&vtd, GCMD) >> 32,
+            u64::from(GCMD_TE),
+            "GSTS in the high half"
+        );
+    }
+
+    #[test]
+    fn read_only_registers_ignore_writes_and_odd_sizes_are_ignored() {
+        let (mut vtd, _) = vtd_with(VtdConfig::default());
+        let cap_before = r64(&vtd, CAP);
+        w64(&mut vtd, CAP, 0);
+        w64(&mut vtd, ECAP, 0);
+        w32(&mut vtd, VER, 0);
+        w32(&mut vtd, GSTS, u32::MAX);
+        w64(&mut vtd, IQH, 0x100);
+        w64(&mut vtd, IQER, 1);
+        assert_eq!(r64(&vtd, CAP), cap_before);
+        assert_eq!(r32(&vtd, VER), 0x10);
+        assert_eq!(r32(&vtd, GSTS), 0);
+        assert_eq!(r64(&vtd, IQH), 0);
+        assert!(vtd.mmio_write(GCMD, &[0, 0, 0]).is_empty());
+        assert!(vtd.mmio_write(GCMD + 1, &GCMD_TE.to_le_bytes()).is_empty());
+        assert_eq!(r32(&vtd, GSTS), 0);
+        let mut two = [0xffu8; 2];
+        vtd.mmio_read(VER, &mut two);
+        assert_eq!(two, [0, 0]);
+        let mut unaligned = [0xffu8; 8];
+        vtd.mmio_read(CAP + 4, &mut unaligned);
+        assert_eq!(unaligned, [0; 8]);
+    }
+
+    #[test]
+    fn fedata_and_feaddr_mask_reserved_bits() {
+        let (mut vtd, _) = vtd_with(VtdConfig::default());
+        w32(&mut vtd, FEDATA, 0xffff_ffff);
+        w32(&mut vtd, FEADDR, 0xffff_ffff);
+        assert_eq!(r32(&vtd, FEDATA), 0xffff);
+        assert_eq!(r32(&vtd, FEADDR), 0xffff_fffc);
+    }
+
+    #[test]
+    fn interrupt_remapping_registers_only_with_ir() {
+        let (mut off, _) = vtd_with(VtdConfig::default());
+        w64(&mut off, IRTA, 0x5000 | 0xf);
+        assert_eq!(r64(&off, IRTA), 0);
+        assert!(w32(&mut off, GCMD, GCMD_IRE | GCMD_SIRTP).is_empty());
+        assert_eq!(r32(&off, GSTS), 0);
+        assert_eq!(off.interrupt_remapping(), None);
+
+        let (mut on, _) = vtd_with(VtdConfig {
+            interrupt_remapping: true,
+            ..VtdConfig::default()
+        });
+        w64(&mut on, IRTA, 0x5000 | (1 << 11) | 0xf | 0x100);
+        assert_eq!(r64(&on, IRTA), 0x5000 | (1 << 11) | 0xf);
+        let actions = w32(&mut on, GCMD, GCMD_SIRTP);
+        assert_eq!(actions, vec![VtdAction::InterruptRemappingChanged]);
+        assert_ne!(r32(&on, GSTS) & GCMD_SIRTP, 0, "IRTPS");
+        w32(&mut on, GCMD, GCMD_IRE);
+        let ir = on.interrupt_remapping().unwrap();
+        assert_eq!((ir.base, ir.entries, ir.eime), (0x5000, 65536, true));
+        assert!(ir.enabled && !ir.compat_allowed);
+        assert!(
+            w32(&mut on, GCMD, GCMD_IRE).is_empty(),
+            "no change, no action"
+        );
     }
 }

@@ -38,6 +38,7 @@ use crate::translate::{
 use crate::types::{intersect, Access, Iova, IovaRange, Permissions, RequesterId};
 use crate::types::{X86_MSI_END, X86_MSI_START};
 
+pub mod descriptor;
 pub mod dmar;
 pub mod fault;
 pub mod invalidation;
@@ -50,8 +51,8 @@ pub mod tables;
 mod testutil;
 
 pub use fault::{FaultInfo, FaultReason, MsiMessage};
-use iotlb::{CachedTranslation, ContextCache, Iotlb};
 use invalidation::QueueState;
+use iotlb::{CachedTranslation, ContextCache, Iotlb};
 use pagewalk::{WalkError, WalkParams};
 use regs::{RegFile, GCMD_TE};
 use tables::{lookup_context, Context, ContextFault, TableCaps, TranslationType};
@@ -492,7 +493,13 @@ fn clip_to_side_of_msi(t: CachedTranslation, iova: u64) -> CachedTranslation {
     }
 }
 
-fn fault_info(rid: RequesterId, addr: u64, access: Access, reason: FaultReason, fpd: bool) -> FaultInfo {
+fn fault_info(
+    rid: RequesterId,
+    addr: u64,
+    access: Access,
+    reason: FaultReason,
+    fpd: bool,
+) -> FaultInfo {
     FaultInfo {
         sid: rid.bdf(),
         addr,
@@ -502,7 +509,12 @@ fn fault_info(rid: RequesterId, addr: u64, access: Access, reason: FaultReason, 
     }
 }
 
-fn context_failure(rid: RequesterId, iova: Iova, access: Access, f: ContextFault) -> TranslationFailure {
+fn context_failure(
+    rid: RequesterId,
+    iova: Iova,
+    access: Access,
+    f: ContextFault,
+) -> TranslationFailure {
     let error = match f.reason {
         FaultReason::RootNotPresent | FaultReason::ContextNotPresent => {
             TranslateError::NotAttached { rid }
@@ -515,14 +527,32 @@ fn context_failure(rid: RequesterId, iova: Iova, access: Access, f: ContextFault
     }
 }
 
-fn walk_failure(rid: RequesterId, iova: u64, access: Access, fpd: bool, e: WalkError) -> TranslationFailure {
+fn walk_failure(
+    rid: RequesterId,
+    iova: u64,
+    access: Access,
+    fpd: bool,
+    e: WalkError,
+) -> TranslationFailure {
     TranslationFailure {
         error: TranslateError::Unmapped { iova: Iova(iova) },
-        fault: Some(fault_info(rid, iova, access, e.reason(access.has_write()), fpd)),
+        fault: Some(fault_info(
+            rid,
+            iova,
+            access,
+            e.reason(access.has_write()),
+            fpd,
+        )),
     }
 }
 
-fn denied(rid: RequesterId, iova: u64, access: Access, allowed: Permissions, fpd: bool) -> TranslationFailure {
+fn denied(
+    rid: RequesterId,
+    iova: u64,
+    access: Access,
+    allowed: Permissions,
+    fpd: bool,
+) -> TranslationFailure {
     let reason = if access.has_write() && !allowed.has_write() {
         FaultReason::WriteDenied
     } else {
@@ -535,5 +565,341 @@ fn denied(rid: RequesterId, iova: u64, access: Access, allowed: Permissions, fpd
             allowed,
         },
         fault: Some(fault_info(rid, iova, access, reason, fpd)),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::notifier::{IommuNotifier, NotifierSet, NotifyError, UnmapKind};
+    use crate::vtd::regs::{FRCD_BASE, FSTS, FSTS_PPF};
+    use crate::vtd::testutil::*;
+
+    const R: Permissions = Permissions::Read;
+    const W: Permissions = Permissions::Write;
+
+    fn range(start: u64, end: u64) -> IovaRange {
+        IovaRange::new(start, end).unwrap()
+    }
+
+    #[test]
+    fn config_validation() {
+        let mem = test_mem();
+        let bad_aw = VtdConfig {
+            address_width: 57,
+            ..VtdConfig::default()
+        };
+        assert_eq!(
+            Vtd::new(bad_aw, mem.clone()).unwrap_err(),
+            VtdError::AddressWidth(57)
+        );
+        let bad_fr = VtdConfig {
+            fault_records: 0,
+            ..VtdConfig::default()
+        };
+        assert_eq!(
+            Vtd::new(bad_fr, mem).unwrap_err(),
+            VtdError::FaultRecords(0)
+        );
+    }
+
+    #[test]
+    fn translation_disabled_is_identity_bounded_by_limit() {
+        let (vtd, _) = vtd_with(VtdConfig {
+            identity_limit: 0xfff_ffff,
+            ..VtdConfig::default()
+        });
+        let t = vtd.translate(Rig::rid(8), Iova(0x1234), 0x10, W).unwrap();
+        assert_eq!(t.fragments, vec![(GuestAddress(0x1234), 0x10)]);
+        assert_eq!(t.extent.iova, range(0, 0xfff_ffff));
+    }
+
+    #[test]
+    fn walk_translation_with_extent_and_fragments() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 2, 0);
+        rig.map(0x1000, 0x9000, 1, PTE_RW);
+        rig.map(0x2000, 0xa000, 1, PTE_RW);
+        rig.map(0x3000, 0x20000, 1, PTE_RW);
+        let t = rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0x1800), 0x2000, W)
+            .unwrap();
+        assert_eq!(
+            t.fragments,
+            vec![
+                (GuestAddress(0x9800), 0x1800),
+                (GuestAddress(0x20000), 0x800)
+            ]
+        );
+        assert_eq!(t.perm, Permissions::ReadWrite);
+        assert_eq!(t.extent.iova, range(0x1000, 0x2fff));
+        assert_eq!(t.extent.gpa, GuestAddress(0x9000));
+    }
+
+    #[test]
+    fn large_page_translation_through_context() {
+        let mut rig = Rig::new(VtdConfig {
+            address_width: 39,
+            ..VtdConfig::default()
+        });
+        rig.attach(0x08, 2, 0);
+        rig.map(0x4000_0000, 0x1_0000_0000, 3, PTE_RW);
+        rig.map(0x20_0000, 0x80_0000, 2, PTE_R);
+        let t = rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0x4000_1234), 4, R)
+            .unwrap();
+        assert_eq!(t.fragments[0].0, GuestAddress(0x1_0000_1234));
+        assert_eq!(t.extent.iova, range(0x4000_0000, 0x7fff_ffff));
+        let t = rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0x20_0010), 4, R)
+            .unwrap();
+        assert_eq!((t.fragments[0].0, t.perm), (GuestAddress(0x80_0010), R));
+    }
+
+    #[test]
+    fn write_to_read_only_page_faults_with_reason_5_and_is_recorded() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 2, 0);
+        rig.map(0x1000, 0x9000, 1, PTE_R);
+        let (res, _) = rig
+            .vtd
+            .translate_and_record(Rig::rid(0x08), Iova(0x1010), 4, W);
+        assert_eq!(
+            res,
+            Err(TranslateError::PermissionDenied {
+                iova: Iova(0x1010),
+                requested: W,
+                allowed: R
+            })
+        );
+        assert_ne!(r32(&rig.vtd, FSTS) & FSTS_PPF, 0);
+        let hi = r64(&rig.vtd, FRCD_BASE + 8);
+        assert_eq!(
+            (hi & 0xffff, (hi >> 32) & 0xff, (hi >> 62) & 1),
+            (0x08, 0x5, 0)
+        );
+        assert_eq!(r64(&rig.vtd, FRCD_BASE), 0x1000);
+    }
+
+    #[test]
+    fn not_present_read_faults_with_reason_6() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 2, 0);
+        let f = rig
+            .vtd
+            .translate_detailed(Rig::rid(0x08), Iova(0x5000), 1, R)
+            .unwrap_err();
+        assert_eq!(f.error, TranslateError::Unmapped { iova: Iova(0x5000) });
+        assert_eq!(f.fault.unwrap().reason, FaultReason::ReadDenied);
+    }
+
+    #[test]
+    fn missing_root_or_context_is_not_attached() {
+        let mut rig = Rig::new(VtdConfig::default());
+        let f = rig
+            .vtd
+            .translate_detailed(Rig::rid(0x08), Iova(0), 1, R)
+            .unwrap_err();
+        assert_eq!(
+            f.error,
+            TranslateError::NotAttached {
+                rid: Rig::rid(0x08)
+            }
+        );
+        assert_eq!(f.fault.unwrap().reason, FaultReason::ContextNotPresent);
+        let other_bus = RequesterId::from_bdf(0, 0x0300);
+        let f = rig
+            .vtd
+            .translate_detailed(other_bus, Iova(0), 1, R)
+            .unwrap_err();
+        assert_eq!(f.fault.unwrap().reason, FaultReason::RootNotPresent);
+        let (res, actions) = rig.vtd.translate_and_record(other_bus, Iova(0), 1, R);
+        assert!(res.is_err() && actions.is_empty(), "FECTL masked: no MSI");
+        assert_eq!((r64(&rig.vtd, FRCD_BASE + 8) >> 32) & 0xff, 0x1);
+        // Another segment is not covered by this unit at all.
+        let seg1 = RequesterId::from_bdf(1, 0x08);
+        assert_eq!(
+            rig.vtd.translate(seg1, Iova(0), 1, R),
+            Err(TranslateError::UnknownEndpoint { rid: seg1 })
+        );
+    }
+
+    #[test]
+    fn address_beyond_width_faults_with_reason_4() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 2, 0);
+        let f = rig
+            .vtd
+            .translate_detailed(Rig::rid(0x08), Iova(1 << 48), 1, R)
+            .unwrap_err();
+        assert_eq!(f.fault.unwrap().reason, FaultReason::AddressBeyondWidth);
+    }
+
+    #[test]
+    fn fpd_context_suppresses_fault_records() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 2, 0);
+        let lo = rig.b.read_u64(rig.ctx0 + 0x80);
+        rig.b.write_u64(rig.ctx0 + 0x80, lo | 2);
+        let (res, _) = rig
+            .vtd
+            .translate_and_record(Rig::rid(0x08), Iova(0x5000), 1, R);
+        assert!(res.is_err());
+        assert_eq!(r32(&rig.vtd, FSTS), 0);
+    }
+
+    #[test]
+    fn pass_through_context_is_identity_with_large_extent() {
+        let mut rig = Rig::new(VtdConfig {
+            identity_limit: 0x3fff_ffff,
+            ..VtdConfig::default()
+        });
+        rig.attach(0x08, 1, 2);
+        let t = rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0x1234_5000), 0x1000, W)
+            .unwrap();
+        assert_eq!(t.fragments, vec![(GuestAddress(0x1234_5000), 0x1000)]);
+        assert_eq!(t.extent.iova, range(0, 0x3fff_ffff));
+        // Without ECAP.PT the same entry is an invalid context.
+        let mut no_pt = Rig::new(VtdConfig {
+            pass_through: false,
+            ..VtdConfig::default()
+        });
+        no_pt.attach(0x08, 1, 2);
+        let f = no_pt
+            .vtd
+            .translate_detailed(Rig::rid(0x08), Iova(0), 1, R)
+            .unwrap_err();
+        assert_eq!(f.fault.unwrap().reason, FaultReason::InvalidContext);
+    }
+
+    #[test]
+    fn interrupt_window_is_identity_and_never_walked() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 2, 0);
+        let t = rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0xfee0_1000), 4, W)
+            .unwrap();
+        assert_eq!(t.fragments, vec![(GuestAddress(0xfee0_1000), 4)]);
+        assert_eq!(t.extent.iova, range(0xfee0_0000, 0xfeef_ffff));
+        // A 1 GiB page around the window: the extent stops short of it.
+        rig.map(0xc000_0000, 0xc000_0000, 3, PTE_RW);
+        let t = rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0xc000_0000), 4, R)
+            .unwrap();
+        assert_eq!(t.extent.iova, range(0xc000_0000, 0xfedf_ffff));
+        let t = rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0xff00_0000), 4, R)
+            .unwrap();
+        assert_eq!(t.extent.iova, range(0xfef0_0000, 0xffff_ffff));
+        assert_eq!(t.extent.gpa, GuestAddress(0xfef0_0000));
+        let err = rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0xfedf_f000), 0x2000, R)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            TranslateError::Unmapped {
+                iova: Iova(0xfee0_0000)
+            }
+        );
+    }
+
+    #[test]
+    fn unmapped_page_after_psi_fails_translation_and_notifies() {
+        let mut rig = Rig::new(VtdConfig::default());
+        rig.attach(0x08, 2, 0);
+        rig.map(0x1000, 0x9000, 1, PTE_RW);
+        assert!(rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0x1000), 1, R)
+            .is_ok());
+        let (pt, levels) = (rig.pt, rig.levels);
+        rig.b.unmap_4k(pt, levels, 0x1000);
+        let actions = rig.submit(&[iotlb_desc(3, 2, 0x1000, 0, true)]);
+        let unmap = IommuEvent::Unmap {
+            rid: Rig::rid(0x08),
+            range: range(0x1000, 0x1fff),
+        };
+        assert_eq!(actions, vec![VtdAction::Notify(vec![unmap])]);
+        assert!(rig
+            .vtd
+            .translate(Rig::rid(0x08), Iova(0x1000), 1, R)
+            .is_err());
+    }
+
+    #[test]
+    fn reset_clears_state_and_resets_consumers() {
+        let mut rig = Rig::new(VtdConfig::default());
+        assert!(rig.vtd.translation_enabled());
+        assert_eq!(
+            rig.vtd.reset(),
+            vec![VtdAction::Notify(vec![IommuEvent::Reset])]
+        );
+        assert!(!rig.vtd.translation_enabled());
+        assert_eq!(r32(&rig.vtd, regs::GSTS), 0);
+    }
+
+    struct Sink;
+    impl IommuNotifier for Sink {
+        fn notify(&self, _ev: &IommuEvent) -> Result<(), NotifyError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn notifier_flags_follow_device_iotlb_and_caching_mode() {
+        let (plain, _) = vtd_with(VtdConfig::default());
+        assert_eq!(plain.notifier_flags(), NotifierFlags::UNMAP);
+        assert!(!plain.supports_device_iotlb());
+        let mut set = NotifierSet::new(plain.notifier_flags());
+        let (_, kind) = set
+            .register_with_fallback(Rig::rid(8), NotifierFlags::NONE, Arc::new(Sink))
+            .unwrap();
+        assert_eq!(kind, UnmapKind::Iotlb);
+
+        let (full, _) = vtd_with(VtdConfig {
+            device_iotlb: true,
+            caching_mode: true,
+            ..VtdConfig::default()
+        });
+        assert_eq!(full.notifier_flags(), NotifierFlags::ALL);
+        assert!(full.supports_device_iotlb());
+        let mut set = NotifierSet::new(full.notifier_flags());
+        let (_, kind) = set
+            .register_with_fallback(Rig::rid(8), NotifierFlags::MAP, Arc::new(Sink))
+            .unwrap();
+        assert_eq!(kind, UnmapKind::DevIotlb);
+    }
+
+    #[test]
+    fn garbage_tables_never_panic() {
+        let mut rig = Rig::new(VtdConfig::default());
+        // Fill the context table and page tables with a pseudo-random pattern.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..512u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            rig.b.write_u64(rig.ctx0 + i * 8, x);
+            rig.b.write_u64(rig.pt + i * 8, x.rotate_left(7));
+        }
+        for devfn in 0..=255u8 {
+            for iova in [0u64, 0x1000, 0xdead_b000, u64::MAX - 0xfff] {
+                let _ = rig
+                    .vtd
+                    .translate_and_record(Rig::rid(devfn), Iova(iova), 0x1000, W);
+            }
+        }
     }
 }

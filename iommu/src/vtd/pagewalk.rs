@@ -150,7 +150,9 @@ fn classify(entry: u64, level: u8, p: &WalkParams) -> Result<bool, WalkError> {
 }
 
 fn read_entry<M: Bytes<GuestAddress> + ?Sized>(mem: &M, addr: u64) -> Option<u64> {
-    mem.read_obj::<u64>(GuestAddress(addr)).ok().map(u64::from_le)
+    mem.read_obj::<u64>(GuestAddress(addr))
+        .ok()
+        .map(u64::from_le)
 }
 
 /// Walks the tables for `iova`.
@@ -205,7 +207,10 @@ pub fn extent<M: Bytes<GuestAddress> + ?Sized>(
     leaf: &Leaf,
 ) -> (IovaRange, u64) {
     let mut table = [0u8; 4096];
-    if mem.read_slice(&mut table, GuestAddress(leaf.table)).is_err() {
+    if mem
+        .read_slice(&mut table, GuestAddress(leaf.table))
+        .is_err()
+    {
         return (leaf.range(), leaf.gpa);
     }
     let entry_at = |i: u64| -> u64 {
@@ -269,7 +274,10 @@ mod tests {
         let root = b.alloc();
         b.map(root, 4, 0x1234_5000, 0x7_8000, 1, PTE_RW);
         let leaf = walk(&mem, &params(root, 4), 0x1234_5678).unwrap();
-        assert_eq!((leaf.level, leaf.iova, leaf.gpa), (1, 0x1234_5000, 0x7_8000));
+        assert_eq!(
+            (leaf.level, leaf.iova, leaf.gpa),
+            (1, 0x1234_5000, 0x7_8000)
+        );
         assert_eq!(leaf.perm, Permissions::ReadWrite);
     }
 
@@ -301,7 +309,10 @@ mod tests {
         b.map(root, 4, 0x20_0000, 0x60_0000, 2, PTE_RW);
         let big = walk(&mem, &params(root, 4), 0x4123_4567).unwrap();
         assert_eq!((big.level, big.gpa), (3, 0x80_0000_0000));
-        assert_eq!(big.range(), IovaRange::new(0x4000_0000, 0x7fff_ffff).unwrap());
+        assert_eq!(
+            big.range(),
+            IovaRange::new(0x4000_0000, 0x7fff_ffff).unwrap()
+        );
         let mid = walk(&mem, &params(root, 4), 0x2f_ffff).unwrap();
         assert_eq!((mid.level, mid.gpa), (2, 0x60_0000));
     }
@@ -413,7 +424,14 @@ mod tests {
         let mut b = Builder::new(&mem);
         let root = b.alloc();
         for i in 0..4u64 {
-            b.map(root, 4, 0x10_0000 + i * 0x1000, 0x80_0000 + i * 0x1000, 1, PTE_RW);
+            b.map(
+                root,
+                4,
+                0x10_0000 + i * 0x1000,
+                0x80_0000 + i * 0x1000,
+                1,
+                PTE_RW,
+            );
         }
         // A discontiguous GPA and a read-only page bound the extent.
         b.map(root, 4, 0x10_4000, 0x90_0000, 1, PTE_RW);

@@ -231,7 +231,12 @@ mod tests {
 
     #[test]
     fn context_reserved_bits_fault_0xb() {
-        for (lo, hi) in [(1 | 0x10, 2), (1, 2 | 0x80), (1, 2 | (1 << 40)), (1 | 1 << 50, 2)] {
+        for (lo, hi) in [
+            (1 | 0x10, 2),
+            (1, 2 | 0x80),
+            (1, 2 | (1 << 40)),
+            (1 | 1 << 50, 2),
+        ] {
             let e = ContextEntry { lo, hi };
             assert_eq!(
                 e.decode(&caps()),
@@ -296,13 +301,17 @@ mod tests {
         let mut b = Builder::new(&mem);
         let root = b.alloc();
         assert_eq!(
-            lookup_context(&mem, root, 0x0008, &caps()).unwrap_err().reason,
+            lookup_context(&mem, root, 0x0008, &caps())
+                .unwrap_err()
+                .reason,
             FaultReason::RootNotPresent
         );
         let ctx_table = b.alloc();
         b.write_root(root, 0, ctx_table | 1, 0);
         assert_eq!(
-            lookup_context(&mem, root, 0x0008, &caps()).unwrap_err().reason,
+            lookup_context(&mem, root, 0x0008, &caps())
+                .unwrap_err()
+                .reason,
             FaultReason::ContextNotPresent
         );
         b.write_context(ctx_table, 8, ctx_lo(0x5000, 0) | 0x2 | 0x10, ctx_hi(2, 3));
@@ -310,15 +319,14 @@ mod tests {
         assert_eq!((err.reason, err.fpd), (FaultReason::ContextReserved, true));
         b.write_root(root, 0, ctx_table | 1 | 0x100, 0);
         assert_eq!(
-            lookup_context(&mem, root, 0x0008, &caps()).unwrap_err().reason,
+            lookup_context(&mem, root, 0x0008, &caps())
+                .unwrap_err()
+                .reason,
             FaultReason::RootReserved
         );
         b.write_root(root, 0, ctx_table | 1, 0);
         b.write_context(ctx_table, 8, ctx_lo(0x5000, 0), ctx_hi(2, 3));
-        assert_eq!(
-            lookup_context(&mem, root, 0x0008, &caps()).unwrap().did,
-            3
-        );
+        assert_eq!(lookup_context(&mem, root, 0x0008, &caps()).unwrap().did, 3);
     }
 
     #[test]
