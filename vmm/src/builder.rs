@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryBackend;
 use crate::arch::x86_64::{acpi, boot, layout, regs};
 use crate::config::{SerialMode, VmConfig};
 use crate::device_manager::iommu::Viommu;
+use crate::device_manager::vhost_user::{add_vhost_user, VhostUserInfo};
 use crate::device_manager::{DeviceManager, SerialSink};
 use crate::event_loop::{run_until_exit, ExitHandler, VmmEventManager};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
@@ -44,6 +45,8 @@ pub struct Machine {
     pub exit: Arc<ExitState>,
     /// The vIOMMU, if configured.
     pub viommu: Option<Viommu>,
+    /// The vhost-user devices.
+    pub vhost_user: Vec<VhostUserInfo>,
     vcpus: Vec<VcpuRunner>,
 }
 
@@ -152,18 +155,24 @@ fn create_devices(
     config: &VmConfig,
     devices: &mut DeviceManager,
     mem: &GuestMemoryMmap,
-) -> VmmResult<Option<Viommu>> {
+) -> VmmResult<(Option<Viommu>, Vec<VhostUserInfo>)> {
     let ram_end = mem.last_addr().0;
-    let viommu = match &config.iommu {
+    let mut viommu = match &config.iommu {
         Some(cfg) => Some(Viommu::create(cfg, devices, mem, ram_end)?),
         None => None,
     };
-    if !config.vhost_user.is_empty() {
-        return Err(VmmError::Config(crate::ConfigError::Combination(
-            "vhost-user devices are not wired into the VMM yet".into(),
-        )));
+    let policy = config
+        .iommu
+        .as_ref()
+        .map(|i| i.iotlb_policy)
+        .unwrap_or_default();
+    let mut ordered: Vec<&_> = config.vhost_user.iter().filter(|d| d.iommu).collect();
+    ordered.extend(config.vhost_user.iter().filter(|d| !d.iommu));
+    let mut infos = Vec::with_capacity(ordered.len());
+    for d in ordered {
+        infos.push(add_vhost_user(devices, viommu.as_mut(), policy, d, mem)?);
     }
-    Ok(viommu)
+    Ok((viommu, infos))
 }
 
 /// Builds the VM without running it. Returns the machine and the serial capture buffer.
@@ -175,7 +184,7 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
     let exit = Arc::new(ExitState::new().map_err(VmmError::EventFd)?);
     let (sink, capture) = serial_sink(&config.serial)?;
     let mut devices = DeviceManager::new(vm.clone(), sink)?;
-    let viommu = create_devices(config, &mut devices, &mem)?;
+    let (viommu, vhost_user) = create_devices(config, &mut devices, &mem)?;
     let mut extra_tables = Vec::new();
     if let Some(t) = viommu
         .as_ref()
@@ -204,6 +213,7 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
             em,
             exit,
             viommu,
+            vhost_user,
             vcpus,
         },
         capture,

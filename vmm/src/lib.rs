@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 pub use config::{ByteSize, ConfigError, SerialMode, VmConfig};
+pub use device_manager::vhost_user::VhostUserInfo;
+pub use devices::vhost_user::VhostUserStats;
 pub use vstate::vcpu::VmExit;
 
 use vstate::vcpu::ExitState;
@@ -105,6 +107,7 @@ pub struct Vmm {
     exit: Arc<ExitState>,
     serial: Option<Arc<Mutex<Vec<u8>>>>,
     started: Instant,
+    vhost_user: Vec<VhostUserInfo>,
 }
 
 impl Vmm {
@@ -113,6 +116,7 @@ impl Vmm {
         let started = Instant::now();
         let (mut machine, serial) = builder::build(config)?;
         let exit = machine.exit.clone();
+        let vhost_user = machine.vhost_user.clone();
         let vcpus = machine.start_vcpus()?;
         let thread = std::thread::Builder::new()
             .name("iovmm_main".into())
@@ -126,6 +130,7 @@ impl Vmm {
             exit,
             serial,
             started,
+            vhost_user,
         })
     }
 
@@ -159,6 +164,11 @@ impl Vmm {
             self.stop();
         }
         self.wait()
+    }
+
+    /// The vhost-user devices, in PCI order, with their live counters.
+    pub fn vhost_user_devices(&self) -> &[VhostUserInfo] {
+        &self.vhost_user
     }
 
     /// Time since [`Vmm::start`] was called.

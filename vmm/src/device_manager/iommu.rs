@@ -7,10 +7,16 @@
 use std::sync::Arc;
 
 use devices::pci::PciBdf;
+use devices::vhost_user::wire::IotlbPerm;
+use devices::vhost_user::FaultHook;
 use devices::virtio::iommu::{IommuState, VirtioIommuDevice, VirtioIommuDeviceError};
 use devices::virtio::GuestMemoryMmap;
+use iommu::virtio::protocol::{
+    VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE,
+    VIRTIO_IOMMU_FAULT_R_MAPPING,
+};
 use iommu::virtio::VirtioIommuSettings;
-use iommu::{DmaTranslate, DomainsConfig, RequesterId};
+use iommu::{DmaTranslate, DomainsConfig, IommuNotifier, Iova, NotifierFlags, RequesterId};
 use thiserror::Error;
 
 use super::{DeviceManager, DeviceManagerError};
@@ -89,6 +95,48 @@ impl Viommu {
             }
         }
         Ok(())
+    }
+
+    /// What an IOTLB bridge calls when a backend's miss hits no valid
+    /// translation: a guest-visible fault where the vIOMMU has one.
+    pub fn fault_hook(&self) -> FaultHook {
+        match self {
+            Viommu::Virtio { state, .. } => {
+                let state = state.clone();
+                Arc::new(move |rid, iova, perm| {
+                    let flags = match perm {
+                        IotlbPerm::Wo => VIRTIO_IOMMU_FAULT_F_WRITE,
+                        IotlbPerm::Rw => VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_WRITE,
+                        _ => VIRTIO_IOMMU_FAULT_F_READ,
+                    } | VIRTIO_IOMMU_FAULT_F_ADDRESS;
+                    let r = state.report_fault(
+                        rid,
+                        Some(Iova(iova)),
+                        VIRTIO_IOMMU_FAULT_R_MAPPING,
+                        flags,
+                    );
+                    log::debug!("viommu: fault for {rid} at {iova:#x}: {r:?}");
+                })
+            }
+        }
+    }
+
+    /// Registers an IOTLB consumer for `rid`'s unmaps (device-IOTLB kind when
+    /// the vIOMMU accepts it, plain UNMAP otherwise).
+    pub fn register_consumer(
+        &self,
+        rid: RequesterId,
+        consumer: Arc<dyn IommuNotifier>,
+    ) -> Result<(), String> {
+        match self {
+            Viommu::Virtio { state, .. } => {
+                let (_, kind) = state
+                    .register_notifier_with_fallback(rid, NotifierFlags::NONE, consumer)
+                    .map_err(|e| e.to_string())?;
+                log::info!("viommu: IOTLB consumer for {rid} registered as {kind:?}");
+                Ok(())
+            }
+        }
     }
 
     /// Translation through the vIOMMU, for IOTLB misses.

@@ -28,6 +28,7 @@ use crate::event_loop::ExitHandler;
 
 pub mod iommu;
 pub mod pci;
+pub mod vhost_user;
 
 use crate::vstate::vcpu::VmExit;
 use crate::vstate::vm::Vm;
@@ -56,6 +57,9 @@ pub enum DeviceManagerError {
     /// The vIOMMU could not be set up.
     #[error(transparent)]
     Iommu(#[from] iommu::IommuSetupError),
+    /// A vhost-user device could not be set up.
+    #[error(transparent)]
+    VhostUser(Box<vhost_user::VhostUserSetupError>),
     /// A PCI device could not be added.
     #[error(transparent)]
     Pci(#[from] PciSetupError),
@@ -188,14 +192,23 @@ impl DeviceManager {
         mem: GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
     ) -> Result<PciBdf, DeviceManagerError> {
-        Ok(pci::add_virtio_pci(
-            &self.pci,
-            &self.mmio,
-            &mut self.mmio32,
-            &self.vm,
-            mem,
-            device,
-        )?)
+        self.add_virtio_pci_with(mem, device, false)
+    }
+
+    /// Like [`DeviceManager::add_virtio_pci`], optionally with a PCIe ATS capability.
+    pub fn add_virtio_pci_with(
+        &mut self,
+        mem: GuestMemoryMmap,
+        device: Box<dyn VirtioDevice>,
+        ats: bool,
+    ) -> Result<PciBdf, DeviceManagerError> {
+        let bus = pci::PciBus {
+            root: &self.pci,
+            mmio: &self.mmio,
+            mmio32: &mut self.mmio32,
+            vm: &self.vm,
+        };
+        Ok(pci::add_virtio_pci(bus, mem, device, ats)?)
     }
 
     /// The handler vCPUs call on KVM_EXIT_IOAPIC_EOI.

@@ -84,20 +84,40 @@ impl DeviceRelocation for BarRelocator {
     }
 }
 
-/// Wraps `device` in a virtio-pci transport, assigns its BARs, maps them and
-/// registers its queue notifications. Returns the device's address.
+/// What adding a PCI function touches.
+pub struct PciBus<'a> {
+    /// The root complex.
+    pub root: &'a Mutex<PciRoot>,
+    /// The MMIO bus.
+    pub mmio: &'a Bus,
+    /// The 32-bit BAR window.
+    pub mmio32: &'a mut BarAllocator,
+    /// The VM.
+    pub vm: &'a Arc<Vm>,
+}
+
+/// Wraps `device` in a virtio-pci transport (with a PCIe ATS capability when
+/// `ats`), assigns its BARs, maps them and registers its queue notifications.
+/// Returns the device's address.
 pub fn add_virtio_pci(
-    root: &Mutex<PciRoot>,
-    mmio: &Bus,
-    mmio32: &mut BarAllocator,
-    vm: &Arc<Vm>,
+    bus: PciBus<'_>,
     mem: GuestMemoryMmap,
     device: Box<dyn VirtioDevice>,
+    ats: bool,
 ) -> Result<PciBdf, PciSetupError> {
+    let PciBus {
+        root,
+        mmio,
+        mmio32,
+        vm,
+    } = bus;
     let msi = vm.clone();
     let irqfd = vm.clone();
     let mut pci =
         VirtioPciDevice::new(device, mem, msi, Some(irqfd)).map_err(PciSetupError::Transport)?;
+    if ats {
+        pci.enable_ats(None).map_err(PciSetupError::Transport)?;
+    }
     let bars = allocate_bars(&mut pci, mmio32, None).map_err(PciSetupError::Bars)?;
     let mut kicks = Vec::new();
     for bar in &bars {

@@ -1,0 +1,131 @@
+//! vhost-user devices on the machine: connect to the backend, put the device
+//! on PCI and, behind a vIOMMU, hook its IOTLB bridge to the vIOMMU
+//! (translation for misses, a fault hook, unmap notifications).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use devices::pci::PciBdf;
+use devices::vhost_user::{
+    IotlbPolicy, VhostUserConfig as DeviceConfig, VhostUserDevice, VhostUserError,
+    VhostUserKind as DeviceKind, VhostUserStats, VhostUserStatsHandle,
+};
+use devices::virtio::GuestMemoryMmap;
+use thiserror::Error;
+
+use super::iommu::{requester_id, Viommu};
+use super::{DeviceManager, DeviceManagerError};
+use crate::config::{IotlbPolicyConfig, VhostUserConfig, VhostUserKind};
+
+/// vhost-user setup errors.
+#[derive(Debug, Error)]
+pub enum VhostUserSetupError {
+    /// The backend could not be reached or refused the device.
+    #[error("vhost-user {kind:?} device on {socket:?}")]
+    Device {
+        /// Device kind.
+        kind: VhostUserKind,
+        /// Socket.
+        socket: PathBuf,
+        /// Cause.
+        #[source]
+        source: VhostUserError,
+    },
+    /// Hooking the device to the vIOMMU failed.
+    #[error("cannot attach vhost-user device {socket:?} to the vIOMMU: {reason}")]
+    Iommu {
+        /// Socket.
+        socket: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// A vhost-user device as seen by the library API.
+#[derive(Clone)]
+pub struct VhostUserInfo {
+    /// Backend socket.
+    pub socket: PathBuf,
+    /// PCI address.
+    pub bdf: PciBdf,
+    /// Behind the vIOMMU.
+    pub iommu: bool,
+    stats: VhostUserStatsHandle,
+}
+
+impl std::fmt::Debug for VhostUserInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserInfo")
+            .field("socket", &self.socket)
+            .field("bdf", &self.bdf)
+            .field("iommu", &self.iommu)
+            .finish()
+    }
+}
+
+impl VhostUserInfo {
+    /// Current counters (IOTLB messages, misses, invalidations, latencies).
+    pub fn stats(&self) -> VhostUserStats {
+        self.stats.snapshot()
+    }
+}
+
+fn device_config(cfg: &VhostUserConfig, policy: IotlbPolicyConfig) -> DeviceConfig {
+    let mut d = match cfg.kind {
+        VhostUserKind::Net => DeviceConfig::net(&cfg.socket),
+        VhostUserKind::Blk => DeviceConfig::blk(&cfg.socket, None),
+    };
+    debug_assert!(matches!(d.kind, DeviceKind::Net | DeviceKind::Blk));
+    d.iommu = cfg.iommu;
+    d.policy = match policy {
+        IotlbPolicyConfig::Miss => IotlbPolicy::MissDriven,
+        IotlbPolicyConfig::Prefetch => IotlbPolicy::Prefetch,
+    };
+    d
+}
+
+/// Connects one vhost-user device and puts it on the machine.
+pub fn add_vhost_user(
+    dm: &mut DeviceManager,
+    viommu: Option<&mut Viommu>,
+    policy: IotlbPolicyConfig,
+    cfg: &VhostUserConfig,
+    mem: &GuestMemoryMmap,
+) -> Result<VhostUserInfo, DeviceManagerError> {
+    let dev_err = |source| VhostUserSetupError::Device {
+        kind: cfg.kind,
+        socket: cfg.socket.clone(),
+        source,
+    };
+    let device = VhostUserDevice::connect(device_config(cfg, policy)).map_err(dev_err)?;
+    let stats = device.stats_handle();
+    let bridge = device.bridge();
+    let bdf = dm.add_virtio_pci_with(mem.clone(), Box::new(device), cfg.ats)?;
+    if let (true, Some(viommu), Some(bridge)) = (cfg.iommu, viommu, bridge) {
+        viommu.add_endpoint(bdf)?;
+        let rid = requester_id(bdf);
+        bridge.set_translation(viommu.translate(), rid, Some(viommu.fault_hook()));
+        viommu
+            .register_consumer(rid, bridge)
+            .map_err(|reason| VhostUserSetupError::Iommu {
+                socket: cfg.socket.clone(),
+                reason,
+            })?;
+    }
+    log::info!("vhost-user: {:?} {:?} at {bdf}", cfg.kind, cfg.socket);
+    Ok(VhostUserInfo {
+        socket: cfg.socket.clone(),
+        bdf,
+        iommu: cfg.iommu,
+        stats,
+    })
+}
+
+impl From<VhostUserSetupError> for DeviceManagerError {
+    fn from(e: VhostUserSetupError) -> Self {
+        DeviceManagerError::VhostUser(Box::new(e))
+    }
+}
+
+/// The bridge type registered as an IOMMU notifier consumer.
+pub type Consumer = Arc<devices::vhost_user::IotlbBridge>;
