@@ -7,6 +7,7 @@
  * BYPASS_CONFIG a domain holding 1:1 MAPs of every gap between reserved regions. Every request is
  * synchronous (kick, poll the used ring); lazy unmaps go out together at flush time.
  */
+#include "acpi.h"
 #include "dma.h"
 #include "virtio.h"
 
@@ -89,6 +90,7 @@ static struct {
     u64 page_size_mask, in_start, in_end;
     u32 dom_start, dom_end, probe_size, endpoint, domain;
     u8 boot_bypass;
+    bool viot;
     bool bypass_attached;
     u64 identity_maps;
     struct resv resv[MAX_RESV];
@@ -295,6 +297,50 @@ static const char *attach_req(u32 domain, u32 flags)
 
 /* ------------------------------------------------------------------ set-up */
 
+static bool viot_node_is_us(const u8 *t, u32 len, u16 node)
+{
+    u16 bdf;
+    if (node < 48 || (u32)node + 8 > len || t[node] != 3)
+        return false;
+    memcpy(&bdf, t + node + 6, 2);
+    return bdf == pci_sid(v.pci);
+}
+
+/* Like Linux: the endpoint ID comes from the ACPI VIOT PCI range that covers the device and points
+ * at this virtio-iommu; without a VIOT it is the requester ID. False: a VIOT that does not cover it. */
+static bool viot_endpoint(u16 sid, u32 *ep)
+{
+    u32 len;
+    const u8 *t = acpi_find_table("VIOT", &len);
+    v.viot = t != NULL;
+    *ep = sid;
+    if (!t || len < 48)
+        return !t;
+    u16 count, off;
+    memcpy(&count, t + 36, 2);
+    memcpy(&off, t + 38, 2);
+    for (u16 i = 0; i < count && (u32)off + 4 <= len; i++) {
+        u16 nlen, seg_start, bdf_start, bdf_end, out;
+        memcpy(&nlen, t + off + 2, 2);
+        if (nlen < 4 || (u32)off + nlen > len)
+            break;
+        if (t[off] == 1 && nlen >= 24) {
+            u32 start;
+            memcpy(&start, t + off + 4, 4);
+            memcpy(&seg_start, t + off + 8, 2);
+            memcpy(&bdf_start, t + off + 12, 2);
+            memcpy(&bdf_end, t + off + 14, 2);
+            memcpy(&out, t + off + 16, 2);
+            if (seg_start == 0 && sid >= bdf_start && sid <= bdf_end && viot_node_is_us(t, len, out)) {
+                *ep = start + (u32)(sid - bdf_start);
+                return true;
+            }
+        }
+        off = (u16)(off + nlen);
+    }
+    return false;
+}
+
 static const char *read_config(void)
 {
     if (!v.vd.device_cfg)
@@ -422,6 +468,10 @@ static const char *viommu_attach(struct dma_ctx *ctx)
         return "iovmm.ats=on needs VT-d: virtio-iommu has no device-TLB invalidation";
     }
     ctx->ats_note = "virtio-iommu: ATS not used (like Linux)";
+    if (!viot_endpoint(pci_sid(ctx->pci), &v.endpoint)) {
+        ctx->unsupported = true;
+        return "the ACPI VIOT does not put the device behind this virtio-iommu (Linux would not translate it)";
+    }
     const char *err = init_device();
     if (!err)
         err = probe_endpoint();
@@ -483,6 +533,7 @@ static void viommu_report(struct dma_ctx *ctx, struct result *r)
     result_hex(r, "viommu_features", v.vd.features);
     result_hex(r, "page_size_mask", v.page_size_mask);
     result_u64(r, "endpoint", v.endpoint);
+    result_u64(r, "viot", v.viot);
     result_u64(r, "domain", v.domain);
     result_u64(r, "boot_bypass", v.boot_bypass);
     result_u64(r, "bypass_attached", v.bypass_attached);

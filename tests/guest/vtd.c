@@ -535,8 +535,12 @@ static const char *vtd_attach(struct dma_ctx *ctx)
         err = write_context();
     if (err)
         return err;
-    if (ctx->ats_enabled)
-        pci_write16(ctx->pci, (u16)(ctx->ats_pos + PCI_ATS_CTRL), PCI_ATS_CTRL_ENABLE); /* STU 0: 4 KiB */
+    if (ctx->ats_enabled) {
+        u16 ctrl = (u16)(ctx->ats_pos + PCI_ATS_CTRL);
+        pci_write16(ctx->pci, ctrl, PCI_ATS_CTRL_ENABLE); /* STU 0: 4 KiB */
+        if (!(pci_read16(ctx->pci, ctrl) & PCI_ATS_CTRL_ENABLE))
+            return "the ATS Enable bit does not read back as set after the guest wrote it";
+    }
     return set_level(G_TE, true, "TES");
 }
 
