@@ -32,11 +32,29 @@ impl ContextScope {
             ContextScope::Global => true,
             ContextScope::Domain(did) => ctx.did == did,
             ContextScope::Device { sid: s, fm, .. } => {
-                let ignore: u16 = [0, 0b100, 0b110, 0b111][usize::from(fm & 3)];
+                let ignore = fm_ignored_bits(fm);
                 sid & !ignore == s & !ignore
             }
         }
     }
+
+    /// The source ids a device-selective scope names (1, 2, 4 or 8 functions); empty for the
+    /// other scopes.
+    pub fn device_sids(self) -> Vec<u16> {
+        let ContextScope::Device { sid, fm, .. } = self else {
+            return Vec::new();
+        };
+        let ignore = fm_ignored_bits(fm);
+        (0..=ignore)
+            .filter(|f| f & !ignore == 0)
+            .map(|f| (sid & !ignore) | f)
+            .collect()
+    }
+}
+
+/// The function-number bits of a SID that context-cache function mask `fm` ignores.
+fn fm_ignored_bits(fm: u8) -> u16 {
+    [0, 0b100, 0b110, 0b111][usize::from(fm & 3)]
 }
 
 /// Scope of an IOTLB invalidation.
@@ -323,6 +341,18 @@ mod tests {
             parse_descriptor(qw0, qw1, DescriptorCaps { device_tlb: false }),
             Err(InvalidationError::DeviceTlbUnsupported)
         );
+    }
+
+    #[test]
+    fn device_scope_names_masked_functions() {
+        let scope = |sid, fm| ContextScope::Device { did: 0, sid, fm };
+        assert_eq!(scope(0x0a, 0).device_sids(), vec![0x0a]);
+        assert_eq!(scope(0x0a, 1).device_sids(), vec![0x0a, 0x0e]);
+        assert_eq!(
+            scope(0x0b, 3).device_sids(),
+            (0x08..=0x0f).collect::<Vec<u16>>()
+        );
+        assert!(ContextScope::Global.device_sids().is_empty());
     }
 
     #[test]

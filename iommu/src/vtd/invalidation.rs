@@ -4,7 +4,8 @@
 //!
 //! Events per descriptor:
 //! * context-cache: `DetachEndpoint` for every cached source id it selects (the requester may
-//!   have moved to another domain, so every translation it had is suspect);
+//!   have moved to another domain, so every translation it had is suspect); a device-selective
+//!   one then re-reads the named entries so the domain → requester relation is known early;
 //! * IOTLB page-selective: `Unmap` of exactly `[ADDR, ADDR + 2^AM pages)` for every requester
 //!   whose cached context uses the domain; with caching mode also `Map` for the present leaves
 //!   in that range (a bounded scan; a prefetch hint only);
@@ -23,7 +24,7 @@ use super::descriptor::{
 use super::fault::MsiMessage;
 use super::pagewalk::{extent, walk};
 use super::regs::{CTL_IM, CTL_IP, FSTS_IQE, ICS_IWC};
-use super::tables::{Context, TranslationType};
+use super::tables::{lookup_context, Context, TranslationType};
 use super::{Vtd, VtdAction, WaitCompletion};
 use crate::notifier::IommuEvent;
 use crate::types::{IovaRange, Permissions, RequesterId, X86_MSI_END, X86_MSI_START};
@@ -101,16 +102,28 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
         RequesterId::from_bdf(self.config.segment, sid)
     }
 
-    /// Context-cache invalidation: drops the selected cached contexts and detaches them.
+    /// Context-cache invalidation: drops the selected cached contexts and detaches them. A
+    /// device-selective one then re-reads the named context entries (Linux issues one after
+    /// writing each new context entry), so later IOTLB invalidations of the new domain reach
+    /// the device even before its first DMA; with caching mode that is what lets consumers
+    /// prefetch mappings.
     pub(crate) fn invalidate_context(&mut self, scope: ContextScope) -> Vec<IommuEvent> {
         let removed = self
             .caches()
             .context
             .remove_where(|s, c| scope.selects(s, c));
-        removed
+        let events = removed
             .into_iter()
             .map(|sid| IommuEvent::DetachEndpoint { rid: self.rid(sid) })
-            .collect()
+            .collect();
+        if let Some(root) = self.root_table {
+            for sid in scope.device_sids() {
+                if let Ok(ctx) = lookup_context(&self.mem, root, sid, &self.table_caps()) {
+                    self.caches().context.insert(sid, ctx);
+                }
+            }
+        }
+        events
     }
 
     /// IOTLB invalidation: drops cached translations and returns the notifier events.
@@ -427,11 +440,20 @@ mod tests {
         // Device-selective with FM=3 (ignore function bits) selects 0x08..0x0f only.
         let actions = rig.submit(&[cc_desc(3, 0, 0x0b, 3)]);
         assert_eq!(actions, vec![VtdAction::Notify(vec![detach(0x08)])]);
-        assert_eq!(rig.vtd.cached_domain(Rig::rid(0x08)), None);
+        // Its entry is still present, so it is re-read (primed) at once.
+        assert_eq!(rig.vtd.cached_domain(Rig::rid(0x08)), Some(2));
         let actions = rig.submit(&[cc_desc(2, 3, 0, 0)]);
         assert_eq!(actions, vec![VtdAction::Notify(vec![detach(0x18)])]);
+        assert_eq!(
+            rig.vtd.cached_domain(Rig::rid(0x18)),
+            None,
+            "only device scopes prime"
+        );
         let actions = rig.submit(&[cc_desc(1, 0, 0, 0)]);
-        assert_eq!(actions, vec![VtdAction::Notify(vec![detach(0x10)])]);
+        assert_eq!(
+            actions,
+            vec![VtdAction::Notify(vec![detach(0x08), detach(0x10)])]
+        );
         // Nothing cached any more: nothing to notify.
         assert!(rig.submit(&[cc_desc(1, 0, 0, 0)]).is_empty());
     }
@@ -653,6 +675,44 @@ mod tests {
                 map(0x10_4000, 0x10_4fff, 0x70_0000, Read),
             ])]
         );
+    }
+
+    #[test]
+    fn device_context_invalidation_primes_domain_membership_for_map_events() {
+        let mut rig = Rig::new(VtdConfig {
+            caching_mode: true,
+            ..VtdConfig::default()
+        });
+        // Linux with CM=1: write the context entry, invalidate it (DID 0), flush the domain.
+        rig.attach(0x08, 2, 0);
+        assert!(rig.submit(&[cc_desc(3, 0, 0x08, 0)]).is_empty());
+        assert_eq!(rig.vtd.cached_domain(Rig::rid(0x08)), Some(2));
+        // The first map is announced although the device never did DMA.
+        rig.map(0x3000, 0x7000, 1, PTE_RW);
+        let actions = rig.submit(&[iotlb_desc(3, 2, 0x3000, 0, false)]);
+        let map = IommuEvent::Map {
+            rid: Rig::rid(0x08),
+            range: range(0x3000, 0x3fff),
+            gpa: GuestAddress(0x7000),
+            perm: crate::types::Permissions::ReadWrite,
+        };
+        assert_eq!(
+            actions,
+            vec![VtdAction::Notify(vec![
+                unmap(0x08, range(0x3000, 0x3fff)),
+                map
+            ])]
+        );
+        // A cleared entry is detached and not re-cached.
+        rig.b.write_context(rig.ctx0, 0x08, 0, 0);
+        let detach = IommuEvent::DetachEndpoint {
+            rid: Rig::rid(0x08),
+        };
+        assert_eq!(
+            rig.submit(&[cc_desc(3, 2, 0x08, 0)]),
+            vec![VtdAction::Notify(vec![detach])]
+        );
+        assert_eq!(rig.vtd.cached_domain(Rig::rid(0x08)), None);
     }
 
     #[test]
