@@ -373,10 +373,15 @@ static const char *read_config(void)
 
 static const char *init_device(void)
 {
+    /* iovmm.viommu_withhold: feature bits not to accept (e.g. 0x40 BYPASS_CONFIG, 0x10 PROBE), to
+     * exercise the identity-domain and no-PROBE paths like an older driver would. */
+    u64 withhold;
+    if (cmdline_u64("iovmm.viommu_withhold", 0, &withhold))
+        return "iovmm.viommu_withhold must be a number";
+    u64 wanted = (F_INPUT_RANGE | F_DOMAIN_RANGE | F_PROBE | F_BYPASS_CONFIG) & ~withhold;
     const char *err = virtio_pci_init(&v.vd, v.pci, &v.own_dma);
     if (!err)
-        err = virtio_negotiate(&v.vd, F_INPUT_RANGE | F_DOMAIN_RANGE | F_PROBE | F_BYPASS_CONFIG,
-                               VIRTIO_F_VERSION_1 | F_MAP_UNMAP);
+        err = virtio_negotiate(&v.vd, wanted, VIRTIO_F_VERSION_1 | F_MAP_UNMAP);
     if (!err)
         err = read_config();
     if (!err)

@@ -195,6 +195,11 @@ impl LazyFlush {
     }
 }
 
+/// virtio-iommu feature bit PROBE, for [`Scenario::viommu_withhold`].
+pub const VIRTIO_IOMMU_F_PROBE: u64 = 1 << 4;
+/// virtio-iommu feature bit BYPASS_CONFIG, for [`Scenario::viommu_withhold`].
+pub const VIRTIO_IOMMU_F_BYPASS_CONFIG: u64 = 1 << 6;
+
 /// Longest lazy batch the guest accepts (`iovmm.lazy_batch`).
 pub const MAX_LAZY_BATCH: u64 = 4096;
 /// Most buffers the `dma-map` scenario keeps mapped at once (`iovmm.inflight`).
@@ -316,6 +321,12 @@ impl Scenario {
     /// How VT-d lazy flushes invalidate (`iovmm.lazy_flush`).
     pub fn lazy_flush(self, flush: LazyFlush) -> Self {
         self.param("lazy_flush", flush.as_str())
+    }
+
+    /// virtio-iommu feature bits the guest must not accept (`iovmm.viommu_withhold`), e.g.
+    /// [`VIRTIO_IOMMU_F_BYPASS_CONFIG`] to get Linux's identity-domain passthrough (1:1 MAPs).
+    pub fn viommu_withhold(self, feature_bits: u64) -> Self {
+        self.param("viommu_withhold", format!("{feature_bits:#x}"))
     }
 
     /// Loop count of `tsc` and `dma-map` (`iovmm.iterations`).
@@ -540,6 +551,13 @@ mod tests {
             .cmdline()
             .unwrap()
             .ends_with("iovmm.viommu=auto iovmm.ats=auto iovmm.lazy_flush=domain"));
+    }
+
+    #[test]
+    fn withheld_virtio_iommu_features_render_as_hex() {
+        let s = Scenario::dma_map(1, 1)
+            .viommu_withhold(VIRTIO_IOMMU_F_BYPASS_CONFIG | VIRTIO_IOMMU_F_PROBE);
+        assert!(s.cmdline().unwrap().ends_with("iovmm.viommu_withhold=0x50"));
     }
 
     #[test]
