@@ -112,7 +112,7 @@ pub fn psi_range(addr: u64, am: u8) -> IovaRange {
     aligned_range(addr, 12 + u32::from(am))
 }
 
-/// The device-TLB invalidation range: one page for S=0; for S=1, with k one bits from ADDR[12]
+/// The device-TLB invalidation range: one page for S=0; for S=1, with k one bits from address bit 12
 /// upwards, 2^(k+1) pages aligned to that size (the full range when that reaches 2^64).
 pub fn device_tlb_range(addr: u64, size_bit: bool) -> IovaRange {
     if !size_bit {
