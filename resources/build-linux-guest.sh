@@ -8,7 +8,10 @@
 #   bzImage            the kernel as shipped (/boot/vmlinuz-*)
 #   vmlinux            the ELF kernel inside it (for 64-bit direct boot)
 #   initramfs.cpio.gz  busybox userspace: /init mounts proc/sys/devtmpfs, loads virtio_iommu,
-#                      virtio_blk, virtio_net (+deps), prints IOVMM-GUEST-READY and powers off
+#                      virtio_blk, virtio_net (+deps), prints IOVMM-GUEST-READY and powers off;
+#                      with `iovmm.bench=net-tx iovmm.frames=N iovmm.size=S` on the kernel
+#                      command line it first sends N UDP frames of S bytes on eth0 with
+#                      /bin/iovmm-netbench (guest-netbench.c) and prints its IOVMM-BENCH line
 #   kernel-version     the kernel release string
 # Does nothing when all outputs exist and are newer than this script and guest-tools.py.
 set -euo pipefail
@@ -16,8 +19,13 @@ set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 OUTDIR=${1:-$SCRIPT_DIR/out}
 TOOLS=$SCRIPT_DIR/guest-tools.py
+NETBENCH=$SCRIPT_DIR/guest-netbench.c
 MODULES="virtio_iommu virtio_blk virtio_net"
 MARKER=IOVMM-GUEST-READY
+# Addresses of the net-tx workload (a documentation prefix; nothing answers).
+GUEST_IP=192.0.2.15
+PEER_IP=192.0.2.2
+PEER_MAC=02:00:00:00:00:02
 OUTPUTS="bzImage vmlinux initramfs.cpio.gz kernel-version"
 
 die() {
@@ -34,11 +42,13 @@ print_outputs() {
 
 up_to_date() {
     for f in $OUTPUTS; do
-        [ "$OUTDIR/$f" -nt "$SCRIPT_DIR/build-linux-guest.sh" ] && [ "$OUTDIR/$f" -nt "$TOOLS" ] || return 1
+        for src in "$SCRIPT_DIR/build-linux-guest.sh" "$TOOLS" "$NETBENCH"; do
+            [ "$OUTDIR/$f" -nt "$src" ] || return 1
+        done
     done
 }
 
-for tool in apt-get apt-cache dpkg-deb readelf cpio gzip zstd python3; do
+for tool in apt-get apt-cache dpkg-deb readelf cpio gzip zstd python3 gcc; do
     command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found; run resources/install-deps.sh as root"
 done
 
@@ -136,6 +146,33 @@ while read -r m; do
     insmod "/lib/modules/\$m" || echo "iovmm-init: insmod \$m failed"
 done </lib/modules/load-order
 echo "iovmm-init: modules loaded: \$(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
+# Optional workload: iovmm.bench=net-tx iovmm.frames=N iovmm.size=S on the kernel command line.
+bench=""
+frames=1000
+size=1024
+for arg in \$(cat /proc/cmdline); do
+    case "\$arg" in
+    iovmm.bench=*) bench=\${arg#*=} ;;
+    iovmm.frames=*) frames=\${arg#*=} ;;
+    iovmm.size=*) size=\${arg#*=} ;;
+    esac
+done
+case "\$bench" in
+"") ;;
+net-tx)
+    # No IPv6 (its router/neighbour solicitations would be extra frames) and a permanent
+    # neighbour entry (no ARP): the device sees exactly the benchmark's frames.
+    echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6
+    echo 1 >/proc/sys/net/ipv6/conf/eth0/disable_ipv6 2>/dev/null
+    ip addr add $GUEST_IP/24 dev eth0 &&
+        ip link set eth0 up &&
+        arp -i eth0 -s $PEER_IP $PEER_MAC ||
+        echo "iovmm-init: eth0 setup failed"
+    /bin/iovmm-netbench $PEER_IP 9 "\$frames" "\$size" eth0 ||
+        echo "iovmm-init: net-tx benchmark failed"
+    ;;
+*) echo "iovmm-init: unknown iovmm.bench=\$bench (known: net-tx)" ;;
+esac
 echo $MARKER
 poweroff -f
 INIT
@@ -157,6 +194,8 @@ build_initramfs() {
     # shellcheck disable=SC2086 # the module list is split on purpose
     python3 "$TOOLS" modules "$WORK/kernel/lib/modules/$KVER" "$root/lib/modules" $MODULES ||
         die "cannot collect kernel modules $MODULES"
+    gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/iovmm-netbench" "$NETBENCH" ||
+        die "cannot build $NETBENCH (needs gcc and the static C library, libc6-dev)"
     write_init "$root/init"
     (cd "$root" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -9 -n >"$WORK/initramfs.cpio.gz" ||
         die "cannot create the initramfs archive"

@@ -13,6 +13,7 @@
 //! end still hold a translation for a range?
 
 pub mod iotlb;
+pub mod latency;
 pub mod memory;
 mod net;
 mod server;
@@ -31,6 +32,7 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::iotlb::DeviceIotlb;
+use self::latency::{LatencyStats, MissSample, MissTimer};
 use self::memory::MemTable;
 
 /// Errors of the test back end.
@@ -234,6 +236,7 @@ pub(crate) struct Shared {
     pub(crate) wake: EventFd,
     pub(crate) stop: AtomicBool,
     pub(crate) connections_ended: AtomicU64,
+    pub(crate) miss_timer: Mutex<MissTimer>,
 }
 
 /// Lock a mutex, recovering the data if a panicking thread poisoned it.
@@ -262,6 +265,7 @@ impl Shared {
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             stop: AtomicBool::new(false),
             connections_ended: AtomicU64::new(0),
+            miss_timer: Mutex::default(),
         })
     }
 
@@ -393,6 +397,18 @@ impl BackendHandle {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Every miss answered by an UPDATE so far: when it was sent and how
+    /// long the front end took (MISS written to UPDATE received).
+    pub fn miss_samples(&self) -> Vec<MissSample> {
+        lock(&self.shared.miss_timer).samples().to_vec()
+    }
+
+    /// p50/p99/max of the miss service latencies so far (`None` before the
+    /// first answered miss).
+    pub fn miss_latency(&self) -> Option<LatencyStats> {
+        LatencyStats::from_samples(self.miss_samples().iter().map(|s| s.latency))
     }
 
     /// How many front-end connections have ended so far.

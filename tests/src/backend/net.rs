@@ -178,6 +178,8 @@ fn send_miss(shared: &Shared, iova: u64, perm: IotlbPerm) {
         need_reply,
     );
     let mut w = stream;
+    // Timed from just before the write: the UPDATE may overtake our return.
+    lock(&shared.miss_timer).sent(iova, Instant::now());
     if let Err(e) = w.write_all(&frame) {
         log::warn!("sending IOTLB miss failed: {e}");
         return;

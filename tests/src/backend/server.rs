@@ -311,6 +311,7 @@ impl Shared {
         if self.config.misbehave.nack_iotlb {
             return Ok(Reply::Ack(1));
         }
+        let received = std::time::Instant::now();
         let msg = IotlbMsg::decode(m.hdr.request, &m.payload)?;
         let mut tlb = lock(&self.iotlb);
         match msg.kind()? {
@@ -328,6 +329,7 @@ impl Shared {
                     )));
                 }
                 Counters::bump(&self.counters.iotlb_updates);
+                lock(&self.miss_timer).update(e.iova, e.size, received);
                 self.iotlb_cv.notify_all();
             }
             IotlbType::Invalidate => {

@@ -258,6 +258,21 @@ fn miss_is_sent_for_an_unmapped_iova_and_update_resolves_it() {
 }
 
 #[test]
+fn answered_miss_is_timed_until_its_update() {
+    let mut r = rig(BackendConfig::default());
+    r.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM);
+    assert!(r.be.miss_latency().is_none());
+    let t = std::time::Instant::now();
+    r.be.read(IOVA_OFF + 0x7008, 8).unwrap();
+    let samples = r.be.miss_samples();
+    assert_eq!(samples.len(), 1);
+    assert_eq!(samples[0].iova, IOVA_OFF + 0x7008);
+    assert!(samples[0].latency > Duration::ZERO && samples[0].latency <= t.elapsed());
+    let stats = r.be.miss_latency().unwrap();
+    assert_eq!((stats.count, stats.p50), (1, samples[0].latency));
+}
+
+#[test]
 fn refused_miss_fails_the_access() {
     let mut r = rig(BackendConfig {
         miss_need_reply: true,
