@@ -40,6 +40,9 @@ use crate::virtio::GuestMemoryMmap;
 /// record a guest-visible fault. Called without any bridge lock held.
 pub type FaultHook = Arc<dyn Fn(RequesterId, u64, IotlbPerm) + Send + Sync>;
 
+/// UPDATEs start at the missed IOVA rounded down to this (the 4 KiB page).
+const UPDATE_START_ALIGN: u64 = 4096;
+
 /// What the bridge does with MAP notifications.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum IotlbPolicy {
@@ -258,8 +261,14 @@ impl IotlbBridge {
         let gpa = ext.gpa_of(iova).ok_or(not_ram.clone())?.raw_value();
         let region = mem.find_region(GuestAddress(gpa)).ok_or(not_ram.clone())?;
         let r_first = region.start_addr().raw_value();
-        // IOVAs of the extent before `iova` that stay inside the region.
-        let back = (iova - ext.iova.start()).min(gpa - r_first);
+        // Start at the missed page (not further back): DPDK drops an UPDATE
+        // whose start equals a cached entry's start, so an extent that grew
+        // since an earlier UPDATE with the same start would never be cached
+        // and the back end would miss forever. Page starts of misses repeat
+        // only after the entry covering them was invalidated.
+        let back = (iova - ext.iova.start())
+            .min(gpa - r_first)
+            .min(iova & (UPDATE_START_ALIGN - 1));
         let (iova_lo, gpa_lo) = (iova - back, gpa - back);
         let fwd = span_in_region(mem, gpa, ext.iova.end() - iova).ok_or(not_ram.clone())?;
         let update = update_for(mem, iova_lo, gpa_lo, back + fwd, ext.perm)
@@ -526,10 +535,11 @@ mod tests {
     }
 
     #[test]
-    fn miss_sends_the_extent_clipped_to_the_memory_region() {
+    fn miss_sends_the_extent_from_the_missed_page_clipped_to_the_memory_region() {
         let r = rig(IotlbPolicy::MissDriven);
         r.stub.map(0x1000_0000, 0x20000, 0, Permissions::ReadWrite);
-        let want = IotlbMsg::update(0x1000_0000, 0x10000, host(&r.mem, 0), IotlbPerm::Rw);
+        // From the missed page to the end of the first region (0x10000 bytes).
+        let want = IotlbMsg::update(0x1000_8000, 0x8000, host(&r.mem, 0x8000), IotlbPerm::Rw);
         assert_eq!(r.miss(0x1000_8123, IotlbPerm::Wo).unwrap(), want);
         let want2 = IotlbMsg::update(0x1001_0000, 0x10000, host(&r.mem, 0x10000), IotlbPerm::Rw);
         assert_eq!(r.miss(0x1001_0005, IotlbPerm::Ro).unwrap(), want2);
@@ -546,8 +556,27 @@ mod tests {
         let got = r.miss(0x2000_1fff, IotlbPerm::Ro).unwrap();
         assert_eq!(
             got,
-            IotlbMsg::update(0x2000_0000, 0x4000, host(&r.mem, 0x8000), IotlbPerm::Ro)
+            IotlbMsg::update(0x2000_1000, 0x3000, host(&r.mem, 0x9000), IotlbPerm::Ro)
         );
+    }
+
+    /// DPDK keeps the first cached entry of a given start IOVA and drops later
+    /// UPDATEs with the same start. After the mapping grew, a second miss must
+    /// therefore not repeat the first UPDATE's start.
+    #[test]
+    fn misses_after_a_mapping_grew_never_repeat_an_update_start() {
+        let r = rig(IotlbPolicy::MissDriven);
+        r.stub
+            .map(0x3000_0000, 0x1000, 0x4000, Permissions::ReadWrite);
+        let first = r.miss(0x3000_0010, IotlbPerm::Ro).unwrap();
+        assert_eq!((first.iova, first.size), (0x3000_0000, 0x1000));
+        // The translation extent now also covers the next page (a contiguous
+        // neighbour mapped while the first stays mapped, merged by the model).
+        r.stub.0.lock().unwrap().clear();
+        r.stub
+            .map(0x3000_0000, 0x2000, 0x4000, Permissions::ReadWrite);
+        let second = r.miss(0x3000_1010, IotlbPerm::Ro).unwrap();
+        assert_eq!((second.iova, second.size), (0x3000_1000, 0x1000));
     }
 
     #[test]
