@@ -151,6 +151,14 @@ u64 dma_map(struct dma_ctx *ctx, const void *va, u64 len, enum dma_dir dir)
     return addr;
 }
 
+u64 dma_guard_iova(struct dma_ctx *ctx, u64 size)
+{
+    if (!translated(ctx) || size == 0)
+        return DMA_MAPPING_ERROR;
+    u64 iova = iova_alloc(ctx->iova, size);
+    return iova == IOVA_NONE ? DMA_MAPPING_ERROR : iova;
+}
+
 static void lazy_flush(struct dma_ctx *ctx)
 {
     if (ctx->npending == 0)

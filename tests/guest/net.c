@@ -5,7 +5,9 @@
  *
  * Parameters: iovmm.frames (1000), iovmm.size (frame bytes without the header, 60..65000, 1514),
  * iovmm.batch (frames added per kick, 1), iovmm.queue (max queue size, 256), iovmm.iommu (off),
- * iovmm.timeout_ms (10000), iovmm.reset (1: reset the device at the end), and the DMA layer's
+ * iovmm.timeout_ms (10000), iovmm.reset (1: reset the device at the end), iovmm.bad_frame (frame
+ * number queued at a guard IOVA that is never mapped, strict/lazy only: the device's read must
+ * fault, so the run ends failed with the vIOMMU's fault fields; result "bad_iova"), and the DMA layer's
  * iovmm.viommu, iovmm.ats, iovmm.lazy_batch, iovmm.lazy_flush (dma.h). The result line carries the
  * DMA counters of dma_report (maps, unmaps, flushes, iommu_reqs, iommu_syncs, *_cycles, ats, ...).
  *
@@ -24,7 +26,7 @@
 #define TX_QUEUE 1
 
 struct net_params {
-    u64 frames, size, batch, queue, timeout_ms, reset;
+    u64 frames, size, batch, queue, timeout_ms, reset, bad_frame;
     enum iommu_mode iommu;
 };
 
@@ -37,6 +39,7 @@ struct net_tx {
     u64 stride;
     u64 *slot_dma;     /* device address of each in-flight slot, by descriptor id */
     u64 sent, completed, checksum, bytes;
+    u64 bad_iova;      /* the guard IOVA of iovmm.bad_frame, 0 if none */
 };
 
 static const char *read_params(struct net_params *p)
@@ -44,7 +47,8 @@ static const char *read_params(struct net_params *p)
     char mode[16];
     if (cmdline_u64("iovmm.frames", 1000, &p->frames) || cmdline_u64("iovmm.size", 1514, &p->size) ||
         cmdline_u64("iovmm.batch", 1, &p->batch) || cmdline_u64("iovmm.queue", 256, &p->queue) ||
-        cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset))
+        cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset) ||
+        cmdline_u64("iovmm.bad_frame", ~0ULL, &p->bad_frame))
         return "a numeric iovmm.* parameter is malformed";
     if (p->size < 60 || p->size > 65000)
         return "iovmm.size must be 60..65000 bytes";
@@ -53,6 +57,8 @@ static const char *read_params(struct net_params *p)
     p->iommu = IOMMU_OFF;
     if (cmdline_get("iovmm.iommu", mode, sizeof(mode)) && !iommu_mode_parse(mode, &p->iommu))
         return "iovmm.iommu must be off, passthrough, strict or lazy";
+    if (p->bad_frame != ~0ULL && p->iommu != IOMMU_STRICT && p->iommu != IOMMU_LAZY)
+        return "iovmm.bad_frame needs iovmm.iommu=strict or lazy";
     return NULL;
 }
 
@@ -120,6 +126,12 @@ static bool submit_batch(struct net_tx *n, const struct net_params *p)
         if (addr == DMA_MAPPING_ERROR)
             return dma_fail(&n->dma, "dma_map failed");
         n->slot_dma[slot] = addr;
+        if (n->sent == p->bad_frame) { /* the mapping stays valid: reap unmaps it as usual */
+            n->bad_iova = dma_guard_iova(&n->dma, len);
+            if (n->bad_iova == DMA_MAPPING_ERROR)
+                return dma_fail(&n->dma, "no guard IOVA for iovmm.bad_frame");
+            addr = n->bad_iova;
+        }
         struct vq_buf b = {.addr = addr, .len = (u32)len, .device_writes = false};
         virtq_add(&n->txq, &b, 1);
         n->sent++;
@@ -184,6 +196,8 @@ static void report(struct net_tx *n, const struct net_params *p, const char *sta
     result_u64(&r, "queue_size", n->txq.size);
     result_u64(&r, "kicks", n->txq.kicks);
     result_hex(&r, "features", n->vd.features);
+    if (n->bad_iova)
+        result_hex(&r, "bad_iova", n->bad_iova);
     result_u64(&r, "cycles", cycles);
     result_u64(&r, "cycles_per_frame", p->frames ? cycles / p->frames : 0);
     result_u64(&r, "tsc_khz", tsc_rate_khz());

@@ -329,6 +329,13 @@ impl Scenario {
         self.param("viommu_withhold", format!("{feature_bits:#x}"))
     }
 
+    /// net-tx queues frame `n` (0-based) at a guard IOVA that is never mapped (`iovmm.bad_frame`,
+    /// strict/lazy only): the device's read must fault, the run ends `failed`, and the result
+    /// carries `bad_iova` and the vIOMMU's fault fields.
+    pub fn bad_frame(self, n: u64) -> Self {
+        self.param("bad_frame", n)
+    }
+
     /// Loop count of `tsc` and `dma-map` (`iovmm.iterations`).
     pub fn iterations(self, n: u64) -> Self {
         self.param("iterations", n)
@@ -558,6 +565,12 @@ mod tests {
         let s = Scenario::dma_map(1, 1)
             .viommu_withhold(VIRTIO_IOMMU_F_BYPASS_CONFIG | VIRTIO_IOMMU_F_PROBE);
         assert!(s.cmdline().unwrap().ends_with("iovmm.viommu_withhold=0x50"));
+    }
+
+    #[test]
+    fn bad_frame_is_a_net_tx_parameter() {
+        let s = Scenario::net_tx(10, 60).bad_frame(3);
+        assert!(s.cmdline().unwrap().ends_with("iovmm.bad_frame=3"));
     }
 
     #[test]

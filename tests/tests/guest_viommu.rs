@@ -233,3 +233,34 @@ fn without_probe_no_region_is_reported_and_maps_still_work() {
         "ATTACH + MAPs + UNMAPs"
     );
 }
+
+#[test]
+fn a_device_read_at_an_unmapped_iova_is_blocked_and_reported_as_a_fault_event() {
+    let sock = std::env::temp_dir().join(format!("iovmm-gv-{}-fault.sock", std::process::id()));
+    let config = BackendConfig {
+        miss_timeout: Duration::from_millis(300),
+        ..BackendConfig::default()
+    };
+    let backend = TestBackend::listen(&sock, config).expect("backend listens");
+    let s = Scenario::net_tx(12, 200)
+        .iommu(IommuMode::Strict)
+        .bad_frame(4)
+        .timeout_ms(1500);
+    let (exit, r, out) = run_with(&s, Some("virtio"), Some(&sock));
+    assert_eq!(exit, exit_code(EXIT_FAILED), "serial:\n{out}");
+    // Frames before the bad one went out; the bad one stalls the queue (the backend stops it).
+    assert_eq!(r.u64("completed"), Some(4), "{r:?}");
+    assert_eq!(backend.counters().tx_frames, 4);
+    assert!(backend.counters().translation_failures >= 1);
+    let bad = r.u64("bad_iova").expect("bad_iova");
+    assert_eq!(r.u64("fault_events"), Some(1), "{r:?}");
+    assert_eq!(r.u64("fault_addr"), Some(bad));
+    assert_eq!(
+        r.u64("fault_reason"),
+        Some(2),
+        "VIRTIO_IOMMU_FAULT_R_MAPPING"
+    );
+    // READ | ADDRESS: the device read the frame.
+    assert_eq!(r.u64("fault_flags"), Some(0x101));
+    assert_eq!(r.u64("fault_endpoint"), r.u64("endpoint"));
+}
