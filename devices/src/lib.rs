@@ -12,3 +12,4 @@ pub mod legacy;
 pub mod pci;
 pub mod vhost_user;
 pub mod virtio;
+pub mod vtd;
