@@ -195,6 +195,12 @@ impl IommuConfig {
                     .into(),
             ));
         }
+        if self.interrupt_remapping {
+            return Err(ConfigError::Combination(
+                "VT-d interrupt remapping (intremap=on) is not emulated yet; drop the option"
+                    .into(),
+            ));
+        }
         if self.address_width != 39 && self.address_width != 48 {
             return Err(ConfigError::Combination(format!(
                 "IOMMU address width {} is not supported: use 39 or 48",

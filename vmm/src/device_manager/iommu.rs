@@ -4,22 +4,28 @@
 //! host bridge (00:01.0); the devices behind it are added right after it so
 //! that they form one contiguous BDF range for the VIOT PCI range node.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use devices::pci::PciBdf;
 use devices::vhost_user::wire::IotlbPerm;
 use devices::vhost_user::FaultHook;
 use devices::virtio::iommu::{IommuState, VirtioIommuDevice, VirtioIommuDeviceError};
 use devices::virtio::GuestMemoryMmap;
+use devices::vtd::{VtdDevice, VtdUnit, VTD_REGS_SIZE};
 use iommu::virtio::protocol::{
     VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE,
     VIRTIO_IOMMU_FAULT_R_MAPPING,
 };
 use iommu::virtio::VirtioIommuSettings;
-use iommu::{DmaTranslate, DomainsConfig, IommuNotifier, Iova, NotifierFlags, RequesterId};
+use iommu::vtd::dmar::DmarConfig;
+use iommu::vtd::VtdConfig;
+use iommu::{
+    Access, DmaTranslate, DomainsConfig, IommuNotifier, Iova, NotifierFlags, RequesterId, UnmapKind,
+};
 use thiserror::Error;
 
 use super::{DeviceManager, DeviceManagerError};
+use crate::arch::x86_64::layout::VTD_START;
 use crate::arch::x86_64::viot;
 use crate::config::{IommuConfig, IommuKind};
 
@@ -35,9 +41,12 @@ pub enum IommuSetupError {
     /// The VIOT table could not be built.
     #[error("cannot build the ACPI VIOT table")]
     Viot(#[source] viot::ViotError),
-    /// The model is not available yet.
-    #[error("--iommu {0:?} is not supported by this build yet")]
-    Unsupported(IommuKind),
+    /// The VT-d unit could not be created.
+    #[error("cannot create the VT-d unit")]
+    Vtd(#[source] iommu::vtd::VtdError),
+    /// The DMAR table could not be built.
+    #[error("cannot build the ACPI DMAR table")]
+    Dmar(#[source] iommu::vtd::dmar::DmarError),
 }
 
 /// The VM's vIOMMU.
@@ -51,6 +60,22 @@ pub enum Viommu {
         /// Endpoints registered behind it, in BDF order.
         endpoints: Vec<PciBdf>,
     },
+    /// Intel VT-d remapping unit at [`VTD_START`].
+    Vtd {
+        /// The unit (translation, notifier set, faults, ATS tracking).
+        unit: Arc<VtdUnit>,
+        /// Endpoints behind it (all PCI devices are: INCLUDE_PCI_ALL).
+        endpoints: Vec<PciBdf>,
+    },
+}
+
+/// Turns an IOTLB permission into the access it asks for.
+fn access_of(perm: IotlbPerm) -> Access {
+    match perm {
+        IotlbPerm::Wo => Access::Write,
+        IotlbPerm::Rw => Access::ReadWrite,
+        _ => Access::Read,
+    }
 }
 
 impl Viommu {
@@ -78,7 +103,43 @@ impl Viommu {
                     endpoints: Vec::new(),
                 })
             }
-            IommuKind::Vtd => Err(IommuSetupError::Unsupported(IommuKind::Vtd).into()),
+            IommuKind::Vtd => {
+                let vcfg = VtdConfig {
+                    address_width: cfg.address_width,
+                    caching_mode: cfg.caching_mode,
+                    device_iotlb: cfg.device_iotlb,
+                    interrupt_remapping: cfg.interrupt_remapping,
+                    identity_limit: ram_end,
+                    ..VtdConfig::default()
+                };
+                let unit =
+                    VtdUnit::new(vcfg, mem.clone(), dm.msi()).map_err(IommuSetupError::Vtd)?;
+                let dev = Arc::new(Mutex::new(VtdDevice(unit.clone())));
+                dm.mmio
+                    .insert(dev, VTD_START, VTD_REGS_SIZE)
+                    .map_err(|source| DeviceManagerError::Bus {
+                        name: "VT-d",
+                        source,
+                    })?;
+                Ok(Viommu::Vtd {
+                    unit,
+                    endpoints: Vec::new(),
+                })
+            }
+        }
+    }
+
+    /// The handler of the guest's ATS Enable changes for `rid`, where the
+    /// vIOMMU cares (VT-d device-TLB notifications).
+    pub fn ats_handler(&self, rid: RequesterId) -> Option<Box<dyn Fn(bool) + Send + Sync>> {
+        match self {
+            Viommu::Virtio { .. } => None,
+            Viommu::Vtd { unit, .. } => {
+                let unit = unit.clone();
+                Some(Box::new(move |on| {
+                    unit.set_ats_enabled(rid, on);
+                }))
+            }
         }
     }
 
@@ -93,6 +154,7 @@ impl Viommu {
                     .map_err(|_| IommuSetupError::Endpoint(bdf))?;
                 endpoints.push(bdf);
             }
+            Viommu::Vtd { endpoints, .. } => endpoints.push(bdf),
         }
         Ok(())
     }
@@ -118,6 +180,10 @@ impl Viommu {
                     log::debug!("viommu: fault for {rid} at {iova:#x}: {r:?}");
                 })
             }
+            Viommu::Vtd { unit, .. } => {
+                let unit = unit.clone();
+                Arc::new(move |rid, iova, perm| unit.record_fault(rid, iova, access_of(perm)))
+            }
         }
     }
 
@@ -136,6 +202,12 @@ impl Viommu {
                 log::info!("viommu: IOTLB consumer for {rid} registered as {kind:?}");
                 Ok(())
             }
+            Viommu::Vtd { unit, .. } => {
+                // ATS is off at boot: IOTLB invalidations until the guest enables it.
+                unit.register_consumer(rid, UnmapKind::Iotlb, consumer)
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
         }
     }
 
@@ -143,6 +215,7 @@ impl Viommu {
     pub fn translate(&self) -> Arc<dyn DmaTranslate> {
         match self {
             Viommu::Virtio { state, .. } => state.clone(),
+            Viommu::Vtd { unit, .. } => unit.clone(),
         }
     }
 
@@ -154,6 +227,11 @@ impl Viommu {
                     return Ok(None);
                 };
                 let t = viot::build(*bdf, *first, *last).map_err(IommuSetupError::Viot)?;
+                Ok(Some(t))
+            }
+            Viommu::Vtd { unit, .. } => {
+                let dmar = DmarConfig::for_unit(&unit.config(), VTD_START, None);
+                let t = dmar.build().map_err(IommuSetupError::Dmar)?;
                 Ok(Some(t))
             }
         }

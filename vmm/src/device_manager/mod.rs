@@ -32,6 +32,7 @@ pub mod vhost_user;
 
 use crate::vstate::vcpu::VmExit;
 use crate::vstate::vm::Vm;
+use devices::pci::ats::AtsListener;
 use devices::pci::{BarAllocator, PciBdf};
 use devices::virtio::{GuestMemoryMmap, VirtioDevice};
 use pci::{BarRelocator, PciSetupError};
@@ -192,15 +193,16 @@ impl DeviceManager {
         mem: GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
     ) -> Result<PciBdf, DeviceManagerError> {
-        self.add_virtio_pci_with(mem, device, false)
+        self.add_virtio_pci_with(mem, device, None)
     }
 
-    /// Like [`DeviceManager::add_virtio_pci`], optionally with a PCIe ATS capability.
+    /// Like [`DeviceManager::add_virtio_pci`], optionally with a PCIe ATS
+    /// capability whose Enable changes go to the listener.
     pub fn add_virtio_pci_with(
         &mut self,
         mem: GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
-        ats: bool,
+        ats: Option<AtsListener>,
     ) -> Result<PciBdf, DeviceManagerError> {
         let bus = pci::PciBus {
             root: &self.pci,
@@ -209,6 +211,11 @@ impl DeviceManager {
             vm: &self.vm,
         };
         Ok(pci::add_virtio_pci(bus, mem, device, ats)?)
+    }
+
+    /// Where MSIs of VMM-internal devices go.
+    pub fn msi(&self) -> Arc<dyn MsiSink> {
+        self.vm.clone()
     }
 
     /// The handler vCPUs call on KVM_EXIT_IOAPIC_EOI.

@@ -6,6 +6,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
+use devices::pci::ats::AtsListener;
 use devices::pci::{allocate_bars, BarAllocError, BarAllocator, PciBdf, PciDevice, PciRootError};
 use devices::pci::{DeviceRelocation, PciRoot};
 use devices::virtio::transport::{VirtioPciDevice, VirtioPciError};
@@ -97,13 +98,13 @@ pub struct PciBus<'a> {
 }
 
 /// Wraps `device` in a virtio-pci transport (with a PCIe ATS capability when
-/// `ats`), assigns its BARs, maps them and registers its queue notifications.
+/// `ats` gives a listener), assigns its BARs, maps them and registers its queue notifications.
 /// Returns the device's address.
 pub fn add_virtio_pci(
     bus: PciBus<'_>,
     mem: GuestMemoryMmap,
     device: Box<dyn VirtioDevice>,
-    ats: bool,
+    ats: Option<AtsListener>,
 ) -> Result<PciBdf, PciSetupError> {
     let PciBus {
         root,
@@ -115,8 +116,9 @@ pub fn add_virtio_pci(
     let irqfd = vm.clone();
     let mut pci =
         VirtioPciDevice::new(device, mem, msi, Some(irqfd)).map_err(PciSetupError::Transport)?;
-    if ats {
-        pci.enable_ats(None).map_err(PciSetupError::Transport)?;
+    if let Some(listener) = ats {
+        pci.enable_ats(Some(listener))
+            .map_err(PciSetupError::Transport)?;
     }
     let bars = allocate_bars(&mut pci, mmio32, None).map_err(PciSetupError::Bars)?;
     let mut kicks = Vec::new();

@@ -3,7 +3,9 @@
 //! (translation for misses, a fault hook, unmap notifications).
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use devices::pci::ats::AtsListener;
 
 use devices::pci::PciBdf;
 use devices::vhost_user::{
@@ -100,10 +102,24 @@ pub fn add_vhost_user(
     let device = VhostUserDevice::connect(device_config(cfg, policy)).map_err(dev_err)?;
     let stats = device.stats_handle();
     let bridge = device.bridge();
-    let bdf = dm.add_virtio_pci_with(mem.clone(), Box::new(device), cfg.ats)?;
+    // The ATS listener exists before the device's address (and so its
+    // requester id) is known; the vIOMMU's handler is plugged in afterwards.
+    let ats_slot: Arc<OnceLock<AtsHandler>> = Arc::new(OnceLock::new());
+    let listener: Option<AtsListener> = cfg.ats.then(|| {
+        let slot = ats_slot.clone();
+        Arc::new(move |on: bool| {
+            if let Some(h) = slot.get() {
+                h(on)
+            }
+        }) as AtsListener
+    });
+    let bdf = dm.add_virtio_pci_with(mem.clone(), Box::new(device), listener)?;
     if let (true, Some(viommu), Some(bridge)) = (cfg.iommu, viommu, bridge) {
         viommu.add_endpoint(bdf)?;
         let rid = requester_id(bdf);
+        if let Some(h) = viommu.ats_handler(rid) {
+            let _ = ats_slot.set(h);
+        }
         bridge.set_translation(viommu.translate(), rid, Some(viommu.fault_hook()));
         viommu
             .register_consumer(rid, bridge)
@@ -126,6 +142,9 @@ impl From<VhostUserSetupError> for DeviceManagerError {
         DeviceManagerError::VhostUser(Box::new(e))
     }
 }
+
+/// What handles a device's ATS Enable changes.
+type AtsHandler = Box<dyn Fn(bool) + Send + Sync>;
 
 /// The bridge type registered as an IOMMU notifier consumer.
 pub type Consumer = Arc<devices::vhost_user::IotlbBridge>;
