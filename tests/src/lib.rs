@@ -3,3 +3,4 @@
 pub mod backend;
 pub mod dpdk;
 pub mod guest;
+pub mod qemu;
