@@ -3,4 +3,5 @@
 pub mod backend;
 pub mod dpdk;
 pub mod guest;
+pub mod matrix;
 pub mod qemu;

@@ -30,6 +30,7 @@ use iommu::{
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::channel::{ChannelError, IotlbChannel};
+use super::installed::Installed;
 use super::miss::{check_update, MissError, MissHandler};
 use super::stats::{BridgeCounters, BridgeStats};
 use super::wire::{IotlbMsg, IotlbPerm};
@@ -71,6 +72,8 @@ struct BridgeState {
     /// ACCESS_PLATFORM was negotiated with the back end on this connection,
     /// so it may hold IOTLB entries and must get INVALIDATEs.
     iotlb_live: bool,
+    /// What the back end may hold: UPDATEs sent and not yet invalidated.
+    installed: Installed,
 }
 
 /// Bridges one vhost-user back end's device IOTLB to the guest IOMMU.
@@ -221,6 +224,8 @@ impl IotlbBridge {
         st.mem = Some(mem);
         st.running = true;
         st.iotlb_live = true;
+        // SET_FEATURES was just sent: the back end's IOTLB starts empty.
+        st.installed.clear();
     }
 
     /// The device is stopping: refuse misses. INVALIDATEs are still sent,
@@ -283,7 +288,7 @@ impl IotlbBridge {
         iova: u64,
         perm: IotlbPerm,
     ) -> Result<IotlbMsg, (MissError, Option<Fault>)> {
-        let st = lock(&self.state);
+        let mut st = lock(&self.state);
         let update = self.compute(&st, iova, perm).map_err(|e| {
             let fault = match e {
                 MissError::Unmapped { .. } | MissError::PermissionDenied { .. } => st
@@ -294,6 +299,10 @@ impl IotlbBridge {
             };
             (e, fault)
         })?;
+        // Recorded before sending: a send that fails half-way may still
+        // have installed the entry.
+        st.installed
+            .add(update.iova, update.iova + (update.size - 1));
         self.channel.send_iotlb(&update, true).map_err(|e| {
             let reason = e.to_string();
             (MissError::UpdateFailed { iova, reason }, None)
@@ -303,8 +312,13 @@ impl IotlbBridge {
 
     /// Send one acked INVALIDATE; a nack closes the socket (the back end
     /// refused to drop a translation the guest removed).
-    fn invalidate_locked(&self, st: &BridgeState, range: IovaRange) -> Result<(), NotifyError> {
+    fn invalidate_locked(&self, st: &mut BridgeState, range: IovaRange) -> Result<(), NotifyError> {
         if !st.iotlb_live {
+            return Ok(());
+        }
+        if !st.installed.intersects(range.start(), range.end()) {
+            // Nothing of it was ever sent (or it was invalidated already).
+            BridgeCounters::bump(&self.counters.invalidations_skipped);
             return Ok(());
         }
         let start = Instant::now();
@@ -314,6 +328,7 @@ impl IotlbBridge {
             .send_iotlb(&IotlbMsg::invalidate(iova, size), true)
         {
             Ok(()) => {
+                st.installed.remove(range.start(), range.end());
                 BridgeCounters::bump(&self.counters.invalidations);
                 self.counters.invalidate_latency.record(start.elapsed());
                 Ok(())
@@ -335,14 +350,15 @@ impl IotlbBridge {
     /// region the mapping touches. Parts outside guest RAM are skipped.
     fn prefetch_locked(
         &self,
-        st: &BridgeState,
+        st: &mut BridgeState,
         range: IovaRange,
         gpa: GuestAddress,
         perm: Permissions,
     ) -> Result<(), NotifyError> {
-        let Some(mem) = st.mem.as_ref().filter(|_| st.running) else {
+        let Some(mem) = st.mem.clone().filter(|_| st.running) else {
             return Ok(());
         };
+        let mem = &mem;
         let mut off = 0u64;
         let total = range.end() - range.start();
         for _ in 0..=mem.num_regions() {
@@ -351,6 +367,8 @@ impl IotlbBridge {
                 break;
             };
             if let Some(update) = update_for(mem, iova, g, span, perm) {
+                st.installed
+                    .add(update.iova, update.iova + (update.size - 1));
                 self.channel.send_iotlb(&update, true).map_err(|e| {
                     NotifyError::new(format!("vhost-user prefetch UPDATE failed: {e}"))
                 })?;
@@ -409,7 +427,7 @@ impl MissHandler for IotlbBridge {
 
 impl IommuNotifier for IotlbBridge {
     fn notify(&self, ev: &IommuEvent) -> Result<(), NotifyError> {
-        let st = lock(&self.state);
+        let mut st = lock(&self.state);
         let mine = st.translator.as_ref().map(|t| t.rid);
         if let (Some(ev_rid), Some(rid)) = (ev.rid(), mine) {
             if ev_rid != rid {
@@ -421,13 +439,13 @@ impl IommuNotifier for IotlbBridge {
                 range, gpa, perm, ..
             } => match self.policy {
                 IotlbPolicy::MissDriven => Ok(()),
-                IotlbPolicy::Prefetch => self.prefetch_locked(&st, *range, *gpa, *perm),
+                IotlbPolicy::Prefetch => self.prefetch_locked(&mut st, *range, *gpa, *perm),
             },
             IommuEvent::Unmap { range, .. } | IommuEvent::DevIotlbUnmap { range, .. } => {
-                self.invalidate_locked(&st, *range)
+                self.invalidate_locked(&mut st, *range)
             }
             IommuEvent::DetachEndpoint { .. } | IommuEvent::Reset => {
-                self.invalidate_locked(&st, IovaRange::FULL)
+                self.invalidate_locked(&mut st, IovaRange::FULL)
             }
         }
     }
@@ -653,30 +671,44 @@ mod tests {
         );
     }
 
+    impl Rig {
+        /// Let the back end hold a translation of `[0x1000, 0x2fff]`.
+        fn install(&self) {
+            self.miss(0x1000, IotlbPerm::Ro).unwrap();
+        }
+
+        fn invalidates(&self) -> Vec<(IotlbMsg, bool)> {
+            let inv = crate::vhost_user::wire::IotlbType::Invalidate as u8;
+            self.chan
+                .sent()
+                .into_iter()
+                .filter(|(m, _)| m.msg_type == inv)
+                .collect()
+        }
+    }
+
     #[test]
     fn unmap_events_send_acked_invalidates_with_exact_ranges() {
         let r = rig(IotlbPolicy::MissDriven);
+        r.stub.map(0x1000, 0x2000, 0, Permissions::ReadWrite);
         let range = IovaRange::new(0x1000, 0x2fff).unwrap();
-        r.bridge
-            .notify(&IommuEvent::Unmap { rid: RID, range })
-            .unwrap();
-        r.bridge
-            .notify(&IommuEvent::DevIotlbUnmap { rid: RID, range })
-            .unwrap();
-        r.bridge
-            .notify(&IommuEvent::DetachEndpoint { rid: RID })
-            .unwrap();
-        r.bridge.notify(&IommuEvent::Reset).unwrap();
         let top = IovaRange::new(1, u64::MAX).unwrap();
-        r.bridge
-            .notify(&IommuEvent::Unmap {
+        for ev in [
+            IommuEvent::Unmap { rid: RID, range },
+            IommuEvent::DevIotlbUnmap { rid: RID, range },
+            IommuEvent::DetachEndpoint { rid: RID },
+            IommuEvent::Reset,
+            IommuEvent::Unmap {
                 rid: RID,
                 range: top,
-            })
-            .unwrap();
+            },
+        ] {
+            r.install();
+            r.bridge.notify(&ev).unwrap();
+        }
         let inv = |a, b| (IotlbMsg::invalidate(a, b), true);
         assert_eq!(
-            r.chan.sent(),
+            r.invalidates(),
             vec![
                 inv(0x1000, 0x2000),
                 inv(0x1000, 0x2000),
@@ -689,29 +721,70 @@ mod tests {
     }
 
     #[test]
+    fn unmaps_of_ranges_the_back_end_never_received_need_no_round_trip() {
+        let r = rig(IotlbPolicy::MissDriven);
+        r.stub.map(0x1000, 0x2000, 0, Permissions::ReadWrite);
+        // A VT-d caching-mode guest invalidates right after mapping: nothing sent yet.
+        let range = IovaRange::new(0x1000, 0x2fff).unwrap();
+        r.bridge
+            .notify(&IommuEvent::Unmap { rid: RID, range })
+            .unwrap();
+        assert!(r.chan.sent().is_empty());
+        r.install();
+        // Disjoint from what was sent: skipped; overlapping: invalidated once.
+        let elsewhere = IovaRange::new(0x8000, 0x8fff).unwrap();
+        r.bridge
+            .notify(&IommuEvent::Unmap {
+                rid: RID,
+                range: elsewhere,
+            })
+            .unwrap();
+        r.bridge
+            .notify(&IommuEvent::Unmap { rid: RID, range })
+            .unwrap();
+        r.bridge
+            .notify(&IommuEvent::Unmap { rid: RID, range })
+            .unwrap();
+        assert_eq!(r.invalidates().len(), 1);
+        let s = r.bridge.stats();
+        assert_eq!((s.invalidations, s.invalidations_skipped), (1, 3));
+        // A new connection (start) forgets everything the old back end held.
+        r.install();
+        r.bridge.start(r.mem.clone());
+        r.bridge
+            .notify(&IommuEvent::Unmap { rid: RID, range })
+            .unwrap();
+        assert_eq!(r.invalidates().len(), 1);
+    }
+
+    #[test]
     fn events_of_other_requesters_and_before_start_send_nothing() {
         let r = rig(IotlbPolicy::MissDriven);
+        r.stub.map(0x1000, 0x2000, 0, Permissions::ReadWrite);
+        r.install();
         let other = RequesterId::from_bdf(0, 0x20);
-        let range = IovaRange::new(0, 0xfff).unwrap();
+        let range = IovaRange::new(0, 0x1fff).unwrap();
         r.bridge
             .notify(&IommuEvent::Unmap { rid: other, range })
             .unwrap();
         let fresh = IotlbBridge::new(r.chan.clone(), IotlbPolicy::MissDriven);
         fresh.notify(&IommuEvent::Reset).unwrap();
-        assert!(r.chan.sent().is_empty());
+        assert!(r.invalidates().is_empty());
         // After a stop the back end may still hold entries: keep invalidating.
         r.bridge.stop();
         r.bridge
             .notify(&IommuEvent::Unmap { rid: RID, range })
             .unwrap();
-        assert_eq!(r.chan.sent().len(), 1);
+        assert_eq!(r.invalidates().len(), 1);
     }
 
     #[test]
     fn refused_invalidate_is_an_error_and_closes_the_socket() {
         let r = rig(IotlbPolicy::MissDriven);
+        r.stub.map(0x1000, 0x2000, 0, Permissions::ReadWrite);
+        r.install();
         r.chan.script(&[MockReply::Nack(1)]);
-        let range = IovaRange::new(0, 0xfff).unwrap();
+        let range = IovaRange::new(0, 0x1fff).unwrap();
         let err = r.bridge.notify(&IommuEvent::Unmap { rid: RID, range });
         assert!(err.is_err());
         assert!(r.chan.is_closed());

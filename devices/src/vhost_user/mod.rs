@@ -106,6 +106,7 @@ pub mod bridge;
 pub mod channel;
 mod frame;
 pub mod frontend;
+pub mod installed;
 pub mod kind;
 pub mod miss;
 pub mod relay;

@@ -106,6 +106,7 @@ pub struct BridgeCounters {
     pub(crate) prefetches: AtomicU64,
     pub(crate) invalidations: AtomicU64,
     pub(crate) invalidation_failures: AtomicU64,
+    pub(crate) invalidations_skipped: AtomicU64,
     pub(crate) miss_latency: LatencyHistogram,
     pub(crate) invalidate_latency: LatencyHistogram,
 }
@@ -130,6 +131,9 @@ pub struct BridgeStats {
     pub invalidations: u64,
     /// Notifications whose INVALIDATE failed.
     pub invalidation_failures: u64,
+    /// Unmap notifications that needed no INVALIDATE: the back end was
+    /// never sent anything in their range (since its last invalidation).
+    pub invalidations_skipped: u64,
     /// From MISS receipt to the UPDATE's ack (served misses only).
     pub miss_latency: LatencySummary,
     /// From the start of `notify` to the last INVALIDATE ack.
@@ -153,6 +157,7 @@ impl BridgeCounters {
             prefetches: l(&self.prefetches),
             invalidations: l(&self.invalidations),
             invalidation_failures: l(&self.invalidation_failures),
+            invalidations_skipped: l(&self.invalidations_skipped),
             miss_latency: self.miss_latency.summary(),
             invalidate_latency: self.invalidate_latency.summary(),
         }

@@ -1,0 +1,270 @@
+//! One cell of the integration matrix: the fast test guest transmits frames
+//! through a vhost-user virtio-net device served by DPDK testpmd or by our
+//! own backend, with a given vIOMMU and guest IOMMU mode; the harness checks
+//! the frame count on both sides and, with the own backend, the payload
+//! bytes and the security invariant.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vmm::{SerialMode, VhostUserStats, VmConfig, VmExit, Vmm};
+
+use crate::backend::{BackendConfig, BackendHandle, CountersSnapshot, RecordedMsg, TestBackend};
+use crate::dpdk::{PortStats, Testpmd};
+use crate::guest::{test_guest_path, AtsMode, GuestResult, IommuMode, Scenario};
+
+const VHOST_USER_IOTLB_MSG: u32 = 22;
+const IOTLB_UPDATE: u8 = 2;
+const IOTLB_INVALIDATE: u8 = 3;
+/// DPDK runs pinned to CPU 0; one testpmd at a time keeps two-core CI usable.
+static DPDK: Mutex<()> = Mutex::new(());
+
+/// The vIOMMU of a cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Viommu {
+    /// No vIOMMU; the device is not behind one.
+    None,
+    /// virtio-iommu.
+    Virtio,
+    /// VT-d; `dt` = device-TLB support (ECAP.DT), `ats_cap` = the device has
+    /// an ATS capability.
+    Vtd {
+        /// ECAP.DT.
+        dt: bool,
+        /// ATS capability on the device.
+        ats_cap: bool,
+    },
+}
+
+/// A matrix cell.
+#[derive(Debug, Clone, Copy)]
+pub struct Cell {
+    /// vIOMMU.
+    pub viommu: Viommu,
+    /// Guest IOMMU mode.
+    pub mode: IommuMode,
+    /// Guest ATS choice (VT-d).
+    pub ats: AtsMode,
+    /// Frames to send.
+    pub frames: u64,
+    /// Frame size.
+    pub size: u64,
+}
+
+impl Cell {
+    /// A cell with 500 frames of 1000 bytes and ATS left to the guest.
+    pub fn new(viommu: Viommu, mode: IommuMode) -> Self {
+        Cell {
+            viommu,
+            mode,
+            ats: AtsMode::Auto,
+            frames: 500,
+            size: 1000,
+        }
+    }
+
+    fn tag(&self, backend: &str) -> String {
+        format!(
+            "{backend}-{:?}-{}-{}",
+            self.viommu,
+            self.mode.as_str(),
+            self.ats.as_str()
+        )
+        .replace([' ', '{', '}', ':', ','], "")
+    }
+
+    fn vm_config(&self, sock: &std::path::Path) -> VmConfig {
+        let mut cfg = VmConfig::new(test_guest_path());
+        let scenario = Scenario::net_tx(self.frames, self.size)
+            .iommu(self.mode)
+            .ats(self.ats);
+        cfg.cmdline = scenario.cmdline().expect("scenario cmdline");
+        cfg.serial = SerialMode::Capture;
+        let (iommu, ats_cap) = match self.viommu {
+            Viommu::None => (None, false),
+            Viommu::Virtio => (Some("virtio".to_string()), false),
+            Viommu::Vtd { dt, ats_cap } => (
+                Some(format!("vtd,caching_mode=on,device_iotlb={}", on(dt))),
+                ats_cap,
+            ),
+        };
+        let behind = iommu.is_some();
+        cfg.iommu = iommu.map(|i| i.parse().expect("iommu option"));
+        let dev = format!(
+            "net,socket={},iommu={},ats={}",
+            sock.display(),
+            on(behind),
+            on(ats_cap)
+        );
+        cfg.vhost_user.push(dev.parse().expect("vhost-user option"));
+        cfg
+    }
+}
+
+fn on(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+fn socket(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("iovmm-{}-{tag}.sock", std::process::id()))
+}
+
+/// What a cell run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The guest's result line.
+    pub result: GuestResult,
+    /// The VMM's counters for the device.
+    pub stats: VhostUserStats,
+    /// The own backend's counters (own-backend cells).
+    pub backend: Option<CountersSnapshot>,
+    /// testpmd's counters (DPDK cells).
+    pub dpdk: Option<PortStats>,
+}
+
+fn run_guest(cell: &Cell, sock: &std::path::Path) -> (GuestResult, VhostUserStats) {
+    let mut vmm = Vmm::start(&cell.vm_config(sock)).expect("VM starts");
+    let exit = vmm
+        .wait_timeout(Duration::from_secs(60))
+        .expect("VMM stops");
+    let serial = vmm.serial_output().unwrap_or_default();
+    assert_eq!(
+        exit,
+        VmExit::ExitPort(0),
+        "{cell:?} guest failed; serial:\n{serial}"
+    );
+    let result = GuestResult::from_output(&serial).expect("result line");
+    assert_eq!(result.u64("completed"), Some(cell.frames), "{serial}");
+    (result, vmm.vhost_user_devices()[0].stats())
+}
+
+fn iotlb_msgs(records: &[RecordedMsg]) -> Vec<(u8, u64, u64)> {
+    let u = |p: &[u8], o: usize| {
+        p.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    records
+        .iter()
+        .filter(|r| r.request == VHOST_USER_IOTLB_MSG && r.payload.len() >= 26)
+        .filter_map(|r| Some((r.payload[25], u(&r.payload, 0)?, u(&r.payload, 8)?)))
+        .collect()
+}
+
+/// Every invalidated range that no later UPDATE re-mapped is gone from the
+/// backend's IOTLB: the backend tries the access right away.
+pub fn assert_no_stale_translation(backend: &BackendHandle) {
+    let msgs = iotlb_msgs(&backend.records());
+    for (i, &(ty, iova, size)) in msgs.iter().enumerate() {
+        if ty != IOTLB_INVALIDATE || size == 0 {
+            continue;
+        }
+        let end = iova.saturating_add(size - 1);
+        let remapped = msgs[i + 1..].iter().any(|&(t, a, s)| {
+            t == IOTLB_UPDATE && a <= end && a.saturating_add(s.saturating_sub(1)) >= iova
+        });
+        if !remapped {
+            assert!(
+                !backend.probe(iova, 1),
+                "stale translation at {iova:#x} after INVALIDATE"
+            );
+        }
+    }
+}
+
+fn sink_byte_sum(path: &std::path::Path) -> u64 {
+    let data = std::fs::read(path).expect("sink file");
+    let (mut sum, mut off) = (0u64, 0usize);
+    while off + 4 <= data.len() {
+        let len = data[off..off + 4]
+            .try_into()
+            .map(u32::from_ne_bytes)
+            .unwrap_or(0) as usize;
+        let end = (off + 4 + len).min(data.len());
+        sum = data[off + 4..end]
+            .iter()
+            .fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
+        off += 4 + len;
+    }
+    sum
+}
+
+/// Runs `cell` against our own backend.
+pub fn run_own_backend(cell: &Cell) -> Outcome {
+    let sock = socket(&cell.tag("own"));
+    let sink = sock.with_extension("frames");
+    let _ = std::fs::remove_file(&sink);
+    let config = BackendConfig {
+        access_platform: cell.viommu != Viommu::None,
+        sink: Some(sink.clone()),
+        ..BackendConfig::default()
+    };
+    let backend = TestBackend::listen(&sock, config).expect("backend listens");
+    let (result, stats) = run_guest(cell, &sock);
+    assert!(backend.wait_for(Duration::from_secs(5), |c| c.tx_frames == cell.frames));
+    let c = backend.counters();
+    assert_eq!(c.tx_bytes, cell.frames * cell.size);
+    assert_eq!(c.translation_failures, 0);
+    assert_eq!(
+        Some(sink_byte_sum(&sink)),
+        result.u64("checksum"),
+        "payload bytes differ"
+    );
+    assert_no_stale_translation(&backend);
+    let _ = std::fs::remove_file(&sink);
+    report("own", cell, &stats);
+    Outcome {
+        result,
+        stats,
+        backend: Some(c),
+        dpdk: None,
+    }
+}
+
+/// Runs `cell` against DPDK testpmd.
+pub fn run_dpdk(cell: &Cell) -> Outcome {
+    let _one = DPDK.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = socket(&cell.tag("dpdk"));
+    let mut pmd = Testpmd::start(&sock, true).expect("testpmd starts");
+    let (result, stats) = run_guest(cell, &sock);
+    let mut port = pmd.port_stats().expect("testpmd stats");
+    for _ in 0..50 {
+        if port.rx_packets >= cell.frames {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        port = pmd.port_stats().expect("testpmd stats");
+    }
+    assert_eq!(
+        port.rx_packets,
+        cell.frames,
+        "testpmd output:\n{}",
+        pmd.output()
+    );
+    assert_eq!(port.rx_bytes, cell.frames * cell.size);
+    report("dpdk", cell, &stats);
+    Outcome {
+        result,
+        stats,
+        backend: None,
+        dpdk: Some(port),
+    }
+}
+
+fn report(backend: &str, cell: &Cell, s: &VhostUserStats) {
+    eprintln!(
+        "{backend:4} {:?} {:11} ats={:4}: misses {:4} updates {:4} invalidates {:4} miss p50 {} us",
+        cell.viommu,
+        cell.mode.as_str(),
+        cell.ats.as_str(),
+        s.bridge.misses,
+        s.iotlb.updates,
+        s.iotlb.invalidations,
+        s.bridge.miss_latency.p50_ns / 1000,
+    );
+}

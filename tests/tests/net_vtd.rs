@@ -1,0 +1,113 @@
+//! Frames through a vhost-user virtio-net device behind the VT-d unit (caching
+//! mode on), with and without device-TLB/ATS, in each guest IOMMU mode,
+//! against DPDK testpmd and our own backend.
+
+use integration_tests::guest::{AtsMode, IommuMode};
+use integration_tests::matrix::{run_dpdk, run_own_backend, Cell, Viommu};
+
+const DT_ATS: Viommu = Viommu::Vtd {
+    dt: true,
+    ats_cap: true,
+};
+const NO_DT: Viommu = Viommu::Vtd {
+    dt: false,
+    ats_cap: false,
+};
+
+/// Caching mode makes the guest invalidate after every *new* mapping too; those
+/// ranges were never sent to the backend, so they cost no round trip. What is
+/// left is one INVALIDATE per unmap, plus the guest's few global invalidations
+/// (enable / teardown).
+fn assert_at_most_one_round_trip_per_unmap(o: &integration_tests::matrix::Outcome) {
+    let unmaps = o.result.u64("unmaps").expect("unmaps");
+    let inv = o.stats.iotlb.invalidations;
+    assert!(
+        inv >= unmaps,
+        "{inv} INVALIDATEs for {unmaps} unmaps: an unmap was not forwarded"
+    );
+    assert!(inv <= unmaps + 2, "{inv} INVALIDATEs for {unmaps} unmaps");
+    assert!(
+        o.stats.bridge.invalidations_skipped > 0,
+        "map-time invalidations were forwarded"
+    );
+}
+
+#[test]
+fn own_backend_vtd_ats_strict_uses_device_tlb_invalidations() {
+    let o = run_own_backend(&Cell::new(DT_ATS, IommuMode::Strict));
+    assert_eq!(o.result.u64("ats"), Some(1), "guest enabled ATS");
+    let unmaps = o.result.u64("unmaps").expect("unmaps");
+    // One INVALIDATE per unmap (the device-TLB one; the IOTLB PSI is not
+    // forwarded to a device-TLB consumer).
+    assert_eq!(o.stats.iotlb.invalidations, unmaps);
+}
+
+#[test]
+fn own_backend_vtd_without_device_tlb_falls_back_to_unmap() {
+    let o = run_own_backend(&Cell::new(NO_DT, IommuMode::Strict));
+    assert_eq!(o.result.u64("ats"), Some(0));
+    assert_at_most_one_round_trip_per_unmap(&o);
+}
+
+#[test]
+fn own_backend_vtd_ats_capable_but_disabled_still_invalidates() {
+    // The device offers ATS, the unit has DT, the guest never enables ATS:
+    // no device-TLB invalidations come, so IOTLB ones must reach the backend.
+    let mut cell = Cell::new(DT_ATS, IommuMode::Strict);
+    cell.ats = AtsMode::Off;
+    let o = run_own_backend(&cell);
+    assert_eq!(o.result.u64("ats"), Some(0));
+    assert_at_most_one_round_trip_per_unmap(&o);
+}
+
+#[test]
+fn own_backend_vtd_lazy() {
+    let o = run_own_backend(&Cell::new(DT_ATS, IommuMode::Lazy));
+    assert!(o.result.u64("flushes").unwrap_or(0) > 0);
+}
+
+#[test]
+fn own_backend_vtd_passthrough_has_no_per_page_misses() {
+    let o = run_own_backend(&Cell::new(DT_ATS, IommuMode::Passthrough));
+    assert!(
+        o.stats.bridge.misses <= 4,
+        "misses {}",
+        o.stats.bridge.misses
+    );
+    assert_eq!(o.stats.iotlb.invalidations, 0);
+}
+
+#[test]
+fn own_backend_vtd_guest_off() {
+    let o = run_own_backend(&Cell::new(NO_DT, IommuMode::Off));
+    assert!(
+        o.stats.bridge.misses <= 4,
+        "misses {}",
+        o.stats.bridge.misses
+    );
+}
+
+#[test]
+fn dpdk_vtd_ats_strict() {
+    run_dpdk(&Cell::new(DT_ATS, IommuMode::Strict));
+}
+
+#[test]
+fn dpdk_vtd_no_device_tlb_strict() {
+    run_dpdk(&Cell::new(NO_DT, IommuMode::Strict));
+}
+
+#[test]
+fn dpdk_vtd_lazy() {
+    run_dpdk(&Cell::new(DT_ATS, IommuMode::Lazy));
+}
+
+#[test]
+fn dpdk_vtd_passthrough() {
+    let o = run_dpdk(&Cell::new(DT_ATS, IommuMode::Passthrough));
+    assert!(
+        o.stats.bridge.misses <= 4,
+        "misses {}",
+        o.stats.bridge.misses
+    );
+}
