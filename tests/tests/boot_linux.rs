@@ -23,7 +23,7 @@ fn artefact(name: &str) -> PathBuf {
         .join(name);
     assert!(
         p.is_file(),
-        "{} is missing: run `sh resources/build-linux-guest.sh` first (see README)",
+        "{} is missing: run `bash resources/build-linux-guest.sh` first (see README)",
         p.display()
     );
     p
