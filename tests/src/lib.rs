@@ -1,6 +1,7 @@
 //! iovmm integration-test helpers: real KVM guests and real backends.
 
 pub mod backend;
+pub mod bench;
 pub mod dpdk;
 pub mod guest;
 pub mod matrix;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use vmm::{SerialMode, VhostUserStats, VmConfig, VmExit, Vmm};
 
+use crate::backend::latency::LatencyStats;
 use crate::backend::{BackendConfig, BackendHandle, CountersSnapshot, RecordedMsg, TestBackend};
 use crate::dpdk::{PortStats, Testpmd};
 use crate::guest::{test_guest_path, AtsMode, GuestResult, IommuMode, Scenario};
@@ -17,8 +18,12 @@ use crate::guest::{test_guest_path, AtsMode, GuestResult, IommuMode, Scenario};
 const VHOST_USER_IOTLB_MSG: u32 = 22;
 const IOTLB_UPDATE: u8 = 2;
 const IOTLB_INVALIDATE: u8 = 3;
-/// DPDK runs pinned to CPU 0; one testpmd at a time keeps two-core CI usable.
-static DPDK: Mutex<()> = Mutex::new(());
+/// One cell at a time: a cell's guest vCPU polls in ring 3 and testpmd polls
+/// pinned to CPU 0, so parallel cells on a two-core machine would starve the
+/// threads that serve IOTLB misses and turn the run into a timing test.
+static ONE_CELL: Mutex<()> = Mutex::new(());
+/// How long the own backend waits for an UPDATE after a miss.
+const MISS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The vIOMMU of a cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +55,8 @@ pub struct Cell {
     pub frames: u64,
     /// Frame size.
     pub size: u64,
+    /// Host TSC rate for the guest's timing (`iovmm.tsc_khz`), if known.
+    pub tsc_khz: Option<u64>,
 }
 
 impl Cell {
@@ -61,6 +68,7 @@ impl Cell {
             ats: AtsMode::Auto,
             frames: 500,
             size: 1000,
+            tsc_khz: None,
         }
     }
 
@@ -76,9 +84,12 @@ impl Cell {
 
     fn vm_config(&self, sock: &std::path::Path) -> VmConfig {
         let mut cfg = VmConfig::new(test_guest_path());
-        let scenario = Scenario::net_tx(self.frames, self.size)
+        let mut scenario = Scenario::net_tx(self.frames, self.size)
             .iommu(self.mode)
             .ats(self.ats);
+        if let Some(khz) = self.tsc_khz {
+            scenario = scenario.tsc_khz(khz);
+        }
         cfg.cmdline = scenario.cmdline().expect("scenario cmdline");
         cfg.serial = SerialMode::Capture;
         let (iommu, ats_cap) = match self.viommu {
@@ -125,6 +136,8 @@ pub struct Outcome {
     pub backend: Option<CountersSnapshot>,
     /// testpmd's counters (DPDK cells).
     pub dpdk: Option<PortStats>,
+    /// MISS → UPDATE as the own backend timed it.
+    pub backend_miss_latency: Option<LatencyStats>,
 }
 
 fn run_guest(cell: &Cell, sock: &std::path::Path) -> (GuestResult, VhostUserStats) {
@@ -196,12 +209,14 @@ fn sink_byte_sum(path: &std::path::Path) -> u64 {
 
 /// Runs `cell` against our own backend.
 pub fn run_own_backend(cell: &Cell) -> Outcome {
+    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
     let sock = socket(&cell.tag("own"));
     let sink = sock.with_extension("frames");
     let _ = std::fs::remove_file(&sink);
     let config = BackendConfig {
         access_platform: cell.viommu != Viommu::None,
         sink: Some(sink.clone()),
+        miss_timeout: MISS_TIMEOUT,
         ..BackendConfig::default()
     };
     let backend = TestBackend::listen(&sock, config).expect("backend listens");
@@ -223,12 +238,13 @@ pub fn run_own_backend(cell: &Cell) -> Outcome {
         stats,
         backend: Some(c),
         dpdk: None,
+        backend_miss_latency: backend.miss_latency(),
     }
 }
 
 /// Runs `cell` against DPDK testpmd.
 pub fn run_dpdk(cell: &Cell) -> Outcome {
-    let _one = DPDK.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
     let sock = socket(&cell.tag("dpdk"));
     let mut pmd = Testpmd::start(&sock, true).expect("testpmd starts");
     let (result, stats) = run_guest(cell, &sock);
@@ -253,10 +269,14 @@ pub fn run_dpdk(cell: &Cell) -> Outcome {
         stats,
         backend: None,
         dpdk: Some(port),
+        backend_miss_latency: None,
     }
 }
 
 fn report(backend: &str, cell: &Cell, s: &VhostUserStats) {
+    if std::env::var_os("IOVMM_MATRIX_QUIET").is_some() {
+        return;
+    }
     eprintln!(
         "{backend:4} {:?} {:11} ats={:4}: misses {:4} updates {:4} invalidates {:4} miss p50 {} us",
         cell.viommu,

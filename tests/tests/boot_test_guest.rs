@@ -87,19 +87,7 @@ fn missing_kernel_is_a_typed_config_error() {
 }
 
 fn iovmm_binary() -> PathBuf {
-    // target/<profile>/deps/<test binary> -> target/<profile>/iovmm
-    let exe = std::env::current_exe().expect("test binary path");
-    let bin = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(|d| d.join("iovmm"))
-        .expect("target dir");
-    assert!(
-        bin.is_file(),
-        "{} missing: build with `cargo test --workspace`",
-        bin.display()
-    );
-    bin
+    PathBuf::from(env!("CARGO_BIN_EXE_iovmm-cli"))
 }
 
 #[test]

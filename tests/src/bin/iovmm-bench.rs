@@ -1,0 +1,255 @@
+//! `iovmm-bench`: prints the project's performance table.
+//!
+//! ```text
+//! cargo run --release -p integration-tests --bin iovmm-bench [-- --frames N --no-qemu --no-dpdk]
+//! ```
+//!
+//! Guest boot time, VMM RSS, and for every vIOMMU × guest mode cell the DMA
+//! rate, IOTLB messages per frame and miss service latency (as the backend
+//! sees it: MISS sent → UPDATE received). Then the same protocol-level
+//! metrics for QEMU 7.2 (TCG, Linux guest, same own backend) and the ratios.
+
+use std::time::Duration;
+
+use clap::Parser;
+use integration_tests::bench::{
+    bench_cells, boot_times, cli_rss, fmt_latency, host_tsc_khz, percentiles, run_cell,
+    sibling_binary, us, BenchBackend, CellResult,
+};
+use integration_tests::guest::IommuMode;
+use integration_tests::matrix::Viommu;
+use integration_tests::qemu::{self, GuestMode, QemuBackend, QemuConfig, QemuIommu, QemuRun};
+
+#[derive(Debug, Parser)]
+#[command(about = "iovmm benchmark: boot, RSS, DMA rate, IOTLB traffic, QEMU 7.2 ratios")]
+struct Args {
+    /// Frames per DMA cell.
+    #[arg(long, default_value_t = 5000)]
+    frames: u64,
+    /// Frame size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: u64,
+    /// Boot runs.
+    #[arg(long, default_value_t = 20)]
+    boots: usize,
+    /// Skip the QEMU 7.2 reference runs.
+    #[arg(long)]
+    no_qemu: bool,
+    /// Skip the DPDK testpmd cells.
+    #[arg(long)]
+    no_dpdk: bool,
+    /// Only cells whose vIOMMU name contains this (none, virtio-iommu, vt-d).
+    #[arg(long)]
+    only: Option<String>,
+    /// Frames per QEMU run (TCG is slow).
+    #[arg(long, default_value_t = 2000)]
+    qemu_frames: u64,
+}
+
+fn viommu_name(v: Viommu) -> &'static str {
+    match v {
+        Viommu::None => "none",
+        Viommu::Virtio => "virtio-iommu",
+        Viommu::Vtd { dt: true, .. } => "vt-d+dt/ats",
+        Viommu::Vtd { dt: false, .. } => "vt-d",
+    }
+}
+
+fn print_boot_and_rss(args: &Args) {
+    let mut t = boot_times(args.boots);
+    let (p50, p99) = percentiles(&mut t);
+    println!(
+        "\n== Guest boot (fast test guest, start to exit, {} runs)",
+        t.len()
+    );
+    println!(
+        "  p50 {:.2} ms   p99 {:.2} ms",
+        p50.as_secs_f64() * 1e3,
+        p99.as_secs_f64() * 1e3
+    );
+    let Some(iovmm) = sibling_binary("iovmm-cli") else {
+        println!("  (iovmm binary not built; skipping RSS: cargo build --release -p integration-tests --bins)");
+        return;
+    };
+    match cli_rss(&iovmm, "iovmm.test=hello", &[]) {
+        Ok((code, kib)) => {
+            println!("\n== VMM RSS\n  hello guest, 256M RAM: {kib} KiB peak (exit {code})")
+        }
+        Err(e) => println!("\n== VMM RSS: cannot run {}: {e}", iovmm.display()),
+    }
+}
+
+fn print_cells(results: &[CellResult], tsc_khz: u64) {
+    println!(
+        "\n== DMA through vhost-user virtio-net ({} frames each; miss = MISS->UPDATE at the backend, us p50/p99)",
+        results.first().map(|r| r.cell.frames).unwrap_or(0)
+    );
+    println!(
+        "  {:13} {:11} {:5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>10}",
+        "vIOMMU", "mode", "back", "frames/s", "miss/f", "upd/f", "inv/f", "miss us", "inv rtt us"
+    );
+    for r in results {
+        let s = &r.outcome.stats;
+        let rtt = s.iotlb.rtt_total_ns as f64 / s.iotlb.acked.max(1) as f64 / 1000.0;
+        println!(
+            "  {:13} {:11} {:5} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>10.1}",
+            viommu_name(r.cell.viommu),
+            r.cell.mode.as_str(),
+            match r.backend {
+                BenchBackend::Own => "own",
+                BenchBackend::Dpdk => "dpdk",
+            },
+            r.frames_per_sec(tsc_khz),
+            r.per_frame(s.bridge.misses),
+            r.per_frame(s.iotlb.updates),
+            r.per_frame(s.iotlb.invalidations),
+            fmt_latency(r.outcome.backend_miss_latency.as_ref()),
+            rtt,
+        );
+    }
+}
+
+fn qemu_runs(frames: u64) -> Vec<QemuRun> {
+    let mut runs = Vec::new();
+    for (iommu, mode) in [
+        (QemuIommu::IntelIommu, GuestMode::Strict),
+        (QemuIommu::IntelIommu, GuestMode::Lazy),
+        (QemuIommu::IntelIommu, GuestMode::Passthrough),
+        (QemuIommu::VirtioIommu, GuestMode::Strict),
+    ] {
+        let mut cfg = QemuConfig::new(iommu, mode, QemuBackend::Own);
+        cfg.frames = frames;
+        cfg.timeout = Duration::from_secs(600);
+        match qemu::run(&cfg) {
+            Ok(r) => runs.push(r),
+            Err(e) => println!("  QEMU {iommu:?} {mode:?}: {e}"),
+        }
+    }
+    runs
+}
+
+fn ours(results: &[CellResult], iommu: QemuIommu, mode: GuestMode) -> Option<&CellResult> {
+    let v = match iommu {
+        QemuIommu::IntelIommu => Viommu::Vtd {
+            dt: true,
+            ats_cap: true,
+        },
+        QemuIommu::VirtioIommu => Viommu::Virtio,
+    };
+    let m = match mode {
+        GuestMode::Strict => IommuMode::Strict,
+        GuestMode::Lazy => IommuMode::Lazy,
+        GuestMode::Passthrough => IommuMode::Passthrough,
+    };
+    results
+        .iter()
+        .find(|r| r.cell.viommu == v && r.cell.mode == m && r.backend == BenchBackend::Own)
+}
+
+fn ratio(q: f64, o: f64) -> String {
+    if o <= 0.0 {
+        return if q > 0.0 { "inf".into() } else { "-".into() };
+    }
+    format!("{:.1}x", q / o)
+}
+
+fn print_qemu(runs: &[QemuRun], results: &[CellResult], iovmm_rss: Option<u64>) {
+    println!("\n== QEMU 7.2 (TCG, Debian 6.12 guest, own backend) vs iovmm, same run");
+    println!(
+        "  {:12} {:11} {:>7} {:>7} {:>7} {:>13} {:>9} | {:>9} {:>9} {:>9}",
+        "vIOMMU",
+        "mode",
+        "miss/f",
+        "upd/f",
+        "inv/f",
+        "miss us",
+        "RSS MiB",
+        "miss/f",
+        "inv/f",
+        "miss p50"
+    );
+    for q in runs {
+        let c = q.iotlb.unwrap_or(qemu::IotlbCounts {
+            misses: 0,
+            updates: 0,
+            invalidates: 0,
+        });
+        let (qm, qu, qi) = (
+            q.per_frame(c.misses),
+            q.per_frame(c.updates),
+            q.per_frame(c.invalidates),
+        );
+        let o = ours(results, q.config.iommu, q.config.mode);
+        let (om, oi, op50) = o
+            .map(|r| {
+                let s = &r.outcome.stats;
+                let p50 = r
+                    .outcome
+                    .backend_miss_latency
+                    .as_ref()
+                    .map(|l| us(l.p50))
+                    .unwrap_or(0.0);
+                (
+                    r.per_frame(s.bridge.misses),
+                    r.per_frame(s.iotlb.invalidations),
+                    p50,
+                )
+            })
+            .unwrap_or((0.0, 0.0, 0.0));
+        let qp50 = q.miss_latency.as_ref().map(|l| us(l.p50)).unwrap_or(0.0);
+        println!(
+            "  {:12} {:11} {:>7.3} {:>7.3} {:>7.3} {:>13} {:>9.1} | {:>9} {:>9} {:>9}",
+            format!("{:?}", q.config.iommu),
+            format!("{:?}", q.config.mode),
+            qm,
+            qu,
+            qi,
+            fmt_latency(q.miss_latency.as_ref()),
+            q.vm_hwm_kib as f64 / 1024.0,
+            ratio(qm, om),
+            ratio(qi, oi),
+            ratio(qp50, op50),
+        );
+    }
+    if let (Some(rss), Some(q)) = (iovmm_rss, runs.first()) {
+        println!(
+            "  RSS: QEMU {} KiB vs iovmm {rss} KiB ({})",
+            q.vm_hwm_kib,
+            ratio(q.vm_hwm_kib as f64, rss as f64)
+        );
+    }
+    println!("  (ratios are QEMU / iovmm: above 1x means iovmm sends fewer messages or is faster)");
+}
+
+fn main() {
+    let args = Args::parse();
+    env_logger::init();
+    std::env::set_var("IOVMM_MATRIX_QUIET", "1");
+    let tsc_khz = host_tsc_khz();
+    println!("iovmm-bench: TSC {tsc_khz} kHz");
+    print_boot_and_rss(&args);
+    let mut results = Vec::new();
+    let wanted = |c: &integration_tests::matrix::Cell| {
+        args.only
+            .as_deref()
+            .is_none_or(|o| viommu_name(c.viommu).contains(o))
+    };
+    for cell in bench_cells(args.frames, args.size, tsc_khz)
+        .into_iter()
+        .filter(wanted)
+    {
+        results.push(run_cell(cell, BenchBackend::Own));
+        if !args.no_dpdk {
+            results.push(run_cell(cell, BenchBackend::Dpdk));
+        }
+    }
+    print_cells(&results, tsc_khz);
+    if args.no_qemu {
+        return;
+    }
+    let iovmm_rss = sibling_binary("iovmm-cli")
+        .and_then(|b| cli_rss(&b, "iovmm.test=hello", &[]).ok())
+        .map(|(_, kib)| kib);
+    let runs = qemu_runs(args.qemu_frames);
+    print_qemu(&runs, &results, iovmm_rss);
+}
