@@ -10,14 +10,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use iommu::types::IovaRange;
-use iommu::virtio::protocol::{S_DEVERR, VIRTIO_IOMMU_T_MAP};
+use iommu::virtio::protocol::{S_DEVERR, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP};
 use iommu::virtio::{handle, Request, Response};
+use iommu::IommuEvent;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::chain::{self, ChainError};
+use super::chain::{self, ChainError, ChainParts};
 use super::{IommuState, Update};
+use crate::thread::{self, ThreadHook, ThreadKind};
 use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
 
 /// Largest device-readable part accepted in a request chain. The largest request (PROBE) has
@@ -31,6 +33,8 @@ pub const WORKER_NAME: &str = "iovmm_viommu";
 const TOKEN_KICK: u64 = 0;
 const TOKEN_STOP: u64 = 1;
 const TAIL_LEN: usize = 4;
+/// Most UNMAP requests executed and invalidated as one batch.
+pub const MAX_UNMAP_BATCH: usize = 256;
 
 /// Everything the worker owns.
 pub(crate) struct RequestQueue {
@@ -49,15 +53,19 @@ pub(crate) struct RequestWorker {
 }
 
 impl RequestWorker {
-    /// Starts the worker thread for `rq`.
-    pub(crate) fn spawn(rq: RequestQueue) -> io::Result<Self> {
+    /// Starts the worker thread for `rq`; the thread runs `hook` first.
+    pub(crate) fn spawn(rq: RequestQueue, hook: Option<ThreadHook>) -> io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         add(&epoll, rq.kick.as_raw_fd(), TOKEN_KICK)?;
         add(&epoll, stop.as_raw_fd(), TOKEN_STOP)?;
         let thread = std::thread::Builder::new()
             .name(WORKER_NAME.into())
-            .spawn(move || rq.run(&epoll))?;
+            .spawn(move || {
+                if thread::enter(hook.as_ref(), ThreadKind::VirtioIommu) {
+                    rq.run(&epoll)
+                }
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -121,17 +129,95 @@ impl RequestQueue {
         }
     }
 
-    /// Serves every available chain.
+    /// Serves every available chain. Consecutive UNMAP requests are executed
+    /// together and their invalidations delivered as one merged batch (a lazy
+    /// guest flushes many at once), before any of them completes.
     fn process_queue(&mut self) {
+        let mut unmaps: Vec<(u16, ChainParts)> = Vec::new();
         while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
             let head = chain.head_index();
-            let used = self.process_chain(chain);
-            if let Err(e) = self.queue.add_used(&self.mem, head, used) {
-                log::warn!("virtio-iommu: cannot return request buffer {head}: {e}");
+            let parts = chain::split(&self.mem, chain, MAX_READABLE);
+            match parts {
+                Ok(p) if is_unmap(&p) && unmaps.len() < MAX_UNMAP_BATCH => {
+                    unmaps.push((head, p));
+                }
+                other => {
+                    self.run_unmap_batch(&mut unmaps);
+                    let used = self.process_parts(other);
+                    self.complete(head, used);
+                }
+            }
+        }
+        self.run_unmap_batch(&mut unmaps);
+    }
+
+    fn complete(&mut self, head: u16, used: u32) {
+        if let Err(e) = self.queue.add_used(&self.mem, head, used) {
+            log::warn!("virtio-iommu: cannot return request buffer {head}: {e}");
+            return;
+        }
+        self.signal();
+    }
+
+    /// Executes a batch of UNMAPs under one update, delivers their merged
+    /// events once, then writes every reply and completes every chain.
+    fn run_unmap_batch(&mut self, batch: &mut Vec<(u16, ChainParts)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let stats = &self.state.stats;
+        let reply_max = self.max_reply_len();
+        let mut done: Vec<(u16, Option<(ChainParts, Response)>)> = Vec::new();
+        let update = self.state.begin_update();
+        let mut events = Vec::new();
+        for (head, parts) in batch.drain(..) {
+            stats.count_request(parts.readable.first().copied().unwrap_or(0));
+            let fits = reply_max.min(parts.writable_len);
+            if let Err(e) = chain::check_writable(&self.mem, &parts.writable, fits) {
+                done.push((head, None));
+                self.unwritten(&e);
                 continue;
             }
-            self.signal();
+            let (r, ev) = update.apply(|domains| {
+                let mut r = handle(
+                    domains,
+                    &self.state.settings,
+                    self.acked,
+                    &parts.readable,
+                    parts.writable_len,
+                );
+                let ev = std::mem::take(&mut r.events);
+                (r, ev)
+            });
+            events.extend(ev);
+            done.push((head, Some((parts, r))));
         }
+        let failed = update.deliver(&merge_unmaps(events)).err();
+        drop(update);
+        if let Some(e) = &failed {
+            log::warn!("virtio-iommu: UNMAP batch failed at a translation consumer: {e}");
+            stats.count_notifier_failure();
+        }
+        for (head, item) in done {
+            let used = match item {
+                None => 0,
+                Some((parts, mut r)) => {
+                    if failed.is_some() {
+                        set_status(&mut r, S_DEVERR);
+                    }
+                    self.write_reply(&parts, &r)
+                }
+            };
+            self.complete(head, used);
+        }
+    }
+
+    fn write_reply(&self, parts: &ChainParts, response: &Response) -> u32 {
+        if let Err(e) = chain::write(&self.mem, &parts.writable, &response.reply) {
+            return self.unwritten(&e);
+        }
+        self.state.stats.count_status(response.status);
+        u32::try_from(response.reply.len()).unwrap_or(0)
     }
 
     fn signal(&mut self) {
@@ -146,13 +232,10 @@ impl RequestQueue {
         }
     }
 
-    /// Serves one chain; returns the used length (0 = returned unwritten).
-    fn process_chain<I>(&self, chain: I) -> u32
-    where
-        I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
-    {
+    /// Serves one split chain; returns the used length (0 = returned unwritten).
+    fn process_parts(&self, parts: Result<ChainParts, ChainError>) -> u32 {
         let stats = &self.state.stats;
-        let parts = match chain::split(&self.mem, chain, MAX_READABLE) {
+        let parts = match parts {
             Ok(parts) => parts,
             Err(e) => return self.unwritten(&e),
         };
@@ -162,11 +245,7 @@ impl RequestQueue {
             return self.unwritten(&e);
         }
         let response = self.execute(&parts.readable, parts.writable_len);
-        if let Err(e) = chain::write(&self.mem, &parts.writable, &response.reply) {
-            return self.unwritten(&e);
-        }
-        stats.count_status(response.status);
-        u32::try_from(response.reply.len()).unwrap_or(0)
+        self.write_reply(&parts, &response)
     }
 
     fn unwritten(&self, e: &ChainError) -> u32 {
@@ -201,6 +280,40 @@ impl RequestQueue {
         }
         response
     }
+}
+
+fn is_unmap(parts: &ChainParts) -> bool {
+    parts.readable.first() == Some(&VIRTIO_IOMMU_T_UNMAP)
+}
+
+/// Merges unmap events of the same requester whose ranges overlap or touch,
+/// keeping every other event (and the order of first appearance).
+fn merge_unmaps(events: Vec<IommuEvent>) -> Vec<IommuEvent> {
+    let mut out: Vec<IommuEvent> = Vec::with_capacity(events.len());
+    for ev in events {
+        if let IommuEvent::Unmap { rid, range } = ev {
+            let hit = out.iter_mut().rev().find_map(|o| match o {
+                IommuEvent::Unmap { rid: r, range: g } if *r == rid && touches(*g, range) => {
+                    Some(g)
+                }
+                _ => None,
+            });
+            if let Some(g) = hit {
+                let lo = g.start().min(range.start());
+                let hi = g.end().max(range.end());
+                if let Ok(m) = IovaRange::new(lo, hi) {
+                    *g = m;
+                    continue;
+                }
+            }
+        }
+        out.push(ev);
+    }
+    out
+}
+
+fn touches(a: IovaRange, b: IovaRange) -> bool {
+    a.start() <= b.end().saturating_add(1) && b.start() <= a.end().saturating_add(1)
 }
 
 /// Removes the mapping a MAP just added (its consumers failed), so the model matches what
@@ -401,6 +514,62 @@ mod tests {
         assert_eq!(used, 0, "unknown request type");
         assert_eq!(state.stats().unwritten(), cases.len() as u64 + 1);
         assert_eq!(d.status(&req), S_OK, "device still serves requests");
+    }
+
+    #[test]
+    fn unmaps_posted_together_are_invalidated_as_one_merged_range() {
+        let state = state();
+        let mut d = Driver::new(state.clone(), ALL_FEATURES);
+        assert_eq!(d.status(&attach(1, EP.endpoint_id(), 0)), S_OK);
+        assert_eq!(d.status(&map(1, 0x10000, 0x10fff, 0x20_0000, RW)), S_OK);
+        assert_eq!(d.status(&map(1, 0x11000, 0x11fff, 0x30_0000, RW)), S_OK);
+        assert_eq!(d.status(&map(1, 0x40000, 0x40fff, 0x40_0000, RW)), S_OK);
+        let slow = consumer(&d, 50, false);
+        state
+            .register_notifier(EP, NotifierFlags::UNMAP, slow.clone())
+            .unwrap();
+        let before = d.req.used_idx(&d.mem);
+        // A lazy guest's flush: three UNMAPs published before one kick.
+        let mut tails = Vec::new();
+        for (lo, hi) in [(0x10000, 0x10fff), (0x11000, 0x11fff), (0x40000, 0x40fff)] {
+            let req = unmap(1, lo, hi);
+            let r = d.alloc(req.len() as u32);
+            d.mem.write_slice(&req, GuestAddress(r)).unwrap();
+            let w = d.alloc(4);
+            d.req
+                .push(&d.mem, &[(r, req.len() as u32, false), (w, 4, true)]);
+            tails.push(w);
+        }
+        d.kick.write(1).unwrap();
+        for _ in 0..3 {
+            d.wait_used();
+        }
+        for w in tails {
+            assert_eq!(d.mem.read_obj::<u8>(GuestAddress(w)).unwrap(), S_OK);
+        }
+        let seen = slow.seen.lock().unwrap().clone();
+        let merged = IovaRange::new(0x10000, 0x11fff).unwrap();
+        let apart = IovaRange::new(0x40000, 0x40fff).unwrap();
+        // Two invalidations (adjacent ranges merged), both before any completion.
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    IommuEvent::Unmap {
+                        rid: EP,
+                        range: merged
+                    },
+                    before
+                ),
+                (
+                    IommuEvent::Unmap {
+                        rid: EP,
+                        range: apart
+                    },
+                    before
+                )
+            ]
+        );
     }
 
     #[test]
