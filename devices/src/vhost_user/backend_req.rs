@@ -25,6 +25,7 @@ use super::channel::{ChannelError, IotlbChannel};
 use super::frame::{read_frame, write_frame};
 use super::miss::MissHandler;
 use super::wire::{encode_ack, BackendRequest, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
+use crate::thread::{self, ThreadHook, ThreadKind};
 
 /// Bound on how long the rest of a frame may take once its first byte came.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(1);
@@ -198,10 +199,26 @@ impl BackendReqServer {
 
     /// Run the server on its own thread.
     pub fn spawn(self, name: &str) -> std::io::Result<BackendReqThread> {
+        self.spawn_with_hook(name, None)
+    }
+
+    /// Like [`BackendReqServer::spawn`]; the thread runs `hook` before it
+    /// reads the channel (see [`crate::thread`]).
+    pub fn spawn_with_hook(
+        self,
+        name: &str,
+        hook: Option<ThreadHook>,
+    ) -> std::io::Result<BackendReqThread> {
         let shutdown = self.stream.try_clone()?;
         let join = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || self.run())?;
+            .spawn(move || {
+                if !thread::enter(hook.as_ref(), ThreadKind::VhostUserReq) {
+                    let e = std::io::Error::other("the thread could not enter its sandbox");
+                    return BackendReqError::Channel(ChannelError::Io(e));
+                }
+                self.run()
+            })?;
         Ok(BackendReqThread { shutdown, join })
     }
 }

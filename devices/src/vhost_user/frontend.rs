@@ -35,6 +35,7 @@ use super::wire::{
     PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
+use crate::thread::ThreadHook;
 use crate::virtio::{
     ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterruptType,
 };
@@ -284,6 +285,7 @@ pub struct VhostUserDevice {
     bridge: Option<Arc<IotlbBridge>>,
     running: Option<Running>,
     counters: Arc<DeviceCounters>,
+    thread_hook: Option<ThreadHook>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -345,6 +347,7 @@ impl VhostUserDevice {
             bridge,
             running: None,
             counters: Arc::default(),
+            thread_hook: None,
         };
         if backend_config {
             // Fail now rather than show the guest an empty configuration.
@@ -553,7 +556,7 @@ impl VhostUserDevice {
             let server = BackendReqServer::new(ours, bridge.clone(), main);
             run.server = Some(
                 server
-                    .spawn("vhost-user-req")
+                    .spawn_with_hook("vhost-user-req", self.thread_hook.clone())
                     .map_err(VhostUserError::Resource)?,
             );
         }
@@ -611,8 +614,10 @@ impl VhostUserDevice {
             run.started.push(*index);
         }
         if !relayed.is_empty() {
-            let relay = CallRelay::spawn(relayed, ctx.interrupt.clone(), "vhost-user-call")
-                .map_err(VhostUserError::Resource)?;
+            let hook = self.thread_hook.clone();
+            let relay =
+                CallRelay::spawn_with_hook(relayed, ctx.interrupt.clone(), "vhost-user-call", hook)
+                    .map_err(VhostUserError::Resource)?;
             run.relay = Some(relay);
         }
         if self.has_protocol_features() {
@@ -746,6 +751,10 @@ impl VirtioDevice for VhostUserDevice {
             log::warn!("vhost-user {:?} device did not stop cleanly", self.kind);
         }
         !self.is_broken()
+    }
+
+    fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = Some(hook);
     }
 }
 

@@ -9,6 +9,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::thread::{self, ThreadHook, ThreadKind};
 use crate::virtio::{VirtioInterrupt, VirtioInterruptType};
 
 /// A running relay thread.
@@ -24,11 +25,25 @@ impl CallRelay {
         interrupt: Arc<dyn VirtioInterrupt>,
         name: &str,
     ) -> std::io::Result<Self> {
+        Self::spawn_with_hook(calls, interrupt, name, None)
+    }
+
+    /// Like [`CallRelay::spawn`]; the thread runs `hook` first (see [`crate::thread`]).
+    pub fn spawn_with_hook(
+        calls: Vec<(u16, EventFd)>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        name: &str,
+        hook: Option<ThreadHook>,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let s = Arc::clone(&stop);
         let join = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || relay_loop(&calls, interrupt.as_ref(), &s))?;
+            .spawn(move || {
+                if thread::enter(hook.as_ref(), ThreadKind::VhostUserCall) {
+                    relay_loop(&calls, interrupt.as_ref(), &s)
+                }
+            })?;
         Ok(CallRelay {
             stop,
             join: Some(join),

@@ -13,6 +13,8 @@ use thiserror::Error;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::thread::ThreadHook;
+
 /// Guest memory as seen by devices (no dirty bitmap).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
@@ -153,4 +155,7 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), VirtioDeviceError>;
     /// Stops the device and returns it to the pre-activation state.
     fn reset(&mut self) -> bool;
+    /// Gives the device the hook its own threads must run first (see
+    /// [`crate::thread`]). Devices without threads ignore it (the default).
+    fn set_thread_hook(&mut self, _hook: ThreadHook) {}
 }

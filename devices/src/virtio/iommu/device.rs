@@ -13,6 +13,7 @@ use zerocopy::IntoBytes;
 use super::event::{EventQueue, EVENTQ_INDEX};
 use super::handler::{RequestQueue, RequestWorker, REQUESTQ_INDEX};
 use super::{IommuState, VirtioIommuDeviceError, VirtioIommuStats};
+use crate::thread::ThreadHook;
 use crate::virtio::device::VIRTIO_F_VERSION_1;
 use crate::virtio::{ActivateContext, VirtioDevice, VirtioDeviceError};
 
@@ -41,6 +42,7 @@ pub struct VirtioIommuDevice {
     state: Arc<IommuState>,
     acked: u64,
     worker: Option<RequestWorker>,
+    thread_hook: Option<ThreadHook>,
 }
 
 impl std::fmt::Debug for VirtioIommuDevice {
@@ -59,6 +61,7 @@ impl VirtioIommuDevice {
             state,
             acked: 0,
             worker: None,
+            thread_hook: None,
         }
     }
 
@@ -180,14 +183,17 @@ impl VirtioDevice for VirtioIommuDevice {
         };
         let events = EventQueue::new(ctx.mem.clone(), eq, ekick, ctx.interrupt.clone());
         self.state.set_event_queue(Some(events));
-        let worker = RequestWorker::spawn(RequestQueue {
-            state: Arc::clone(&self.state),
-            mem: ctx.mem,
-            queue: rq,
-            kick: rkick,
-            interrupt: ctx.interrupt,
-            acked: self.acked,
-        });
+        let worker = RequestWorker::spawn(
+            RequestQueue {
+                state: Arc::clone(&self.state),
+                mem: ctx.mem,
+                queue: rq,
+                kick: rkick,
+                interrupt: ctx.interrupt,
+                acked: self.acked,
+            },
+            self.thread_hook.clone(),
+        );
         match worker {
             Ok(w) => {
                 self.worker = Some(w);
@@ -211,6 +217,10 @@ impl VirtioDevice for VirtioIommuDevice {
             log::warn!("virtio-iommu: reset: a translation consumer failed: {e}");
         }
         true
+    }
+
+    fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = Some(hook);
     }
 }
 

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::{self, ChainError, ChainParts};
 use super::{IommuState, Update};
+use crate::thread::{ThreadHook, ThreadKind};
 use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
 
 /// Largest device-readable part accepted in a request chain. The largest request (PROBE) has
@@ -52,15 +53,19 @@ pub(crate) struct RequestWorker {
 }
 
 impl RequestWorker {
-    /// Starts the worker thread for `rq`.
-    pub(crate) fn spawn(rq: RequestQueue) -> io::Result<Self> {
+    /// Starts the worker thread for `rq`; the thread runs `hook` first.
+    pub(crate) fn spawn(rq: RequestQueue, hook: Option<ThreadHook>) -> io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         add(&epoll, rq.kick.as_raw_fd(), TOKEN_KICK)?;
         add(&epoll, stop.as_raw_fd(), TOKEN_STOP)?;
         let thread = std::thread::Builder::new()
             .name(WORKER_NAME.into())
-            .spawn(move || rq.run(&epoll))?;
+            .spawn(move || {
+                if crate::thread::enter(hook.as_ref(), ThreadKind::VirtioIommu) {
+                    rq.run(&epoll)
+                }
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),

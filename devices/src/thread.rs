@@ -1,0 +1,78 @@
+//! The hook device threads run first, before they touch guest or back-end
+//! input.
+//!
+//! Devices start some threads of their own at activation (the virtio-iommu
+//! request worker, the vhost-user back-end request server, the vhost-user
+//! call relay). The VMM confines each thread kind with its own seccomp
+//! filter, but this crate knows nothing about seccomp: a device that spawns
+//! threads keeps the [`ThreadHook`] it was given through
+//! [`crate::virtio::VirtioDevice::set_thread_hook`] and calls [`enter`] as
+//! the first thing on every such thread. Without a hook, [`enter`] does
+//! nothing.
+//!
+//! Activation runs on a vCPU thread, so a device thread starts with the
+//! vCPU thread's filter already in place; the hook can only narrow it.
+
+use std::io;
+use std::sync::Arc;
+
+/// The kinds of threads devices start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// The virtio-iommu request queue worker (`iovmm_viommu`).
+    VirtioIommu,
+    /// The vhost-user back-end request (IOTLB miss) server (`vhost-user-req`).
+    VhostUserReq,
+    /// The vhost-user call eventfd relay (`vhost-user-call`).
+    VhostUserCall,
+}
+
+/// Called on a freshly started device thread with its kind. An error means
+/// the thread must not run: it logs and returns without reading any input.
+pub type ThreadHook = Arc<dyn Fn(ThreadKind) -> io::Result<()> + Send + Sync>;
+
+/// Runs `hook` (if any) for a thread of `kind`; returns false, after logging
+/// why, when the thread must end right away.
+pub fn enter(hook: Option<&ThreadHook>, kind: ThreadKind) -> bool {
+    let Some(hook) = hook else {
+        return true;
+    };
+    match hook(kind) {
+        Ok(()) => true,
+        Err(e) => {
+            log::error!("{kind:?} thread: cannot enter its sandbox, not starting: {e}");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn enter_without_a_hook_lets_the_thread_run() {
+        assert!(enter(None, ThreadKind::VirtioIommu));
+    }
+
+    #[test]
+    fn enter_reports_the_kind_and_stops_the_thread_on_error() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let hook: ThreadHook = Arc::new(move |k| {
+            s.lock().unwrap().push(k);
+            match k {
+                ThreadKind::VhostUserCall => Err(io::Error::other("no sandbox")),
+                _ => Ok(()),
+            }
+        });
+        assert!(enter(Some(&hook), ThreadKind::VhostUserReq));
+        assert!(!enter(Some(&hook), ThreadKind::VhostUserCall));
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [ThreadKind::VhostUserReq, ThreadKind::VhostUserCall]
+        );
+    }
+}
