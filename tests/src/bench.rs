@@ -164,6 +164,21 @@ pub fn bench_cells(frames: u64, size: u64, tsc_khz: u64) -> Vec<Cell> {
             cells.push(c);
         }
     }
+    // The prefetch policy where the vIOMMU reports new mappings.
+    for v in [
+        Viommu::Virtio,
+        Viommu::Vtd {
+            dt: true,
+            ats_cap: true,
+        },
+    ] {
+        let mut c = Cell::new(v, IommuMode::Strict);
+        c.frames = frames;
+        c.size = size;
+        c.tsc_khz = Some(tsc_khz);
+        c.prefetch = true;
+        cells.push(c);
+    }
     cells
 }
 
@@ -197,7 +212,7 @@ mod tests {
     #[test]
     fn cells_cover_every_viommu_and_mode() {
         let cells = bench_cells(10, 64, 1000);
-        assert_eq!(cells.len(), 1 + 3 * 3);
+        assert_eq!(cells.len(), 1 + 3 * 3 + 2);
         assert!(cells
             .iter()
             .all(|c| c.tsc_khz == Some(1000) && c.frames == 10));

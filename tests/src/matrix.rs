@@ -57,6 +57,8 @@ pub struct Cell {
     pub size: u64,
     /// Host TSC rate for the guest's timing (`iovmm.tsc_khz`), if known.
     pub tsc_khz: Option<u64>,
+    /// Push UPDATEs for new mappings (`iotlb=prefetch`) instead of waiting for misses.
+    pub prefetch: bool,
 }
 
 impl Cell {
@@ -69,6 +71,7 @@ impl Cell {
             frames: 500,
             size: 1000,
             tsc_khz: None,
+            prefetch: false,
         }
     }
 
@@ -101,6 +104,13 @@ impl Cell {
             ),
         };
         let behind = iommu.is_some();
+        let iommu = iommu.map(|i| {
+            if self.prefetch {
+                i + ",iotlb=prefetch"
+            } else {
+                i
+            }
+        });
         cfg.iommu = iommu.map(|i| i.parse().expect("iommu option"));
         let dev = format!(
             "net,socket={},iommu={},ats={}",
@@ -278,10 +288,11 @@ fn report(backend: &str, cell: &Cell, s: &VhostUserStats) {
         return;
     }
     eprintln!(
-        "{backend:4} {:?} {:11} ats={:4}: misses {:4} updates {:4} invalidates {:4} miss p50 {} us",
+        "{backend:4} {:?} {:11} ats={:4} prefetch={}: misses {:4} updates {:4} invalidates {:4} miss p50 {} us",
         cell.viommu,
         cell.mode.as_str(),
         cell.ats.as_str(),
+        cell.prefetch,
         s.bridge.misses,
         s.iotlb.updates,
         s.iotlb.invalidations,

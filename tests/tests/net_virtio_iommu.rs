@@ -86,3 +86,33 @@ fn dpdk_virtio_iommu_passthrough() {
 fn dpdk_virtio_iommu_guest_off() {
     run_dpdk(&Cell::new(Viommu::Virtio, IommuMode::Off));
 }
+
+#[test]
+fn own_backend_virtio_iommu_strict_prefetch_avoids_misses() {
+    let mut cell = Cell::new(Viommu::Virtio, IommuMode::Strict);
+    cell.prefetch = true;
+    let o = run_own_backend(&cell);
+    // Every buffer's UPDATE is pushed when the guest maps it: (almost) no misses.
+    assert!(
+        o.stats.bridge.prefetches >= cell.frames,
+        "{:?}",
+        o.stats.bridge
+    );
+    assert!(
+        o.stats.bridge.misses <= 8,
+        "misses {}",
+        o.stats.bridge.misses
+    );
+}
+
+#[test]
+fn dpdk_virtio_iommu_strict_prefetch() {
+    let mut cell = Cell::new(Viommu::Virtio, IommuMode::Strict);
+    cell.prefetch = true;
+    let o = run_dpdk(&cell);
+    assert!(
+        o.stats.bridge.misses <= 8,
+        "misses {}",
+        o.stats.bridge.misses
+    );
+}

@@ -98,22 +98,31 @@ impl VtdUnit {
 
     /// Registers an IOTLB consumer of `rid` with `kind` unmaps (device-TLB
     /// only when the unit supports it; see [`VtdUnit::set_ats_enabled`]).
+    /// With `maps` it also hears new mappings, which only a caching-mode unit
+    /// can report (the guest invalidates after mapping); otherwise MAP is
+    /// dropped from the request.
     pub fn register_consumer(
         &self,
         rid: RequesterId,
         kind: UnmapKind,
+        maps: bool,
         consumer: Arc<dyn IommuNotifier>,
     ) -> Result<NotifierHandle, NotifierError> {
         let mut set = self.notifiers.write().unwrap_or_else(|e| e.into_inner());
+        let map = if maps && self.config().caching_mode {
+            NotifierFlags::MAP
+        } else {
+            NotifierFlags::NONE
+        };
         let flags = match kind {
             UnmapKind::Iotlb => NotifierFlags::UNMAP,
             UnmapKind::DevIotlb => NotifierFlags::DEVIOTLB_UNMAP,
         };
-        match set.register(rid, flags, consumer.clone()) {
+        match set.register(rid, flags | map, consumer.clone()) {
             Ok(h) => Ok(h),
             // The unit rejects device-TLB notifiers without ECAP.DT: fall back.
             Err(_) if kind == UnmapKind::DevIotlb => {
-                set.register(rid, NotifierFlags::UNMAP, consumer)
+                set.register(rid, NotifierFlags::UNMAP | map, consumer)
             }
             Err(e) => Err(e),
         }
@@ -338,7 +347,7 @@ mod tests {
             status_seen: AtomicU32::new(u32::MAX),
             events: Mutex::new(Vec::new()),
         });
-        unit.register_consumer(RID, UnmapKind::Iotlb, slow.clone())
+        unit.register_consumer(RID, UnmapKind::Iotlb, false, slow.clone())
             .unwrap();
         // Global IOTLB invalidation, then a wait with a status write.
         mem.write_obj(0x2u64 | (1 << 4), GuestAddress(QUEUE))
@@ -368,7 +377,7 @@ mod tests {
             status_seen: AtomicU32::new(0),
             events: Mutex::new(Vec::new()),
         });
-        unit.register_consumer(RID, UnmapKind::Iotlb, slow.clone())
+        unit.register_consumer(RID, UnmapKind::Iotlb, false, slow.clone())
             .unwrap();
         assert_eq!(unit.set_ats_enabled(RID, true), UnmapKind::DevIotlb);
         // An IOTLB invalidation no longer reaches a device-TLB consumer...

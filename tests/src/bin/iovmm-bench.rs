@@ -85,16 +85,20 @@ fn print_cells(results: &[CellResult], tsc_khz: u64) {
         results.first().map(|r| r.cell.frames).unwrap_or(0)
     );
     println!(
-        "  {:13} {:11} {:5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>10}",
+        "  {:13} {:14} {:5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>10}",
         "vIOMMU", "mode", "back", "frames/s", "miss/f", "upd/f", "inv/f", "miss us", "inv rtt us"
     );
     for r in results {
         let s = &r.outcome.stats;
         let rtt = s.iotlb.rtt_total_ns as f64 / s.iotlb.acked.max(1) as f64 / 1000.0;
         println!(
-            "  {:13} {:11} {:5} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>10.1}",
+            "  {:13} {:14} {:5} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>10.1}",
             viommu_name(r.cell.viommu),
-            r.cell.mode.as_str(),
+            format!(
+                "{}{}",
+                r.cell.mode.as_str(),
+                if r.cell.prefetch { "+pref" } else { "" }
+            ),
             match r.backend {
                 BenchBackend::Own => "own",
                 BenchBackend::Dpdk => "dpdk",
@@ -141,9 +145,9 @@ fn ours(results: &[CellResult], iommu: QemuIommu, mode: GuestMode) -> Option<&Ce
         GuestMode::Lazy => IommuMode::Lazy,
         GuestMode::Passthrough => IommuMode::Passthrough,
     };
-    results
-        .iter()
-        .find(|r| r.cell.viommu == v && r.cell.mode == m && r.backend == BenchBackend::Own)
+    results.iter().find(|r| {
+        r.cell.viommu == v && r.cell.mode == m && !r.cell.prefetch && r.backend == BenchBackend::Own
+    })
 }
 
 fn ratio(q: f64, o: f64) -> String {

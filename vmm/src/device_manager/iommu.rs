@@ -188,23 +188,30 @@ impl Viommu {
     }
 
     /// Registers an IOTLB consumer for `rid`'s unmaps (device-IOTLB kind when
-    /// the vIOMMU accepts it, plain UNMAP otherwise).
+    /// the vIOMMU accepts it, plain UNMAP otherwise), and for new mappings
+    /// too when `maps` (prefetch policy).
     pub fn register_consumer(
         &self,
         rid: RequesterId,
         consumer: Arc<dyn IommuNotifier>,
+        maps: bool,
     ) -> Result<(), String> {
+        let extra = if maps {
+            NotifierFlags::MAP
+        } else {
+            NotifierFlags::NONE
+        };
         match self {
             Viommu::Virtio { state, .. } => {
                 let (_, kind) = state
-                    .register_notifier_with_fallback(rid, NotifierFlags::NONE, consumer)
+                    .register_notifier_with_fallback(rid, extra, consumer)
                     .map_err(|e| e.to_string())?;
                 log::info!("viommu: IOTLB consumer for {rid} registered as {kind:?}");
                 Ok(())
             }
             Viommu::Vtd { unit, .. } => {
                 // ATS is off at boot: IOTLB invalidations until the guest enables it.
-                unit.register_consumer(rid, UnmapKind::Iotlb, consumer)
+                unit.register_consumer(rid, UnmapKind::Iotlb, maps, consumer)
                     .map_err(|e| e.to_string())?;
                 Ok(())
             }

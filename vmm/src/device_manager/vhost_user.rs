@@ -122,7 +122,7 @@ pub fn add_vhost_user(
         }
         bridge.set_translation(viommu.translate(), rid, Some(viommu.fault_hook()));
         viommu
-            .register_consumer(rid, bridge)
+            .register_consumer(rid, bridge, policy == IotlbPolicyConfig::Prefetch)
             .map_err(|reason| VhostUserSetupError::Iommu {
                 socket: cfg.socket.clone(),
                 reason,
