@@ -52,8 +52,8 @@ pub enum QemuError {
     #[error("testpmd: {0}")]
     Testpmd(#[from] TestpmdError),
     /// The guest did not power off in time.
-    #[error("QEMU still running after {0:?} (killed); serial log tail:\n{1}")]
-    Timeout(Duration, String),
+    #[error("QEMU still running after {0:?} (killed); back end: {2}; serial log tail:\n{1}")]
+    Timeout(Duration, String, String),
     /// QEMU exited with an error.
     #[error("QEMU exited with {0}; stderr:\n{1}\nserial log tail:\n{2}")]
     Exit(ExitStatus, String, String),
@@ -203,6 +203,8 @@ impl QemuConfig {
             "-no-reboot",
             "-serial",
             &format!("file:{}", p(serial)),
+            "-msg",
+            "timestamp=on",
             "-trace",
             "vhost_iotlb_miss",
             "-D",
@@ -252,6 +254,9 @@ pub struct QemuRun {
     pub iotlb: Option<IotlbCounts>,
     /// Misses QEMU handled, from its `vhost_iotlb_miss` trace (both back ends).
     pub qemu_misses: TraceMisses,
+    /// Accesses that found no translation even after a miss; should be 0
+    /// (own back end only).
+    pub translation_failures: Option<u64>,
     /// MISS → UPDATE latency seen by the back end (own back end only).
     pub miss_latency: Option<LatencyStats>,
     /// QEMU's peak resident set (VmHWM), KiB.
@@ -289,6 +294,14 @@ struct Samples {
     hwm: u64,
     rss: u64,
     boot: Option<Duration>,
+}
+
+/// The back end's state, for error messages.
+fn describe(backend: &Running) -> String {
+    match backend {
+        Running::Own(be) => format!("{:?}", be.counters()),
+        Running::Pmd(_) => "testpmd".into(),
+    }
 }
 
 /// A fresh directory for one run's socket and logs.
@@ -329,7 +342,8 @@ fn supervise(
             // Our own child, by its handle.
             let _ = child.kill();
             let _ = child.wait();
-            return Err(QemuError::Timeout(timeout, tail(&read_lossy(serial), 30)));
+            let log = tail(&read_lossy(serial), 30);
+            return Err(QemuError::Timeout(timeout, log, String::new()));
         }
         std::thread::sleep(POLL);
     }
@@ -372,7 +386,12 @@ pub fn run(config: &QemuConfig) -> Result<QemuRun, QemuError> {
     let serial = dir.join("serial.log");
     let backend = start_backend(config, &dir.join("vhost.sock"))?;
     let mut child = spawn_qemu(config, &dir)?;
-    let (status, samples, wall) = supervise(&mut child, &serial, config.timeout)?;
+    let (status, samples, wall) = match supervise(&mut child, &serial, config.timeout) {
+        Err(QemuError::Timeout(t, log, _)) => {
+            return Err(QemuError::Timeout(t, log, describe(&backend)))
+        }
+        other => other?,
+    };
     let log = read_lossy(&serial);
     if !status.success() {
         let err = read_lossy(&dir.join("qemu.err"));
@@ -384,6 +403,7 @@ pub fn run(config: &QemuConfig) -> Result<QemuRun, QemuError> {
         guest,
         frames_received: 0,
         iotlb: None,
+        translation_failures: None,
         qemu_misses: parse_trace_misses(&read_lossy(&dir.join("trace.log"))),
         miss_latency: None,
         vm_hwm_kib: samples.hwm,
@@ -401,6 +421,7 @@ pub fn run(config: &QemuConfig) -> Result<QemuRun, QemuError> {
                 updates: c.iotlb_updates,
                 invalidates: c.iotlb_invalidates,
             });
+            run.translation_failures = Some(c.translation_failures);
             run.miss_latency = be.miss_latency();
         }
         Running::Pmd(mut pmd) => run.frames_received = pmd.port_stats()?.rx_packets,
@@ -470,6 +491,7 @@ mod tests {
             guest,
             frames_received: 4,
             iotlb: None,
+            translation_failures: None,
             qemu_misses: TraceMisses::default(),
             miss_latency: None,
             vm_hwm_kib: 0,

@@ -28,6 +28,8 @@ pub(crate) struct MissTimer {
     /// Misses that were still pending when the next one was sent (no
     /// UPDATE arrived in time).
     pub(crate) unanswered: u64,
+    /// Misses answered by a covering UPDATE.
+    pub(crate) answered: u64,
 }
 
 impl Default for MissTimer {
@@ -37,6 +39,7 @@ impl Default for MissTimer {
             pending: None,
             samples: Vec::new(),
             unanswered: 0,
+            answered: 0,
         }
     }
 }
@@ -58,6 +61,7 @@ impl MissTimer {
             return None;
         }
         self.pending = None;
+        self.answered += 1;
         let s = MissSample {
             iova: miss,
             sent_at: sent.saturating_duration_since(self.start),
@@ -129,7 +133,7 @@ mod tests {
         assert_eq!(s.map(|s| (s.iova, s.latency)), Some((0x1234, ms(3))));
         // Answered: a second UPDATE (e.g. QEMU's unsolicited one) is not a sample.
         assert_eq!(t.update(0x1000, 0x1000, t0 + ms(4)), None);
-        assert_eq!(t.samples().len(), 1);
+        assert_eq!((t.samples().len(), t.answered), (1, 1));
     }
 
     #[test]

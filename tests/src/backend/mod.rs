@@ -50,6 +50,13 @@ pub enum BackendError {
     /// The front end closed the connection.
     #[error("front end disconnected")]
     Disconnected,
+    /// A queue access waiting for a miss was abandoned so that a front-end
+    /// vring message could take the queue's lock; the queue is retried.
+    #[error("queue access abandoned for a vring message at {addr:#x}; will retry")]
+    Yielded {
+        /// The address whose miss was outstanding.
+        addr: u64,
+    },
     /// An address could not be translated (no IOTLB entry after a miss, or
     /// outside the memory table).
     #[error("cannot translate address {addr:#x} for {perm:?}; the front end gave no mapping")]
@@ -237,6 +244,10 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     pub(crate) connections_ended: AtomicU64,
     pub(crate) miss_timer: Mutex<MissTimer>,
+    /// Server threads waiting for a vring lock (the data path yields).
+    pub(crate) vring_waiters: AtomicU64,
+    /// A queue yielded and must be serviced again without a kick.
+    pub(crate) retry: AtomicBool,
 }
 
 /// Lock a mutex, recovering the data if a panicking thread poisoned it.
@@ -266,6 +277,8 @@ impl Shared {
             stop: AtomicBool::new(false),
             connections_ended: AtomicU64::new(0),
             miss_timer: Mutex::default(),
+            vring_waiters: AtomicU64::new(0),
+            retry: AtomicBool::new(false),
         })
     }
 
@@ -283,6 +296,23 @@ impl Shared {
         *lock(&self.mem) = Arc::new(MemTable::default());
         lock(&self.iotlb).clear();
         *lock(&self.backend_chan) = None;
+    }
+
+    /// Lock vring `index` for a front-end message. The data path may hold
+    /// it while it waits for a miss whose UPDATE is queued behind this very
+    /// message (QEMU sends vring setup and its unsolicited UPDATEs back to
+    /// back), so the waiter is told to give way.
+    pub(crate) fn lock_vring(&self, index: usize) -> Option<MutexGuard<'_, VringState>> {
+        let v = self.vrings.get(index)?;
+        self.vring_waiters.fetch_add(1, Ordering::AcqRel);
+        {
+            // Taking the IOTLB lock orders this with the waiter's check.
+            let _tlb = lock(&self.iotlb);
+            self.iotlb_cv.notify_all();
+        }
+        let g = lock(v);
+        self.vring_waiters.fetch_sub(1, Ordering::AcqRel);
+        Some(g)
     }
 
     pub(crate) fn wake_datapath(&self) {

@@ -33,6 +33,9 @@ pub(crate) struct Access<'a> {
     /// Ring (not buffer) accesses: without an IOMMU the vring addresses of
     /// SET_VRING_ADDR are front-end virtual addresses, not GPAs.
     ring: bool,
+    /// The caller holds a vring lock: give up waiting for a miss when the
+    /// server needs a vring lock (it may hold the UPDATE behind it).
+    in_queue: bool,
 }
 
 impl<'a> Access<'a> {
@@ -43,6 +46,7 @@ impl<'a> Access<'a> {
             iommu: shared.iommu_on(),
             allow_miss: true,
             ring: false,
+            in_queue: false,
         }
     }
 
@@ -85,7 +89,10 @@ impl<'a> Access<'a> {
         if !self.allow_miss {
             return Err(BackendError::Translate { addr, perm });
         }
+        let answered = |s: &Shared| lock(&s.miss_timer).answered;
+        let mut seen = answered(self.shared);
         send_miss(self.shared, addr, perm);
+        let mut resends = 0;
         let deadline = Instant::now() + self.shared.config.miss_timeout;
         let mut tlb = lock(&self.shared.iotlb);
         loop {
@@ -96,6 +103,21 @@ impl<'a> Access<'a> {
             if left.is_zero() {
                 Counters::bump(&self.shared.counters.translation_failures);
                 return Err(BackendError::Translate { addr, perm });
+            }
+            if self.in_queue && self.shared.vring_waiters.load(Ordering::Acquire) > 0 {
+                return Err(BackendError::Yielded { addr });
+            }
+            // The miss was answered but the entry is gone: an INVALIDATE
+            // (e.g. a full flush) dropped it before we looked. Ask again,
+            // boundedly. (Lock order iotlb -> miss_timer, as in the server.)
+            let now_answered = lock(&self.shared.miss_timer).answered;
+            if now_answered != seen && resends < MAX_MISS_RESENDS {
+                drop(tlb);
+                seen = now_answered;
+                resends += 1;
+                send_miss(self.shared, addr, perm);
+                tlb = lock(&self.shared.iotlb);
+                continue;
             }
             tlb = match self.shared.iotlb_cv.wait_timeout(tlb, left) {
                 Ok((g, _)) => g,
@@ -151,6 +173,9 @@ impl<'a> Access<'a> {
         Ok(u16::from_le_bytes(b))
     }
 }
+
+/// How often one access re-sends its miss after INVALIDATEs raced with it.
+const MAX_MISS_RESENDS: u32 = 16;
 
 /// Whether `iova..iova+len` is accessible now without a miss.
 pub(crate) fn probe(shared: &Shared, iova: u64, len: u64) -> bool {
@@ -412,8 +437,14 @@ fn service(shared: &Shared, index: usize) {
         return;
     }
     let mut q = Queue {
-        acc: Access::new(shared),
-        ring: Access::for_rings(shared),
+        acc: Access {
+            in_queue: true,
+            ..Access::new(shared)
+        },
+        ring: Access {
+            in_queue: true,
+            ..Access::for_rings(shared)
+        },
         v: &mut v,
     };
     let res = if index == 0 {
@@ -424,6 +455,11 @@ fn service(shared: &Shared, index: usize) {
     match res {
         Ok(0) => {}
         Ok(_) => q.notify(),
+        Err(BackendError::Yielded { addr }) => {
+            // Nothing was consumed past the last completed chain: redo later.
+            log::debug!("queue {index} yielded at {addr:#x}; retrying");
+            shared.retry.store(true, Ordering::Release);
+        }
         Err(e) => {
             // Stop the queue as a real device would on a fatal ring error.
             log::warn!("queue {index} stopped: {e}");
@@ -449,9 +485,15 @@ pub(crate) fn datapath_loop(shared: &Shared) {
                 revents: 0,
             })
             .collect();
+        // A yielded queue is retried soon, kicked or not.
+        let timeout_ms = if shared.retry.load(Ordering::Acquire) {
+            5
+        } else {
+            100
+        };
         // SAFETY: `fds` is a valid array of pollfd for its length.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        let woken = shared.wake.read().is_ok();
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        let woken = shared.wake.read().is_ok() | shared.retry.swap(false, Ordering::AcqRel);
         let mut fired = fds.iter();
         for (i, k) in kicks.iter().enumerate() {
             let mut kicked = false;

@@ -15,7 +15,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::iotlb::IotlbEntry;
 use super::memory::{parse_mem_table, MemTable, MAX_REGIONS};
-use super::{lock, BackendError, Counters, RecordedMsg, Shared, MAX_RECORDS, QUEUE_NUM};
+use super::{
+    lock, BackendError, Counters, RecordedMsg, Shared, VringState, MAX_RECORDS, QUEUE_NUM,
+};
 
 /// Front-end request codes handled here.
 mod req {
@@ -184,6 +186,11 @@ impl Shared {
         Ok(Reply::Ack(0))
     }
 
+    fn vring(&self, index: usize) -> Result<std::sync::MutexGuard<'_, VringState>, BackendError> {
+        self.lock_vring(index)
+            .ok_or_else(|| BackendError::BadMessage(format!("vring index {index}")))
+    }
+
     fn offered_protocol(&self) -> u64 {
         OFFERED_PROTOCOL & !self.config.misbehave.withhold_protocol
     }
@@ -207,7 +214,7 @@ impl Shared {
 
     fn vring_state(&self, m: &Msg) -> Result<Reply, BackendError> {
         let (index, num) = state_payload(m)?;
-        let mut v = lock(&self.vrings[index]);
+        let mut v = self.vring(index)?;
         match m.hdr.request {
             req::SET_VRING_NUM => {
                 if num == 0 || num > MAX_QUEUE_SIZE || !num.is_power_of_two() {
@@ -238,11 +245,7 @@ impl Shared {
                 .unwrap_or(0)
         };
         let index = (u(0) & 0xffff_ffff) as usize;
-        let v = self
-            .vrings
-            .get(index)
-            .ok_or_else(|| BackendError::BadMessage(format!("vring index {index}")))?;
-        let mut v = lock(v);
+        let mut v = self.vring(index)?;
         // Layout: index u32, flags u32, desc, used, avail, log (u64 each).
         (v.desc, v.used, v.avail) = (u(8), u(16), u(24));
         Ok(Reply::Ack(0))
@@ -250,7 +253,7 @@ impl Shared {
 
     fn get_vring_base(&self, m: &Msg) -> Result<Reply, BackendError> {
         let (index, _) = state_payload(m)?;
-        let mut v = lock(&self.vrings[index]);
+        let mut v = self.vring(index)?;
         v.started = false;
         v.kick = None;
         Ok(Reply::State(index as u32, u32::from(v.last_avail)))
@@ -260,10 +263,6 @@ impl Shared {
         let v = u64_payload(&m)?;
         let index = (v & 0xff) as usize;
         let nofd = v & 0x100 != 0;
-        let vr = self
-            .vrings
-            .get(index)
-            .ok_or_else(|| BackendError::BadMessage(format!("vring index {index}")))?;
         let file = match (nofd, m.files.len()) {
             (true, 0) => None,
             (false, 1) => m.files.pop(),
@@ -273,7 +272,7 @@ impl Shared {
                 )))
             }
         };
-        let mut vr = lock(vr);
+        let mut vr = self.vring(index)?;
         match m.hdr.request {
             req::SET_VRING_KICK => {
                 vr.kick = file.map(Arc::new);
@@ -335,6 +334,8 @@ impl Shared {
             IotlbType::Invalidate => {
                 tlb.invalidate(msg.iova, msg.size);
                 Counters::bump(&self.counters.iotlb_invalidates);
+                // Wake misses waiting for an UPDATE: this may have dropped it.
+                self.iotlb_cv.notify_all();
             }
             other => {
                 return Err(BackendError::BadMessage(format!(

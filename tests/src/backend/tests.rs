@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use devices::vhost_user::backend_req::{BackendReqServer, BackendReqThread};
 use devices::vhost_user::channel::{ChannelError, IotlbChannel, MainSocket};
-use devices::vhost_user::miss::MissError;
+use devices::vhost_user::miss::{MissError, MissHandler};
 use devices::vhost_user::wire::*;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
@@ -64,6 +64,11 @@ fn translate(iova: u64, _perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
 impl Rig {
     /// Features, protocol features, owner, memory table, back-end channel.
     fn negotiate(&mut self, features: u64) {
+        self.negotiate_with(features, Arc::new(translate));
+    }
+
+    /// `negotiate` with the front end answering misses through `handler`.
+    fn negotiate_with(&mut self, features: u64, handler: Arc<dyn MissHandler>) {
         let features = features | VHOST_USER_F_PROTOCOL_FEATURES;
         let mem_fd = self.mem.as_raw_fd();
         self.main
@@ -88,7 +93,7 @@ impl Rig {
             .unwrap();
         let chan = self.main.open_backend_channel().unwrap();
         let main: Arc<dyn IotlbChannel> = self.main.clone();
-        let srv = BackendReqServer::new(chan, Arc::new(translate), main);
+        let srv = BackendReqServer::new(chan, handler, main);
         self.req = Some(srv.spawn("test-frontend-req").unwrap());
     }
 
@@ -270,6 +275,103 @@ fn answered_miss_is_timed_until_its_update() {
     assert!(samples[0].latency > Duration::ZERO && samples[0].latency <= t.elapsed());
     let stats = r.be.miss_latency().unwrap();
     assert_eq!((stats.count, stats.p50), (1, samples[0].latency));
+}
+
+/// Answers every page's first miss with an UPDATE immediately followed by an
+/// INVALIDATE of it (a full flush racing with the answer); later misses are
+/// answered normally.
+struct WipeFirstAnswer(std::sync::Mutex<std::collections::HashSet<u64>>);
+
+impl MissHandler for WipeFirstAnswer {
+    fn on_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
+        translate(iova, perm)
+    }
+
+    fn answer_miss(
+        &self,
+        iova: u64,
+        perm: IotlbPerm,
+        main: &dyn IotlbChannel,
+    ) -> Result<IotlbMsg, MissError> {
+        let update = translate(iova, perm)?;
+        let failed = |e: ChannelError| MissError::UpdateFailed {
+            iova,
+            reason: e.to_string(),
+        };
+        let first = self.0.lock().unwrap().insert(update.iova);
+        // Without waiting for the UPDATE's ack, so that the INVALIDATE is
+        // already queued behind it and usually wins the race.
+        main.send_iotlb(&update, !first).map_err(failed)?;
+        if first {
+            main.send_iotlb(&IotlbMsg::invalidate(update.iova, update.size), true)
+                .map_err(failed)?;
+        }
+        Ok(update)
+    }
+}
+
+#[test]
+fn miss_is_sent_again_when_its_answer_was_invalidated_before_use() {
+    let mut r = rig(BackendConfig {
+        miss_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let handler = Arc::new(WipeFirstAnswer(Default::default()));
+    r.negotiate_with(VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM, handler);
+    // Whether the data path looks before or after the INVALIDATE is a race;
+    // over 10 pages it loses at least once without the re-send.
+    for page in 0..10u64 {
+        let gpa = 0x10000 + page * 0x1000;
+        r.put(gpa, &page.to_le_bytes());
+        let got = r.be.read(IOVA_OFF + gpa, 8).unwrap();
+        assert_eq!(got, page.to_le_bytes());
+    }
+    let c = r.be.counters();
+    assert_eq!(c.translation_failures, 0);
+    assert!((10..=20).contains(&c.misses_sent), "{c:?}");
+}
+
+#[test]
+fn queue_waiting_for_a_miss_yields_to_a_vring_message_and_retries() {
+    let mut r = rig(BackendConfig {
+        miss_timeout: Duration::from_secs(5),
+        ..Default::default()
+    });
+    // The front end holds its first miss answer until the test releases it,
+    // like QEMU sending vring messages before it reads the back-end channel.
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(Some(gate));
+    let handler = move |iova: u64, perm: IotlbPerm| {
+        if let Some(g) = gate.lock().unwrap().take() {
+            let _ = g.recv_timeout(Duration::from_secs(10));
+        }
+        translate(iova, perm)
+    };
+    r.negotiate_with(
+        VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM,
+        Arc::new(handler),
+    );
+    let (kick, call) = kick_and_call();
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(b"held up");
+    r.put(BUF, &frame);
+    r.post(IOVA_OFF + BUF, frame.len() as u32, false);
+    r.start_queue(1, IOVA_OFF, &kick, &call);
+    kick.write(1).unwrap();
+    assert!(r
+        .be
+        .wait_for(Duration::from_secs(5), |c| c.misses_sent >= 1));
+    let t = std::time::Instant::now();
+    r.main
+        .with_frontend(|fe| fe.set_vring_enable(1, true))
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "vring message waited for the miss"
+    );
+    release.send(()).unwrap();
+    assert!(r.be.wait_for(Duration::from_secs(5), |c| c.tx_frames == 1));
+    assert_eq!(r.be.counters().translation_failures, 0);
 }
 
 #[test]

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::backend::latency::LatencyStats;
+
 /// Prefix of the line the guest's `iovmm-netbench` prints.
 pub const BENCH_PREFIX: &str = "IOVMM-BENCH ";
 
@@ -80,7 +82,8 @@ pub fn status_kib(status: &str, field: &str) -> Option<u64> {
 }
 
 /// Counts of QEMU's `vhost_iotlb_miss` trace events (log backend lines
-/// `vhost_iotlb_miss DEV step S`, optionally `PID@TIME:`-prefixed).
+/// `vhost_iotlb_miss DEV step S`, `PID@SEC.USEC:`-prefixed with
+/// `-msg timestamp=on`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TraceMisses {
     /// Misses QEMU started to handle (step 1).
@@ -89,19 +92,56 @@ pub struct TraceMisses {
     pub answered: u64,
     /// Misses that failed (steps 3 and 4).
     pub failed: u64,
+    /// QEMU's own miss handling time, step 1 to step 2 of the same device
+    /// (translate, send the UPDATE, wait for the back end's ack), at the
+    /// trace's microsecond resolution; `None` without timestamps.
+    pub service: Option<LatencyStats>,
+}
+
+/// The `PID@SEC.USEC:` timestamp of a trace line, in microseconds.
+fn trace_time_us(line: &str) -> Option<u64> {
+    let (_, rest) = line.split_once('@')?;
+    let (stamp, _) = rest.split_once(':')?;
+    let (sec, usec) = stamp.split_once('.')?;
+    let (sec, usec): (u64, u64) = (sec.parse().ok()?, usec.parse().ok()?);
+    (usec < 1_000_000).then_some(sec.checked_mul(1_000_000)?.checked_add(usec)?)
 }
 
 /// Parses a QEMU trace log.
 pub fn parse_trace_misses(trace: &str) -> TraceMisses {
     let mut t = TraceMisses::default();
-    for l in trace.lines().filter(|l| l.contains("vhost_iotlb_miss ")) {
-        match l.rsplit_once("step ").map(|(_, s)| s.trim()) {
-            Some("1") => t.received += 1,
-            Some("2") => t.answered += 1,
-            Some("3" | "4") => t.failed += 1,
+    // QEMU handles misses one at a time on its main loop.
+    let mut open: Option<(&str, u64)> = None;
+    let mut service = Vec::new();
+    for l in trace.lines() {
+        let Some((_, event)) = l.split_once("vhost_iotlb_miss ") else {
+            continue;
+        };
+        let Some((dev, step)) = event.split_once(" step ") else {
+            continue;
+        };
+        let at = trace_time_us(l);
+        match step.trim() {
+            "1" => {
+                t.received += 1;
+                open = at.map(|at| (dev, at));
+            }
+            "2" => {
+                t.answered += 1;
+                if let (Some((d, t1)), Some(t2)) = (open.take(), at) {
+                    if d == dev && t2 >= t1 {
+                        service.push(Duration::from_micros(t2 - t1));
+                    }
+                }
+            }
+            "3" | "4" => {
+                t.failed += 1;
+                open = None;
+            }
             _ => {}
         }
     }
+    t.service = LatencyStats::from_samples(service);
     t
 }
 
@@ -160,6 +200,23 @@ mod tests {
                  vtd_inv_desc iotlb step 1\n";
         let m = parse_trace_misses(t);
         assert_eq!((m.received, m.answered, m.failed), (2, 1, 1));
+        assert_eq!(m.service, None, "no timestamps, no service times");
+    }
+
+    #[test]
+    fn trace_service_time_pairs_step_1_and_2_of_the_same_device() {
+        let t = "9@1795427307.999990:vhost_iotlb_miss 0xa step 1\n\
+                 9@1795427308.000357:vhost_iotlb_miss 0xa step 2\n\
+                 9@1795427308.000400:vhost_iotlb_miss 0xa step 1\n\
+                 9@1795427308.000500:vhost_iotlb_miss 0xb step 2\n\
+                 9@1795427308.000600:vhost_iotlb_miss 0xa step 1\n\
+                 9@1795427308.000700:vhost_iotlb_miss 0xa step 3\n\
+                 9@1795427308.1000000:vhost_iotlb_miss 0xa step 2\n";
+        let m = parse_trace_misses(t);
+        assert_eq!((m.received, m.answered, m.failed), (3, 3, 1));
+        let s = m.service.unwrap_or_else(|| panic!("service times"));
+        // Only the first pair matches: other device, failed miss, bad stamp.
+        assert_eq!((s.count, s.p50), (1, Duration::from_micros(367)));
     }
 
     #[test]
