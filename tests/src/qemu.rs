@@ -70,8 +70,8 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QemuError {
 /// The vIOMMU in front of the net device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QemuIommu {
-    /// `intel-iommu,intremap=on,caching-mode=on,device-iotlb=on` with an
-    /// ATS-capable net device (`ats=on`), split irqchip.
+    /// `intel-iommu,intremap=on,caching-mode=on,device-iotlb=on`, split
+    /// irqchip; the net device's ATS is chosen by [`QemuConfig::ats`].
     IntelIommu,
     /// `virtio-iommu-pci` (no ATS).
     VirtioIommu,
@@ -106,6 +106,12 @@ pub struct QemuConfig {
     pub mode: GuestMode,
     /// Back end.
     pub backend: QemuBackend,
+    /// With intel-iommu: put the net device behind a PCIe root port with
+    /// `ats=on`, so it has an ATS capability the guest enables (device-TLB
+    /// invalidations). On q35's root bus a virtio device is conventional PCI
+    /// and `ats=on` adds nothing, so `false` means "no ATS". Ignored with
+    /// virtio-iommu.
+    pub ats: bool,
     /// Frames the guest sends.
     pub frames: u64,
     /// Ethernet frame size in bytes (60..=1514).
@@ -126,14 +132,15 @@ pub fn resources_out() -> PathBuf {
 }
 
 impl QemuConfig {
-    /// A run with the default artefact paths, 2000 frames of 1024 bytes and
-    /// a 300 s timeout.
+    /// A run with the default artefact paths, ATS on, 2000 frames of 1024
+    /// bytes and a 300 s timeout.
     pub fn new(iommu: QemuIommu, mode: GuestMode, backend: QemuBackend) -> Self {
         let out = resources_out();
         QemuConfig {
             iommu,
             mode,
             backend,
+            ats: true,
             frames: 2000,
             frame_size: 1024,
             timeout: Duration::from_secs(300),
@@ -180,7 +187,16 @@ impl QemuConfig {
         } else {
             "virtio-iommu-pci"
         };
-        let ats = if intel { ",ats=on" } else { "" };
+        let ats = intel && self.ats;
+        // ATS needs a PCIe endpoint, i.e. a device below a root port.
+        let (port, bus_ats) = if ats {
+            (
+                "pcie-root-port,id=rp0,bus=pcie.0,chassis=1",
+                ",bus=rp0,ats=on",
+            )
+        } else {
+            ("", "")
+        };
         let p = |p: &Path| p.display().to_string();
         let mut a: Vec<String> = [
             "-L",
@@ -215,14 +231,19 @@ impl QemuConfig {
             &format!("socket,id=c0,path={}", p(sock)),
             "-netdev",
             "vhost-user,id=n0,chardev=c0",
-            "-device",
-            &format!(
-                "virtio-net-pci,netdev=n0,iommu_platform=on,disable-legacy=on,romfile=,vectors=0{ats}"
-            ),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if ats {
+            a.extend(["-device".into(), port.into()]);
+        }
+        a.extend([
+            "-device".into(),
+            format!(
+                "virtio-net-pci,netdev=n0,iommu_platform=on,disable-legacy=on,romfile=,vectors=0{bus_ats}"
+            ),
+        ]);
         a.extend(["-kernel".into(), p(&self.kernel)]);
         a.extend(["-initrd".into(), p(&self.initrd)]);
         a.extend(["-append".into(), self.cmdline()]);
@@ -457,12 +478,19 @@ mod tests {
         let a = c.args(s, l, t).join(" ");
         assert!(a.contains("-machine q35,kernel-irqchip=split "));
         assert!(a.contains("-device intel-iommu,intremap=on,caching-mode=on,device-iotlb=on "));
-        assert!(a.contains("iommu_platform=on,disable-legacy=on,romfile=,vectors=0,ats=on "));
+        assert!(a.contains("-device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 "));
+        assert!(
+            a.contains("iommu_platform=on,disable-legacy=on,romfile=,vectors=0,bus=rp0,ats=on ")
+        );
         assert!(a.contains("-chardev socket,id=c0,path=/s ") && a.contains("-serial file:/l "));
+        let mut no_ats = c.clone();
+        no_ats.ats = false;
+        let a = no_ats.args(s, l, t).join(" ");
+        assert!(a.contains("vectors=0 ") && !a.contains("ats=on") && !a.contains("root-port"));
         let v = QemuConfig::new(QemuIommu::VirtioIommu, GuestMode::Strict, QemuBackend::Own);
         let a = v.args(s, l, t).join(" ");
         assert!(a.contains("-machine q35 ") && a.contains("-device virtio-iommu-pci "));
-        assert!(!a.contains("ats=on") && !a.contains("intel-iommu"));
+        assert!(!a.contains("ats=on") && !a.contains("intel-iommu") && !a.contains("root-port"));
     }
 
     #[test]

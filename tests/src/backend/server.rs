@@ -311,7 +311,7 @@ impl Shared {
             return Ok(Reply::Ack(1));
         }
         let received = std::time::Instant::now();
-        let msg = IotlbMsg::decode(m.hdr.request, &m.payload)?;
+        let msg = IotlbMsg::decode(m.hdr.request, &invalidate_fields_cleared(&m.payload))?;
         let mut tlb = lock(&self.iotlb);
         match msg.kind()? {
             IotlbType::Update => {
@@ -385,6 +385,21 @@ impl Shared {
     }
 }
 
+/// Offsets in `struct vhost_iotlb_msg`: uaddr (8 bytes), perm, type.
+const IOTLB_UADDR: usize = 16;
+const IOTLB_TYPE: usize = 25;
+
+/// An IOTLB payload with the uaddr and perm of an INVALIDATE zeroed: QEMU
+/// sends them uninitialised (stack bytes), so they carry no meaning and
+/// must not make the message invalid. Other types are returned unchanged.
+fn invalidate_fields_cleared(payload: &[u8]) -> Vec<u8> {
+    let mut p = payload.to_vec();
+    if p.get(IOTLB_TYPE) == Some(&(IotlbType::Invalidate as u8)) {
+        p[IOTLB_UADDR..IOTLB_TYPE].fill(0);
+    }
+    p
+}
+
 /// Serve one connection until it closes; the state is reset afterwards.
 pub(crate) fn serve_connection(shared: &Shared, stream: UnixStream) -> Result<(), BackendError> {
     let res = serve_inner(shared, &stream);
@@ -435,5 +450,34 @@ pub(crate) fn accept_loop(shared: &Shared, listener: &UnixListener) -> Result<()
         if shared.stop.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::vhost_user::wire::IotlbPerm;
+
+    #[test]
+    fn invalidate_with_garbage_uaddr_and_perm_decodes() {
+        // As QEMU sends it: only iova, size and type set, the rest stack bytes.
+        let mut raw = IotlbMsg::invalidate(0x4000, 0x1000).encode();
+        raw[IOTLB_UADDR..IOTLB_TYPE]
+            .copy_from_slice(&[0xa5, 0x5a, 0xa5, 0x5a, 0, 0, 0, 0x7f, 0xee]);
+        assert!(IotlbMsg::decode(VHOST_USER_IOTLB_MSG, &raw).is_err());
+        let msg = IotlbMsg::decode(VHOST_USER_IOTLB_MSG, &invalidate_fields_cleared(&raw));
+        let msg = msg.unwrap_or_else(|e| panic!("cleared INVALIDATE refused: {e}"));
+        assert_eq!((msg.iova, msg.size, msg.uaddr), (0x4000, 0x1000, 0));
+        assert_eq!(msg.kind().ok(), Some(IotlbType::Invalidate));
+    }
+
+    #[test]
+    fn other_iotlb_messages_keep_their_fields() {
+        let up = IotlbMsg::update(0x4000, 0x1000, 0x7f00_0000_0000, IotlbPerm::Ro).encode();
+        assert_eq!(invalidate_fields_cleared(&up), up.to_vec());
+        let mut bad = up;
+        bad[IOTLB_TYPE - 1] = 0xee;
+        assert!(IotlbMsg::decode(VHOST_USER_IOTLB_MSG, &invalidate_fields_cleared(&bad)).is_err());
+        assert_eq!(invalidate_fields_cleared(&[3u8; 4]), vec![3u8; 4]);
     }
 }
