@@ -1,16 +1,17 @@
 //! The test guest's DMA layer and vIOMMU drivers under iovmm, through the `dma-map` scenario
 //! (map/unmap cycles without device DMA): without a vIOMMU, and against the VMM's virtio-iommu
 //! with a vhost-user virtio-net function (served by the test backend) as the endpoint, checking
-//! the exact request pattern of each mode. Frame transmission through the vIOMMU is covered by
-//! `net_virtio_iommu.rs`.
+//! the exact request pattern of each mode; the same against the VT-d unit (queued-invalidation
+//! descriptor pattern, table depth); and the fault path of both (a frame queued at a never-mapped
+//! IOVA). Frame transmission per mode is covered by `net_virtio_iommu.rs` and `net_vtd.rs`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use integration_tests::backend::{BackendConfig, BackendHandle, TestBackend};
 use integration_tests::guest::{
-    test_guest_path, AtsMode, GuestResult, IommuMode, Scenario, ViommuKind, EXIT_FAILED, EXIT_OK,
-    EXIT_UNSUPPORTED, EXIT_USAGE, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_PROBE,
+    test_guest_path, AtsMode, GuestResult, IommuMode, LazyFlush, Scenario, ViommuKind, EXIT_FAILED,
+    EXIT_OK, EXIT_UNSUPPORTED, EXIT_USAGE, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_PROBE,
 };
 use vmm::config::IommuConfig;
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
@@ -263,4 +264,105 @@ fn a_device_read_at_an_unmapped_iova_is_blocked_and_reported_as_a_fault_event() 
     // READ | ADDRESS: the device read the frame.
     assert_eq!(r.u64("fault_flags"), Some(0x101));
     assert_eq!(r.u64("fault_endpoint"), r.u64("endpoint"));
+}
+
+/// Runs `dma-map` (20 rounds of 2 buffers) for the vhost-user function behind the VT-d unit.
+fn vtd_dma_map(tag: &str, iommu: &str, scenario: Scenario) -> GuestResult {
+    let (sock, _backend) = endpoint_backend(tag);
+    let s = scenario.viommu(ViommuKind::Vtd).inflight(2);
+    let (exit, r, out) = run_with(&s, Some(iommu), Some(&sock));
+    assert_eq!(exit, exit_code(EXIT_OK), "serial:\n{out}");
+    assert_eq!(r.str("viommu"), Some("vt-d"));
+    assert_eq!(
+        r.u64("dmar"),
+        Some(1),
+        "register base from the ACPI DMAR: {r:?}"
+    );
+    assert_eq!(r.u64("faults"), Some(0), "{r:?}");
+    r
+}
+
+/// Boot: global context-cache + global IOTLB invalidation + wait.
+const VTD_INIT_DESCS: u64 = 3;
+
+#[test]
+fn vtd_strict_mode_invalidates_each_unmap_with_a_psi_and_a_wait() {
+    let r = vtd_dma_map(
+        "vtd-strict",
+        "vtd",
+        Scenario::dma_map(20, 5000).iommu(IommuMode::Strict),
+    );
+    let st = r.dma_stats().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((st.maps, st.unmaps), (40, 40));
+    // Maps need no invalidation without caching mode; every unmap is PSI + wait.
+    assert_eq!(st.iommu_reqs, VTD_INIT_DESCS + 40 * 2);
+    assert_eq!(st.iommu_syncs, 1 + 40);
+    assert_eq!(
+        (r.u64("levels"), r.u64("tt"), r.u64("did")),
+        (Some(4), Some(0), Some(2))
+    );
+    assert_eq!(r.u64("iova_in_use"), Some(0));
+}
+
+#[test]
+fn vtd_lazy_flushes_by_domain_or_by_pages_with_one_wait_per_batch() {
+    let lazy = |flush| {
+        Scenario::dma_map(20, 64)
+            .iommu(IommuMode::Lazy)
+            .lazy_batch(16)
+            .lazy_flush(flush)
+    };
+    let dom = vtd_dma_map("vtd-lazy-d", "vtd", lazy(LazyFlush::Domain));
+    let st = dom.dma_stats().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.flushes, 3, "40 unmaps in batches of 16, then dma_flush");
+    assert_eq!(
+        st.iommu_reqs,
+        VTD_INIT_DESCS + 3 * 2,
+        "DSI + wait per batch"
+    );
+    assert_eq!(st.iommu_syncs, 1 + 3);
+    let pages = vtd_dma_map("vtd-lazy-p", "vtd", lazy(LazyFlush::Pages));
+    let st = pages.dma_stats().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        st.iommu_reqs,
+        VTD_INIT_DESCS + 40 + 3,
+        "a PSI per unmap, a wait per batch"
+    );
+    assert_eq!(st.iommu_syncs, 1 + 3);
+}
+
+#[test]
+fn vtd_39_bit_unit_gets_three_level_tables() {
+    let r = vtd_dma_map(
+        "vtd-39",
+        "vtd,aw=39",
+        Scenario::dma_map(5, 64).iommu(IommuMode::Strict),
+    );
+    assert_eq!(r.u64("levels"), Some(3), "{r:?}");
+}
+
+#[test]
+fn vtd_records_a_fault_for_a_device_read_at_an_unmapped_iova() {
+    let sock = std::env::temp_dir().join(format!("iovmm-gv-{}-vtdfault.sock", std::process::id()));
+    let config = BackendConfig {
+        miss_timeout: Duration::from_millis(300),
+        ..BackendConfig::default()
+    };
+    let backend = TestBackend::listen(&sock, config).expect("backend listens");
+    let s = Scenario::net_tx(12, 200)
+        .iommu(IommuMode::Strict)
+        .viommu(ViommuKind::Vtd)
+        .bad_frame(4)
+        .timeout_ms(1500);
+    let (exit, r, out) = run_with(&s, Some("vtd"), Some(&sock));
+    assert_eq!(exit, exit_code(EXIT_FAILED), "serial:\n{out}");
+    assert_eq!(r.u64("completed"), Some(4), "{r:?}");
+    assert_eq!(backend.counters().tx_frames, 4);
+    let bad = r.u64("bad_iova").expect("bad_iova");
+    assert_eq!(r.u64("faults"), Some(1), "{r:?}");
+    assert_eq!(r.u64("fsts").map(|f| f & 2), Some(2), "FSTS.PPF");
+    assert_eq!(r.u64("fault_addr"), Some(bad));
+    assert_eq!(r.u64("fault_write"), Some(0), "the device read the frame");
+    // The requester is the net function (the only device on the bus besides the host bridge).
+    assert_eq!(r.u64("fault_sid"), Some(1 << 3), "{r:?}");
 }
