@@ -20,6 +20,7 @@ use crate::device_manager::iommu::Viommu;
 use crate::device_manager::vhost_user::{add_vhost_user, VhostUserInfo};
 use crate::device_manager::{DeviceManager, SerialSink};
 use crate::event_loop::{run_until_exit, ExitHandler, VmmEventManager};
+use crate::seccomp::{install_sigsys_reporter, SeccompFilters, SeccompLevel, ThreadKind};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
 use crate::vstate::vcpu::{install_kick_handler, ExitState, VcpuHandle, VcpuRunner, VmExit};
 use crate::vstate::vm::{open_kvm, Vm};
@@ -48,6 +49,7 @@ pub struct Machine {
     /// The vhost-user devices.
     pub vhost_user: Vec<VhostUserInfo>,
     vcpus: Vec<VcpuRunner>,
+    seccomp: Arc<SeccompFilters>,
 }
 
 fn serial_sink(mode: &SerialMode) -> VmmResult<(SerialSink, Option<SerialCapture>)> {
@@ -123,6 +125,7 @@ fn create_vcpus(
     devices: &DeviceManager,
     exit: &Arc<ExitState>,
     entry: u64,
+    seccomp: &Arc<SeccompFilters>,
 ) -> VmmResult<Vec<VcpuRunner>> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut runners = Vec::with_capacity(config.cpus as usize);
@@ -144,6 +147,7 @@ fn create_vcpus(
             eoi: devices.eoi_handler(),
             exit: exit.clone(),
             stop: stop.clone(),
+            seccomp: seccomp.clone(),
         });
     }
     Ok(runners)
@@ -183,7 +187,11 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
     let vm = Arc::new(Vm::new(&kvm, &mem)?);
     let exit = Arc::new(ExitState::new().map_err(VmmError::EventFd)?);
     let (sink, capture) = serial_sink(&config.serial)?;
+    let seccomp = seccomp_filters(config.seccomp)?;
     let mut devices = DeviceManager::new(vm.clone(), sink)?;
+    if let Some(hook) = seccomp.thread_hook() {
+        devices.set_thread_hook(hook);
+    }
     let (viommu, vhost_user) = create_devices(config, &mut devices, &mem)?;
     let mut extra_tables = Vec::new();
     if let Some(t) = viommu
@@ -200,7 +208,7 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
     })?;
     acpi::write(&mem, &tables)?;
     let entry = load_guest(config, &mem, tables.rsdp_addr())?;
-    let vcpus = create_vcpus(&kvm, config, &vm, &devices, &exit, entry)?;
+    let vcpus = create_vcpus(&kvm, config, &vm, &devices, &exit, entry, &seccomp)?;
     let mut em = VmmEventManager::new().map_err(VmmError::EventManager)?;
     let mut handler = ExitHandler::new(exit.clone());
     devices.register_exit_sources(&mut handler)?;
@@ -215,6 +223,7 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
             viommu,
             vhost_user,
             vcpus,
+            seccomp,
         },
         capture,
     ))
@@ -238,8 +247,13 @@ impl Machine {
         Ok(handles)
     }
 
-    /// Runs the event loop until the VM stops, then stops the vCPUs.
+    /// Runs the event loop until the VM stops, then stops the vCPUs. The event loop's
+    /// seccomp filter is installed first.
     pub fn run(mut self, vcpus: Vec<VcpuHandle>, started: Instant) -> VmExit {
+        if let Err(e) = self.seccomp.apply(ThreadKind::EventLoop) {
+            log::error!("vmm: {e}; stopping the VM");
+            self.exit.request(VmExit::Stopped);
+        }
         let reason = run_until_exit(&mut self.em, &self.exit);
         log::info!(
             "vmm: guest stopped after {:?}: {reason:?}",
@@ -248,6 +262,20 @@ impl Machine {
         stop_vcpus(vcpus);
         reason
     }
+}
+
+/// Compiles the filters of every thread kind (see [`crate::seccomp`]) and, when blocked
+/// calls end the process, installs the SIGSYS reporter that names them.
+fn seccomp_filters(level: SeccompLevel) -> VmmResult<Arc<SeccompFilters>> {
+    let filters = SeccompFilters::new(level)?;
+    if level == SeccompLevel::Trap {
+        match install_sigsys_reporter() {
+            Ok(true) => {}
+            Ok(false) => log::debug!("vmm: the process has its own SIGSYS handler; keeping it"),
+            Err(e) => log::warn!("vmm: cannot install the SIGSYS reporter: {e}"),
+        }
+    }
+    Ok(filters)
 }
 
 fn stop_vcpus(vcpus: Vec<VcpuHandle>) {

@@ -9,6 +9,7 @@ use clap::Parser;
 use crate::config::{
     ByteSize, ConfigError, IommuConfig, SerialMode, VhostUserConfig, VmConfig, DEFAULT_CMDLINE,
 };
+use crate::seccomp::{self, SeccompLevel};
 use crate::{VmExit, Vmm};
 
 /// iovmm: a minimal KVM VMM whose vIOMMUs protect DMA by vhost-user backends.
@@ -42,6 +43,10 @@ pub struct Cli {
     /// JSON configuration file with the same fields; command-line options override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Seccomp filters on iovmm's threads: true (a blocked call ends the process), log
+    /// (the kernel logs it) or false. Default true.
+    #[arg(long, value_name = "true|log|false")]
+    pub seccomp: Option<SeccompLevel>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
@@ -77,6 +82,9 @@ impl Cli {
             cfg.iommu = Some(i.clone());
         }
         cfg.vhost_user.extend(self.vhost_user.iter().cloned());
+        if let Some(s) = self.seccomp {
+            cfg.seccomp = s;
+        }
         if cfg.cmdline.is_empty() {
             cfg.cmdline = DEFAULT_CMDLINE.into();
         }
@@ -146,6 +154,8 @@ pub fn main_entry() -> ExitCode {
         .map_err(crate::VmmError::from)
         .and_then(|cfg| {
             let mut vmm = Vmm::start(&cfg)?;
+            // The VM runs on its own threads; this one only waits and reports from now on.
+            seccomp::apply_to_current_thread(seccomp::ThreadKind::Api, cfg.seccomp)?;
             vmm.wait()
         });
     match result {
@@ -204,6 +214,25 @@ mod tests {
             (c.memory.0, c.cpus, c.serial),
             (512 << 20, 2, SerialMode::Off)
         );
+    }
+
+    #[test]
+    fn seccomp_defaults_to_on_and_takes_log_and_false() {
+        let cfg = |args: &[&str]| parse(args).unwrap().to_config().unwrap().seccomp;
+        assert_eq!(cfg(&["--kernel", "/k"]), SeccompLevel::Trap);
+        assert_eq!(
+            cfg(&["--kernel", "/k", "--seccomp", "log"]),
+            SeccompLevel::Log
+        );
+        assert_eq!(
+            cfg(&["--kernel", "/k", "--seccomp", "false"]),
+            SeccompLevel::Off
+        );
+        assert_eq!(
+            cfg(&["--kernel", "/k", "--seccomp", "true"]),
+            SeccompLevel::Trap
+        );
+        assert!(parse(&["--kernel", "/k", "--seccomp", "maybe"]).is_err());
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! The crate is a library first; the `iovmm` binary is a thin CLI over it.
 //! An embedding tool builds a [`VmConfig`], calls [`Vmm::start`] and then
 //! [`Vmm::wait`] (or [`Vmm::stop`]). Nothing is process-global except the
-//! no-op handler of the signal used to kick vCPU threads out of `KVM_RUN`.
+//! no-op handler of the signal used to kick vCPU threads out of `KVM_RUN`
+//! and, with seccomp on, a `SIGSYS` reporter (only if the process has no
+//! `SIGSYS` handler of its own). The caller's thread is never filtered;
+//! see [`seccomp`].
 //!
 //! ```no_run
 //! use vmm::{Vmm, VmConfig, VmExit};
@@ -22,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod device_manager;
 pub mod event_loop;
+pub mod seccomp;
 pub mod vstate;
 
 use std::path::PathBuf;
@@ -34,6 +38,7 @@ use thiserror::Error;
 pub use config::{ByteSize, ConfigError, SerialMode, VmConfig};
 pub use device_manager::vhost_user::VhostUserInfo;
 pub use devices::vhost_user::VhostUserStats;
+pub use seccomp::SeccompLevel;
 pub use vstate::vcpu::VmExit;
 
 use vstate::vcpu::ExitState;
@@ -89,6 +94,9 @@ pub enum VmmError {
     /// The vCPU kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] std::io::Error),
+    /// The seccomp filters could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
     /// A thread could not be spawned.
     #[error("cannot spawn a VMM thread")]
     SpawnThread(#[source] std::io::Error),

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
+use crate::seccomp::SeccompLevel;
 
 mod devices;
 
@@ -225,6 +226,9 @@ pub struct VmConfig {
     /// vhost-user devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vhost_user: Vec<VhostUserConfig>,
+    /// Seccomp filters on iovmm's threads (`true`, `"log"` or `false`; default `true`).
+    #[serde(default)]
+    pub seccomp: SeccompLevel,
 }
 
 impl VmConfig {
@@ -239,6 +243,7 @@ impl VmConfig {
             serial: SerialMode::default(),
             iommu: None,
             vhost_user: Vec::new(),
+            seccomp: SeccompLevel::default(),
         }
     }
 

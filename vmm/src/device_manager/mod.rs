@@ -17,6 +17,7 @@ use devices::legacy::ioapic::{Ioapic, IoapicError, IoapicPin};
 use devices::legacy::serial::{Serial, SERIAL_PORT_LEN};
 use devices::legacy::IrqLine;
 use devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use devices::thread::ThreadHook;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -85,6 +86,7 @@ pub struct DeviceManager {
     exit_port_evt: EventFd,
     reset_evt: EventFd,
     poweroff_evt: EventFd,
+    thread_hook: Option<ThreadHook>,
 }
 
 fn evt(name: &'static str) -> Result<EventFd, DeviceManagerError> {
@@ -184,6 +186,7 @@ impl DeviceManager {
             exit_port_evt,
             reset_evt,
             poweroff_evt,
+            thread_hook: None,
         })
     }
 
@@ -201,9 +204,12 @@ impl DeviceManager {
     pub fn add_virtio_pci_with(
         &mut self,
         mem: GuestMemoryMmap,
-        device: Box<dyn VirtioDevice>,
+        mut device: Box<dyn VirtioDevice>,
         ats: Option<AtsListener>,
     ) -> Result<PciBdf, DeviceManagerError> {
+        if let Some(hook) = &self.thread_hook {
+            device.set_thread_hook(hook.clone());
+        }
         let bus = pci::PciBus {
             root: &self.pci,
             mmio: &self.mmio,
@@ -211,6 +217,12 @@ impl DeviceManager {
             vm: &self.vm,
         };
         Ok(pci::add_virtio_pci(bus, mem, device, ats)?)
+    }
+
+    /// The hook every virtio device added from now on runs first on its own threads
+    /// (iovmm installs the thread's seccomp filter there).
+    pub fn set_thread_hook(&mut self, hook: ThreadHook) {
+        self.thread_hook = Some(hook);
     }
 
     /// Where MSIs of VMM-internal devices go.

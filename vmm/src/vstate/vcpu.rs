@@ -17,6 +17,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::seccomp::{SeccompFilters, ThreadKind};
+
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -132,6 +134,8 @@ pub struct VcpuRunner {
     pub exit: Arc<ExitState>,
     /// Set to stop all vCPUs.
     pub stop: Arc<AtomicBool>,
+    /// Seccomp filters; the vCPU one is installed before the first KVM_RUN.
+    pub seccomp: Arc<SeccompFilters>,
 }
 
 impl VcpuRunner {
@@ -214,6 +218,11 @@ impl VcpuRunner {
     }
 
     fn run(mut self) {
+        if let Err(e) = self.seccomp.apply(ThreadKind::Vcpu) {
+            log::error!("vcpu{}: {e}; stopping the VM", self.index);
+            self.exit.request(VmExit::Stopped);
+            return;
+        }
         while !self.stop.load(Ordering::Acquire) {
             if let Some(reason) = self.handle_exit() {
                 log::debug!("vcpu{}: stopping: {reason:?}", self.index);
