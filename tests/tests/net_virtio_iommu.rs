@@ -19,9 +19,10 @@ fn own_backend_virtio_iommu_strict_invalidates_every_unmap() {
     assert!(unmaps >= cell.frames);
     // One acked INVALIDATE per guest UNMAP: one backend round trip per unmap.
     assert_eq!(o.stats.iotlb.invalidations, unmaps);
-    // Fewer misses than frames: rings are translated once, buffers by extent.
+    // At most one miss per frame (its buffer was invalidated with the previous
+    // unmap) plus the rings' few; extents often cover the next buffer too.
     assert!(
-        o.stats.bridge.misses <= cell.frames,
+        o.stats.bridge.misses <= cell.frames + 4,
         "misses {}",
         o.stats.bridge.misses
     );
