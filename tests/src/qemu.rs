@@ -288,7 +288,8 @@ pub struct QemuRun {
     pub wall: Duration,
     /// QEMU start until the guest had loaded its modules (boot time).
     pub boot: Option<Duration>,
-    /// The guest's serial log.
+    /// The guest's serial log (kept in a per-run temporary directory; the
+    /// other files there are removed after a successful run).
     pub serial_log: PathBuf,
 }
 
@@ -447,7 +448,10 @@ pub fn run(config: &QemuConfig) -> Result<QemuRun, QemuError> {
         }
         Running::Pmd(mut pmd) => run.frames_received = pmd.port_stats()?.rx_packets,
     }
-    let _ = std::fs::remove_file(dir.join("vhost.sock"));
+    // Keep only the serial log of a successful run (the trace is ~100 B per miss).
+    for f in ["vhost.sock", "trace.log", "qemu.err"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
     Ok(run)
 }
 
