@@ -43,6 +43,20 @@ pub enum FaultReason {
     PagingReserved = 0xC,
     /// 0xD: the request type is blocked by the context's translation type.
     TranslationBlocked = 0xD,
+    /// 0x20: reserved fields set in an interrupt request (address, high dword, data).
+    IrRequestReserved = 0x20,
+    /// 0x21: the interrupt index is beyond the interrupt remapping table.
+    IrIndexBeyondTable = 0x21,
+    /// 0x22: the IRTE is not present.
+    IrEntryNotPresent = 0x22,
+    /// 0x23: the interrupt remapping table could not be read.
+    IrTableInvalid = 0x23,
+    /// 0x24: reserved fields set in a present IRTE.
+    IrEntryReserved = 0x24,
+    /// 0x25: a compatibility-format interrupt was blocked (IRE=1, CFIS=0).
+    IrCompatBlocked = 0x25,
+    /// 0x26: the requester failed the IRTE's source-id verification.
+    IrSourceInvalid = 0x26,
 }
 
 impl FaultReason {

@@ -13,7 +13,8 @@
 //!   what I invalidated";
 //! * [`VtdAction::FaultEvent`] / [`VtdAction::InvalidationEvent`]: send the MSI;
 //! * [`VtdAction::InterruptCacheInvalidated`] / [`VtdAction::InterruptRemappingChanged`]:
-//!   re-translate interrupt routes (interrupt remapping itself is the adapter's business).
+//!   re-translate cached interrupt routes ([`Vtd::remap_msi`] translates one message; see
+//!   [`intremap`]).
 //!
 //! The adapter must run the actions of one write before processing the next invalidation
 //! request (one invalidation lock), but should not hold the lock that guards `translate` while
@@ -41,6 +42,7 @@ use crate::types::{X86_MSI_END, X86_MSI_START};
 pub mod descriptor;
 pub mod dmar;
 pub mod fault;
+pub mod intremap;
 pub mod invalidation;
 pub mod iotlb;
 mod mmio;
