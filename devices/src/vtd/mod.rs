@@ -13,8 +13,12 @@
 //! held only inside model calls: never while notifying, because a backend
 //! may need one of its IOTLB misses answered (a `translate`, which takes the
 //! model lock for reading) before it can ack an INVALIDATE.
+//!
+//! Interrupt remapping ([`intremap`]): an [`InterruptRemapper`] in front of
+//! the hypervisor's MSI delivery; interrupt-entry-cache invalidations and
+//! SIRTP/IRE/CFI changes refresh its routes in order with the other actions.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use iommu::vtd::{Vtd, VtdAction, VtdConfig, VtdError};
 use iommu::{
@@ -25,6 +29,10 @@ use iommu::{
 use crate::bus::BusDevice;
 use crate::interrupt::{MsiMessage, MsiSink};
 use crate::virtio::GuestMemoryMmap;
+
+pub mod intremap;
+
+pub use intremap::{InterruptRemapper, IrSource, IrStats};
 
 /// Size of the register block.
 pub const VTD_REGS_SIZE: u64 = 0x1000;
@@ -52,6 +60,7 @@ pub struct VtdUnit {
     notifiers: RwLock<NotifierSet>,
     msi: Arc<dyn MsiSink>,
     stats: Mutex<VtdStats>,
+    interrupt_remapper: Mutex<Option<Weak<InterruptRemapper>>>,
 }
 
 impl std::fmt::Debug for VtdUnit {
@@ -79,6 +88,7 @@ impl VtdUnit {
             notifiers: RwLock::new(notifiers),
             msi,
             stats: Mutex::new(VtdStats::default()),
+            interrupt_remapper: Mutex::new(None),
         }))
     }
 
@@ -199,7 +209,7 @@ impl VtdUnit {
                 }
                 VtdAction::InvalidationEvent(m) => self.send_msi(m),
                 VtdAction::InterruptCacheInvalidated(_) | VtdAction::InterruptRemappingChanged => {
-                    log::debug!("vtd: interrupt remapping change ignored (not emulated)")
+                    self.interrupt_remapping_changed()
                 }
             }
         }
