@@ -425,13 +425,22 @@ fn tx_behind_iommu_is_served_by_misses_with_exact_updates() {
     let addr = r.be.records().into_iter().find(|m| m.request == 9).unwrap();
     let desc = u64::from_ne_bytes(addr.payload[8..16].try_into().unwrap());
     assert_eq!(desc, IOVA_OFF + ring_gpa(0));
-    // One miss: the UPDATE covers the whole extent (all of RAM, one region).
-    let want = IotlbMsg::update(IOVA_OFF, MEM, r.host(0), IotlbPerm::Rw);
-    assert_eq!(r.iotlb_msgs(), vec![(FLAG_VERSION | FLAG_NEED_REPLY, want)]);
+    // Each UPDATE runs from the missed page to the end of the extent (all of
+    // RAM, one region), with the VMM address of that page and the real perm.
+    let msgs = r.iotlb_msgs();
+    assert!(!msgs.is_empty() && msgs.len() <= 3, "{msgs:?}");
+    for (flags, m) in &msgs {
+        assert_eq!(*flags, FLAG_VERSION | FLAG_NEED_REPLY);
+        assert_eq!(m.iova % 0x1000, 0);
+        assert_eq!(m.iova + m.size, IOVA_OFF + MEM);
+        let want = IotlbMsg::update(m.iova, m.size, r.host(m.iova - IOVA_OFF), IotlbPerm::Rw);
+        assert_eq!(*m, want);
+    }
+    let n = msgs.len() as u64;
     let s = r.dev.stats();
-    assert_eq!((s.bridge.misses, s.bridge.misses_served), (1, 1));
-    assert_eq!((s.iotlb.updates, s.iotlb.acked, s.iotlb.nacks), (1, 1, 0));
-    assert_eq!(s.bridge.miss_latency.count, 1);
+    assert_eq!((s.bridge.misses, s.bridge.misses_served), (n, n));
+    assert_eq!((s.iotlb.updates, s.iotlb.acked, s.iotlb.nacks), (n, n, 0));
+    assert_eq!(s.bridge.miss_latency.count, n);
 }
 
 #[test]
@@ -495,15 +504,20 @@ fn invalidate_is_acked_before_notify_returns() {
     let mut r = rig(config, true);
     let _t = stub_translation(&r);
     r.activate().unwrap();
+    // Let the backend hold a translation first (only those need INVALIDATEs).
+    r.send_tx(0, b"installs a translation");
+    assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
+    let installed = r.iotlb_msgs()[0].1.iova;
+    let invalidates_before = r.be.counters().iotlb_invalidates;
     let bridge = r.dev.bridge().unwrap();
-    let range = IovaRange::from_start_len(IOVA_OFF, 0x1000).unwrap();
+    let range = IovaRange::from_start_len(installed, 0x1000).unwrap();
     let start = Instant::now();
     bridge.notify_unmap_for_test(range);
     assert!(start.elapsed() >= delay);
-    assert_eq!(r.be.counters().iotlb_invalidates, 1);
+    assert_eq!(r.be.counters().iotlb_invalidates, invalidates_before + 1);
     let (flags, msg) = r.iotlb_msgs().pop().unwrap();
     assert_eq!(flags, FLAG_VERSION | FLAG_NEED_REPLY);
-    assert_eq!(msg, IotlbMsg::invalidate(IOVA_OFF, 0x1000));
+    assert_eq!(msg, IotlbMsg::invalidate(installed, 0x1000));
 }
 
 /// Deliver an Unmap the way a vIOMMU does.
@@ -604,9 +618,11 @@ fn backend_disconnect_gives_typed_errors_and_never_hangs() {
     let bridge = r.dev.bridge().unwrap();
     let range = IovaRange::from_start_len(IOVA_OFF, 0x1000).unwrap();
     use iommu::IommuNotifier;
+    // Nothing was ever sent to this backend, so it holds no translation: the
+    // unmap needs no round trip and succeeds at once despite the dead socket.
     assert!(bridge
         .notify(&IommuEvent::Unmap { rid: RID, range })
-        .is_err());
+        .is_ok());
     assert!(r.dev.stats().broken);
     assert!(start.elapsed() < TIMEOUT * 2);
 }
