@@ -195,12 +195,6 @@ impl IommuConfig {
                     .into(),
             ));
         }
-        if self.interrupt_remapping {
-            return Err(ConfigError::Combination(
-                "VT-d interrupt remapping (intremap=on) is not emulated yet; drop the option"
-                    .into(),
-            ));
-        }
         if self.address_width != 39 && self.address_width != 48 {
             return Err(ConfigError::Combination(format!(
                 "IOMMU address width {} is not supported: use 39 or 48",
@@ -259,6 +253,20 @@ mod tests {
             .unwrap()
             .validate()
             .is_ok());
+        assert!("virtio,intremap=on"
+            .parse::<IommuConfig>()
+            .unwrap()
+            .validate()
+            .is_err());
+    }
+
+    #[test]
+    fn vtd_interrupt_remapping_parses_and_validates() {
+        let c: IommuConfig = "vtd,intremap=on,device_iotlb=on".parse().unwrap();
+        assert!(c.interrupt_remapping && c.device_iotlb);
+        assert!(c.validate().is_ok());
+        let off: IommuConfig = "vtd,interrupt_remapping=off".parse().unwrap();
+        assert!(!off.interrupt_remapping && off.validate().is_ok());
     }
 
     #[test]

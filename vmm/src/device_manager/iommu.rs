@@ -6,18 +6,20 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::interrupt::IrqfdRouter;
+use devices::legacy::ioapic::Ioapic;
 use devices::pci::PciBdf;
 use devices::vhost_user::wire::IotlbPerm;
 use devices::vhost_user::FaultHook;
 use devices::virtio::iommu::{IommuState, VirtioIommuDevice, VirtioIommuDeviceError};
 use devices::virtio::GuestMemoryMmap;
-use devices::vtd::{VtdDevice, VtdUnit, VTD_REGS_SIZE};
+use devices::vtd::{InterruptRemapper, VtdDevice, VtdUnit, VTD_REGS_SIZE};
 use iommu::virtio::protocol::{
     VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE,
     VIRTIO_IOMMU_FAULT_R_MAPPING,
 };
 use iommu::virtio::VirtioIommuSettings;
-use iommu::vtd::dmar::DmarConfig;
+use iommu::vtd::dmar::{DmarConfig, IoapicScope};
 use iommu::vtd::VtdConfig;
 use iommu::{
     Access, DmaTranslate, DomainsConfig, IommuNotifier, Iova, NotifierFlags, RequesterId, UnmapKind,
@@ -114,6 +116,9 @@ impl Viommu {
                 };
                 let unit =
                     VtdUnit::new(vcfg, mem.clone(), dm.msi()).map_err(IommuSetupError::Vtd)?;
+                if cfg.interrupt_remapping {
+                    dm.enable_interrupt_remapping(&unit);
+                }
                 let dev = Arc::new(Mutex::new(VtdDevice(unit.clone())));
                 dm.mmio
                     .insert(dev, VTD_START, VTD_REGS_SIZE)
@@ -237,7 +242,7 @@ impl Viommu {
                 Ok(Some(t))
             }
             Viommu::Vtd { unit, .. } => {
-                let dmar = DmarConfig::for_unit(&unit.config(), VTD_START, None);
+                let dmar = DmarConfig::for_unit(&unit.config(), VTD_START, Some(IOAPIC_SCOPE));
                 let t = dmar.build().map_err(IommuSetupError::Dmar)?;
                 Ok(Some(t))
             }
@@ -245,7 +250,69 @@ impl Viommu {
     }
 }
 
+/// The IOAPIC's pseudo requester id, 0xFF:00.0 as on QEMU's q35: the SID its
+/// interrupts carry for the IRTE source check, published in the DMAR.
+pub const IOAPIC_REQUESTER_ID: RequesterId = RequesterId::from_bdf(0, 0xFF00);
+
+/// The DMAR IOAPIC device scope (used with interrupt remapping only): the
+/// MADT's IOAPIC id 0 at [`IOAPIC_REQUESTER_ID`].
+const IOAPIC_SCOPE: IoapicScope = IoapicScope {
+    id: 0,
+    bus: IOAPIC_REQUESTER_ID.bus(),
+    device: IOAPIC_REQUESTER_ID.device(),
+    function: IOAPIC_REQUESTER_ID.function(),
+};
+
+impl DeviceManager {
+    /// Puts VT-d interrupt remapping in front of KVM: the IOAPIC (still
+    /// untouched: every pin masked) is rebuilt over its own remapped source,
+    /// and PCI functions added from now on deliver through the remapper.
+    fn enable_interrupt_remapping(&mut self, unit: &Arc<VtdUnit>) {
+        let remapper = InterruptRemapper::new(unit.clone(), self.vm.clone(), self.vm.clone());
+        let source = remapper.source(Some(IOAPIC_REQUESTER_ID));
+        let mut ioapic = self.ioapic.lock().unwrap_or_else(|e| e.into_inner());
+        *ioapic = Ioapic::new(source.clone());
+        // As without remapping, KVM needs the pins' (here: remapped) routes in
+        // GSIs 0..23 to find level-triggered vectors that need an EOI exit.
+        ioapic.set_route_listener(Box::new(move |pin, msg| {
+            if let Err(e) = source.set_msi_route(pin as u32, msg) {
+                log::warn!("ioapic: cannot mirror the remapped route of pin {pin}: {e}");
+            }
+        }));
+        self.intremap = Some(remapper);
+    }
+}
+
 /// The requester id of a bus-0 function.
 pub fn requester_id(bdf: PciBdf) -> RequesterId {
     RequesterId::from_bdf(bdf.segment(), bdf.requester_id())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn dmar(interrupt_remapping: bool) -> Vec<u8> {
+        let config = VtdConfig {
+            interrupt_remapping,
+            ..VtdConfig::default()
+        };
+        DmarConfig::for_unit(&config, VTD_START, Some(IOAPIC_SCOPE))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn dmar_publishes_the_ioapic_scope_only_with_interrupt_remapping() {
+        let without = VtdConfig::default();
+        let plain = DmarConfig::for_unit(&without, VTD_START, None).build();
+        assert_eq!(dmar(false), plain.unwrap(), "non-IR table unchanged");
+        let t = dmar(true);
+        assert_eq!(t[37] & 1, 1, "INTR_REMAP");
+        // IOAPIC device scope: type 3, length 8, enumeration id 0, bus 0xFF, path 00.0.
+        let scope = [3u8, 8, 0, 0, 0, 0xff, 0, 0];
+        assert!(t.windows(8).any(|w| w == scope), "{t:x?}");
+        assert_eq!(IOAPIC_REQUESTER_ID.bdf(), 0xFF00);
+    }
 }

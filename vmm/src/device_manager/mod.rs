@@ -36,6 +36,7 @@ use crate::vstate::vm::Vm;
 use devices::pci::ats::AtsListener;
 use devices::pci::{BarAllocator, PciBdf};
 use devices::virtio::{GuestMemoryMmap, VirtioDevice};
+use devices::vtd::InterruptRemapper;
 use pci::{BarRelocator, PciSetupError};
 
 /// Where serial output is written.
@@ -87,6 +88,8 @@ pub struct DeviceManager {
     reset_evt: EventFd,
     poweroff_evt: EventFd,
     thread_hook: Option<ThreadHook>,
+    /// VT-d interrupt remapping in front of `vm` (`--iommu vtd,intremap=on`).
+    intremap: Option<Arc<InterruptRemapper>>,
 }
 
 fn evt(name: &'static str) -> Result<EventFd, DeviceManagerError> {
@@ -187,6 +190,7 @@ impl DeviceManager {
             reset_evt,
             poweroff_evt,
             thread_hook: None,
+            intremap: None,
         })
     }
 
@@ -215,6 +219,7 @@ impl DeviceManager {
             mmio: &self.mmio,
             mmio32: &mut self.mmio32,
             vm: &self.vm,
+            intremap: self.intremap.as_ref(),
         };
         Ok(pci::add_virtio_pci(bus, mem, device, ats)?)
     }

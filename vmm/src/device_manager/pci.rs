@@ -6,11 +6,14 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
+use devices::interrupt::{IrqfdRouter, MsiSink};
 use devices::pci::ats::AtsListener;
 use devices::pci::{allocate_bars, BarAllocError, BarAllocator, PciBdf, PciDevice, PciRootError};
 use devices::pci::{DeviceRelocation, PciRoot};
 use devices::virtio::transport::{VirtioPciDevice, VirtioPciError};
 use devices::virtio::{GuestMemoryMmap, VirtioDevice};
+use devices::vtd::InterruptRemapper;
+use iommu::RequesterId;
 use thiserror::Error;
 
 use crate::vstate::vm::Vm;
@@ -95,6 +98,8 @@ pub struct PciBus<'a> {
     pub mmio32: &'a mut BarAllocator,
     /// The VM.
     pub vm: &'a Arc<Vm>,
+    /// VT-d interrupt remapping, when on: the device's MSIs go through it.
+    pub intremap: Option<&'a Arc<InterruptRemapper>>,
 }
 
 /// Wraps `device` in a virtio-pci transport (with a PCIe ATS capability when
@@ -111,9 +116,14 @@ pub fn add_virtio_pci(
         mmio,
         mmio32,
         vm,
+        intremap,
     } = bus;
-    let msi = vm.clone();
-    let irqfd = vm.clone();
+    // With interrupt remapping, the source learns its requester id once plugged.
+    let source = intremap.map(|r| r.source(None));
+    let (msi, irqfd): (Arc<dyn MsiSink>, Arc<dyn IrqfdRouter>) = match &source {
+        Some(s) => (s.clone(), s.clone()),
+        None => (vm.clone(), vm.clone()),
+    };
     let mut pci =
         VirtioPciDevice::new(device, mem, msi, Some(irqfd)).map_err(PciSetupError::Transport)?;
     if let Some(listener) = ats {
@@ -143,6 +153,9 @@ pub fn add_virtio_pci(
         .unwrap_or_else(|e| e.into_inner())
         .add_device(pci)
         .map_err(PciSetupError::Root)?;
+    if let Some(s) = source {
+        s.bind(RequesterId::from_bdf(bdf.segment(), bdf.requester_id()));
+    }
     log::info!(
         "pci: virtio device at {:02x}:{:02x}.{} BARs {:x?} notify {kicks:x?}",
         bdf.bus(),
