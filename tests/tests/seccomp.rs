@@ -54,11 +54,16 @@ fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
 }
 
-/// In the child: install `kind`'s filters (exit 90 on failure), then run `call`.
+/// In the child: default SIGSYS action (no reporter), install `kind`'s filters (exit 90 on
+/// failure), then run `call`.
 fn filtered(filters: &SeccompFilters, kind: ThreadKind, call: impl FnOnce() -> i32) -> Ended {
-    in_child(|| match filters.apply(kind) {
-        Ok(()) => call(),
-        Err(_) => 90,
+    in_child(|| {
+        // SAFETY: resets one signal disposition; no handler code involved.
+        unsafe { libc::signal(libc::SIGSYS, libc::SIG_DFL) };
+        match filters.apply(kind) {
+            Ok(()) => call(),
+            Err(_) => 90,
+        }
     })
 }
 
@@ -84,6 +89,36 @@ fn vcpu_filter_kills_the_process_on_a_network_socket() {
     );
     // Without the filter the same child creates the socket.
     assert_eq!(in_child(open_tcp_socket), Ended::Exit(0));
+}
+
+#[test]
+fn sigsys_reporter_names_the_call_and_thread_kind_before_the_process_dies() {
+    let filters = SeccompFilters::new(SeccompLevel::Trap).expect("filters compile");
+    vmm::seccomp::install_sigsys_reporter().expect("sigaction");
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe(2) returns.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let ended = in_child(|| {
+        // SAFETY: points the child's stderr at the pipe's write end.
+        unsafe { libc::dup2(fds[1], 2) };
+        match filters.apply(ThreadKind::Vcpu) {
+            Ok(()) => open_tcp_socket(),
+            Err(_) => 90,
+        }
+    });
+    // SAFETY: closes our copy of the write end so the read below sees end of file.
+    unsafe { libc::close(fds[1]) };
+    let mut out = Vec::new();
+    // SAFETY: takes ownership of the pipe's read end, used only here.
+    let mut reader = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+    std::io::Read::read_to_end(&mut reader, &mut out).expect("read the child's stderr");
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(ended, Ended::Signal(libc::SIGSYS), "{out}");
+    let want = format!(
+        "blocked system call {} on the vcpu thread",
+        libc::SYS_socket
+    );
+    assert!(out.contains(&want), "stderr: {out}");
 }
 
 #[test]

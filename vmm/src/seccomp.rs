@@ -209,9 +209,9 @@ pub enum SeccompError {
         #[source]
         source: seccompiler::Error,
     },
-    /// The kernel has no seccomp filter support.
-    #[error("this kernel does not support seccomp filters ({0}); run with --seccomp false")]
-    Unsupported(#[source] io::Error),
+    /// The filters could not be tried out on a probe thread.
+    #[error("cannot try the seccomp filters on a probe thread: {0}")]
+    Probe(#[source] io::Error),
 }
 
 /// KVM ioctl request numbers the filters allow (kvm-ioctls keeps its own private).
@@ -470,16 +470,17 @@ pub struct SeccompFilters {
 }
 
 impl SeccompFilters {
-    /// Compiles every kind's filters for `level` and checks that the kernel supports them,
-    /// so that installing them on a thread later cannot fail for a foreseeable reason.
+    /// Compiles every kind's filters for `level` and installs one set on a short-lived probe
+    /// thread, so that a kernel (or container) that refuses them fails here, with an error,
+    /// rather than later on a VM thread.
     pub fn new(level: SeccompLevel) -> Result<Arc<Self>, SeccompError> {
-        if level != SeccompLevel::Off {
-            check_kernel_support()?;
-        }
-        let programs = ThreadKind::ALL
+        let programs: Vec<(ThreadKind, Vec<BpfProgram>)> = ThreadKind::ALL
             .iter()
             .map(|&k| Ok((k, compile(k, level)?)))
             .collect::<Result<_, SeccompError>>()?;
+        if let Some((kind, probe)) = programs.iter().find(|(_, p)| !p.is_empty()) {
+            probe_install(*kind, probe.clone())?;
+        }
         Ok(Arc::new(SeccompFilters { level, programs }))
     }
 
@@ -508,13 +509,15 @@ impl SeccompFilters {
     }
 }
 
-fn check_kernel_support() -> Result<(), SeccompError> {
-    // SAFETY: PR_GET_SECCOMP takes no pointers; it only reads the calling thread's mode.
-    let rc = unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) };
-    if rc < 0 {
-        return Err(SeccompError::Unsupported(io::Error::last_os_error()));
-    }
-    Ok(())
+/// Installs `programs` on a throw-away thread and reports whether the kernel took them.
+fn probe_install(kind: ThreadKind, programs: Vec<BpfProgram>) -> Result<(), SeccompError> {
+    let probe = std::thread::Builder::new()
+        .name("iovmm_seccomp".into())
+        .spawn(move || install(kind, &programs))
+        .map_err(SeccompError::Probe)?;
+    probe
+        .join()
+        .map_err(|_| SeccompError::Probe(io::Error::other("the probe thread panicked")))?
 }
 
 mod report;
