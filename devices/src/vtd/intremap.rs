@@ -129,7 +129,8 @@ impl VtdUnit {
 
 impl InterruptRemapper {
     /// A remapping layer over `unit` delivering to `sink` and `router` (KVM).
-    /// The unit refreshes its routes on interrupt remapping changes.
+    /// The unit refreshes its routes on interrupt remapping changes (one
+    /// remapper per unit: a later one replaces this one there).
     pub fn new(
         unit: Arc<VtdUnit>,
         sink: Arc<dyn MsiSink>,
@@ -488,6 +489,97 @@ mod tests {
         rig.set_irte(5, IRTE_LO, IRTE_HI);
         rig.iec_global();
         assert_eq!(rig.router.take(), vec![RouterCall::Route(40, None)]);
+    }
+
+    /// A router that reads the wait status word when a route is installed.
+    struct StatusProbe {
+        mem: GuestMemoryMmap,
+        seen: Mutex<Vec<u32>>,
+    }
+    impl IrqfdRouter for StatusProbe {
+        fn allocate_gsi(&self) -> io::Result<u32> {
+            Ok(24)
+        }
+        fn set_msi_route(&self, _gsi: u32, _msg: Option<MsiMessage>) -> io::Result<()> {
+            let status: u32 = self.mem.read_obj(GuestAddress(STATUS)).unwrap();
+            lock(&self.seen).push(status);
+            Ok(())
+        }
+        fn register_irqfd(&self, _fd: &EventFd, _gsi: u32) -> io::Result<()> {
+            Ok(())
+        }
+        fn unregister_irqfd(&self, _fd: &EventFd, _gsi: u32) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const STATUS: u64 = 0x30000;
+
+    #[test]
+    fn routes_are_refreshed_before_a_later_wait_completes() {
+        let mut rig = Rig::new();
+        let probe = Arc::new(StatusProbe {
+            mem: rig.mem.clone(),
+            seen: Mutex::new(Vec::new()),
+        });
+        let remapper = InterruptRemapper::new(rig.unit.clone(), rig.kvm.clone(), probe.clone());
+        rig.set_irte(5, IRTE_LO, IRTE_HI);
+        rig.w32(0x18, GCMD_QIE | GCMD_IRE);
+        remapper
+            .source(Some(NET))
+            .set_msi_route(24, Some(MSG5))
+            .unwrap();
+        rig.set_irte(5, 0x0000_0001_0052_0001, IRTE_HI);
+        // IEC (global), then a wait writing 0x77 to STATUS.
+        let wait = 5u64 | (1 << 5) | (0x77 << 32);
+        for (i, (lo, hi)) in [(4u64, 0u64), (wait, STATUS)].into_iter().enumerate() {
+            let slot = QUEUE + i as u64 * 16;
+            rig.mem.write_obj(lo, GuestAddress(slot)).unwrap();
+            rig.mem.write_obj(hi, GuestAddress(slot + 8)).unwrap();
+        }
+        rig.w64(0x88, 2 << 4);
+        assert_eq!(*lock(&probe.seen), vec![0, 0], "set-up, then refresh");
+        assert_eq!(rig.mem.read_obj::<u32>(GuestAddress(STATUS)).unwrap(), 0x77);
+        assert_eq!(remapper.installed_route(24), Some(compat(1, 0x52)));
+    }
+
+    #[test]
+    fn ioapic_remappable_entry_is_delivered_and_mirrored_remapped() {
+        use crate::legacy::ioapic::Ioapic;
+        let mut rig = Rig::new();
+        // IRTE 0x8007 (handle bit 15 set): IOAPIC source only, vector 0x33 to APIC 1.
+        let index = 0x8007u64;
+        rig.w64(0xb8, IRT | (1 << 11) | 0xf); // 65536 entries
+        rig.w32(0x18, GCMD_QIE | GCMD_SIRTP | GCMD_IRE);
+        rig.set_irte(index, 0x0000_0001_0033_0001, 0x0004_ff00);
+        let source = rig.remapper.source(Some(IOAPIC));
+        let mut ioapic = Ioapic::new(source.clone());
+        ioapic.set_route_listener(Box::new(move |pin, msg| {
+            source.set_msi_route(pin as u32, msg).unwrap()
+        }));
+        // Pin 4: remappable (bit 48), index[14:0] in 63:49, index[15] in bit 11,
+        // vector field = the pin (as Linux writes it), edge, unmasked.
+        let rte = ((index & 0x7fff) << 49) | (1 << 48) | (1 << 11) | 4;
+        for (reg, value) in [(0x19u32, (rte >> 32) as u32), (0x18, rte as u32)] {
+            ioapic.write(0, 0x00, &reg.to_le_bytes());
+            ioapic.write(0, 0x10, &value.to_le_bytes());
+        }
+        assert_eq!(
+            rig.router.take(),
+            vec![RouterCall::Route(4, Some(compat(1, 0x33)))]
+        );
+        ioapic.set_pin_level(4, true).unwrap();
+        assert_eq!(rig.kvm.take(), vec![compat(1, 0x33)]);
+        // The same handle from a PCI function fails the source check.
+        let msg = MsiMessage {
+            address: 0xFEE0_0000 | ((index & 0x7fff) << 5) | (1 << 4) | (1 << 2),
+            data: 0,
+        };
+        rig.remapper.source(Some(NET)).signal_msi(msg).unwrap();
+        assert_eq!(rig.kvm.take(), vec![FAULT_MSI]);
+        let mut rec = [0u8; 8];
+        rig.dev.read(0, 0x228, &mut rec);
+        assert_eq!((u64::from_le_bytes(rec) >> 32) & 0xff, 0x26);
     }
 
     #[test]
