@@ -121,6 +121,18 @@ impl Bus {
         Ok(())
     }
 
+    /// Removes every device. The VMM calls this at shutdown: devices may hold
+    /// the bus (e.g. the PCI root's BAR relocation), and emptying it breaks
+    /// those reference cycles so devices, their threads and fds are dropped.
+    pub fn clear(&self) {
+        let drained: Vec<Entry> = {
+            let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut *ranges).into_values().collect()
+        };
+        // Devices are dropped here, outside the range lock.
+        drop(drained);
+    }
+
     fn resolve(&self, addr: u64) -> Option<(u64, SharedBusDevice)> {
         let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
         let (base, entry) = ranges.range(..=addr).next_back()?;
@@ -209,6 +221,18 @@ mod tests {
         ));
         bus.insert(d(), 0x110, 1).unwrap();
         bus.insert(d(), 0xf0, 0x10).unwrap();
+    }
+
+    #[test]
+    fn clear_drops_every_device() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Echo(1)));
+        bus.insert(dev.clone(), 0x100, 0x10).unwrap();
+        assert_eq!(Arc::strong_count(&dev), 2);
+        bus.clear();
+        assert_eq!(Arc::strong_count(&dev), 1);
+        let mut b = [0u8; 1];
+        assert!(!bus.read(0x100, &mut b));
     }
 
     #[test]

@@ -138,6 +138,14 @@ impl VtdUnit {
         }
     }
 
+    /// Unregisters a consumer (e.g. at shutdown).
+    pub fn unregister_consumer(&self, handle: NotifierHandle) {
+        let mut set = self.notifiers.write().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = set.unregister(handle) {
+            log::debug!("vtd: unregistering a consumer: {e}");
+        }
+    }
+
     /// Follows the guest's ATS Enable bit of `rid`: device-TLB notifications
     /// while ATS is on and the unit has device-TLB support, IOTLB ones
     /// otherwise (a guest that never enables ATS sends no device-TLB

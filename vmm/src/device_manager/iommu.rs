@@ -22,7 +22,8 @@ use iommu::virtio::VirtioIommuSettings;
 use iommu::vtd::dmar::{DmarConfig, IoapicScope};
 use iommu::vtd::VtdConfig;
 use iommu::{
-    Access, DmaTranslate, DomainsConfig, IommuNotifier, Iova, NotifierFlags, RequesterId, UnmapKind,
+    Access, DmaTranslate, DomainsConfig, IommuNotifier, Iova, NotifierFlags, NotifierHandle,
+    RequesterId, UnmapKind,
 };
 use thiserror::Error;
 
@@ -61,6 +62,8 @@ pub enum Viommu {
         bdf: PciBdf,
         /// Endpoints registered behind it, in BDF order.
         endpoints: Vec<PciBdf>,
+        /// Registered IOTLB consumers (unregistered on drop).
+        consumers: Vec<NotifierHandle>,
     },
     /// Intel VT-d remapping unit at [`VTD_START`].
     Vtd {
@@ -68,7 +71,33 @@ pub enum Viommu {
         unit: Arc<VtdUnit>,
         /// Endpoints behind it (all PCI devices are: INCLUDE_PCI_ALL).
         endpoints: Vec<PciBdf>,
+        /// Registered IOTLB consumers (unregistered on drop).
+        consumers: Vec<NotifierHandle>,
     },
+}
+
+impl Drop for Viommu {
+    /// Unregisters the IOTLB consumers: a consumer holds the vIOMMU (its
+    /// translation and fault hook) and the vIOMMU's notifier set holds the
+    /// consumer, so without this neither (nor the backend socket) is freed.
+    fn drop(&mut self) {
+        match self {
+            Viommu::Virtio {
+                state, consumers, ..
+            } => {
+                for h in consumers.drain(..) {
+                    let _ = state.unregister_notifier(h);
+                }
+            }
+            Viommu::Vtd {
+                unit, consumers, ..
+            } => {
+                for h in consumers.drain(..) {
+                    unit.unregister_consumer(h);
+                }
+            }
+        }
+    }
 }
 
 /// Turns an IOTLB permission into the access it asks for.
@@ -103,6 +132,7 @@ impl Viommu {
                     state,
                     bdf,
                     endpoints: Vec::new(),
+                    consumers: Vec::new(),
                 })
             }
             IommuKind::Vtd => {
@@ -129,6 +159,7 @@ impl Viommu {
                 Ok(Viommu::Vtd {
                     unit,
                     endpoints: Vec::new(),
+                    consumers: Vec::new(),
                 })
             }
         }
@@ -196,7 +227,7 @@ impl Viommu {
     /// the vIOMMU accepts it, plain UNMAP otherwise), and for new mappings
     /// too when `maps` (prefetch policy).
     pub fn register_consumer(
-        &self,
+        &mut self,
         rid: RequesterId,
         consumer: Arc<dyn IommuNotifier>,
         maps: bool,
@@ -207,17 +238,24 @@ impl Viommu {
             NotifierFlags::NONE
         };
         match self {
-            Viommu::Virtio { state, .. } => {
-                let (_, kind) = state
+            Viommu::Virtio {
+                state, consumers, ..
+            } => {
+                let (h, kind) = state
                     .register_notifier_with_fallback(rid, extra, consumer)
                     .map_err(|e| e.to_string())?;
                 log::info!("viommu: IOTLB consumer for {rid} registered as {kind:?}");
+                consumers.push(h);
                 Ok(())
             }
-            Viommu::Vtd { unit, .. } => {
+            Viommu::Vtd {
+                unit, consumers, ..
+            } => {
                 // ATS is off at boot: IOTLB invalidations until the guest enables it.
-                unit.register_consumer(rid, UnmapKind::Iotlb, maps, consumer)
+                let h = unit
+                    .register_consumer(rid, UnmapKind::Iotlb, maps, consumer)
                     .map_err(|e| e.to_string())?;
+                consumers.push(h);
                 Ok(())
             }
         }

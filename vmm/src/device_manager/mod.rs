@@ -92,6 +92,16 @@ pub struct DeviceManager {
     intremap: Option<Arc<InterruptRemapper>>,
 }
 
+impl Drop for DeviceManager {
+    /// Empties the buses: the PCI root's BAR relocation holds the MMIO bus,
+    /// which holds the root's ECAM window, so without this the devices (and
+    /// their worker threads and backend sockets) would outlive the VM.
+    fn drop(&mut self) {
+        self.mmio.clear();
+        self.pio.clear();
+    }
+}
+
 fn evt(name: &'static str) -> Result<EventFd, DeviceManagerError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceManagerError::EventFd(name, e))
 }
