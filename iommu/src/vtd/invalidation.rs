@@ -31,8 +31,13 @@ use crate::types::{IovaRange, Permissions, RequesterId, X86_MSI_END, X86_MSI_STA
 
 /// At most this many page walks per caching-mode range scan.
 pub const MAX_MAP_SCAN_STEPS: usize = 4096;
-/// At most this many `Map` extents per caching-mode range scan.
+/// At most this many `Map` extents per caching-mode range scan, and `Map` events per
+/// invalidation (they are prefetch hints; dropping some is harmless).
 pub const MAX_MAP_EVENTS: usize = 1024;
+/// At most this many events are collected for one [`VtdAction::Notify`]; a batch growing past it
+/// becomes a single [`IommuEvent::Reset`] (every consumer drops everything), so a guest cannot
+/// make one register write allocate without bound.
+pub const MAX_BATCH_EVENTS: usize = 4096;
 
 /// Errors of invalidation requests (a queue error, FSTS.IQE, for queued ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -175,9 +180,9 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             return Vec::new();
         };
         let extents = self.scan_present(&ctx, range);
-        let mut events = Vec::with_capacity(extents.len() * sids.len());
+        let mut events = Vec::new();
         for &sid in sids {
-            for &(iova, gpa, perm) in &extents {
+            for &(iova, gpa, perm) in extents.iter().take(MAX_MAP_EVENTS - events.len()) {
                 events.push(IommuEvent::Map {
                     rid: self.rid(sid),
                     range: iova,
@@ -282,12 +287,12 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
         out: &mut Vec<VtdAction>,
     ) {
         match desc {
-            Descriptor::ContextCache(scope) => batch.extend(self.invalidate_context(scope)),
-            Descriptor::Iotlb(scope) => batch.extend(self.invalidate_iotlb(scope)),
-            Descriptor::DeviceTlb { sid, range, .. } => batch.push(IommuEvent::DevIotlbUnmap {
-                rid: self.rid(sid),
-                range,
-            }),
+            Descriptor::ContextCache(scope) => add_bounded(batch, self.invalidate_context(scope)),
+            Descriptor::Iotlb(scope) => add_bounded(batch, self.invalidate_iotlb(scope)),
+            Descriptor::DeviceTlb { sid, range, .. } => {
+                let rid = self.rid(sid);
+                add_bounded(batch, vec![IommuEvent::DevIotlbUnmap { rid, range }]);
+            }
             Descriptor::InterruptEntryCache(selector) => {
                 flush(batch, out);
                 out.push(VtdAction::InterruptCacheInvalidated(selector));
@@ -354,6 +359,23 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             return vec![VtdAction::InvalidationEvent(self.invalidation_msi())];
         }
         Vec::new()
+    }
+}
+
+/// Adds `events` to `batch`, folding the batch into one `Reset` past [`MAX_BATCH_EVENTS`]
+/// (a `Reset` already covers every later invalidation of the batch).
+fn add_bounded(batch: &mut Vec<IommuEvent>, events: Vec<IommuEvent>) {
+    if batch.as_slice() == [IommuEvent::Reset] {
+        return;
+    }
+    batch.extend(events);
+    if batch.len() > MAX_BATCH_EVENTS {
+        warn!(
+            "VT-d: invalidations before the next wait produced over {MAX_BATCH_EVENTS} \
+             notifications; telling every consumer to drop all translations instead"
+        );
+        batch.clear();
+        batch.push(IommuEvent::Reset);
     }
 }
 
