@@ -74,6 +74,9 @@ struct BridgeState {
     iotlb_live: bool,
     /// What the back end may hold: UPDATEs sent and not yet invalidated.
     installed: Installed,
+    /// The back end disconnected and no new connection is negotiated yet:
+    /// nothing is sent and misses are refused (see [`IotlbBridge::link_down`]).
+    link_down: bool,
 }
 
 /// Bridges one vhost-user back end's device IOTLB to the guest IOMMU.
@@ -223,6 +226,7 @@ impl IotlbBridge {
         let mut st = lock(&self.state);
         st.mem = Some(mem);
         st.running = true;
+        st.link_down = false;
         st.iotlb_live = true;
         // SET_FEATURES was just sent: the back end's IOTLB starts empty.
         st.installed.clear();
@@ -234,6 +238,41 @@ impl IotlbBridge {
         let mut st = lock(&self.state);
         st.running = false;
         st.mem = None;
+    }
+
+    /// The back end disconnected (reconnection): refuse misses at once and
+    /// send nothing until [`IotlbBridge::link_up`]. The record of what the
+    /// back end may hold is kept until the next connection's SET_FEATURES
+    /// ([`IotlbBridge::start`]); nothing is ever re-sent from it.
+    pub fn link_down(&self) {
+        let mut st = lock(&self.state);
+        st.link_down = true;
+        st.running = false;
+        st.mem = None;
+    }
+
+    /// A new connection is negotiated: INVALIDATEs for new unmaps that may
+    /// touch what the back end held are sent again (harmless if its IOTLB
+    /// is already empty). Misses wait for [`IotlbBridge::start`].
+    pub fn link_up(&self) {
+        lock(&self.state).link_down = false;
+    }
+
+    /// Number of IOVA ranges the back end may hold (for tests and stats).
+    pub fn installed_ranges(&self) -> usize {
+        lock(&self.state).installed.len()
+    }
+
+    /// Translate `[iova, iova + len)` for a read by the device (no fault is
+    /// reported): the GPA of `iova`, if the whole range is mapped readable.
+    pub fn device_gpa(&self, iova: u64, len: u64) -> Option<u64> {
+        let st = lock(&self.state);
+        let tr = st.translator.as_ref()?;
+        let t = tr
+            .translate
+            .translate(tr.rid, Iova(iova), len, Permissions::Read)
+            .ok()?;
+        t.extent.gpa_of(iova).map(|g| g.raw_value())
     }
 
     /// Whether misses are being served.
@@ -314,6 +353,12 @@ impl IotlbBridge {
     /// refused to drop a translation the guest removed).
     fn invalidate_locked(&self, st: &mut BridgeState, range: IovaRange) -> Result<(), NotifyError> {
         if !st.iotlb_live {
+            return Ok(());
+        }
+        if st.link_down {
+            // No back end is connected to tell; the next connection's IOTLB
+            // starts empty at its SET_FEATURES.
+            BridgeCounters::bump(&self.counters.invalidations_skipped);
             return Ok(());
         }
         if !st.installed.intersects(range.start(), range.end()) {

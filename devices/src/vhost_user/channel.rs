@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::frame::{read_frame, write_frame};
 use super::wire::{
@@ -143,7 +144,24 @@ pub struct MainSocket {
     inner: Mutex<MainInner>,
     broken: AtomicBool,
     timeout: Duration,
+    max_queue_num: u64,
     stats: IotlbStats,
+    /// Signalled (written) every time the socket is marked broken.
+    broken_event: Option<EventFd>,
+}
+
+impl MainInner {
+    fn new(stream: UnixStream, max_queue_num: u64, timeout: Duration) -> std::io::Result<Self> {
+        let raw = stream.try_clone()?;
+        // Socket options belong to the socket, so they also bound the
+        // Frontend's own blocking reads and writes on the same socket.
+        raw.set_read_timeout(Some(timeout))?;
+        raw.set_write_timeout(Some(timeout))?;
+        Ok(MainInner {
+            frontend: Frontend::from_stream(stream, max_queue_num),
+            raw,
+        })
+    }
 }
 
 impl MainSocket {
@@ -154,20 +172,45 @@ impl MainSocket {
         max_queue_num: u64,
         timeout: Duration,
     ) -> Result<Self, ChannelError> {
-        let raw = stream.try_clone()?;
-        // Socket options belong to the socket, so they also bound the
-        // Frontend's own blocking reads and writes on the same socket.
-        raw.set_read_timeout(Some(timeout))?;
-        raw.set_write_timeout(Some(timeout))?;
         Ok(MainSocket {
-            inner: Mutex::new(MainInner {
-                frontend: Frontend::from_stream(stream, max_queue_num),
-                raw,
-            }),
+            inner: Mutex::new(MainInner::new(stream, max_queue_num, timeout)?),
             broken: AtomicBool::new(false),
             timeout,
+            max_queue_num,
             stats: IotlbStats::default(),
+            broken_event: EventFd::new(libc::EFD_NONBLOCK).ok(),
         })
+    }
+
+    /// Put a new connection in place of the current one (reconnection):
+    /// the old stream is closed and the socket is usable again. The caller
+    /// makes sure nobody else uses the socket meanwhile (the IOTLB bridge's
+    /// link is down and the device's session is not up).
+    pub fn replace(&self, stream: UnixStream) -> Result<(), ChannelError> {
+        let new = MainInner::new(stream, self.max_queue_num, self.timeout)?;
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = inner.raw.shutdown(std::net::Shutdown::Both);
+        *inner = new;
+        self.broken.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// A duplicate of the current connection, to watch for hang-ups with
+    /// `poll` (never read or written).
+    pub fn watch_handle(&self) -> Result<UnixStream, ChannelError> {
+        let inner = self.inner.lock().map_err(|_| ChannelError::Broken)?;
+        Ok(inner.raw.try_clone()?)
+    }
+
+    /// An eventfd that becomes readable whenever the socket is marked
+    /// broken (`None` if it could not be created).
+    pub fn broken_event(&self) -> Option<&EventFd> {
+        self.broken_event.as_ref()
+    }
+
+    /// The bound on every reply wait.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, MainInner>, ChannelError> {
@@ -182,6 +225,10 @@ impl MainSocket {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         // Wake any peer and make the stream unusable; errors do not matter.
         let _ = inner.raw.shutdown(std::net::Shutdown::Both);
+        if let Some(e) = &self.broken_event {
+            // A full counter is still readable; nothing else can fail.
+            let _ = e.write(1);
+        }
     }
 
     /// Run `f` with exclusive use of the crate's `Frontend`.

@@ -13,32 +13,29 @@
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use iommu::{DmaTranslate, RequesterId};
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
-use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::VhostUserFrontend;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend_req::{BackendReqServer, BackendReqThread};
 use super::bridge::{FaultHook, IotlbBridge, IotlbPolicy};
 use super::channel::{ChannelError, IotlbChannel, MainSocket, DEFAULT_ACK_TIMEOUT};
 use super::kind::VhostUserKind;
+use super::reconnect::{ReconnectCounters, Supervisor, SupervisorConfig};
 use super::relay::CallRelay;
+use super::session::{negotiate, Activation, Link, Negotiated, RingSetup, Session};
 use super::stats::VhostUserStats;
 use super::wire::{
-    PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
+    PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, PROTOCOL_F_REPLY_ACK,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
 use crate::thread::ThreadHook;
-use crate::virtio::{
-    ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterruptType,
-};
+use crate::virtio::{ActivateContext, VirtioDevice, VirtioDeviceError, VirtioInterruptType};
 
 /// Default size of every queue.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -67,6 +64,9 @@ pub struct VhostUserConfig {
     pub timeout: Duration,
     /// What the IOTLB bridge does with MAP notifications.
     pub policy: IotlbPolicy,
+    /// Reconnect to a back end that went away, trying every this long
+    /// (`None` or zero: a dead back end breaks the device for good).
+    pub reconnect: Option<Duration>,
 }
 
 impl VhostUserConfig {
@@ -81,6 +81,7 @@ impl VhostUserConfig {
             capacity_sectors: None,
             timeout: DEFAULT_ACK_TIMEOUT,
             policy: IotlbPolicy::MissDriven,
+            reconnect: None,
         }
     }
 
@@ -172,6 +173,17 @@ pub enum VhostUserError {
     /// A thread or eventfd could not be created.
     #[error("cannot create a vhost-user helper thread or eventfd: {0}")]
     Resource(#[source] std::io::Error),
+    /// A reconnected back end lacks features the device already relies on.
+    #[error("the new vhost-user back end no longer offers features {features:#x} / protocol features {protocol:#x} that the device uses; start a back end with the same features")]
+    FeaturesLost {
+        /// Missing virtio feature bits.
+        features: u64,
+        /// Missing protocol feature bits.
+        protocol: u64,
+    },
+    /// A queue has neither an irqfd nor a relayed call eventfd (internal).
+    #[error("queue {0} has no call eventfd")]
+    NoCallFd(usize),
 }
 
 fn step(step: &'static str) -> impl FnOnce(ChannelError) -> VhostUserError {
@@ -212,13 +224,6 @@ pub fn backend_features(acked: u64, backend: u64) -> u64 {
     (acked & backend) | (backend & VHOST_USER_F_PROTOCOL_FEATURES)
 }
 
-/// What negotiation at connect time settled.
-#[derive(Debug, Clone, Copy)]
-struct Negotiated {
-    features: u64,
-    protocol: u64,
-}
-
 /// Device-wide counters that outlive activations.
 #[derive(Debug, Default)]
 struct DeviceCounters {
@@ -233,6 +238,7 @@ pub struct VhostUserStatsHandle {
     main: Arc<MainSocket>,
     bridge: Option<Arc<IotlbBridge>>,
     counters: Arc<DeviceCounters>,
+    reconnect: Arc<ReconnectCounters>,
 }
 
 impl VhostUserStatsHandle {
@@ -243,6 +249,7 @@ impl VhostUserStatsHandle {
             bridge: self.bridge.as_ref().map(|b| b.stats()).unwrap_or_default(),
             activations: self.counters.activations.load(Ordering::Relaxed),
             broken: self.counters.broken.load(Ordering::Relaxed) || self.main.is_broken(),
+            reconnect: self.reconnect.snapshot(),
         }
     }
 }
@@ -251,20 +258,12 @@ impl VhostUserStatsHandle {
 /// threads (also on a failed activation).
 #[derive(Default)]
 struct Running {
-    /// Rings handed a kick fd (the back end may be processing them).
-    started: Vec<usize>,
     queues: Vec<(usize, Queue, EventFd)>,
-    server: Option<BackendReqThread>,
     relay: Option<CallRelay>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Some(s) = self.server.take() {
-            if let Some(reason) = s.stop() {
-                log::debug!("vhost-user back-end channel thread ended: {reason}");
-            }
-        }
         if let Some(r) = self.relay.take() {
             r.stop();
         }
@@ -276,16 +275,24 @@ pub struct VhostUserDevice {
     kind: VhostUserKind,
     iommu: bool,
     queue_sizes: Vec<u16>,
+    link: Arc<Link>,
     main: Arc<MainSocket>,
     neg: Negotiated,
     avail: u64,
     acked: u64,
     /// `None`: the back end serves the configuration (GET_CONFIG).
     local_config: Option<Vec<u8>>,
+    /// The last configuration read from the back end (served while it is
+    /// reconnecting).
+    config_cache: Option<Vec<u8>>,
     bridge: Option<Arc<IotlbBridge>>,
     running: Option<Running>,
     counters: Arc<DeviceCounters>,
     thread_hook: Option<ThreadHook>,
+    /// `Some` with `reconnect` > 0; stops its thread when dropped.
+    supervisor: Option<Supervisor>,
+    reconnect: Arc<ReconnectCounters>,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -320,7 +327,7 @@ impl VhostUserDevice {
         }
         let main = MainSocket::new(stream, n as u64, cfg.timeout).map_err(step("socket setup"))?;
         let main = Arc::new(main);
-        let neg = negotiate(&main, &cfg)?;
+        let neg = negotiate(&main, cfg.kind, cfg.iommu, None)?;
         let backend_config = neg.protocol & PROTOCOL_F_CONFIG != 0;
         let local_config = if backend_config {
             None
@@ -335,23 +342,55 @@ impl VhostUserDevice {
             let chan: Arc<dyn IotlbChannel> = main.clone();
             Arc::new(IotlbBridge::new(chan, cfg.policy))
         });
-        let dev = VhostUserDevice {
+        let link = Arc::new(Link {
+            kind: cfg.kind,
+            iommu: cfg.iommu,
+            main: main.clone(),
+            bridge: bridge.clone(),
+            session: Mutex::new(Session {
+                neg,
+                up: true,
+                want: None,
+                started: Vec::new(),
+                server: None,
+                req_watch: None,
+            }),
+            hook: Mutex::new(None),
+        });
+        let interval = cfg.reconnect.filter(|d| !d.is_zero());
+        let reconnect = Arc::new(ReconnectCounters::new(interval.is_some()));
+        let mut dev = VhostUserDevice {
             kind: cfg.kind,
             iommu: cfg.iommu,
             queue_sizes: vec![cfg.queue_size; n],
             avail: guest_features(cfg.kind, cfg.iommu, neg.features, backend_config),
+            link: link.clone(),
             main,
             neg,
             acked: 0,
             local_config,
+            config_cache: None,
             bridge,
             running: None,
             counters: Arc::default(),
             thread_hook: None,
+            supervisor: None,
+            reconnect: reconnect.clone(),
+            timeout: cfg.timeout,
         };
         if backend_config {
             // Fail now rather than show the guest an empty configuration.
-            dev.backend_config()?;
+            dev.config_cache = Some(dev.backend_config()?);
+        }
+        if let Some(interval) = interval {
+            let sup = SupervisorConfig {
+                link,
+                counters: reconnect,
+                socket: cfg.socket.clone(),
+                interval,
+                prior: neg,
+            };
+            dev.supervisor = Some(Supervisor::spawn(sup).map_err(VhostUserError::Resource)?);
         }
         Ok(dev)
     }
@@ -390,9 +429,11 @@ impl VhostUserDevice {
         self.kind
     }
 
-    /// Whether the back end failed and the device cannot run again.
+    /// Whether the back end failed and the device cannot run again (never
+    /// with reconnection: the device recovers when a back end comes back).
     pub fn is_broken(&self) -> bool {
-        self.counters.broken.load(Ordering::Relaxed) || self.main.is_broken()
+        self.supervisor.is_none()
+            && (self.counters.broken.load(Ordering::Relaxed) || self.main.is_broken())
     }
 
     /// A handle to read the counters later.
@@ -401,6 +442,7 @@ impl VhostUserDevice {
             main: self.main.clone(),
             bridge: self.bridge.clone(),
             counters: self.counters.clone(),
+            reconnect: self.reconnect.clone(),
         }
     }
 
@@ -409,114 +451,51 @@ impl VhostUserDevice {
         self.stats_handle().snapshot()
     }
 
-    fn request<R>(
-        &self,
-        name: &'static str,
-        f: impl FnOnce(&mut Frontend) -> vhost::Result<R>,
-    ) -> Result<R, VhostUserError> {
-        self.main.with_frontend(f).map_err(step(name))
-    }
-
     fn backend_config(&self) -> Result<Vec<u8>, VhostUserError> {
         let len = self.kind.config_len();
         let buf = vec![0u8; len];
         let size = u32::try_from(len).unwrap_or(u32::MAX);
-        let (_, data) = self.request("GET_CONFIG", |fe| {
+        let (_, data) = self.link.request("GET_CONFIG", |fe| {
             fe.get_config(0, size, VhostUserConfigFlags::empty(), &buf)
         })?;
         Ok(data)
     }
 
-    fn has_protocol_features(&self) -> bool {
-        self.neg.features & VHOST_USER_F_PROTOCOL_FEATURES != 0
+    /// The session lock, bounded by the channel timeout with reconnection
+    /// (the supervisor may hold it while it restores the device).
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        let bound = self.supervisor.as_ref().map(|_| self.timeout);
+        self.link.lock_session(bound)
     }
-}
 
-fn negotiate(main: &MainSocket, cfg: &VhostUserConfig) -> Result<Negotiated, VhostUserError> {
-    let needed = cfg.kind.num_queues();
-    main.with_frontend(|fe| fe.set_owner())
-        .map_err(step("SET_OWNER"))?;
-    let features = main
-        .with_frontend(|fe| fe.get_features())
-        .map_err(step("GET_FEATURES"))?;
-    if features & VIRTIO_F_VERSION_1 == 0 {
-        return Err(VhostUserError::MissingFeatures {
-            missing: vec!["VIRTIO_F_VERSION_1"],
-            why: "by iovmm's modern-only virtio-pci transport",
-        });
-    }
-    let offered = if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-        main.with_frontend(|fe| fe.get_protocol_features())
-            .map_err(step("GET_PROTOCOL_FEATURES"))?
-            .bits()
-    } else {
-        0
-    };
-    if cfg.iommu {
-        let missing = missing_for_iommu(features, offered);
-        if !missing.is_empty() {
-            return Err(VhostUserError::MissingFeatures {
-                missing,
-                why: "for a device behind a vIOMMU (iommu=on): the back end must speak the vhost-user IOTLB protocol",
-            });
-        }
-    }
-    let mut wanted = PROTOCOL_F_REPLY_ACK | PROTOCOL_F_CONFIG | PROTOCOL_F_MQ;
-    if cfg.iommu {
-        wanted |= PROTOCOL_F_BACKEND_REQ;
-    }
-    let protocol = offered & wanted;
-    if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-        let p = VhostUserProtocolFeatures::from_bits_truncate(protocol);
-        main.with_frontend(|fe| fe.set_protocol_features(p))
-            .map_err(step("SET_PROTOCOL_FEATURES"))?;
-    }
-    if protocol & PROTOCOL_F_MQ != 0 {
-        let offered = main
-            .with_frontend(|fe| fe.get_queue_num())
-            .map_err(step("GET_QUEUE_NUM"))?;
-        if offered < needed as u64 {
-            return Err(VhostUserError::QueueNum { offered, needed });
-        }
-    }
-    if protocol & PROTOCOL_F_REPLY_ACK != 0 {
-        // From now on every request is acknowledged, so refusals surface.
-        main.with_frontend(|fe| {
-            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            Ok(())
-        })
-        .map_err(step("enabling reply-ack"))?;
-    }
-    Ok(Negotiated { features, protocol })
-}
-
-/// The back end's memory table: every guest RAM region with its fd.
-fn memory_table(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>, VhostUserError> {
-    mem.iter()
-        .map(|r| {
-            VhostUserMemoryRegionInfo::from_guest_region(r).map_err(|_| {
-                VhostUserError::MemoryNotShared {
-                    gpa: r.start_addr().0,
-                }
+    /// GET_CONFIG; while reconnecting, the last configuration read.
+    fn read_backend_config(&mut self) -> Option<Vec<u8>> {
+        let s = self.session();
+        let res = if s.up {
+            self.backend_config()
+        } else {
+            Err(VhostUserError::Request {
+                step: "GET_CONFIG",
+                source: ChannelError::Broken,
             })
-        })
-        .collect()
-}
-
-/// A ring address as the back end expects it: the IOVA untranslated behind a
-/// vIOMMU, else the VMM virtual address of the GPA.
-fn ring_addr(
-    mem: &GuestMemoryMmap,
-    iommu: bool,
-    queue: usize,
-    addr: u64,
-) -> Result<u64, VhostUserError> {
-    if iommu {
-        return Ok(addr);
+        };
+        drop(s);
+        match res {
+            Ok(c) => {
+                self.config_cache = Some(c.clone());
+                Some(c)
+            }
+            Err(e) if self.supervisor.is_some() => {
+                log::debug!("vhost-user: configuration from cache: {e}");
+                self.config_cache.clone()
+            }
+            Err(e) => {
+                log::warn!("vhost-user: reading the device configuration failed: {e}");
+                self.mark_broken_if_dead();
+                None
+            }
+        }
     }
-    mem.get_host_address(GuestAddress(addr))
-        .map(|p| p as u64)
-        .map_err(|_| VhostUserError::RingAddress { queue, addr })
 }
 
 impl VhostUserDevice {
@@ -530,89 +509,67 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// SET_FEATURES, SET_MEM_TABLE and, behind a vIOMMU, the bridge and the
-    /// back-end request channel.
-    fn start_device(&self, ctx: &ActivateContext, run: &mut Running) -> Result<(), VhostUserError> {
-        let ap_acked = self.acked & VIRTIO_F_ACCESS_PLATFORM != 0;
+    /// Checks that need no back end: queues, and behind a vIOMMU the
+    /// translation and the driver's ACCESS_PLATFORM.
+    fn check(&self, ctx: &ActivateContext) -> Result<(), VhostUserError> {
+        self.check_queues(ctx)?;
         if let Some(bridge) = &self.bridge {
-            if !ap_acked {
+            if self.acked & VIRTIO_F_ACCESS_PLATFORM == 0 {
                 return Err(VhostUserError::AccessPlatformNotAcked);
             }
             if !bridge.has_translation() {
                 return Err(VhostUserError::NoTranslation);
             }
         }
-        let features = backend_features(self.acked, self.neg.features);
-        self.request("SET_FEATURES", |fe| fe.set_features(features))?;
-        let table = memory_table(&ctx.mem)?;
-        self.request("SET_MEM_TABLE", |fe| fe.set_mem_table(&table).map(|_| ()))?;
-        if let Some(bridge) = &self.bridge {
-            bridge.start(ctx.mem.clone());
-            let ours = self
-                .main
-                .open_backend_channel()
-                .map_err(step("SET_BACKEND_REQ_FD"))?;
-            let main: Arc<dyn IotlbChannel> = self.main.clone();
-            let server = BackendReqServer::new(ours, bridge.clone(), main);
-            run.server = Some(
-                server
-                    .spawn_with_hook("vhost-user-req", self.thread_hook.clone())
-                    .map_err(VhostUserError::Resource)?,
-            );
-        }
         Ok(())
     }
 
-    /// Program one vring. Returns the eventfd to relay when the queue has no
-    /// irqfd.
-    fn start_queue(
+    /// What the back end must be programmed with, and the call eventfds to
+    /// relay (queues without an irqfd).
+    fn activation(
         &self,
         ctx: &ActivateContext,
-        index: usize,
-        queue: &Queue,
-        kick: &EventFd,
-    ) -> Result<Option<EventFd>, VhostUserError> {
-        let size = queue.size();
-        self.request("SET_VRING_NUM", |fe| fe.set_vring_num(index, size))?;
-        let base = queue.next_avail();
-        self.request("SET_VRING_BASE", |fe| fe.set_vring_base(index, base))?;
-        let addr = |a| ring_addr(&ctx.mem, self.iommu, index, a);
-        let config = VringConfigData {
-            queue_max_size: queue.max_size(),
-            queue_size: size,
-            flags: 0,
-            desc_table_addr: addr(queue.desc_table())?,
-            used_ring_addr: addr(queue.used_ring())?,
-            avail_ring_addr: addr(queue.avail_ring())?,
-            log_addr: None,
-        };
-        self.request("SET_VRING_ADDR", |fe| fe.set_vring_addr(index, &config))?;
-        let qi = u16::try_from(index).unwrap_or(u16::MAX);
-        let relay = match ctx.interrupt.notifier(VirtioInterruptType::Queue(qi)) {
-            Some(irqfd) => {
-                self.request("SET_VRING_CALL", |fe| fe.set_vring_call(index, irqfd))?;
-                None
-            }
-            None => {
-                let efd = EventFd::new(libc::EFD_NONBLOCK).map_err(VhostUserError::Resource)?;
-                self.request("SET_VRING_CALL", |fe| fe.set_vring_call(index, &efd))?;
-                Some(efd)
-            }
-        };
-        self.request("SET_VRING_KICK", |fe| fe.set_vring_kick(index, kick))?;
-        Ok(relay)
-    }
-
-    fn start(&self, ctx: ActivateContext, run: &mut Running) -> Result<(), VhostUserError> {
-        self.check_queues(&ctx)?;
-        self.start_device(&ctx, run)?;
+    ) -> Result<(Activation, Vec<(u16, EventFd)>), VhostUserError> {
+        let res = VhostUserError::Resource;
+        let mut rings = Vec::new();
         let mut relayed = Vec::new();
         for (index, queue, kick) in &ctx.queues {
-            if let Some(efd) = self.start_queue(&ctx, *index, queue, kick)? {
-                relayed.push((u16::try_from(*index).unwrap_or(u16::MAX), efd));
-            }
-            run.started.push(*index);
+            let qi = u16::try_from(*index).unwrap_or(u16::MAX);
+            let relay = match ctx.interrupt.notifier(VirtioInterruptType::Queue(qi)) {
+                Some(_) => None,
+                None => {
+                    let efd = EventFd::new(libc::EFD_NONBLOCK).map_err(res)?;
+                    relayed.push((qi, efd.try_clone().map_err(res)?));
+                    Some(efd)
+                }
+            };
+            rings.push(RingSetup {
+                index: *index,
+                size: queue.size(),
+                max_size: queue.max_size(),
+                desc: queue.desc_table(),
+                avail: queue.avail_ring(),
+                used: queue.used_ring(),
+                next_avail: queue.next_avail(),
+                kick: kick.try_clone().map_err(res)?,
+                relay,
+            });
         }
+        let act = Activation {
+            acked: self.acked,
+            mem: ctx.mem.clone(),
+            interrupt: ctx.interrupt.clone(),
+            rings,
+        };
+        Ok((act, relayed))
+    }
+
+    /// Start the device: program the back end now if connected; with
+    /// reconnection, otherwise (or if it goes away meanwhile) leave it to
+    /// the supervisor.
+    fn start(&self, ctx: ActivateContext, run: &mut Running) -> Result<(), VhostUserError> {
+        self.check(&ctx)?;
+        let (act, relayed) = self.activation(&ctx)?;
         if !relayed.is_empty() {
             let hook = self.thread_hook.clone();
             let relay =
@@ -620,41 +577,51 @@ impl VhostUserDevice {
                     .map_err(VhostUserError::Resource)?;
             run.relay = Some(relay);
         }
-        if self.has_protocol_features() {
-            for (index, ..) in &ctx.queues {
-                self.request("SET_VRING_ENABLE", |fe| fe.set_vring_enable(*index, true))?;
+        run.queues = ctx.queues;
+        let act = Arc::new(act);
+        let mut s = self.session();
+        let res = if s.up {
+            self.link.program(&mut s, &act, false)
+        } else {
+            Ok(())
+        };
+        match res {
+            Ok(()) => {}
+            Err(e) if self.supervisor.is_some() && self.main.is_broken() => {
+                log::warn!("vhost-user back end went away while starting ({e}); it is restarted once it is back");
+            }
+            Err(e) => {
+                self.stop_failed(&mut s);
+                return Err(e);
             }
         }
-        run.queues = ctx.queues;
+        if self.supervisor.is_some() {
+            s.want = Some(act);
+        }
         Ok(())
     }
 
-    /// Stop every ring (GET_VRING_BASE); returns false if the back end failed.
-    fn stop_rings(&self, run: &Running) -> bool {
-        let mut ok = true;
-        for index in &run.started {
-            if self.has_protocol_features() {
-                if let Err(e) =
-                    self.request("SET_VRING_ENABLE", |fe| fe.set_vring_enable(*index, false))
-                {
-                    log::warn!("vhost-user: disabling queue {index} failed: {e}");
-                    ok = false;
-                }
-            }
-            match self.request("GET_VRING_BASE", |fe| fe.get_vring_base(*index)) {
-                Ok(base) => log::debug!("vhost-user: queue {index} stopped at {base}"),
-                Err(e) => {
-                    log::warn!("vhost-user: stopping queue {index} failed: {e}");
-                    ok = false;
-                }
-            }
+    /// Undo a failed start: rings already kicked must not keep running.
+    fn stop_failed(&self, s: &mut Session) {
+        if let Some(b) = &self.bridge {
+            b.stop();
         }
-        ok
+        if !self.main.is_broken() {
+            self.link.stop_rings(s);
+        }
+        s.started.clear();
+        self.link.stop_server(s);
     }
 
     fn mark_broken_if_dead(&self) {
-        if self.main.is_broken() {
+        if self.main.is_broken() && self.supervisor.is_none() {
             self.counters.broken.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn poke_supervisor(&self) {
+        if let Some(s) = &self.supervisor {
+            s.poke();
         }
     }
 }
@@ -684,13 +651,9 @@ impl VirtioDevice for VhostUserDevice {
         data.fill(0);
         let config = match &self.local_config {
             Some(c) => c.clone(),
-            None => match self.backend_config() {
-                Ok(c) => c,
-                Err(e) => {
-                    log::warn!("vhost-user: reading the device configuration failed: {e}");
-                    self.mark_broken_if_dead();
-                    return;
-                }
+            None => match self.read_backend_config() {
+                Some(c) => c,
+                None => return,
             },
         };
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
@@ -719,17 +682,11 @@ impl VirtioDevice for VhostUserDevice {
             Ok(()) => {
                 self.running = Some(run);
                 self.counters.activations.fetch_add(1, Ordering::Relaxed);
+                self.poke_supervisor();
                 Ok(())
             }
             Err(e) => {
                 log::error!("vhost-user {:?} device failed to start: {e}", self.kind);
-                if let Some(b) = &self.bridge {
-                    b.stop();
-                }
-                if !self.main.is_broken() {
-                    // Rings already kicked must not keep running.
-                    self.stop_rings(&run);
-                }
                 drop(run);
                 self.mark_broken_if_dead();
                 Err(VirtioDeviceError::Backend(Box::new(e)))
@@ -744,7 +701,12 @@ impl VirtioDevice for VhostUserDevice {
         if let Some(b) = &self.bridge {
             b.stop();
         }
-        let stopped = self.stop_rings(&run);
+        let mut s = self.session();
+        s.want = None;
+        let stopped = !s.up || self.link.stop_rings(&mut s);
+        s.started.clear();
+        self.link.stop_server(&mut s);
+        drop(s);
         drop(run);
         self.mark_broken_if_dead();
         if !stopped {
@@ -754,6 +716,9 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn set_thread_hook(&mut self, hook: ThreadHook) {
+        if let Ok(mut h) = self.link.hook.lock() {
+            *h = Some(hook.clone());
+        }
         self.thread_hook = Some(hook);
     }
 }

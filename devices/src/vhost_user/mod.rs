@@ -109,11 +109,14 @@ pub mod frontend;
 pub mod installed;
 pub mod kind;
 pub mod miss;
+pub mod reconnect;
 pub mod relay;
+mod session;
 pub mod stats;
 pub mod wire;
 
 pub use bridge::{FaultHook, IotlbBridge, IotlbPolicy};
 pub use frontend::{VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserStatsHandle};
 pub use kind::VhostUserKind;
+pub use reconnect::ReconnectStats;
 pub use stats::VhostUserStats;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::channel::IotlbStatsSnapshot;
+use super::reconnect::ReconnectStats;
 
 /// Number of histogram buckets: bucket `i` holds samples below `2^i` µs
 /// (and at least `2^(i-1)` µs); the last one everything larger (~35 min).
@@ -174,8 +175,11 @@ pub struct VhostUserStats {
     pub bridge: BridgeStats,
     /// Successful activations.
     pub activations: u64,
-    /// Whether the back end is gone (the device refuses to start).
+    /// Whether the back end is gone (without reconnection the device then
+    /// refuses to start; with it, until a back end is connected again).
     pub broken: bool,
+    /// Back-end restarts (`reconnect=SECS`).
+    pub reconnect: ReconnectStats,
 }
 
 #[cfg(test)]

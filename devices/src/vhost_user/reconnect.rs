@@ -1,0 +1,398 @@
+//! Back-end restarts (`reconnect=SECS`): the supervisor thread of a device.
+//!
+//! The thread watches the current connection (hang-up of the main socket,
+//! the socket being marked broken by any request, or the back-end request
+//! channel ending). When the back end is gone it
+//! 1. tells the IOTLB bridge (`link_down`): misses are refused at once,
+//!    nothing more is sent, the record of what the back end held is kept;
+//! 2. closes the main socket, stops the back-end channel thread and forgets
+//!    the started rings;
+//! 3. every interval, connects to the socket path again, redoes SET_OWNER
+//!    and the feature negotiation (the new back end must offer what the
+//!    first one did, see `session::negotiate`), and, if the guest has the
+//!    device running, programs it again exactly as an activation does,
+//!    starting with SET_FEATURES (so the new IOTLB is empty and the bridge
+//!    forgets the old ranges), with every ring resuming at the used index
+//!    found in guest memory, and kicks every ring once.
+//!
+//! Nothing is replayed from the old connection's IOTLB: UPDATEs only answer
+//! the new back end's misses, computed from the current vIOMMU state.
+//!
+//! The vCPU side never waits for an attempt: while no connection is up, an
+//! activation or reset only records what the guest wants and the thread
+//! applies it once connected.
+//!
+//! The thread runs without a seccomp hook of its own (it needs socket and
+//! connect, which no device thread kind allows); it is started with the
+//! device, before any filter is installed.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::channel::IotlbChannel;
+use super::session::{negotiate, Link, Negotiated};
+
+/// Longest wait between two checks of a healthy connection.
+const TICK: Duration = Duration::from_secs(1);
+/// At most one log line per this interval about failed attempts.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Reconnection counters of one device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconnectStats {
+    /// Whether reconnection is enabled (`reconnect` > 0).
+    pub enabled: bool,
+    /// Times the back end was found gone.
+    pub disconnects: u64,
+    /// Connection attempts (successful or not).
+    pub attempts: u64,
+    /// Successful reconnections (negotiated again).
+    pub reconnects: u64,
+    /// Reconnections that restored a running device.
+    pub restores: u64,
+    /// Whether a back end is connected right now.
+    pub connected: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct ReconnectCounters {
+    enabled: bool,
+    disconnects: AtomicU64,
+    attempts: AtomicU64,
+    reconnects: AtomicU64,
+    restores: AtomicU64,
+    connected: AtomicBool,
+}
+
+impl ReconnectCounters {
+    pub(crate) fn new(enabled: bool) -> Self {
+        ReconnectCounters {
+            enabled,
+            disconnects: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            restores: AtomicU64::new(0),
+            connected: AtomicBool::new(true),
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> ReconnectStats {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ReconnectStats {
+            enabled: self.enabled,
+            disconnects: l(&self.disconnects),
+            attempts: l(&self.attempts),
+            reconnects: l(&self.reconnects),
+            restores: l(&self.restores),
+            connected: self.connected.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the supervisor thread needs.
+pub(crate) struct SupervisorConfig {
+    pub(crate) link: Arc<Link>,
+    pub(crate) counters: Arc<ReconnectCounters>,
+    pub(crate) socket: PathBuf,
+    pub(crate) interval: Duration,
+    /// The first connection's negotiation, which every later one must match.
+    pub(crate) prior: Negotiated,
+}
+
+/// The running supervisor; dropping it stops the thread.
+pub(crate) struct Supervisor {
+    wake: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    pub(crate) fn spawn(cfg: SupervisorConfig) -> std::io::Result<Self> {
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut state = State {
+            cfg,
+            wake: wake.clone(),
+            stop: stop.clone(),
+            watch: None,
+            req: None,
+            next_attempt: None,
+            log: LogLimiter::default(),
+        };
+        state.watch = state.cfg.link.main.watch_handle().ok();
+        let join = std::thread::Builder::new()
+            .name("vhost-user-reconnect".into())
+            .spawn(move || state.run())?;
+        Ok(Supervisor {
+            wake,
+            stop,
+            join: Some(join),
+        })
+    }
+
+    /// Make the thread look at the connection now.
+    pub(crate) fn poke(&self) {
+        // A full counter still wakes the thread.
+        let _ = self.wake.write(1);
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.poke();
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+/// One log line per [`LOG_EVERY`] at most.
+#[derive(Default)]
+struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
+        if self.last.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        let n = std::mem::take(&mut self.suppressed);
+        if n > 0 {
+            log::warn!("{msg} ({n} similar messages suppressed)");
+        } else {
+            log::warn!("{msg}");
+        }
+        self.last = Some(Instant::now());
+    }
+}
+
+struct State {
+    cfg: SupervisorConfig,
+    wake: Arc<EventFd>,
+    stop: Arc<AtomicBool>,
+    /// A duplicate of the current main connection (watched, never read).
+    watch: Option<UnixStream>,
+    /// A duplicate of the current back-end channel, if any.
+    req: Option<UnixStream>,
+    /// `Some` while disconnected: when to try next.
+    next_attempt: Option<Instant>,
+    log: LogLimiter,
+}
+
+fn pollfd(fd: i32, events: i16) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+/// Whether a watched socket hung up (without reading it).
+fn hung_up(s: &UnixStream) -> bool {
+    let mut p = [pollfd(s.as_raw_fd(), libc::POLLRDHUP)];
+    // SAFETY: `p` is a valid array of one pollfd for the duration of the call.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), 1, 0) };
+    n > 0 && p[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+impl State {
+    fn run(mut self) {
+        while !self.stop.load(Ordering::Acquire) {
+            self.wait();
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            match self.next_attempt {
+                None => {
+                    if self.failed() {
+                        self.go_down();
+                    }
+                }
+                Some(t) if Instant::now() >= t => {
+                    if !self.attempt() {
+                        self.next_attempt = Some(Instant::now() + self.cfg.interval);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Sleep until something may have changed or the next attempt is due.
+    fn wait(&mut self) {
+        let timeout = match self.next_attempt {
+            Some(t) => t.saturating_duration_since(Instant::now()).min(TICK),
+            None => TICK,
+        };
+        let mut fds = vec![pollfd(self.wake.as_raw_fd(), libc::POLLIN)];
+        if let Some(e) = self.cfg.link.main.broken_event() {
+            fds.push(pollfd(e.as_raw_fd(), libc::POLLIN));
+        }
+        if self.next_attempt.is_none() {
+            self.refresh_req();
+            for s in self.watch.iter().chain(self.req.iter()) {
+                fds.push(pollfd(s.as_raw_fd(), libc::POLLRDHUP));
+            }
+        }
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+        // SAFETY: `fds` is a valid array of `nfds` pollfds for the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), nfds, ms) };
+        let _ = self.wake.read();
+        if let Some(e) = self.cfg.link.main.broken_event() {
+            let _ = e.read();
+        }
+    }
+
+    /// Keep a duplicate of the current back-end channel to watch.
+    fn refresh_req(&mut self) {
+        let s = self.cfg.link.lock_session(None);
+        self.req = s.req_watch.as_ref().and_then(|w| w.try_clone().ok());
+    }
+
+    /// Whether the current connection is gone.
+    fn failed(&self) -> bool {
+        let link = &self.cfg.link;
+        if link.main.is_broken() || self.watch.as_ref().is_none_or(hung_up) {
+            return true;
+        }
+        let s = link.lock_session(None);
+        let req_gone = s.server.as_ref().is_some_and(|srv| srv.is_finished())
+            || s.req_watch.as_ref().is_some_and(hung_up);
+        req_gone && s.server.is_some()
+    }
+
+    fn go_down(&mut self) {
+        let c = &self.cfg.counters;
+        c.disconnects.fetch_add(1, Ordering::Relaxed);
+        c.connected.store(false, Ordering::Relaxed);
+        log::warn!(
+            "vhost-user back end on {:?} is gone; reconnecting every {:?}",
+            self.cfg.socket,
+            self.cfg.interval
+        );
+        let link = &self.cfg.link;
+        if let Some(b) = &link.bridge {
+            b.link_down();
+        }
+        link.main.close();
+        let mut s = link.lock_session(None);
+        s.up = false;
+        s.started.clear();
+        link.stop_server(&mut s);
+        drop(s);
+        self.watch = None;
+        self.req = None;
+        self.next_attempt = Some(Instant::now() + self.cfg.interval);
+    }
+
+    /// One connection attempt; true once connected (and restored).
+    fn attempt(&mut self) -> bool {
+        self.cfg.counters.attempts.fetch_add(1, Ordering::Relaxed);
+        let link = self.cfg.link.clone();
+        let stream = match UnixStream::connect(&self.cfg.socket) {
+            Ok(s) => s,
+            Err(e) => {
+                self.log.warn(format_args!(
+                    "vhost-user: back end on {:?} not reachable yet: {e}",
+                    self.cfg.socket
+                ));
+                return false;
+            }
+        };
+        if let Err(e) = link.main.replace(stream) {
+            self.log.warn(format_args!(
+                "vhost-user: cannot use the new connection: {e}"
+            ));
+            return false;
+        }
+        let neg = match negotiate(&link.main, link.kind, link.iommu, Some(self.cfg.prior)) {
+            Ok(n) => n,
+            Err(e) => {
+                self.log.warn(format_args!(
+                    "vhost-user: refusing the back end on {:?}: {e}; will retry",
+                    self.cfg.socket
+                ));
+                link.main.close();
+                return false;
+            }
+        };
+        self.restore(&link, neg)
+    }
+
+    /// The connection is negotiated: program a running device again.
+    fn restore(&mut self, link: &Arc<Link>, neg: Negotiated) -> bool {
+        if let Some(b) = &link.bridge {
+            b.link_up();
+        }
+        let mut s = link.lock_session(None);
+        s.neg = neg;
+        s.up = true;
+        let want = s.want.clone();
+        if let Some(act) = want {
+            if let Err(e) = link.program(&mut s, &act, true) {
+                self.log.warn(format_args!(
+                    "vhost-user: restoring the device on the new back end failed: {e}; will retry"
+                ));
+                s.up = false;
+                s.started.clear();
+                link.stop_server(&mut s);
+                drop(s);
+                if let Some(b) = &link.bridge {
+                    b.link_down();
+                }
+                link.main.close();
+                return false;
+            }
+            self.cfg.counters.restores.fetch_add(1, Ordering::Relaxed);
+        }
+        drop(s);
+        let c = &self.cfg.counters;
+        c.reconnects.fetch_add(1, Ordering::Relaxed);
+        c.connected.store(true, Ordering::Relaxed);
+        log::info!("vhost-user: reconnected to {:?}", self.cfg.socket);
+        self.watch = link.main.watch_handle().ok();
+        self.next_attempt = None;
+        self.log = LogLimiter::default();
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limiter_suppresses_within_the_interval() {
+        let mut l = LogLimiter::default();
+        l.warn(format_args!("first"));
+        let first = l.last;
+        l.warn(format_args!("second"));
+        l.warn(format_args!("third"));
+        assert_eq!(l.suppressed, 2);
+        assert_eq!(l.last, first);
+        l.last = Some(Instant::now() - LOG_EVERY);
+        l.warn(format_args!("fourth"));
+        assert_eq!(l.suppressed, 0);
+        assert_ne!(l.last, first);
+    }
+
+    #[test]
+    fn hang_up_is_seen_without_reading() {
+        let (a, b) = UnixStream::pair().unwrap_or_else(|e| panic!("socketpair: {e}"));
+        assert!(!hung_up(&a));
+        drop(b);
+        assert!(hung_up(&a));
+    }
+}
