@@ -37,7 +37,7 @@ pub struct Cli {
     /// vIOMMU: virtio or vtd[,caching_mode=on][,device_iotlb=on][,intremap=on][,aw=39|48][,iotlb=miss|prefetch].
     #[arg(long, value_name = "KIND[,OPTS]")]
     pub iommu: Option<IommuConfig>,
-    /// vhost-user device: net|blk,socket=PATH[,iommu=on][,ats=on]; repeat for more devices.
+    /// vhost-user device: net|blk,socket=PATH[,iommu=on][,ats=on][,reconnect=SECS]; repeat for more devices.
     #[arg(long = "vhost-user", value_name = "KIND,socket=PATH[,OPTS]")]
     pub vhost_user: Vec<VhostUserConfig>,
     /// JSON configuration file with the same fields; command-line options override it.

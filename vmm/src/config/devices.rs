@@ -81,6 +81,10 @@ pub struct VhostUserConfig {
     /// Give the device a PCIe ATS capability (VT-d device-TLB).
     #[serde(default)]
     pub ats: bool,
+    /// Reconnect to a restarted backend, trying every this many seconds
+    /// (0: a dead backend breaks the device).
+    #[serde(default)]
+    pub reconnect: u64,
 }
 
 fn parse_bool(key: &str, v: &str, whole: &str) -> Result<bool, ConfigError> {
@@ -165,12 +169,19 @@ impl FromStr for VhostUserConfig {
                 ))
             }
         };
-        let (mut socket, mut iommu, mut ats) = (None, false, false);
+        let (mut socket, mut iommu, mut ats, mut reconnect) = (None, false, false, 0);
         for (k, v) in kv {
             match k {
                 "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
                 "iommu" => iommu = parse_bool(k, v, s)?,
                 "ats" => ats = parse_bool(k, v, s)?,
+                "reconnect" => {
+                    reconnect = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n <= 3600)
+                        .ok_or_else(|| bad(s, "reconnect must be 0..=3600 seconds"))?
+                }
                 _ => return Err(bad(s, format!("unknown or empty key {k:?}"))),
             }
         }
@@ -180,6 +191,7 @@ impl FromStr for VhostUserConfig {
             socket,
             iommu,
             ats,
+            reconnect,
         })
     }
 }
@@ -277,12 +289,18 @@ mod tests {
         assert!(v.iommu && v.ats);
         let b: VhostUserConfig = "blk,socket=/b".parse().unwrap();
         assert!(!b.iommu && b.kind == VhostUserKind::Blk);
+        assert_eq!(b.reconnect, 0);
+        let r: VhostUserConfig = "net,socket=/r,reconnect=2".parse().unwrap();
+        assert_eq!(r.reconnect, 2);
         for bad in [
             "net",
             "net,socket=",
             "scsi,socket=/x",
             "net,socket=/x,iommu=perhaps",
             "net,socket=/x,q=2",
+            "net,socket=/x,reconnect=-1",
+            "net,socket=/x,reconnect=soon",
+            "net,socket=/x,reconnect=99999",
         ] {
             assert!(bad.parse::<VhostUserConfig>().is_err(), "{bad}");
         }

@@ -79,6 +79,7 @@ fn device_config(cfg: &VhostUserConfig, policy: IotlbPolicyConfig) -> DeviceConf
     };
     debug_assert!(matches!(d.kind, DeviceKind::Net | DeviceKind::Blk));
     d.iommu = cfg.iommu;
+    d.reconnect = (cfg.reconnect > 0).then(|| std::time::Duration::from_secs(cfg.reconnect));
     d.policy = match policy {
         IotlbPolicyConfig::Miss => IotlbPolicy::MissDriven,
         IotlbPolicyConfig::Prefetch => IotlbPolicy::Prefetch,
