@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -29,6 +29,13 @@ use crate::thread::{self, ThreadHook, ThreadKind};
 
 /// Bound on how long the rest of a frame may take once its first byte came.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Most refused misses, ACCESS_FAIL reports and unsupported requests one channel may send per
+/// second. Past it the rest of that second's requests are refused (ack 1) without being
+/// translated, reported to the guest as faults or logged: a flood costs the VMM a bounded
+/// amount of work, log and guest fault traffic. A well-behaved back end misses only on IOVAs
+/// the guest mapped, which are not counted.
+pub const MAX_BAD_REQUESTS_PER_SEC: u64 = 256;
 
 /// Why the back-end request channel was closed.
 #[derive(Debug, Error)]
@@ -66,6 +73,8 @@ pub struct BackendReqStats {
     pub access_fails: AtomicU64,
     /// Requests that were unknown or not supported.
     pub unsupported: AtomicU64,
+    /// Requests refused unprocessed because of [`MAX_BAD_REQUESTS_PER_SEC`].
+    pub throttled: AtomicU64,
 }
 
 /// What [`BackendReqServer::serve_one`] did with one request.
@@ -80,6 +89,43 @@ pub enum Served {
     AccessFail,
     /// A request this front end does not handle (code given).
     Unsupported(u32),
+    /// A request refused unprocessed: the back end exceeded [`MAX_BAD_REQUESTS_PER_SEC`].
+    Throttled,
+}
+
+/// Counts bad requests per one-second window.
+struct Throttle {
+    window: Instant,
+    bad: u64,
+}
+
+impl Throttle {
+    /// Whether this window's budget is used up (starting a new window when due).
+    fn exhausted(&mut self) -> bool {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            if self.bad > MAX_BAD_REQUESTS_PER_SEC {
+                log::warn!(
+                    "vhost-user back end sent {} bad requests in one second; {} were refused unprocessed",
+                    self.bad,
+                    self.bad - MAX_BAD_REQUESTS_PER_SEC
+                );
+            }
+            self.window = Instant::now();
+            self.bad = 0;
+        }
+        self.bad >= MAX_BAD_REQUESTS_PER_SEC
+    }
+
+    fn record_bad(&mut self) {
+        self.bad += 1;
+        if self.bad == MAX_BAD_REQUESTS_PER_SEC {
+            log::warn!(
+                "vhost-user back end sent {MAX_BAD_REQUESTS_PER_SEC} refused misses or bad requests \
+                 within a second; refusing its requests unprocessed for the rest of the second \
+                 (check the back end: it uses IOVAs the guest never mapped)"
+            );
+        }
+    }
 }
 
 /// Serves one back-end request channel.
@@ -88,6 +134,7 @@ pub struct BackendReqServer {
     handler: Arc<dyn MissHandler>,
     main: Arc<dyn IotlbChannel>,
     stats: Arc<BackendReqStats>,
+    throttle: Throttle,
 }
 
 impl BackendReqServer {
@@ -103,6 +150,10 @@ impl BackendReqServer {
             handler,
             main,
             stats: Arc::new(BackendReqStats::default()),
+            throttle: Throttle {
+                window: Instant::now(),
+                bad: 0,
+            },
         }
     }
 
@@ -120,6 +171,10 @@ impl BackendReqServer {
             return Err(BackendReqError::UnexpectedReply(hdr.request));
         }
         let (served, value) = match BackendRequest::try_from(hdr.request) {
+            _ if self.throttle.exhausted() => {
+                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                (Served::Throttled, 1)
+            }
             Ok(BackendRequest::IotlbMsg) => self.iotlb(&hdr, &payload)?,
             Ok(other) => {
                 log::warn!("vhost-user back end sent unsupported request {other:?}");
@@ -132,6 +187,15 @@ impl BackendReqServer {
         };
         if let Served::Unsupported(_) = served {
             self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+        }
+        if matches!(
+            served,
+            Served::Unsupported(_)
+                | Served::AccessFail
+                | Served::Miss { ok: false }
+                | Served::Throttled
+        ) {
+            self.throttle.record_bad();
         }
         if hdr.need_reply() {
             write_frame(&self.stream, &encode_ack(hdr.request, value))?;
@@ -486,5 +550,32 @@ mod tests {
         assert_eq!(main.stats().updates, 1);
         drop(req_peer);
         thread.stop();
+    }
+
+    /// Regression (bug "unthrottled refused-miss flood"): every refused miss meant a guest
+    /// fault and a log line, without limit. Past the budget, requests are refused unprocessed.
+    #[test]
+    fn refused_miss_flood_is_throttled() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (mut srv, peer) = server(&mock);
+        let budget = MAX_BAD_REQUESTS_PER_SEC;
+        for _ in 0..budget {
+            send_miss(&peer, 0x100_0000, IotlbPerm::Ro, true);
+            assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
+            assert_eq!(read_ack(&peer, 1), 1);
+        }
+        // Even a mapped IOVA is now refused without a translation or an UPDATE.
+        send_miss(&peer, 0x3000, IotlbPerm::Ro, true);
+        assert_eq!(srv.serve_one().unwrap(), Served::Throttled);
+        assert_eq!(read_ack(&peer, 1), 1);
+        let stats = srv.stats();
+        assert_eq!(stats.misses_refused.load(Ordering::Relaxed), budget);
+        assert_eq!(stats.throttled.load(Ordering::Relaxed), 1);
+        assert!(mock.sent().is_empty());
+        // A new second brings a new budget.
+        srv.throttle.window -= Duration::from_secs(1);
+        send_miss(&peer, 0x3000, IotlbPerm::Ro, true);
+        assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
+        assert_eq!(read_ack(&peer, 1), 0);
     }
 }
