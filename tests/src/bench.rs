@@ -122,15 +122,29 @@ impl CellResult {
 }
 
 /// Runs one cell.
-pub fn run_cell(cell: Cell, backend: BenchBackend) -> CellResult {
-    let outcome = match backend {
+///
+/// The matrix harness asserts correctness (frames on both sides, payload,
+/// no stale translation) by panicking; a failed cell is returned as an error
+/// so the rest of the table is still measured.
+pub fn run_cell(cell: Cell, backend: BenchBackend) -> Result<CellResult, String> {
+    let run = std::panic::AssertUnwindSafe(|| match backend {
         BenchBackend::Own => run_own_backend(&cell),
         BenchBackend::Dpdk => run_dpdk(&cell),
-    };
-    CellResult {
-        cell,
-        backend,
-        outcome,
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(outcome) => Ok(CellResult {
+            cell,
+            backend,
+            outcome,
+        }),
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "cell failed".into());
+            Err(msg.lines().next().unwrap_or_default().to_string())
+        }
     }
 }
 

@@ -238,16 +238,28 @@ fn main() {
             .as_deref()
             .is_none_or(|o| viommu_name(c.viommu).contains(o))
     };
-    for cell in bench_cells(args.frames, args.size, tsc_khz)
-        .into_iter()
-        .filter(wanted)
-    {
-        results.push(run_cell(cell, BenchBackend::Own));
+    let mut failures = Vec::new();
+    let cells = bench_cells(args.frames, args.size, tsc_khz);
+    for cell in cells.into_iter().filter(wanted) {
+        let mut backends = vec![BenchBackend::Own];
         if !args.no_dpdk {
-            results.push(run_cell(cell, BenchBackend::Dpdk));
+            backends.push(BenchBackend::Dpdk);
+        }
+        for b in backends {
+            match run_cell(cell, b) {
+                Ok(r) => results.push(r),
+                Err(e) => failures.push(format!(
+                    "{} {} {b:?}: {e}",
+                    viommu_name(cell.viommu),
+                    cell.mode.as_str()
+                )),
+            }
         }
     }
     print_cells(&results, tsc_khz);
+    for f in &failures {
+        println!("  FAILED {f}");
+    }
     if args.no_qemu {
         return;
     }
