@@ -93,14 +93,15 @@ fn own_backend_virtio_iommu_strict_prefetch_avoids_misses() {
     let mut cell = Cell::new(Viommu::Virtio, IommuMode::Strict);
     cell.prefetch = true;
     let o = run_own_backend(&cell);
-    // Every buffer's UPDATE is pushed when the guest maps it: (almost) no misses.
+    // Every buffer's UPDATE is pushed when the guest maps it: misses are rare
+    // (rings, and a backend that looks before the pushed UPDATE landed).
     assert!(
         o.stats.bridge.prefetches >= cell.frames,
         "{:?}",
         o.stats.bridge
     );
     assert!(
-        o.stats.bridge.misses <= 8,
+        o.stats.bridge.misses <= cell.frames / 20,
         "misses {}",
         o.stats.bridge.misses
     );
@@ -112,7 +113,7 @@ fn dpdk_virtio_iommu_strict_prefetch() {
     cell.prefetch = true;
     let o = run_dpdk(&cell);
     assert!(
-        o.stats.bridge.misses <= 8,
+        o.stats.bridge.misses <= cell.frames / 20,
         "misses {}",
         o.stats.bridge.misses
     );
