@@ -248,6 +248,10 @@ pub(crate) struct Shared {
     pub(crate) vring_waiters: AtomicU64,
     /// A queue yielded and must be serviced again without a kick.
     pub(crate) retry: AtomicBool,
+    /// The connection being served (to cut it on [`BackendHandle::kill`]).
+    pub(crate) current: Mutex<Option<UnixStream>>,
+    /// The listening socket, if any (shut down on [`BackendHandle::kill`]).
+    pub(crate) listener: Mutex<Option<UnixListener>>,
 }
 
 /// Lock a mutex, recovering the data if a panicking thread poisoned it.
@@ -279,6 +283,8 @@ impl Shared {
             miss_timer: Mutex::default(),
             vring_waiters: AtomicU64::new(0),
             retry: AtomicBool::new(false),
+            current: Mutex::new(None),
+            listener: Mutex::new(None),
         })
     }
 
@@ -344,6 +350,7 @@ impl TestBackend {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let shared = Arc::new(Shared::new(config)?);
+        *lock(&shared.listener) = Some(listener.try_clone()?);
         let srv = Arc::clone(&shared);
         let server = std::thread::Builder::new()
             .name("test-backend-accept".into())
@@ -451,6 +458,21 @@ impl BackendHandle {
         match &self.server {
             Some(s) => s.is_finished(),
             None => true,
+        }
+    }
+
+    /// Die like a killed back-end process: stop accepting connections and
+    /// cut the current one (the socket file stays, refusing connections).
+    pub fn kill(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+        if let Some(l) = lock(&self.shared.listener).take() {
+            use std::os::fd::AsRawFd;
+            // SAFETY: shutdown on a descriptor we own; it only wakes the
+            // accept loop (EINVAL) and refuses new connections.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        if let Some(c) = lock(&self.shared.current).take() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
         }
     }
 

@@ -402,7 +402,9 @@ fn invalidate_fields_cleared(payload: &[u8]) -> Vec<u8> {
 
 /// Serve one connection until it closes; the state is reset afterwards.
 pub(crate) fn serve_connection(shared: &Shared, stream: UnixStream) -> Result<(), BackendError> {
+    *lock(&shared.current) = stream.try_clone().ok();
     let res = serve_inner(shared, &stream);
+    *lock(&shared.current) = None;
     shared.reset();
     shared
         .connections_ended
@@ -446,6 +448,9 @@ fn serve_inner(shared: &Shared, stream: &UnixStream) -> Result<(), BackendError>
 pub(crate) fn accept_loop(shared: &Shared, listener: &UnixListener) -> Result<(), BackendError> {
     loop {
         let (stream, _) = listener.accept()?;
+        if shared.stop.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let _ = serve_connection(shared, stream);
         if shared.stop.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
