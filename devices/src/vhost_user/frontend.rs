@@ -626,6 +626,15 @@ impl VhostUserDevice {
     }
 }
 
+impl Drop for VhostUserDevice {
+    fn drop(&mut self) {
+        // The supervisor first (it may start a back-end channel thread).
+        drop(self.supervisor.take());
+        let mut s = self.link.lock_session(None);
+        self.link.stop_server(&mut s);
+    }
+}
+
 impl VirtioDevice for VhostUserDevice {
     fn device_type(&self) -> u32 {
         self.kind.device_type()

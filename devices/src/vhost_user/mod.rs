@@ -40,9 +40,11 @@
 //! * `reset` disables and stops every ring (GET_VRING_BASE), stops the
 //!   server and relay threads and returns true unless the back end is gone.
 //! * Back-end death: every request is bounded by the configured timeout;
-//!   afterwards the socket is closed, the device reports itself broken
-//!   (`activate` fails, `reset` returns false) and never panics. There is no
-//!   reconnection.
+//!   afterwards the socket is closed and, without reconnection, the device
+//!   reports itself broken (`activate` fails, `reset` returns false) and
+//!   never panics. With `VhostUserConfig::reconnect` a supervisor thread
+//!   reconnects, re-negotiates and restores a running device; the new back
+//!   end's IOTLB starts empty and refills through misses (see [`reconnect`]).
 //!
 //! **Lock order for the vIOMMU.** The bridge calls `DmaTranslate::translate`
 //! while holding its own lock (so an UPDATE computed before an unmap is
