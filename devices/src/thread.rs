@@ -25,6 +25,9 @@ pub enum ThreadKind {
     VhostUserReq,
     /// The vhost-user call eventfd relay (`vhost-user-call`).
     VhostUserCall,
+    /// The vhost-user reconnect supervisor (`vhost-user-reconnect`): connects
+    /// to the back end's socket again and replays the negotiation.
+    VhostUserReconnect,
 }
 
 /// Called on a freshly started device thread with its kind. An error means

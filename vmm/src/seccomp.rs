@@ -141,17 +141,20 @@ pub enum ThreadKind {
     VhostUserReq,
     /// `vhost-user-call`: the vhost-user call eventfd relay.
     VhostUserCall,
+    /// The vhost-user reconnect supervisor.
+    VhostUserReconnect,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Api,
         ThreadKind::EventLoop,
         ThreadKind::Vcpu,
         ThreadKind::VirtioIommu,
         ThreadKind::VhostUserReq,
         ThreadKind::VhostUserCall,
+        ThreadKind::VhostUserReconnect,
     ];
 
     /// Short name used in messages.
@@ -163,6 +166,7 @@ impl ThreadKind {
             ThreadKind::VirtioIommu => "virtio-iommu worker",
             ThreadKind::VhostUserReq => "vhost-user back-end request",
             ThreadKind::VhostUserCall => "vhost-user call relay",
+            ThreadKind::VhostUserReconnect => "vhost-user reconnect",
         }
     }
 }
@@ -173,6 +177,7 @@ impl From<devices::thread::ThreadKind> for ThreadKind {
             devices::thread::ThreadKind::VirtioIommu => ThreadKind::VirtioIommu,
             devices::thread::ThreadKind::VhostUserReq => ThreadKind::VhostUserReq,
             devices::thread::ThreadKind::VhostUserCall => ThreadKind::VhostUserCall,
+            devices::thread::ThreadKind::VhostUserReconnect => ThreadKind::VhostUserReconnect,
         }
     }
 }
@@ -353,10 +358,44 @@ fn device_ioctls() -> Vec<libc::c_ulong> {
     vec![kvm::KVM_SIGNAL_MSI()]
 }
 
+/// Thread creation with a filter of its own (vCPU threads start device
+/// threads at activation, the reconnect supervisor its request server).
+fn thread_start_rules(r: &mut Rules) -> Result<(), BackendError> {
+    allow(r, ACTIVATION);
+    let clone = cond(0, SeccompCmpOp::MaskedEq(THREAD_FLAGS), THREAD_FLAGS)?;
+    r.insert(libc::SYS_clone, vec![SeccompRule::new(vec![clone])?]);
+    r.insert(libc::SYS_socketpair, arg_in(0, &[libc::AF_UNIX as u64])?);
+    let prctl = [libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64];
+    r.insert(libc::SYS_prctl, arg_in(0, &prctl)?);
+    let seccomp = [u64::from(libc::SECCOMP_SET_MODE_FILTER)];
+    r.insert(libc::SYS_seccomp, arg_in(0, &seccomp)?);
+    Ok(())
+}
+
+/// The reconnect supervisor: connect to the back end's Unix socket again,
+/// renegotiate (socket I/O, fds), start the request server.
+fn reconnect_rules(r: &mut Rules) -> Result<(), BackendError> {
+    allow(r, SOCKET_IO);
+    thread_start_rules(r)?;
+    r.insert(libc::SYS_socket, arg_in(0, &[libc::AF_UNIX as u64])?);
+    allow(
+        r,
+        &[
+            libc::SYS_connect,
+            libc::SYS_setsockopt,
+            libc::SYS_getsockopt,
+        ],
+    );
+    let mut io = device_ioctls();
+    io.extend([libc::FIONBIO, libc::FIOCLEX]);
+    r.insert(libc::SYS_ioctl, ioctls(&io)?);
+    Ok(())
+}
+
 fn vcpu_rules(r: &mut Rules) -> Result<(), BackendError> {
     allow(r, EPOLL_WAIT);
     allow(r, SOCKET_IO);
-    allow(r, ACTIVATION);
+    thread_start_rules(r)?;
     let mut io = device_ioctls();
     io.extend([
         kvm::KVM_RUN(),
@@ -368,13 +407,6 @@ fn vcpu_rules(r: &mut Rules) -> Result<(), BackendError> {
         libc::FIOCLEX,
     ]);
     r.insert(libc::SYS_ioctl, ioctls(&io)?);
-    let clone = cond(0, SeccompCmpOp::MaskedEq(THREAD_FLAGS), THREAD_FLAGS)?;
-    r.insert(libc::SYS_clone, vec![SeccompRule::new(vec![clone])?]);
-    r.insert(libc::SYS_socketpair, arg_in(0, &[libc::AF_UNIX as u64])?);
-    let prctl = [libc::PR_SET_NAME as u64, libc::PR_SET_NO_NEW_PRIVS as u64];
-    r.insert(libc::SYS_prctl, arg_in(0, &prctl)?);
-    let seccomp = [u64::from(libc::SECCOMP_SET_MODE_FILTER)];
-    r.insert(libc::SYS_seccomp, arg_in(0, &seccomp)?);
     Ok(())
 }
 
@@ -406,6 +438,7 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
                 allow(&mut r, &[libc::SYS_poll, libc::SYS_ppoll]);
                 r.insert(libc::SYS_ioctl, ioctls(&device_ioctls())?);
             }
+            ThreadKind::VhostUserReconnect => reconnect_rules(&mut r)?,
         }
         Ok(r)
     };
@@ -585,23 +618,31 @@ mod tests {
             libc::SYS_execveat,
             libc::SYS_fork,
             libc::SYS_vfork,
-            libc::SYS_socket,
-            libc::SYS_connect,
             libc::SYS_bind,
             libc::SYS_ptrace,
             libc::SYS_kill,
             libc::SYS_mount,
             libc::SYS_rt_sigaction,
         ];
+        let reconnect = ThreadKind::VhostUserReconnect;
         for kind in ThreadKind::ALL {
             let r = rules(kind).unwrap();
             for nr in forbidden {
                 assert!(!r.contains_key(&nr), "{kind} allows syscall {nr}");
             }
+            // Only the reconnect supervisor opens (Unix) sockets again.
+            for nr in [libc::SYS_socket, libc::SYS_connect] {
+                assert_eq!(r.contains_key(&nr), kind == reconnect, "{kind} {nr}");
+            }
             let spawns = r.contains_key(&libc::SYS_clone);
-            assert_eq!(spawns, kind == ThreadKind::Vcpu, "{kind}");
+            let spawner = kind == ThreadKind::Vcpu || kind == reconnect;
+            assert_eq!(spawns, spawner, "{kind}");
             assert_eq!(r.contains_key(&libc::SYS_clone3), spawns, "{kind}");
         }
+        assert!(
+            rules(reconnect).unwrap()[&libc::SYS_socket].len() == 1,
+            "AF_UNIX only"
+        );
     }
 
     #[test]

@@ -378,6 +378,18 @@ impl IotlbBridge {
                 self.counters.invalidate_latency.record(start.elapsed());
                 Ok(())
             }
+            // The back end hung up (or its socket was already closed after an
+            // earlier failure): a disconnected back end must stop and drop
+            // its IOTLB (a new connection starts empty at SET_FEATURES), so
+            // it holds nothing left to invalidate.
+            Err(ChannelError::Disconnected | ChannelError::Broken) => {
+                st.installed.clear();
+                BridgeCounters::bump(&self.counters.invalidations_skipped);
+                log::debug!(
+                    "vhost-user: back end gone; IOVA {iova:#x}+{size:#x} needs no INVALIDATE"
+                );
+                Ok(())
+            }
             Err(e) => {
                 BridgeCounters::bump(&self.counters.invalidation_failures);
                 if matches!(e, ChannelError::Nack(_)) {

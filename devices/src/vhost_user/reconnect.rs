@@ -22,11 +22,15 @@
 //! activation or reset only records what the guest wants and the thread
 //! applies it once connected.
 //!
-//! The thread runs without a seccomp hook of its own (it needs socket and
-//! connect, which no device thread kind allows); it is started with the
-//! device, before any filter is installed.
+//! The thread starts with the device, before the VMM hands out its thread
+//! hook, and only waits for a hang-up until then. It runs the hook
+//! ([`ThreadKind::VhostUserReconnect`]: socket I/O plus `socket`/`connect`
+//! on Unix sockets) as soon as one is set, and before it handles any
+//! disconnect: the first iteration after the hook appears installs it.
 
 use std::os::fd::AsRawFd;
+
+use crate::thread::{self, ThreadKind};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -207,10 +211,27 @@ fn hung_up(s: &UnixStream) -> bool {
 }
 
 impl State {
+    /// Installs the thread hook once the VMM set one; false = must stop.
+    fn enter_sandbox(&self, entered: &mut bool) -> bool {
+        if *entered {
+            return true;
+        }
+        let hook = self.cfg.link.hook.lock().ok().and_then(|h| h.clone());
+        let Some(hook) = hook else {
+            return true;
+        };
+        *entered = true;
+        thread::enter(Some(&hook), ThreadKind::VhostUserReconnect)
+    }
+
     fn run(mut self) {
+        let mut entered = false;
         while !self.stop.load(Ordering::Acquire) {
+            if !self.enter_sandbox(&mut entered) {
+                return;
+            }
             self.wait();
-            if self.stop.load(Ordering::Acquire) {
+            if self.stop.load(Ordering::Acquire) || !self.enter_sandbox(&mut entered) {
                 break;
             }
             match self.next_attempt {
