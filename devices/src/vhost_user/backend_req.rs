@@ -256,6 +256,9 @@ impl BackendReqServer {
                     }
                     other => log::error!("{other}"),
                 }
+                // Close for the peer now: the thread handle keeps a clone of the socket, so
+                // dropping ours alone would leave the back end writing into a dead channel.
+                let _ = self.stream.shutdown(Shutdown::Both);
                 return e;
             }
         }
@@ -550,6 +553,23 @@ mod tests {
         assert_eq!(main.stats().updates, 1);
         drop(req_peer);
         thread.stop();
+    }
+
+    /// Regression (bug "closed back-end channel stays half open"): after a malformed frame the
+    /// server ended, but the thread handle's clone kept the socket open, so the back end never
+    /// saw the channel close.
+    #[test]
+    fn closed_backend_channel_is_shut_down_for_the_peer() {
+        let mock = Arc::new(MockIotlbChannel::new());
+        let (srv, peer) = server(&mock);
+        let thread = srv.spawn("test-backend-req").unwrap();
+        let mut bad = Header::request(1, 0, true);
+        bad.flags = 0x2;
+        write_frame(&peer, &bad.encode()).unwrap();
+        let mut byte = [0u8; 1];
+        peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(std::io::Read::read(&mut &peer, &mut byte).unwrap(), 0, "peer sees EOF");
+        assert!(matches!(thread.stop(), Some(BackendReqError::Malformed(_))));
     }
 
     /// Regression (bug "unthrottled refused-miss flood"): every refused miss meant a guest
