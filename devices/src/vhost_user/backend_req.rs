@@ -568,7 +568,11 @@ mod tests {
         write_frame(&peer, &bad.encode()).unwrap();
         let mut byte = [0u8; 1];
         peer.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        assert_eq!(std::io::Read::read(&mut &peer, &mut byte).unwrap(), 0, "peer sees EOF");
+        assert_eq!(
+            std::io::Read::read(&mut &peer, &mut byte).unwrap(),
+            0,
+            "peer sees EOF"
+        );
         assert!(matches!(thread.stop(), Some(BackendReqError::Malformed(_))));
     }
 
