@@ -85,6 +85,15 @@ pub struct Misbehaviour {
     /// Protocol feature bits not to offer (e.g. REPLY_ACK or BACKEND_REQ,
     /// to test a front end's refusal).
     pub withhold_protocol: u64,
+    /// Apply IOTLB_MSG but never send its ack.
+    pub never_ack_iotlb: bool,
+    /// Apply IOTLB INVALIDATEs but never ack them (UPDATEs are acked).
+    pub never_ack_invalidate: bool,
+    /// Close the connection when an IOTLB INVALIDATE arrives (mid-stream).
+    pub disconnect_on_invalidate: bool,
+    /// Answer IOTLB_MSG with a reply header announcing a payload over the
+    /// protocol maximum.
+    pub oversized_reply: bool,
 }
 
 /// Configuration of the test back end.
@@ -390,6 +399,14 @@ impl BackendHandle {
     /// Every message received so far.
     pub fn records(&self) -> Vec<RecordedMsg> {
         lock(&self.shared.records).clone()
+    }
+
+    /// A second handle on the back-end request channel (`None` before
+    /// SET_BACKEND_REQ_FD), for sending arbitrary frames as a hostile back end.
+    pub fn backend_channel(&self) -> Option<UnixStream> {
+        lock(&self.shared.backend_chan)
+            .as_ref()
+            .and_then(|s| s.try_clone().ok())
     }
 
     /// Number of entries in the device IOTLB.

@@ -360,6 +360,15 @@ impl Shared {
         reply: Reply,
     ) -> Result<(), BackendError> {
         let mis = &self.config.misbehave;
+        let iotlb = hdr.request == VHOST_USER_IOTLB_MSG;
+        if iotlb && mis.never_ack_iotlb {
+            return Ok(());
+        }
+        if iotlb && mis.oversized_reply {
+            let mut w = stream;
+            w.write_all(&Header::reply(hdr.request, 0x10_0000).encode())?;
+            return Ok(());
+        }
         let frame = match reply {
             Reply::Ack(_) if !self.wants_ack(hdr) => return Ok(()),
             Reply::Ack(v) => {
@@ -431,6 +440,13 @@ fn serve_inner(shared: &Shared, stream: &UnixStream) -> Result<(), BackendError>
                 return Ok(());
             }
         }
+        let invalidate = m.hdr.request == VHOST_USER_IOTLB_MSG
+            && m.payload.get(IOTLB_TYPE) == Some(&(IotlbType::Invalidate as u8));
+        let mis = &shared.config.misbehave;
+        if invalidate && mis.disconnect_on_invalidate {
+            log::info!("misbehaving: disconnecting on an IOTLB INVALIDATE");
+            return Ok(());
+        }
         let hdr = m.hdr;
         let reply = match shared.dispatch(m) {
             Ok(r) => r,
@@ -440,6 +456,9 @@ fn serve_inner(shared: &Shared, stream: &UnixStream) -> Result<(), BackendError>
                 Reply::Ack(1)
             }
         };
+        if invalidate && mis.never_ack_invalidate {
+            continue;
+        }
         shared.send_reply(stream, &hdr, reply)?;
     }
 }

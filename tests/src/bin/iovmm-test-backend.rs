@@ -78,6 +78,7 @@ fn config(a: &Args) -> BackendConfig {
             bogus_reply: a.bogus_reply,
             nack_iotlb: a.nack_iotlb,
             withhold_protocol: a.withhold_protocol,
+            ..Default::default()
         },
     }
 }

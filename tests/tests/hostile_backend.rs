@@ -1,0 +1,460 @@
+//! Hostile vhost-user back ends against iovmm's front end (`VhostUserDevice` + IOTLB bridge):
+//! miss floods for unmapped and out-of-range IOVAs, oversized and malformed frames, a back end
+//! that never acks, and disconnects mid-stream. iovmm never panics or hangs (every wait is
+//! bounded by the channel timeout), the device reports a typed error or its broken state, and
+//! the work a flood causes stays bounded. The last test boots the fast test guest (KVM) against
+//! a back end that disconnects mid-run: the VMM stays up and exits cleanly with the guest.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::vhost_user::backend_req::{FRAME_TIMEOUT, MAX_BAD_REQUESTS_PER_SEC};
+use devices::vhost_user::wire::{
+    decode_ack, encode_iotlb_frame, Header, IotlbMsg, IotlbPerm, HEADER_SIZE,
+    VHOST_USER_BACKEND_IOTLB_MSG, VHOST_USER_IOTLB_MSG,
+};
+use devices::vhost_user::{FaultHook, VhostUserConfig, VhostUserDevice, VhostUserError};
+use devices::virtio::{
+    ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterrupt,
+    VirtioInterruptType,
+};
+use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, TestBackend};
+use integration_tests::guest::{test_guest_path, GuestResult, IommuMode, Scenario};
+use iommu::{
+    DmaTranslate, Extent, IommuEvent, IommuNotifier, Iova, IovaRange, Permissions, RequesterId,
+    TranslateError, Translation,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::{SerialMode, VmConfig, VmExit, Vmm};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM: u64 = 0x20_0000;
+const IOVA_OFF: u64 = 0x8000_0000;
+const RING_BASE: u64 = 0x1_0000;
+const BUF: u64 = 0x4_0000;
+const QSIZE: u16 = 8;
+const NET_HDR: usize = 12;
+const RID: RequesterId = RequesterId::from_bdf(0, 0x18);
+/// The front end's channel timeout in these tests.
+const TIMEOUT: Duration = Duration::from_millis(700);
+
+/// All guest RAM mapped at `IOVA_OFF` as one extent.
+struct AllRam;
+
+impl DmaTranslate for AllRam {
+    fn translate(
+        &self,
+        _rid: RequesterId,
+        iova: Iova,
+        len: u64,
+        _access: Permissions,
+    ) -> Result<Translation, TranslateError> {
+        let r = IovaRange::from_start_len(IOVA_OFF, MEM).unwrap();
+        if !r.contains(iova.0) {
+            return Err(TranslateError::Unmapped { iova });
+        }
+        let perm = Permissions::ReadWrite;
+        Ok(Translation {
+            fragments: vec![(GuestAddress(iova.0 - IOVA_OFF), len)],
+            perm,
+            extent: Extent {
+                iova: r,
+                gpa: GuestAddress(0),
+                perm,
+            },
+        })
+    }
+}
+
+struct NoIrq;
+
+impl VirtioInterrupt for NoIrq {
+    fn trigger(&self, _t: VirtioInterruptType) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+type Faults = Arc<Mutex<Vec<u64>>>;
+
+/// One rig at a time: the machine is small and the miss paths have timeouts.
+static ONE: Mutex<()> = Mutex::new(());
+
+struct Rig {
+    _one: std::sync::MutexGuard<'static, ()>,
+    dev: VhostUserDevice,
+    be: BackendHandle,
+    mem: GuestMemoryMmap,
+    kicks: Vec<EventFd>,
+    faults: Faults,
+}
+
+fn ring_gpa(q: usize) -> u64 {
+    RING_BASE + 0x4000 * q as u64
+}
+
+impl Rig {
+    /// A net device behind an IOMMU (all RAM mapped at `IOVA_OFF`), activated.
+    fn new(misbehave: Misbehaviour) -> Rig {
+        let one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+        let config = BackendConfig {
+            miss_timeout: Duration::from_secs(2),
+            misbehave,
+            ..Default::default()
+        };
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let be = TestBackend::serve_stream(theirs, config).unwrap();
+        let mut dcfg = VhostUserConfig::net("/test/socketpair");
+        dcfg.iommu = true;
+        dcfg.timeout = TIMEOUT;
+        let dev = VhostUserDevice::from_stream(ours, dcfg).unwrap();
+        let faults: Faults = Arc::default();
+        let f = faults.clone();
+        let hook: FaultHook = Arc::new(move |_rid, iova, _perm| f.lock().unwrap().push(iova));
+        dev.set_translation(Arc::new(AllRam), RID, Some(hook))
+            .unwrap();
+        let mut rig = Rig {
+            _one: one,
+            dev,
+            be,
+            mem: vmm::vstate::memory::create_guest_memory(&[(0, MEM)]).unwrap(),
+            kicks: Vec::new(),
+            faults,
+        };
+        rig.activate().unwrap();
+        rig
+    }
+
+    fn activate(&mut self) -> Result<(), VirtioDeviceError> {
+        let avail = self.dev.avail_features();
+        self.dev.ack_features(avail);
+        let mut queues = Vec::new();
+        self.kicks.clear();
+        for q in 0..self.dev.queue_max_sizes().len() {
+            let mut queue = Queue::new(256).unwrap();
+            queue.set_size(QSIZE);
+            let base = IOVA_OFF + ring_gpa(q);
+            queue.set_desc_table_address(Some(base as u32), Some((base >> 32) as u32));
+            queue.set_avail_ring_address(Some((base + 0x1000) as u32), Some((base >> 32) as u32));
+            queue.set_used_ring_address(Some((base + 0x2000) as u32), Some((base >> 32) as u32));
+            queue.set_ready(true);
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            self.kicks.push(kick.try_clone().unwrap());
+            queues.push((q, queue, kick));
+        }
+        self.dev.activate(ActivateContext {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: Arc::new(NoIrq),
+        })
+    }
+
+    /// Post one TX frame at avail slot `slot` and kick.
+    fn send_tx(&self, slot: u16, frame: &[u8]) {
+        let base = ring_gpa(1);
+        let buf = BUF + 0x1000 * u64::from(slot);
+        let mut data = vec![0u8; NET_HDR];
+        data.extend_from_slice(frame);
+        self.mem.write_slice(&data, GuestAddress(buf)).unwrap();
+        let mut d = (IOVA_OFF + buf).to_le_bytes().to_vec();
+        d.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        d.extend_from_slice(&[0, 0, 0, 0]);
+        let s = u64::from(slot % QSIZE);
+        self.mem
+            .write_slice(&d, GuestAddress(base + 16 * s))
+            .unwrap();
+        let avail = base + 0x1000;
+        self.mem
+            .write_obj(slot % QSIZE, GuestAddress(avail + 4 + 2 * s))
+            .unwrap();
+        self.mem
+            .write_obj(slot.wrapping_add(1), GuestAddress(avail + 2))
+            .unwrap();
+        self.kicks[1].write(1).unwrap();
+    }
+
+    fn unmap(&self, range: IovaRange) -> Result<(), iommu::NotifyError> {
+        let bridge = self.dev.bridge().unwrap();
+        bridge.notify(&IommuEvent::Unmap { rid: RID, range })
+    }
+
+    fn backend_channel(&self) -> UnixStream {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Some(c) = self.be.backend_channel() {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "no back-end channel");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+fn backend_err(e: VirtioDeviceError) -> VhostUserError {
+    match e {
+        VirtioDeviceError::Backend(b) => *b.downcast::<VhostUserError>().unwrap(),
+        other => panic!("expected a back-end error, got {other:?}"),
+    }
+}
+
+fn miss_frame(iova: u64, need_reply: bool) -> [u8; 44] {
+    let msg = IotlbMsg::miss(iova, IotlbPerm::Ro);
+    encode_iotlb_frame(VHOST_USER_BACKEND_IOTLB_MSG, &msg, need_reply)
+}
+
+/// Waits until `chan` is readable (data or EOF) or `deadline` passes, without touching the
+/// socket's flags (the back end shares it).
+fn readable(chan: &UnixStream, deadline: Instant) -> bool {
+    use std::os::fd::AsRawFd;
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut pfd = libc::pollfd {
+        fd: chan.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+/// Reads into `buf` until it is full or the peer closed; returns the bytes read.
+fn read_until(chan: &mut UnixStream, buf: &mut [u8], timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    let mut done = 0;
+    while done < buf.len() {
+        assert!(readable(chan, deadline), "nothing within {timeout:?}");
+        match chan.read(&mut buf[done..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => done += n,
+        }
+    }
+    done
+}
+
+/// Whether the peer closes the channel within `timeout` (anything it still sends is skipped).
+fn closed_within(chan: &mut UnixStream, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 256];
+    while readable(chan, deadline) {
+        match chan.read(&mut buf) {
+            Ok(0) | Err(_) => return true,
+            Ok(_) => {}
+        }
+    }
+    false
+}
+
+/// Reads one reply-ack to a back-end IOTLB message.
+fn read_miss_ack(chan: &mut UnixStream) -> u64 {
+    let mut raw = [0u8; HEADER_SIZE + 8];
+    assert_eq!(
+        read_until(chan, &mut raw, Duration::from_secs(5)),
+        raw.len()
+    );
+    let hdr = Header::decode(&raw[..HEADER_SIZE]).unwrap();
+    decode_ack(&hdr, &raw[HEADER_SIZE..], VHOST_USER_BACKEND_IOTLB_MSG).unwrap()
+}
+
+fn updates_covering(be: &BackendHandle, iova: u64) -> usize {
+    be.records()
+        .iter()
+        .filter(|r| r.request == VHOST_USER_IOTLB_MSG)
+        .filter_map(|r| IotlbMsg::decode(r.request, &r.payload).ok())
+        .filter(|m| m.iova <= iova && iova - m.iova < m.size)
+        .count()
+}
+
+#[test]
+fn miss_flood_for_unmapped_and_out_of_range_iovas_is_refused_and_throttled() {
+    let r = Rig::new(Misbehaviour::default());
+    let mut chan = r.backend_channel();
+    let bad = [IOVA_OFF + MEM, 0, u64::MAX, IOVA_OFF - 1, 1 << 63];
+    let flood = 20 * MAX_BAD_REQUESTS_PER_SEC;
+    let start = Instant::now();
+    for i in 0..flood {
+        chan.write_all(&miss_frame(bad[i as usize % bad.len()], false))
+            .unwrap();
+    }
+    // A last miss asking for a reply: once it is answered, the flood was processed.
+    chan.write_all(&miss_frame(u64::MAX, true)).unwrap();
+    assert_eq!(read_miss_ack(&mut chan), 1);
+    let seconds = start.elapsed().as_secs() + 1;
+    // Refused misses cost a guest fault each, and only up to the per-second budget.
+    let faults = r.faults.lock().unwrap().len() as u64;
+    assert!(faults >= 1);
+    assert!(
+        faults <= MAX_BAD_REQUESTS_PER_SEC * seconds,
+        "{faults} faults in {seconds} s"
+    );
+    for iova in bad {
+        assert_eq!(updates_covering(&r.be, iova), 0, "UPDATE for {iova:#x}");
+    }
+    assert!(!r.dev.is_broken());
+    // After the throttled second, the same channel serves a real miss again.
+    std::thread::sleep(Duration::from_millis(1100));
+    r.send_tx(0, b"still works after the flood");
+    assert!(r.be.wait_for(Duration::from_secs(3), |c| c.tx_frames == 1));
+}
+
+#[test]
+fn oversized_backend_frame_closes_only_the_backend_channel() {
+    let r = Rig::new(Misbehaviour::default());
+    let mut chan = r.backend_channel();
+    let mut hdr = Header::request(VHOST_USER_BACKEND_IOTLB_MSG, 0x10_0000, true).encode();
+    chan.write_all(&hdr).unwrap();
+    // The front end closes its end: reads on ours see EOF, well within a frame timeout.
+    assert!(
+        closed_within(&mut chan, FRAME_TIMEOUT * 2),
+        "channel still open"
+    );
+    // Writing more garbage is harmless.
+    hdr[4] = 0xff;
+    let _ = chan.write_all(&hdr);
+    // The main socket is untouched: UPDATEs and INVALIDATEs still work.
+    assert!(!r.dev.is_broken());
+    r.be.read(IOVA_OFF + BUF, 4).unwrap_err(); // no miss channel any more
+    r.unmap(IovaRange::FULL).unwrap();
+    assert!(!r.dev.is_broken());
+}
+
+#[test]
+fn truncated_backend_frame_times_out_and_closes_the_backend_channel() {
+    let r = Rig::new(Misbehaviour::default());
+    let mut chan = r.backend_channel();
+    chan.write_all(&miss_frame(IOVA_OFF, true)[..20]).unwrap();
+    let start = Instant::now();
+    assert!(
+        closed_within(&mut chan, FRAME_TIMEOUT * 3),
+        "channel still open"
+    );
+    assert!(start.elapsed() >= FRAME_TIMEOUT / 2);
+    assert!(!r.dev.is_broken());
+}
+
+#[test]
+fn never_acked_invalidate_fails_after_the_channel_timeout() {
+    let r = Rig::new(Misbehaviour {
+        never_ack_invalidate: true,
+        ..Default::default()
+    });
+    // The back end holds a translation (only those need an INVALIDATE).
+    assert_eq!(r.be.read(IOVA_OFF + BUF, 4).unwrap().len(), 4);
+    let start = Instant::now();
+    let err = r
+        .unmap(IovaRange::from_start_len(IOVA_OFF + BUF, 0x1000).unwrap())
+        .unwrap_err();
+    let took = start.elapsed();
+    assert!(took >= TIMEOUT && took < TIMEOUT * 4, "took {took:?}");
+    assert!(err.to_string().contains("vhost-user"), "{err}");
+    assert!(r.dev.is_broken());
+    assert!(r.dev.stats().broken);
+    // Later notifications fail at once instead of waiting again.
+    let start = Instant::now();
+    let _ = r.unmap(IovaRange::FULL);
+    assert!(start.elapsed() < TIMEOUT);
+}
+
+#[test]
+fn never_acked_update_refuses_the_miss_and_breaks_the_device() {
+    let mut r = Rig::new(Misbehaviour {
+        never_ack_iotlb: true,
+        ..Default::default()
+    });
+    // The first UPDATE (for a ring or for this read) is applied but never acked: the front end
+    // gives up after its channel timeout and marks the device broken.
+    let start = Instant::now();
+    let _ = r.be.read(IOVA_OFF + BUF, 4);
+    assert!(r.be.wait_for(TIMEOUT * 3, |_| r.dev.is_broken()));
+    assert!(start.elapsed() >= TIMEOUT / 2 && start.elapsed() < TIMEOUT * 4);
+    assert!(r.dev.stats().iotlb.failures >= 1);
+    assert!(!r.dev.reset());
+    let err = backend_err(r.activate().unwrap_err());
+    assert!(matches!(err, VhostUserError::Broken), "{err}");
+}
+
+#[test]
+fn oversized_reply_on_the_main_socket_is_a_protocol_error() {
+    let r = Rig::new(Misbehaviour {
+        oversized_reply: true,
+        ..Default::default()
+    });
+    let start = Instant::now();
+    let _ = r.be.read(IOVA_OFF + BUF, 4);
+    assert!(r.be.wait_for(TIMEOUT * 3, |_| r.dev.is_broken()));
+    // A protocol error, not a timeout.
+    assert!(start.elapsed() < TIMEOUT, "took {:?}", start.elapsed());
+    assert!(r.dev.stats().iotlb.failures >= 1);
+}
+
+#[test]
+fn disconnect_mid_stream_ends_both_channels_cleanly() {
+    let r = Rig::new(Misbehaviour {
+        disconnect_on_invalidate: true,
+        ..Default::default()
+    });
+    let mut r = r;
+    r.send_tx(0, b"one frame before the disconnect");
+    assert!(r.be.wait_for(Duration::from_secs(3), |c| c.tx_frames == 1));
+    let start = Instant::now();
+    let range = IovaRange::from_start_len(IOVA_OFF + BUF, 0x1000).unwrap();
+    // A back end that hung up holds no translation (a new connection starts with an empty
+    // IOTLB), so the unmap completes: on EOF, not after the timeout.
+    r.unmap(range).unwrap();
+    assert!(start.elapsed() < TIMEOUT, "took {:?}", start.elapsed());
+    assert!(r.dev.is_broken());
+    assert!(r
+        .be
+        .wait_for(Duration::from_secs(2), |_| r.be.server_finished()));
+    // Stopping the device joins its back-end channel and call relay threads without hanging.
+    let start = Instant::now();
+    assert!(!r.dev.reset());
+    assert!(start.elapsed() < TIMEOUT);
+    let err = backend_err(r.activate().unwrap_err());
+    assert!(matches!(err, VhostUserError::Broken), "{err}");
+}
+
+/// KVM: the fast test guest transmits through a back end that disconnects mid-run. The VMM
+/// stays up, the guest reports the failure of that device, and the VMM exits with the guest.
+#[test]
+fn guest_survives_a_backend_that_disconnects_mid_run() {
+    let sock = std::env::temp_dir().join(format!("iovmm-{}-hostile.sock", std::process::id()));
+    let config = BackendConfig {
+        misbehave: Misbehaviour {
+            disconnect_after: Some(60),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let be = TestBackend::listen(&sock, config).unwrap();
+    let frames = 500;
+    let mut cfg = VmConfig::new(test_guest_path());
+    cfg.cmdline = Scenario::net_tx(frames, 1000)
+        .iommu(IommuMode::Strict)
+        .timeout_ms(2000)
+        .cmdline()
+        .unwrap();
+    cfg.serial = SerialMode::Capture;
+    cfg.iommu = Some("virtio".parse().unwrap());
+    let dev = format!("net,socket={},iommu=on", sock.display());
+    cfg.vhost_user.push(dev.parse().unwrap());
+    let mut vmm = Vmm::start(&cfg).unwrap();
+    let exit = vmm.wait_timeout(Duration::from_secs(60)).unwrap();
+    let serial = vmm.serial_output().unwrap_or_default();
+    // The guest, not the VMM, ended the run.
+    assert!(matches!(exit, VmExit::ExitPort(_)), "{exit:?}\n{serial}");
+    let result = GuestResult::from_output(&serial).unwrap();
+    assert_ne!(result.str("status"), Some("ok"), "{serial}");
+    assert!(result.u64("completed").unwrap_or(0) < frames, "{serial}");
+    assert!(vmm.vhost_user_devices()[0].stats().broken);
+    assert_eq!(be.connections_ended(), 1);
+    // Mid-run: the device was up and moving frames when the back end left.
+    let sent = be.counters().tx_frames;
+    assert!(
+        sent > 0 && sent < frames,
+        "{sent} frames reached the back end"
+    );
+    let _ = std::fs::remove_file(&sock);
+}
