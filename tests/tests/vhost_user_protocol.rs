@@ -447,7 +447,7 @@ fn tx_behind_iommu_is_served_by_misses_with_exact_updates() {
 fn unmapped_miss_gets_no_update_a_nonzero_ack_and_a_fault() {
     let config = BackendConfig {
         miss_need_reply: true,
-        miss_timeout: Duration::from_millis(300),
+        miss_timeout: Duration::from_secs(2),
         ..Default::default()
     };
     let mut r = rig(config, true);
