@@ -17,7 +17,8 @@ const NO_DT: Viommu = Viommu::Vtd {
 /// Caching mode makes the guest invalidate after every *new* mapping too; those
 /// ranges were never sent to the backend, so they cost no round trip. What is
 /// left is one INVALIDATE per unmap, plus the guest's few global invalidations
-/// (enable / teardown).
+/// (enable / teardown) and the rare map-time invalidation that overlaps a range
+/// the backend may still hold (an UPDATE extent reached into it): at most 5%.
 fn assert_at_most_one_round_trip_per_unmap(o: &integration_tests::matrix::Outcome) {
     let unmaps = o.result.u64("unmaps").expect("unmaps");
     let inv = o.stats.iotlb.invalidations;
@@ -25,7 +26,7 @@ fn assert_at_most_one_round_trip_per_unmap(o: &integration_tests::matrix::Outcom
         inv >= unmaps,
         "{inv} INVALIDATEs for {unmaps} unmaps: an unmap was not forwarded"
     );
-    assert!(inv <= unmaps + 2, "{inv} INVALIDATEs for {unmaps} unmaps");
+    assert!(inv <= unmaps + unmaps / 20, "{inv} INVALIDATEs for {unmaps} unmaps");
     assert!(
         o.stats.bridge.invalidations_skipped > 0,
         "map-time invalidations were forwarded"
