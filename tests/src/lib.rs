@@ -6,3 +6,4 @@ pub mod dpdk;
 pub mod guest;
 pub mod matrix;
 pub mod qemu;
+pub mod rig;

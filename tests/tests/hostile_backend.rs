@@ -7,178 +7,57 @@
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Read, Write};
+use std::ops::{Deref, DerefMut};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use devices::vhost_user::backend_req::{FRAME_TIMEOUT, MAX_BAD_REQUESTS_PER_SEC};
 use devices::vhost_user::wire::{
     decode_ack, encode_iotlb_frame, Header, IotlbMsg, IotlbPerm, HEADER_SIZE,
-    VHOST_USER_BACKEND_IOTLB_MSG, VHOST_USER_IOTLB_MSG,
+    VHOST_USER_BACKEND_IOTLB_MSG,
 };
-use devices::vhost_user::{FaultHook, VhostUserConfig, VhostUserDevice, VhostUserError};
-use devices::virtio::{
-    ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterrupt,
-    VirtioInterruptType,
-};
-use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, TestBackend};
+use devices::vhost_user::{VhostUserConfig, VhostUserError};
+use devices::virtio::VirtioDevice;
+use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
 use integration_tests::guest::{test_guest_path, GuestResult, IommuMode, Scenario};
-use iommu::{
-    DmaTranslate, Extent, IommuEvent, IommuNotifier, Iova, IovaRange, Permissions, RequesterId,
-    TranslateError, Translation,
-};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use integration_tests::rig::{backend_err, covering, Faults, Rig, BUF, IOVA_OFF, MEM};
+use iommu::IovaRange;
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
-use vmm_sys_util::eventfd::EventFd;
 
-const MEM: u64 = 0x20_0000;
-const IOVA_OFF: u64 = 0x8000_0000;
-const RING_BASE: u64 = 0x1_0000;
-const BUF: u64 = 0x4_0000;
-const QSIZE: u16 = 8;
-const NET_HDR: usize = 12;
-const RID: RequesterId = RequesterId::from_bdf(0, 0x18);
 /// The front end's channel timeout in these tests.
 const TIMEOUT: Duration = Duration::from_millis(700);
-
-/// All guest RAM mapped at `IOVA_OFF` as one extent.
-struct AllRam;
-
-impl DmaTranslate for AllRam {
-    fn translate(
-        &self,
-        _rid: RequesterId,
-        iova: Iova,
-        len: u64,
-        _access: Permissions,
-    ) -> Result<Translation, TranslateError> {
-        let r = IovaRange::from_start_len(IOVA_OFF, MEM).unwrap();
-        if !r.contains(iova.0) {
-            return Err(TranslateError::Unmapped { iova });
-        }
-        let perm = Permissions::ReadWrite;
-        Ok(Translation {
-            fragments: vec![(GuestAddress(iova.0 - IOVA_OFF), len)],
-            perm,
-            extent: Extent {
-                iova: r,
-                gpa: GuestAddress(0),
-                perm,
-            },
-        })
-    }
-}
-
-struct NoIrq;
-
-impl VirtioInterrupt for NoIrq {
-    fn trigger(&self, _t: VirtioInterruptType) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-type Faults = Arc<Mutex<Vec<u64>>>;
 
 /// One rig at a time: the machine is small and the miss paths have timeouts.
 static ONE: Mutex<()> = Mutex::new(());
 
-struct Rig {
-    _one: std::sync::MutexGuard<'static, ()>,
-    dev: VhostUserDevice,
-    be: BackendHandle,
-    mem: GuestMemoryMmap,
-    kicks: Vec<EventFd>,
+/// The shared rig, holding `ONE`, with the faults its all-RAM translation reported.
+struct Hostile {
+    rig: Rig,
     faults: Faults,
+    _one: MutexGuard<'static, ()>,
 }
 
-fn ring_gpa(q: usize) -> u64 {
-    RING_BASE + 0x4000 * q as u64
-}
-
-impl Rig {
+impl Hostile {
     /// A net device behind an IOMMU (all RAM mapped at `IOVA_OFF`), activated.
-    fn new(misbehave: Misbehaviour) -> Rig {
+    fn new(misbehave: Misbehaviour) -> Hostile {
         let one = ONE.lock().unwrap_or_else(|e| e.into_inner());
         let config = BackendConfig {
             miss_timeout: Duration::from_secs(2),
             misbehave,
             ..Default::default()
         };
-        let (ours, theirs) = UnixStream::pair().unwrap();
-        let be = TestBackend::serve_stream(theirs, config).unwrap();
         let mut dcfg = VhostUserConfig::net("/test/socketpair");
         dcfg.iommu = true;
         dcfg.timeout = TIMEOUT;
-        let dev = VhostUserDevice::from_stream(ours, dcfg).unwrap();
-        let faults: Faults = Arc::default();
-        let f = faults.clone();
-        let hook: FaultHook = Arc::new(move |_rid, iova, _perm| f.lock().unwrap().push(iova));
-        dev.set_translation(Arc::new(AllRam), RID, Some(hook))
-            .unwrap();
-        let mut rig = Rig {
-            _one: one,
-            dev,
-            be,
-            mem: vmm::vstate::memory::create_guest_memory(&[(0, MEM)]).unwrap(),
-            kicks: Vec::new(),
-            faults,
-        };
+        let mut rig = Rig::pair(config, dcfg);
+        let (_, faults) = rig.translate_all_ram();
         rig.activate().unwrap();
-        rig
-    }
-
-    fn activate(&mut self) -> Result<(), VirtioDeviceError> {
-        let avail = self.dev.avail_features();
-        self.dev.ack_features(avail);
-        let mut queues = Vec::new();
-        self.kicks.clear();
-        for q in 0..self.dev.queue_max_sizes().len() {
-            let mut queue = Queue::new(256).unwrap();
-            queue.set_size(QSIZE);
-            let base = IOVA_OFF + ring_gpa(q);
-            queue.set_desc_table_address(Some(base as u32), Some((base >> 32) as u32));
-            queue.set_avail_ring_address(Some((base + 0x1000) as u32), Some((base >> 32) as u32));
-            queue.set_used_ring_address(Some((base + 0x2000) as u32), Some((base >> 32) as u32));
-            queue.set_ready(true);
-            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            self.kicks.push(kick.try_clone().unwrap());
-            queues.push((q, queue, kick));
+        Hostile {
+            rig,
+            faults,
+            _one: one,
         }
-        self.dev.activate(ActivateContext {
-            mem: self.mem.clone(),
-            queues,
-            interrupt: Arc::new(NoIrq),
-        })
-    }
-
-    /// Post one TX frame at avail slot `slot` and kick.
-    fn send_tx(&self, slot: u16, frame: &[u8]) {
-        let base = ring_gpa(1);
-        let buf = BUF + 0x1000 * u64::from(slot);
-        let mut data = vec![0u8; NET_HDR];
-        data.extend_from_slice(frame);
-        self.mem.write_slice(&data, GuestAddress(buf)).unwrap();
-        let mut d = (IOVA_OFF + buf).to_le_bytes().to_vec();
-        d.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        d.extend_from_slice(&[0, 0, 0, 0]);
-        let s = u64::from(slot % QSIZE);
-        self.mem
-            .write_slice(&d, GuestAddress(base + 16 * s))
-            .unwrap();
-        let avail = base + 0x1000;
-        self.mem
-            .write_obj(slot % QSIZE, GuestAddress(avail + 4 + 2 * s))
-            .unwrap();
-        self.mem
-            .write_obj(slot.wrapping_add(1), GuestAddress(avail + 2))
-            .unwrap();
-        self.kicks[1].write(1).unwrap();
-    }
-
-    fn unmap(&self, range: IovaRange) -> Result<(), iommu::NotifyError> {
-        let bridge = self.dev.bridge().unwrap();
-        bridge.notify(&IommuEvent::Unmap { rid: RID, range })
     }
 
     fn backend_channel(&self) -> UnixStream {
@@ -193,10 +72,17 @@ impl Rig {
     }
 }
 
-fn backend_err(e: VirtioDeviceError) -> VhostUserError {
-    match e {
-        VirtioDeviceError::Backend(b) => *b.downcast::<VhostUserError>().unwrap(),
-        other => panic!("expected a back-end error, got {other:?}"),
+impl Deref for Hostile {
+    type Target = Rig;
+
+    fn deref(&self) -> &Rig {
+        &self.rig
+    }
+}
+
+impl DerefMut for Hostile {
+    fn deref_mut(&mut self) -> &mut Rig {
+        &mut self.rig
     }
 }
 
@@ -258,18 +144,9 @@ fn read_miss_ack(chan: &mut UnixStream) -> u64 {
     decode_ack(&hdr, &raw[HEADER_SIZE..], VHOST_USER_BACKEND_IOTLB_MSG).unwrap()
 }
 
-fn updates_covering(be: &BackendHandle, iova: u64) -> usize {
-    be.records()
-        .iter()
-        .filter(|r| r.request == VHOST_USER_IOTLB_MSG)
-        .filter_map(|r| IotlbMsg::decode(r.request, &r.payload).ok())
-        .filter(|m| m.iova <= iova && iova - m.iova < m.size)
-        .count()
-}
-
 #[test]
 fn miss_flood_for_unmapped_and_out_of_range_iovas_is_refused_and_throttled() {
-    let r = Rig::new(Misbehaviour::default());
+    let r = Hostile::new(Misbehaviour::default());
     let mut chan = r.backend_channel();
     let bad = [IOVA_OFF + MEM, 0, u64::MAX, IOVA_OFF - 1, 1 << 63];
     let flood = 20 * MAX_BAD_REQUESTS_PER_SEC;
@@ -290,7 +167,7 @@ fn miss_flood_for_unmapped_and_out_of_range_iovas_is_refused_and_throttled() {
         "{faults} faults in {seconds} s"
     );
     for iova in bad {
-        assert_eq!(updates_covering(&r.be, iova), 0, "UPDATE for {iova:#x}");
+        assert_eq!(covering(&r.be, iova).len(), 0, "UPDATE for {iova:#x}");
     }
     assert!(!r.dev.is_broken());
     // After the throttled second, the same channel serves a real miss again.
@@ -301,7 +178,7 @@ fn miss_flood_for_unmapped_and_out_of_range_iovas_is_refused_and_throttled() {
 
 #[test]
 fn oversized_backend_frame_closes_only_the_backend_channel() {
-    let r = Rig::new(Misbehaviour::default());
+    let r = Hostile::new(Misbehaviour::default());
     let mut chan = r.backend_channel();
     let mut hdr = Header::request(VHOST_USER_BACKEND_IOTLB_MSG, 0x10_0000, true).encode();
     chan.write_all(&hdr).unwrap();
@@ -322,7 +199,7 @@ fn oversized_backend_frame_closes_only_the_backend_channel() {
 
 #[test]
 fn truncated_backend_frame_times_out_and_closes_the_backend_channel() {
-    let r = Rig::new(Misbehaviour::default());
+    let r = Hostile::new(Misbehaviour::default());
     let mut chan = r.backend_channel();
     chan.write_all(&miss_frame(IOVA_OFF, true)[..20]).unwrap();
     let start = Instant::now();
@@ -336,7 +213,7 @@ fn truncated_backend_frame_times_out_and_closes_the_backend_channel() {
 
 #[test]
 fn never_acked_invalidate_fails_after_the_channel_timeout() {
-    let r = Rig::new(Misbehaviour {
+    let r = Hostile::new(Misbehaviour {
         never_ack_invalidate: true,
         ..Default::default()
     });
@@ -359,7 +236,7 @@ fn never_acked_invalidate_fails_after_the_channel_timeout() {
 
 #[test]
 fn never_acked_update_refuses_the_miss_and_breaks_the_device() {
-    let mut r = Rig::new(Misbehaviour {
+    let mut r = Hostile::new(Misbehaviour {
         never_ack_iotlb: true,
         ..Default::default()
     });
@@ -377,7 +254,7 @@ fn never_acked_update_refuses_the_miss_and_breaks_the_device() {
 
 #[test]
 fn oversized_reply_on_the_main_socket_is_a_protocol_error() {
-    let r = Rig::new(Misbehaviour {
+    let r = Hostile::new(Misbehaviour {
         oversized_reply: true,
         ..Default::default()
     });
@@ -391,7 +268,7 @@ fn oversized_reply_on_the_main_socket_is_a_protocol_error() {
 
 #[test]
 fn disconnect_mid_stream_ends_both_channels_cleanly() {
-    let r = Rig::new(Misbehaviour {
+    let r = Hostile::new(Misbehaviour {
         disconnect_on_invalidate: true,
         ..Default::default()
     });

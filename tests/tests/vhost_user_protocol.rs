@@ -1,287 +1,44 @@
 //! Protocol tests of the vhost-user frontend device and its IOTLB bridge
 //! against iovmm's own test back end, in-process and without KVM: the device
 //! is driven through the `VirtioDevice` trait with memfd-backed guest memory
-//! and split rings laid out by the test.
+//! and split rings laid out by the shared rig (`integration_tests::rig`).
 #![allow(clippy::unwrap_used)]
 
-use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use devices::vhost_user::wire::{
     IotlbMsg, IotlbPerm, FLAG_NEED_REPLY, FLAG_VERSION, PROTOCOL_F_BACKEND_REQ,
-    PROTOCOL_F_REPLY_ACK, VHOST_USER_IOTLB_MSG, VIRTIO_F_ACCESS_PLATFORM,
+    PROTOCOL_F_REPLY_ACK, VIRTIO_F_ACCESS_PLATFORM,
 };
 use devices::vhost_user::{
-    FaultHook, IotlbBridge, VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind,
+    IotlbBridge, VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind,
 };
-use devices::virtio::{
-    ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterrupt,
-    VirtioInterruptType,
+use devices::virtio::{ActivateContext, VirtioDevice, VirtioInterruptType};
+use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
+use integration_tests::rig::{
+    backend_err, covering, dev_config, fnv1a, ring_gpa, try_connect, Rig, BUF, IOVA_OFF, MEM, RID,
+    TIMEOUT,
 };
-use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, TestBackend};
 use iommu::address_space::Mapping;
 use iommu::{
-    DmaTranslate, DomainId, Domains, DomainsConfig, Extent, IommuEvent, Iova, IovaRange,
-    NotifierFlags, NotifierSet, Permissions, RequesterId, TranslateError, Translation, UnmapKind,
+    DomainId, Domains, DomainsConfig, IommuEvent, IovaRange, NotifierFlags, NotifierSet,
+    Permissions, UnmapKind,
 };
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-const MEM: u64 = 0x20_0000;
-/// IOVAs are GPAs shifted by this, so IOVA != GPA is exercised.
-const IOVA_OFF: u64 = 0x8000_0000;
-const RING_BASE: u64 = 0x1_0000;
-const BUF: u64 = 0x4_0000;
-const QSIZE: u16 = 8;
-const NET_HDR: usize = 12;
-const RID: RequesterId = RequesterId::from_bdf(0, 0x18);
-const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// IOVA range -> (GPA, permission); extents are whole mappings.
-#[derive(Default)]
-struct Stub(Mutex<Vec<(IovaRange, u64, Permissions)>>);
-
-impl Stub {
-    fn map(&self, iova: u64, len: u64, gpa: u64, perm: Permissions) {
-        let r = IovaRange::from_start_len(iova, len).unwrap();
-        self.0.lock().unwrap().push((r, gpa, perm));
-    }
-}
-
-impl DmaTranslate for Stub {
-    fn translate(
-        &self,
-        _rid: RequesterId,
-        iova: Iova,
-        len: u64,
-        access: Permissions,
-    ) -> Result<Translation, TranslateError> {
-        let maps = self.0.lock().unwrap();
-        let (r, gpa, perm) = *maps
-            .iter()
-            .find(|(r, ..)| r.contains(iova.0))
-            .ok_or(TranslateError::Unmapped { iova })?;
-        if !perm.allow(access) {
-            return Err(TranslateError::PermissionDenied {
-                iova,
-                requested: access,
-                allowed: perm,
-            });
-        }
-        Ok(Translation {
-            fragments: vec![(GuestAddress(gpa + (iova.0 - r.start())), len)],
-            perm,
-            extent: Extent {
-                iova: r,
-                gpa: GuestAddress(gpa),
-                perm,
-            },
-        })
-    }
-}
-
-/// Records interrupts; optionally hands out per-queue irqfds.
-#[derive(Default)]
-struct TestIrq {
-    fired: Mutex<Vec<VirtioInterruptType>>,
-    irqfds: Vec<EventFd>,
-}
-
-impl VirtioInterrupt for TestIrq {
-    fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
-        self.fired.lock().unwrap().push(t);
-        Ok(())
-    }
-
-    fn notifier(&self, t: VirtioInterruptType) -> Option<&EventFd> {
-        match t {
-            VirtioInterruptType::Queue(q) => self.irqfds.get(usize::from(q)),
-            VirtioInterruptType::Config => None,
-        }
-    }
-}
-
-struct Rig {
-    dev: VhostUserDevice,
-    be: BackendHandle,
-    mem: GuestMemoryMmap,
-    irq: Arc<TestIrq>,
-    kicks: Vec<EventFd>,
-    iommu: bool,
-}
-
-fn backend(config: BackendConfig) -> (UnixStream, BackendHandle) {
-    let (a, b) = UnixStream::pair().unwrap();
-    (a, TestBackend::serve_stream(b, config).unwrap())
-}
-
-fn dev_config(kind: VhostUserKind, iommu: bool) -> VhostUserConfig {
-    let mut c = match kind {
-        VhostUserKind::Net => VhostUserConfig::net("/test/socketpair"),
-        VhostUserKind::Blk => VhostUserConfig::blk("/test/socketpair", Some(2048)),
-    };
-    c.iommu = iommu;
-    c.timeout = TIMEOUT;
-    c
-}
-
-fn try_connect(
-    config: BackendConfig,
-    dcfg: VhostUserConfig,
-) -> (Result<VhostUserDevice, VhostUserError>, BackendHandle) {
-    let (sock, be) = backend(config);
-    (VhostUserDevice::from_stream(sock, dcfg), be)
-}
-
 fn rig_with(config: BackendConfig, kind: VhostUserKind, iommu: bool, irqfds: bool) -> Rig {
-    let (dev, be) = try_connect(config, dev_config(kind, iommu));
-    let n = kind.num_queues();
-    let irqfds = if irqfds {
-        (0..n)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-            .collect()
+    let r = Rig::pair(config, dev_config(kind, iommu));
+    if irqfds {
+        r.with_irqfds()
     } else {
-        Vec::new()
-    };
-    Rig {
-        dev: dev.unwrap(),
-        be,
-        mem: vmm::vstate::memory::create_guest_memory(&[(0, MEM)]).unwrap(),
-        irq: Arc::new(TestIrq {
-            fired: Mutex::default(),
-            irqfds,
-        }),
-        kicks: Vec::new(),
-        iommu,
+        r
     }
 }
 
 fn rig(config: BackendConfig, iommu: bool) -> Rig {
     rig_with(config, VhostUserKind::Net, iommu, false)
-}
-
-fn ring_gpa(q: usize) -> u64 {
-    RING_BASE + 0x4000 * q as u64
-}
-
-impl Rig {
-    /// The address the driver programs for `gpa`.
-    fn dma(&self, gpa: u64) -> u64 {
-        if self.iommu {
-            gpa + IOVA_OFF
-        } else {
-            gpa
-        }
-    }
-
-    fn queue(&self, q: usize) -> Queue {
-        let mut queue = Queue::new(256).unwrap();
-        queue.set_size(QSIZE);
-        let base = ring_gpa(q);
-        queue
-            .try_set_desc_table_address(GuestAddress(self.dma(base)))
-            .unwrap();
-        queue
-            .try_set_avail_ring_address(GuestAddress(self.dma(base + 0x1000)))
-            .unwrap();
-        queue
-            .try_set_used_ring_address(GuestAddress(self.dma(base + 0x2000)))
-            .unwrap();
-        queue.set_ready(true);
-        queue
-    }
-
-    fn activate(&mut self) -> Result<(), VirtioDeviceError> {
-        let avail = self.dev.avail_features();
-        self.dev.ack_features(avail);
-        let n = self.dev.queue_max_sizes().len();
-        let mut queues = Vec::new();
-        self.kicks.clear();
-        for q in 0..n {
-            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-            self.kicks.push(kick.try_clone().unwrap());
-            queues.push((q, self.queue(q), kick));
-        }
-        self.dev.activate(ActivateContext {
-            mem: self.mem.clone(),
-            queues,
-            interrupt: self.irq.clone(),
-        })
-    }
-
-    /// Post one TX frame at avail slot `slot` of queue 1 and kick.
-    fn send_tx(&self, slot: u16, frame: &[u8]) {
-        let base = ring_gpa(1);
-        let buf = BUF + 0x1000 * u64::from(slot);
-        let mut data = vec![0u8; NET_HDR];
-        data.extend_from_slice(frame);
-        self.mem.write_slice(&data, GuestAddress(buf)).unwrap();
-        let mut d = self.dma(buf).to_le_bytes().to_vec();
-        d.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        d.extend_from_slice(&[0, 0, 0, 0]);
-        let slot_q = u64::from(slot % QSIZE);
-        self.mem
-            .write_slice(&d, GuestAddress(base + 16 * slot_q))
-            .unwrap();
-        let avail = base + 0x1000;
-        self.mem
-            .write_obj(slot % QSIZE, GuestAddress(avail + 4 + 2 * slot_q))
-            .unwrap();
-        self.mem
-            .write_obj(slot.wrapping_add(1), GuestAddress(avail + 2))
-            .unwrap();
-        self.kicks[1].write(1).unwrap();
-    }
-
-    fn used_idx(&self, q: usize) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(ring_gpa(q) + 0x2002))
-            .unwrap()
-    }
-
-    fn host(&self, gpa: u64) -> u64 {
-        self.mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
-    }
-
-    fn iotlb_msgs(&self) -> Vec<(u32, IotlbMsg)> {
-        self.be
-            .records()
-            .iter()
-            .filter(|r| r.request == VHOST_USER_IOTLB_MSG)
-            .map(|r| (r.flags, IotlbMsg::decode(r.request, &r.payload).unwrap()))
-            .collect()
-    }
-}
-
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-type Faults = Arc<Mutex<Vec<(RequesterId, u64, IotlbPerm)>>>;
-
-/// Map all guest RAM at IOVA_OFF through a stub and record faults.
-fn stub_translation(r: &Rig) -> (Arc<Stub>, Faults) {
-    let stub = Arc::new(Stub::default());
-    stub.map(IOVA_OFF, MEM, 0, Permissions::ReadWrite);
-    let faults: Faults = Arc::default();
-    let f = faults.clone();
-    let hook: FaultHook =
-        Arc::new(move |rid, iova, perm| f.lock().unwrap().push((rid, iova, perm)));
-    r.dev
-        .set_translation(stub.clone(), RID, Some(hook))
-        .unwrap();
-    (stub, faults)
-}
-
-fn backend_err(e: VirtioDeviceError) -> VhostUserError {
-    match e {
-        VirtioDeviceError::Backend(b) => *b.downcast::<VhostUserError>().unwrap(),
-        other => panic!("expected a back-end error, got {other:?}"),
-    }
 }
 
 #[test]
@@ -415,7 +172,7 @@ fn irqfds_are_handed_to_the_backend_as_call_fds() {
 #[test]
 fn tx_behind_iommu_is_served_by_misses_with_exact_updates() {
     let mut r = rig(BackendConfig::default(), true);
-    let _t = stub_translation(&r);
+    let _t = r.translate_all_ram();
     r.activate().unwrap();
     let frame = b"behind the vIOMMU";
     r.send_tx(0, frame);
@@ -451,17 +208,13 @@ fn unmapped_miss_gets_no_update_a_nonzero_ack_and_a_fault() {
         ..Default::default()
     };
     let mut r = rig(config, true);
-    let (_stub, faults) = stub_translation(&r);
+    let (_stub, faults) = r.translate_all_ram();
     r.activate().unwrap();
     let outside = IOVA_OFF + MEM + 0x1000;
     assert!(r.be.read(outside, 4).is_err());
     assert_eq!(r.be.counters().miss_nacks, 1);
     // (Starting the rings may have fetched ring translations; nothing else.)
-    let covering: Vec<_> = r
-        .iotlb_msgs()
-        .into_iter()
-        .filter(|(_, m)| m.iova <= outside && outside - m.iova < m.size)
-        .collect();
+    let covering = covering(&r.be, outside);
     assert!(covering.is_empty(), "{covering:x?}");
     assert!(r.iotlb_msgs().iter().all(|(_, m)| m.iova == IOVA_OFF));
     assert_eq!(*faults.lock().unwrap(), vec![(RID, outside, IotlbPerm::Ro)]);
@@ -480,7 +233,7 @@ fn miss_is_acked_only_after_its_update_was_acked() {
         ..Default::default()
     };
     let mut r = rig(config, true);
-    let _t = stub_translation(&r);
+    let _t = r.translate_all_ram();
     r.activate().unwrap();
     r.mem.write_slice(b"data", GuestAddress(BUF)).unwrap();
     let start = Instant::now();
@@ -502,7 +255,7 @@ fn invalidate_is_acked_before_notify_returns() {
         ..Default::default()
     };
     let mut r = rig(config, true);
-    let _t = stub_translation(&r);
+    let _t = r.translate_all_ram();
     r.activate().unwrap();
     // Let the backend hold a translation first (only those need INVALIDATEs).
     r.send_tx(0, b"installs a translation");
@@ -582,7 +335,7 @@ fn malformed_backend_message_closes_only_the_backend_channel() {
         ..Default::default()
     };
     let mut r = rig(config, true);
-    let _t = stub_translation(&r);
+    let _t = r.translate_all_ram();
     r.activate().unwrap();
     // The back-end channel is gone: a miss goes unanswered...
     std::thread::sleep(Duration::from_millis(50));
@@ -608,7 +361,7 @@ fn backend_disconnect_gives_typed_errors_and_never_hangs() {
     };
     let start = Instant::now();
     let mut r = rig(config, true);
-    let _t = stub_translation(&r);
+    let _t = r.translate_all_ram();
     let err = backend_err(r.activate().unwrap_err());
     assert!(matches!(err, VhostUserError::Request { .. }), "{err}");
     assert!(r.dev.is_broken());
@@ -643,7 +396,7 @@ fn backend_gone_at_connect_is_a_request_error() {
 #[test]
 fn reset_stops_the_rings_and_the_device_restarts() {
     let mut r = rig(BackendConfig::default(), true);
-    let _t = stub_translation(&r);
+    let _t = r.translate_all_ram();
     r.activate().unwrap();
     r.send_tx(0, b"first");
     assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
@@ -667,7 +420,7 @@ fn iommu_device_refuses_to_start_without_translation_or_access_platform() {
     let mut r = rig(BackendConfig::default(), true);
     let err = backend_err(r.activate().unwrap_err());
     assert!(matches!(err, VhostUserError::NoTranslation));
-    let _t = stub_translation(&r);
+    let _t = r.translate_all_ram();
     r.dev
         .ack_features(r.dev.avail_features() & !VIRTIO_F_ACCESS_PLATFORM);
     let queues = (0..2)
