@@ -26,7 +26,10 @@ fn assert_at_most_one_round_trip_per_unmap(o: &integration_tests::matrix::Outcom
         inv >= unmaps,
         "{inv} INVALIDATEs for {unmaps} unmaps: an unmap was not forwarded"
     );
-    assert!(inv <= unmaps + unmaps / 20, "{inv} INVALIDATEs for {unmaps} unmaps");
+    assert!(
+        inv <= unmaps + unmaps / 20,
+        "{inv} INVALIDATEs for {unmaps} unmaps"
+    );
     assert!(
         o.stats.bridge.invalidations_skipped > 0,
         "map-time invalidations were forwarded"
