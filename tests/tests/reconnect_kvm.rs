@@ -41,10 +41,11 @@ fn guest_traffic_survives_a_backend_restart() {
     let r = GuestResult::from_output(&serial).expect("result line");
     assert_eq!(r.u64("completed"), Some(FRAMES), "{serial}");
     let c = second.counters();
-    // The new backend carried the rest (a frame in flight may be sent twice).
+    // The new backend carried the rest. A frame in flight at the kill may be
+    // sent twice, or completed by the dying backend before it counted it.
     assert!(
-        killed_at + c.tx_frames >= FRAMES,
-        "{killed_at} + {} < {FRAMES}",
+        killed_at + c.tx_frames + 1 >= FRAMES,
+        "{killed_at} + {} < {FRAMES} - 1",
         c.tx_frames
     );
     assert!(
