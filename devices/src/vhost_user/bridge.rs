@@ -498,7 +498,9 @@ impl IommuNotifier for IotlbBridge {
                 IotlbPolicy::MissDriven => Ok(()),
                 IotlbPolicy::Prefetch => self.prefetch_locked(&mut st, *range, *gpa, *perm),
             },
-            IommuEvent::Unmap { range, .. } | IommuEvent::DevIotlbUnmap { range, .. } => {
+            IommuEvent::Unmap { range, .. } => self.invalidate_locked(&mut st, *range),
+            IommuEvent::DevIotlbUnmap { range, .. } => {
+                BridgeCounters::bump(&self.counters.devtlb_notifications);
                 self.invalidate_locked(&mut st, *range)
             }
             IommuEvent::DetachEndpoint { .. } | IommuEvent::Reset => {
@@ -774,7 +776,8 @@ mod tests {
                 inv(1, u64::MAX)
             ]
         );
-        assert_eq!(r.bridge.stats().invalidations, 5);
+        let s = r.bridge.stats();
+        assert_eq!((s.invalidations, s.devtlb_notifications), (5, 1));
     }
 
     #[test]

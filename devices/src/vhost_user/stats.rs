@@ -108,6 +108,7 @@ pub struct BridgeCounters {
     pub(crate) invalidations: AtomicU64,
     pub(crate) invalidation_failures: AtomicU64,
     pub(crate) invalidations_skipped: AtomicU64,
+    pub(crate) devtlb_notifications: AtomicU64,
     pub(crate) miss_latency: LatencyHistogram,
     pub(crate) invalidate_latency: LatencyHistogram,
 }
@@ -135,6 +136,10 @@ pub struct BridgeStats {
     /// Unmap notifications that needed no INVALIDATE: the back end was
     /// never sent anything in their range (since its last invalidation).
     pub invalidations_skipped: u64,
+    /// Unmap notifications that came from device-TLB invalidations (the
+    /// guest enabled ATS and the vIOMMU delivered DEVIOTLB_UNMAP events),
+    /// whether or not they needed an INVALIDATE.
+    pub devtlb_notifications: u64,
     /// From MISS receipt to the UPDATE's ack (served misses only).
     pub miss_latency: LatencySummary,
     /// From the start of `notify` to the last INVALIDATE ack.
@@ -159,6 +164,7 @@ impl BridgeCounters {
             invalidations: l(&self.invalidations),
             invalidation_failures: l(&self.invalidation_failures),
             invalidations_skipped: l(&self.invalidations_skipped),
+            devtlb_notifications: l(&self.devtlb_notifications),
             miss_latency: self.miss_latency.summary(),
             invalidate_latency: self.invalidate_latency.summary(),
         }

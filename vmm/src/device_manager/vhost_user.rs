@@ -70,6 +70,39 @@ impl VhostUserInfo {
     pub fn stats(&self) -> VhostUserStats {
         self.stats.snapshot()
     }
+
+    /// The counters as one flat JSON object (what `iovmm --print-counters`
+    /// prints at exit).
+    pub fn counters_json(&self) -> serde_json::Value {
+        let s = self.stats();
+        let (b, t) = (s.bridge, s.iotlb);
+        serde_json::json!({
+            "socket": self.socket,
+            "bdf": self.bdf.to_string(),
+            "iommu": self.iommu,
+            "activations": s.activations,
+            "broken": s.broken,
+            "updates": t.updates,
+            "invalidations": t.invalidations,
+            "nacks": t.nacks,
+            "failures": t.failures,
+            "misses": b.misses,
+            "misses_served": b.misses_served,
+            "misses_refused": b.misses_refused,
+            "faults": b.faults,
+            "access_fails": b.access_fails,
+            "prefetches": b.prefetches,
+            "invalidations_acked": b.invalidations,
+            "invalidation_failures": b.invalidation_failures,
+            "invalidations_skipped": b.invalidations_skipped,
+            "devtlb_notifications": b.devtlb_notifications,
+            "miss_p50_ns": b.miss_latency.p50_ns,
+            "miss_p99_ns": b.miss_latency.p99_ns,
+            "invalidate_p50_ns": b.invalidate_latency.p50_ns,
+            "invalidate_p99_ns": b.invalidate_latency.p99_ns,
+            "reconnects": s.reconnect.reconnects,
+        })
+    }
 }
 
 fn device_config(cfg: &VhostUserConfig, policy: IotlbPolicyConfig) -> DeviceConfig {
