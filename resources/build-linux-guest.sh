@@ -142,10 +142,13 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 # The archive has no /dev/console node; use the one devtmpfs provides.
 exec </dev/console >/dev/console 2>&1
+echo "iovmm-init: started at uptime \$(cut -d' ' -f1 /proc/uptime) s"
 while read -r m; do
     insmod "/lib/modules/\$m" || echo "iovmm-init: insmod \$m failed"
 done </lib/modules/load-order
 echo "iovmm-init: modules loaded: \$(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
+echo "iovmm-init: cpus online: \$(cat /sys/devices/system/cpu/online) processors: \$(grep -c ^processor /proc/cpuinfo)"
+echo "iovmm-init: clocksource: \$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 # Optional workload: iovmm.bench=net-tx iovmm.frames=N iovmm.size=S on the kernel command line.
 bench=""
 frames=1000
@@ -155,6 +158,7 @@ for arg in \$(cat /proc/cmdline); do
     iovmm.bench=*) bench=\${arg#*=} ;;
     iovmm.frames=*) frames=\${arg#*=} ;;
     iovmm.size=*) size=\${arg#*=} ;;
+    iovmm.qdisc=*) echo "\${arg#*=}" >/proc/sys/net/core/default_qdisc ;;
     esac
 done
 case "\$bench" in
@@ -170,6 +174,9 @@ net-tx)
         echo "iovmm-init: eth0 setup failed"
     /bin/iovmm-netbench $PEER_IP 9 "\$frames" "\$size" eth0 ||
         echo "iovmm-init: net-tx benchmark failed"
+    # Where frames the device never saw went: the qdisc's own counters.
+    echo "iovmm-init: qdisc: \$(tc -s qdisc show dev eth0 | tr '\n' ' ')"
+    echo "iovmm-init: eth0 tx_dropped: \$(cat /sys/class/net/eth0/statistics/tx_dropped)"
     ;;
 *) echo "iovmm-init: unknown iovmm.bench=\$bench (known: net-tx)" ;;
 esac

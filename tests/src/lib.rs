@@ -5,5 +5,6 @@ pub mod bench;
 pub mod dpdk;
 pub mod guest;
 pub mod matrix;
+pub mod nested;
 pub mod qemu;
 pub mod rig;

@@ -1,0 +1,408 @@
+//! Cuts L1's console transcript into per-scenario records, checks each one
+//! against its [`Scenario`] and prints the table.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::scenario::{Backend, Outcome, Scenario};
+use crate::dpdk::parse_port_stats;
+
+/// L1's console, line by line, with the time each line arrived.
+#[derive(Debug, Default)]
+pub struct Transcript {
+    /// `(time since QEMU started, line)`.
+    pub lines: Vec<(Duration, String)>,
+    /// The run hit its timeout.
+    pub timed_out: bool,
+    /// Wall time of the whole L0 run.
+    pub elapsed: Duration,
+}
+
+impl Transcript {
+    /// When `prefix` first appeared.
+    pub fn find(&self, prefix: &str) -> Option<(Duration, &str)> {
+        self.lines
+            .iter()
+            .find(|(_, l)| l.starts_with(prefix))
+            .map(|(t, l)| (*t, l.as_str()))
+    }
+
+    /// The last `n` lines, for failure reports.
+    pub fn tail(&self, n: usize) -> String {
+        let from = self.lines.len().saturating_sub(n);
+        self.lines[from..]
+            .iter()
+            .map(|(t, l)| format!("[{:7.1}s] {l}\n", t.as_secs_f64()))
+            .collect()
+    }
+}
+
+/// What the guest, iovmm and the backend showed for one scenario.
+#[derive(Debug, Default, Clone)]
+pub struct ScenarioReport {
+    /// Scenario name.
+    pub name: String,
+    /// `NESTED-BEGIN` .. `NESTED-END`.
+    pub wall: Option<Duration>,
+    /// iovmm start to the guest's first `/init` line.
+    pub boot_to_init: Option<Duration>,
+    /// iovmm start to its exit.
+    pub vm_time: Option<Duration>,
+    /// iovmm's exit status.
+    pub rc: Option<i32>,
+    /// Lines printed by iovmm and the guest.
+    pub vm_log: Vec<String>,
+    /// The backend's output.
+    pub backend_log: String,
+    /// The guest's `IOVMM-BENCH` record.
+    pub bench: Option<serde_json::Value>,
+    /// iovmm's `iovmm-counters:` record of the device.
+    pub counters: Option<serde_json::Value>,
+    /// Frames the backend received.
+    pub backend_frames: Option<u64>,
+    /// The test backend's accesses without a translation after a miss.
+    pub translation_failures: Option<u64>,
+    /// The expected driver lines, as printed.
+    pub driver_lines: Vec<String>,
+    /// Everything that did not hold.
+    pub failures: Vec<String>,
+}
+
+fn marker_rest<'a>(line: &'a str, marker: &str, name: &str) -> Option<&'a str> {
+    let rest = line.strip_prefix(marker)?.strip_prefix(' ')?;
+    let rest = rest.strip_prefix(name)?;
+    (rest.is_empty() || rest.starts_with(' ')).then(|| rest.trim())
+}
+
+/// The `name: value` field of a Rust `Debug` struct print.
+fn debug_field(text: &str, name: &str) -> Option<u64> {
+    let key = format!("{name}: ");
+    let i = text.rfind(&key)?;
+    let digits: String = text[i + key.len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+fn json_after(line: &str, prefix: &str) -> Option<serde_json::Value> {
+    let i = line.find(prefix)?;
+    serde_json::from_str(line[i + prefix.len()..].trim()).ok()
+}
+
+fn u(v: &Option<serde_json::Value>, key: &str) -> u64 {
+    v.as_ref()
+        .and_then(|v| v.get(key))
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0)
+}
+
+impl ScenarioReport {
+    /// Cuts `sc`'s part out of `t`.
+    pub fn extract(t: &Transcript, sc: &Scenario) -> Self {
+        let mut r = ScenarioReport {
+            name: sc.name.clone(),
+            ..Default::default()
+        };
+        let (mut begin, mut vm_start) = (None, None);
+        let mut in_vm = false;
+        let mut in_log = false;
+        for (at, line) in &t.lines {
+            if marker_rest(line, "NESTED-BEGIN", &sc.name).is_some() {
+                begin = Some(*at);
+            } else if marker_rest(line, "NESTED-VM-START", &sc.name).is_some() {
+                vm_start = Some(*at);
+                in_vm = true;
+            } else if let Some(rest) = marker_rest(line, "NESTED-VM-EXIT", &sc.name) {
+                in_vm = false;
+                r.rc = rest.strip_prefix("rc=").and_then(|c| c.parse().ok());
+                r.vm_time = vm_start.map(|s| at.saturating_sub(s));
+            } else if marker_rest(line, "NESTED-LOG-BEGIN", &sc.name).is_some() {
+                in_log = true;
+            } else if marker_rest(line, "NESTED-LOG-END", &sc.name).is_some() {
+                in_log = false;
+            } else if marker_rest(line, "NESTED-END", &sc.name).is_some() {
+                r.wall = begin.map(|b| at.saturating_sub(b));
+                break;
+            } else if in_vm {
+                if r.boot_to_init.is_none() && line.contains("iovmm-init: started") {
+                    r.boot_to_init = vm_start.map(|s| at.saturating_sub(s));
+                }
+                r.vm_log.push(line.clone());
+            } else if in_log {
+                r.backend_log.push_str(line);
+                r.backend_log.push('\n');
+            }
+        }
+        r.parse_records(sc);
+        r
+    }
+
+    fn parse_records(&mut self, sc: &Scenario) {
+        for l in &self.vm_log {
+            if self.bench.is_none() {
+                self.bench = json_after(l, "IOVMM-BENCH ");
+            }
+            if self.counters.is_none() {
+                self.counters = json_after(l, "iovmm-counters: ");
+            }
+        }
+        match sc.backend {
+            Backend::None => {}
+            Backend::Own { .. } => {
+                self.backend_frames = debug_field(&self.backend_log, "tx_frames");
+                self.translation_failures = debug_field(&self.backend_log, "translation_failures");
+            }
+            Backend::Testpmd => {
+                self.backend_frames = parse_port_stats(&self.backend_log).map(|p| p.rx_packets);
+            }
+        }
+        for want in sc.expect_lines {
+            match self.vm_log.iter().find(|l| l.contains(want)) {
+                Some(l) => self.driver_lines.push(l.trim().to_string()),
+                None => self.failures.push(format!("no line containing {want:?}")),
+            }
+        }
+    }
+
+    /// Checks the record against the scenario; fills `failures`.
+    pub fn check(&mut self, sc: &Scenario) {
+        if self.wall.is_none() {
+            self.failures.push("the scenario did not finish".into());
+            return;
+        }
+        match sc.outcome {
+            Outcome::PowerOff => self.check_power_off(sc),
+            Outcome::SetupError(text) => {
+                let line = self.vm_log.iter().find(|l| l.contains("iovmm: error"));
+                if self.rc != Some(1) || !line.is_some_and(|l| l.contains(text)) {
+                    self.failures.push(format!(
+                        "expected iovmm to refuse the setup (exit 1, error naming {text}); rc {:?}",
+                        self.rc
+                    ));
+                }
+            }
+        }
+    }
+
+    fn check_power_off(&mut self, sc: &Scenario) {
+        if self.rc != Some(0) {
+            self.failures.push(format!(
+                "iovmm exited with {:?}, not 0 (power-off)",
+                self.rc
+            ));
+        }
+        if !self.vm_log.iter().any(|l| l.contains("IOVMM-GUEST-READY")) {
+            self.failures
+                .push("the guest never printed IOVMM-GUEST-READY".into());
+        }
+        if sc.frames > 0 {
+            self.check_frames(sc);
+        }
+        let c = &self.counters;
+        if sc.expect_misses && (u(c, "misses") == 0 || u(c, "misses_refused") > 0) {
+            self.failures.push(format!(
+                "expected served IOTLB misses and none refused: misses {} refused {}",
+                u(c, "misses"),
+                u(c, "misses_refused")
+            ));
+        }
+        if sc.expect_devtlb && u(c, "devtlb_notifications") == 0 {
+            self.failures
+                .push("no unmap came as a device-TLB invalidation (ATS unused?)".into());
+        }
+    }
+
+    fn check_frames(&mut self, sc: &Scenario) {
+        let want = u64::from(sc.frames);
+        let guest = self
+            .bench
+            .as_ref()
+            .and_then(|b| b.get("tx_packets")?.as_u64());
+        if guest != Some(want) {
+            self.failures
+                .push(format!("guest completed {guest:?} of {want} frames"));
+        }
+        if self.backend_frames != Some(want) {
+            self.failures.push(format!(
+                "backend received {:?} of {want} frames",
+                self.backend_frames
+            ));
+        }
+        if self.translation_failures.is_some_and(|n| n > 0) {
+            self.failures.push(format!(
+                "backend saw {:?} translation failures",
+                self.translation_failures
+            ));
+        }
+    }
+
+    /// Passed every check.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// Messages per guest frame, for the table.
+    fn per_frame(&self, key: &str, frames: u32) -> String {
+        if frames == 0 || self.counters.is_none() {
+            return "-".into();
+        }
+        format!("{:.2}", u(&self.counters, key) as f64 / f64::from(frames))
+    }
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64()))
+}
+
+/// The per-scenario table.
+pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| scenario | vIOMMU | backend | result | wall s | boot→init s | frames guest/backend | miss/f | upd/f | inv/f | devtlb |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    for (sc, r) in scs.iter().zip(reports) {
+        let frames = if sc.frames > 0 {
+            let g = r.bench.as_ref().and_then(|b| b.get("tx_packets")?.as_u64());
+            format!(
+                "{}/{}",
+                g.map_or("-".into(), |v| v.to_string()),
+                r.backend_frames.map_or("-".into(), |v| v.to_string())
+            )
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            sc.name,
+            sc.iommu.unwrap_or("-"),
+            sc.backend.label(),
+            if r.passed() { "PASS" } else { "FAIL" },
+            secs(r.wall),
+            secs(r.boot_to_init),
+            frames,
+            r.per_frame("misses", sc.frames),
+            r.per_frame("updates", sc.frames),
+            r.per_frame("invalidations", sc.frames),
+            u(&r.counters, "devtlb_notifications"),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::super::scenario::acceptance;
+    use super::*;
+
+    fn transcript(lines: &[&str]) -> Transcript {
+        Transcript {
+            lines: lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (Duration::from_secs(i as u64), l.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn scenario(name: &str) -> Scenario {
+        acceptance().into_iter().find(|s| s.name == name).unwrap()
+    }
+
+    #[test]
+    fn a_passing_own_backend_run_is_cut_and_checked() {
+        let sc = scenario("viommu-strict-own");
+        let t = transcript(&[
+            "NESTED-BEGIN viommu-strict-own",
+            "NESTED-VM-START viommu-strict-own",
+            "iovmm-init: started at uptime 1.2 s",
+            "[    0.9] virtio_iommu virtio0: input address: 48 bits",
+            "[    1.0] virtio_net virtio1: Adding to iommu group 0",
+            "IOVMM-BENCH {\"bench\":\"net-tx\",\"tx_packets\":1000}",
+            "IOVMM-GUEST-READY",
+            "iovmm-counters: {\"misses\":40,\"misses_refused\":0,\"updates\":40,\"invalidations\":900}",
+            "NESTED-VM-EXIT viommu-strict-own rc=0",
+            "NESTED-LOG-BEGIN viommu-strict-own backend",
+            "CountersSnapshot { messages: 9, tx_frames: 1000, translation_failures: 0 }",
+            "NESTED-LOG-END viommu-strict-own backend",
+            "NESTED-END viommu-strict-own",
+        ]);
+        let mut r = ScenarioReport::extract(&t, &sc);
+        r.check(&sc);
+        assert!(r.passed(), "{:?}", r.failures);
+        assert_eq!(r.boot_to_init, Some(Duration::from_secs(1)));
+        assert_eq!(r.wall, Some(Duration::from_secs(12)));
+        assert_eq!(r.driver_lines.len(), 2);
+        let table = table(std::slice::from_ref(&sc), std::slice::from_ref(&r));
+        assert!(table.contains("| viommu-strict-own | virtio | own | PASS | 12.0 | 1.0 | 1000/1000 | 0.04 | 0.04 | 0.90 | 0 |"), "{table}");
+    }
+
+    #[test]
+    fn missing_frames_refusals_and_an_unfinished_run_fail() {
+        let sc = scenario("vtd-ats-strict-own");
+        let t = transcript(&[
+            "NESTED-BEGIN vtd-ats-strict-own",
+            "NESTED-VM-START vtd-ats-strict-own",
+            "IOVMM-BENCH {\"tx_packets\":998}",
+            "iovmm-counters: {\"misses\":4,\"misses_refused\":1,\"devtlb_notifications\":0}",
+            "NESTED-VM-EXIT vtd-ats-strict-own rc=4",
+            "NESTED-END vtd-ats-strict-own",
+        ]);
+        let mut r = ScenarioReport::extract(&t, &sc);
+        r.check(&sc);
+        let all = r.failures.join("\n");
+        for want in [
+            "exited with Some(4)",
+            "Some(998) of 1000",
+            "refused 1",
+            "device-TLB",
+            "DMAR-IR",
+        ] {
+            assert!(all.contains(want), "{want} not in {all}");
+        }
+        let mut r = ScenarioReport::extract(&transcript(&["NESTED-BEGIN vtd-ats-strict-own"]), &sc);
+        r.check(&sc);
+        assert!(r.failures.iter().any(|f| f.contains("did not finish")));
+    }
+
+    #[test]
+    fn a_refused_setup_must_name_the_missing_feature() {
+        let sc = scenario("viommu-backend-no-iotlb");
+        let run = |err: &str, rc: i32| {
+            let vm_exit = format!("NESTED-VM-EXIT viommu-backend-no-iotlb rc={rc}");
+            let t = transcript(&[
+                "NESTED-BEGIN viommu-backend-no-iotlb",
+                "NESTED-VM-START viommu-backend-no-iotlb",
+                err,
+                &vm_exit,
+                "NESTED-END viommu-backend-no-iotlb",
+            ]);
+            let mut r = ScenarioReport::extract(&t, &sc);
+            r.check(&sc);
+            r.passed()
+        };
+        assert!(run(
+            "iovmm: error: x: backend lacks VIRTIO_F_ACCESS_PLATFORM",
+            1
+        ));
+        assert!(!run("iovmm: error: something else", 1));
+        assert!(!run("", 0));
+    }
+
+    #[test]
+    fn scenario_names_do_not_match_their_prefixes() {
+        assert_eq!(
+            marker_rest("NESTED-BEGIN boot-1cpu", "NESTED-BEGIN", "boot-1"),
+            None
+        );
+        assert_eq!(
+            marker_rest("NESTED-VM-EXIT a rc=3", "NESTED-VM-EXIT", "a"),
+            Some("rc=3")
+        );
+    }
+}

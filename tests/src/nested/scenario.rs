@@ -1,0 +1,304 @@
+//! What one nested scenario runs inside L1: the vIOMMU, the vhost-user
+//! device and its backend, the Linux guest's command line, and what the
+//! result must show. [`acceptance`] is the suite CI runs.
+
+use std::fmt::Write as _;
+
+/// The vhost-user backend serving the guest's virtio-net device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// No network device.
+    None,
+    /// `iovmm-test-backend` (our IOTLB-aware backend); `access_platform`
+    /// false makes it withhold VIRTIO_F_ACCESS_PLATFORM.
+    Own {
+        /// Offer VIRTIO_F_ACCESS_PLATFORM.
+        access_platform: bool,
+    },
+    /// DPDK `dpdk-testpmd` with `net_vhost0,iommu-support=1`, rxonly.
+    Testpmd,
+}
+
+impl Backend {
+    /// Short label for tables.
+    pub fn label(self) -> &'static str {
+        match self {
+            Backend::None => "-",
+            Backend::Own { .. } => "own",
+            Backend::Testpmd => "testpmd",
+        }
+    }
+}
+
+/// How the scenario must end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest runs its workload and powers off (iovmm exits 0).
+    PowerOff,
+    /// iovmm refuses the configuration: exit status 1 and this text in its
+    /// error line.
+    SetupError(&'static str),
+}
+
+/// One Linux guest run inside L1.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// Unique name (letters, digits, `-`); also names its files in L1.
+    pub name: String,
+    /// Guest vCPUs.
+    pub cpus: u8,
+    /// `--iommu` value, if any.
+    pub iommu: Option<&'static str>,
+    /// Backend of the one virtio-net device.
+    pub backend: Backend,
+    /// The device goes behind the vIOMMU (`iommu=on`).
+    pub device_iommu: bool,
+    /// The device exposes ATS (`ats=on`).
+    pub ats: bool,
+    /// Extra guest kernel arguments (IOMMU mode, qdisc).
+    pub guest_args: &'static str,
+    /// UDP frames the guest sends (0: no workload).
+    pub frames: u32,
+    /// How it ends.
+    pub outcome: Outcome,
+    /// Lines (substrings) the guest or iovmm must print.
+    pub expect_lines: &'static [&'static str],
+    /// The device must have served IOTLB misses.
+    pub expect_misses: bool,
+    /// Unmaps must have arrived as device-TLB invalidations.
+    pub expect_devtlb: bool,
+}
+
+/// Guest RAM of every scenario.
+pub const GUEST_MEMORY: &str = "512M";
+/// Frame size of the guest's UDP workload (bytes on the wire).
+pub const FRAME_SIZE: u32 = 256;
+/// The Linux guest's base command line (the workload and IOMMU mode are added).
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 rdinit=/init quiet";
+
+impl Scenario {
+    fn base(name: &'static str) -> Self {
+        Scenario {
+            name: name.to_string(),
+            cpus: 1,
+            iommu: None,
+            backend: Backend::None,
+            device_iommu: false,
+            ats: false,
+            guest_args: "",
+            frames: 0,
+            outcome: Outcome::PowerOff,
+            expect_lines: &[],
+            expect_misses: false,
+            expect_devtlb: false,
+        }
+    }
+
+    fn net(
+        name: &'static str,
+        iommu: Option<&'static str>,
+        backend: Backend,
+        guest_args: &'static str,
+    ) -> Self {
+        Scenario {
+            iommu,
+            backend,
+            device_iommu: iommu.is_some(),
+            guest_args,
+            frames: 1000,
+            expect_misses: iommu.is_some(),
+            ..Self::base(name)
+        }
+    }
+
+    /// The guest kernel command line.
+    pub fn cmdline(&self) -> String {
+        let mut c = String::from(BASE_CMDLINE);
+        if !self.guest_args.is_empty() {
+            let _ = write!(c, " {}", self.guest_args);
+        }
+        if self.frames > 0 {
+            let _ = write!(
+                c,
+                " iovmm.bench=net-tx iovmm.frames={} iovmm.size={FRAME_SIZE}",
+                self.frames
+            );
+        }
+        c
+    }
+
+    /// The `--vhost-user` value for the device on `socket`, if it has one.
+    pub fn vhost_user_arg(&self, socket: &str) -> Option<String> {
+        if self.backend == Backend::None {
+            return None;
+        }
+        let mut a = format!("net,socket={socket}");
+        if self.device_iommu {
+            a.push_str(",iommu=on");
+        }
+        if self.ats {
+            a.push_str(",ats=on");
+        }
+        Some(a)
+    }
+}
+
+const VIRTIO_IOMMU_LINES: &[&str] = &[
+    "virtio_iommu virtio0: input address",
+    "Adding to iommu group",
+];
+const VTD_LINES: &[&str] = &["DMAR: IOMMU enabled", "Adding to iommu group"];
+const VTD_QI_IR_LINES: &[&str] = &[
+    "DMAR: IOMMU enabled",
+    "DMAR-IR: Enabled IRQ remapping",
+    "Adding to iommu group",
+];
+const VTD_FULL: &str = "vtd,caching_mode=on,device_iotlb=on,intremap=on";
+const OWN: Backend = Backend::Own {
+    access_platform: true,
+};
+
+fn with_lines(mut s: Scenario, lines: &'static [&'static str]) -> Scenario {
+    s.expect_lines = lines;
+    s
+}
+
+fn boots() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            expect_lines: &["cpus online: 0 "],
+            ..Scenario::base("boot-1cpu")
+        },
+        Scenario {
+            cpus: 2,
+            expect_lines: &["cpus online: 0-1 processors: 2"],
+            ..Scenario::base("boot-2cpu")
+        },
+        Scenario::net("net-plain-own", None, OWN, ""),
+    ]
+}
+
+fn virtio_iommu() -> Vec<Scenario> {
+    let v = Some("virtio");
+    vec![
+        with_lines(
+            Scenario::net("viommu-strict-own", v, OWN, "iommu.strict=1"),
+            VIRTIO_IOMMU_LINES,
+        ),
+        with_lines(
+            Scenario::net("viommu-lazy-own", v, OWN, "iommu.strict=0"),
+            VIRTIO_IOMMU_LINES,
+        ),
+        with_lines(
+            Scenario::net("viommu-pt-own", v, OWN, "iommu.passthrough=1"),
+            VIRTIO_IOMMU_LINES,
+        ),
+        with_lines(
+            Scenario::net("viommu-strict-dpdk", v, Backend::Testpmd, "iommu.strict=1"),
+            VIRTIO_IOMMU_LINES,
+        ),
+        with_lines(
+            Scenario::net("viommu-lazy-dpdk", v, Backend::Testpmd, "iommu.strict=0"),
+            VIRTIO_IOMMU_LINES,
+        ),
+    ]
+}
+
+fn vtd() -> Vec<Scenario> {
+    let v = Some("vtd");
+    let full = Some(VTD_FULL);
+    let strict = "intel_iommu=on iommu.strict=1";
+    let ats = |mut s: Scenario| {
+        s.ats = true;
+        s.expect_devtlb = true;
+        s.expect_lines = VTD_QI_IR_LINES;
+        s
+    };
+    vec![
+        with_lines(Scenario::net("vtd-strict-own", v, OWN, strict), VTD_LINES),
+        with_lines(
+            Scenario::net("vtd-pt-own", v, OWN, "intel_iommu=on iommu=pt"),
+            VTD_LINES,
+        ),
+        with_lines(
+            Scenario::net("vtd-strict-dpdk", v, Backend::Testpmd, strict),
+            VTD_LINES,
+        ),
+        ats(Scenario::net("vtd-ats-strict-own", full, OWN, strict)),
+        ats(Scenario::net(
+            "vtd-ats-strict-dpdk",
+            full,
+            Backend::Testpmd,
+            strict,
+        )),
+    ]
+}
+
+fn bad_input() -> Vec<Scenario> {
+    vec![
+        // Linux leaves the DMAR off without intel_iommu=on: translation stays
+        // disabled and DMA addresses are guest-physical.
+        Scenario {
+            expect_misses: true,
+            ..Scenario::net("vtd-guest-off-own", Some("vtd"), OWN, "")
+        },
+        Scenario {
+            frames: 0,
+            outcome: Outcome::SetupError("VIRTIO_F_ACCESS_PLATFORM"),
+            expect_misses: false,
+            ..Scenario::net(
+                "viommu-backend-no-iotlb",
+                Some("virtio"),
+                Backend::Own {
+                    access_platform: false,
+                },
+                "",
+            )
+        },
+    ]
+}
+
+/// The nested acceptance suite, in the order it runs.
+pub fn acceptance() -> Vec<Scenario> {
+    let mut all = boots();
+    all.extend(virtio_iommu());
+    all.extend(vtd());
+    all.extend(bad_input());
+    all
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_shell_safe() {
+        let all = acceptance();
+        let mut names: Vec<_> = all.iter().map(|s| s.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        for n in names {
+            assert!(
+                n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn command_lines_carry_mode_and_workload() {
+        let s = acceptance()
+            .into_iter()
+            .find(|s| s.name == "vtd-ats-strict-dpdk")
+            .unwrap();
+        let c = s.cmdline();
+        assert!(c.contains("intel_iommu=on iommu.strict=1 iovmm.bench=net-tx"));
+        assert_eq!(
+            s.vhost_user_arg("/tmp/x.sock").unwrap(),
+            "net,socket=/tmp/x.sock,iommu=on,ats=on"
+        );
+        assert_eq!(s.iommu, Some(VTD_FULL));
+    }
+}
