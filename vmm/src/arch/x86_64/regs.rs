@@ -7,8 +7,10 @@
 //! and `RSI` pointing at the zero page, as the Linux x86 64-bit boot protocol
 //! requires. Application processors stay in wait-for-SIPI.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -55,6 +57,9 @@ pub enum RegsError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The CPUID entry list has no room for a leaf we must add.
+    #[error("cannot add CPUID leaf {0:#x}: the entry list is full")]
+    CpuidFull(u32),
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RegsError {
@@ -211,20 +216,106 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
     vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
 }
 
-/// Gives the vCPU KVM's supported CPUID with its APIC id filled in.
-pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8) -> Result<(), RegsError> {
-    let mut cpuid: CpuId = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+/// CPUID.1:ECX bit 24: TSC-deadline mode of the local APIC timer.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID.1:ECX bit 31: running under a hypervisor.
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// KVM paravirt signature leaf: EAX = highest KVM leaf, EBX:ECX:EDX = "KVMKVMKVM\0\0\0".
+pub const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
+/// KVM paravirt feature leaf: EAX = `KVM_FEATURE_*` bits.
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
+/// `KVM_FEATURE_CLOCKSOURCE` (MSR 0x11/0x12) and `KVM_FEATURE_CLOCKSOURCE2` (MSR 0x4b564d00/01).
+const KVM_FEATURE_KVMCLOCK: u32 = (1 << 0) | (1 << 3);
+
+/// What the host KVM offers beyond KVM_GET_SUPPORTED_CPUID.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuidHost {
+    /// KVM_CAP_TSC_DEADLINE_TIMER: the in-kernel LAPIC emulates TSC-deadline mode.
+    pub tsc_deadline: bool,
+}
+
+/// Turns KVM's supported CPUID into the guest's CPUID for vCPU `id` of `cpus`.
+///
+/// Linux on KVM needs (Firecracker and Cloud Hypervisor make the same
+/// adjustments):
+/// - the hypervisor bit, without which it never looks at the KVM leaves, so
+///   no kvm-clock: the TSC is then calibrated against the PIT, which a
+///   hardware-reduced machine lacks ("tsc: Unable to calibrate against PIT");
+/// - the KVM signature and feature leaves (KVM_GET_SUPPORTED_CPUID reports
+///   both; should they be missing we add the kvm-clock MSRs, which every KVM
+///   with a split irqchip implements, and nothing else);
+/// - TSC-deadline, which KVM reports only through KVM_CAP_TSC_DEADLINE_TIMER
+///   because it depends on the in-kernel LAPIC (which we always use); without
+///   it Linux spends ~100 ms calibrating the LAPIC timer;
+/// - the initial APIC id (leaf 1 EBX, leaves 0xB / 0x1F EDX) and the logical
+///   processor count.
+///
+/// Leaf 0x4000_0010 (TSC frequency) is not added: KVM does not report it and
+/// Linux takes the TSC frequency from kvm-clock.
+pub fn normalize_cpuid(
+    cpuid: &mut CpuId,
+    id: u8,
+    cpus: u8,
+    host: CpuidHost,
+) -> Result<(), RegsError> {
     for e in cpuid.as_mut_slice() {
         match e.function {
             1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | ((id as u32) << 24) | ((cpus as u32) << 16);
+                e.ecx |= CPUID_1_ECX_HYPERVISOR;
+                if host.tsc_deadline {
+                    e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+                }
             }
             0xb | 0x1f => e.edx = id as u32,
+            KVM_CPUID_SIGNATURE => e.eax = e.eax.max(KVM_CPUID_FEATURES),
             _ => {}
         }
     }
+    ensure_kvm_leaves(cpuid)
+}
+
+fn has_leaf(cpuid: &CpuId, function: u32) -> bool {
+    cpuid.as_slice().iter().any(|e| e.function == function)
+}
+
+fn push_leaf(cpuid: &mut CpuId, function: u32, regs: [u32; 4]) -> Result<(), RegsError> {
+    let [eax, ebx, ecx, edx] = regs;
+    let entry = kvm_cpuid_entry2 {
+        function,
+        eax,
+        ebx,
+        ecx,
+        edx,
+        ..Default::default()
+    };
+    cpuid
+        .push(entry)
+        .map_err(|_| RegsError::CpuidFull(function))
+}
+
+fn ensure_kvm_leaves(cpuid: &mut CpuId) -> Result<(), RegsError> {
+    if !has_leaf(cpuid, KVM_CPUID_SIGNATURE) {
+        log::warn!("cpuid: KVM reports no paravirt signature leaf; adding it with kvm-clock only");
+        let [b, c, d] = KVM_SIGNATURE;
+        push_leaf(cpuid, KVM_CPUID_SIGNATURE, [KVM_CPUID_FEATURES, b, c, d])?;
+    }
+    if !has_leaf(cpuid, KVM_CPUID_FEATURES) {
+        push_leaf(cpuid, KVM_CPUID_FEATURES, [KVM_FEATURE_KVMCLOCK, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+/// Gives the vCPU KVM's supported CPUID, normalized by [`normalize_cpuid`].
+pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, id: u8, cpus: u8) -> Result<(), RegsError> {
+    let mut cpuid: CpuId = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let host = CpuidHost {
+        tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+    };
+    normalize_cpuid(&mut cpuid, id, cpus, host)?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))
 }
 
@@ -283,5 +374,112 @@ mod tests {
         );
         let r = boot_regs(0x100_0000);
         assert_eq!((r.rip, r.rsi, r.rflags), (0x100_0000, ZERO_PAGE_START, 2));
+    }
+
+    fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    fn find(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    /// Leaves as an upstream KVM_GET_SUPPORTED_CPUID returns them (no hypervisor or
+    /// TSC-deadline bit in leaf 1).
+    fn supported() -> CpuId {
+        let [b, c, d] = KVM_SIGNATURE;
+        let mut cpuid = CpuId::new(0).unwrap();
+        for e in [
+            leaf(0, 0, [0x24, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
+            leaf(1, 0, [0xa0671, 0x0102_0800, 0x0020_2000, 0x0f8b_fbff]),
+            leaf(0xb, 0, [0, 0, 0, 7]),
+            leaf(0xb, 1, [0, 0, 0, 7]),
+            leaf(0x1f, 0, [0, 0, 0, 7]),
+            leaf(KVM_CPUID_SIGNATURE, 0, [KVM_CPUID_FEATURES, b, c, d]),
+            leaf(KVM_CPUID_FEATURES, 0, [0x0100_7efb, 0, 0, 0]),
+        ] {
+            cpuid.push(e).unwrap();
+        }
+        cpuid
+    }
+
+    #[test]
+    fn cpuid_sets_hypervisor_bit_apic_id_and_keeps_kvm_leaves() {
+        let mut c = supported();
+        let before = c.as_slice().len();
+        normalize_cpuid(&mut c, 2, 4, CpuidHost::default()).unwrap();
+        assert_eq!(c.as_slice().len(), before, "no leaf added");
+        let l1 = find(&c, 1, 0);
+        assert_ne!(l1.ecx & CPUID_1_ECX_HYPERVISOR, 0);
+        assert_eq!(l1.ecx & CPUID_1_ECX_TSC_DEADLINE, 0, "not offered by KVM");
+        // Other ECX bits kept; EBX: APIC id 2, 4 logical CPUs, low half kept.
+        assert_eq!(l1.ecx & !CPUID_1_ECX_HYPERVISOR, 0x0020_2000);
+        assert_eq!(l1.ebx, 0x0204_0800);
+        for (f, i) in [(0xb, 0), (0xb, 1), (0x1f, 0)] {
+            assert_eq!(find(&c, f, i).edx, 2);
+        }
+        let sig = find(&c, KVM_CPUID_SIGNATURE, 0);
+        let bytes: Vec<u8> = [sig.ebx, sig.ecx, sig.edx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        assert_eq!(&bytes, b"KVMKVMKVM\0\0\0");
+        assert_eq!(sig.eax, KVM_CPUID_FEATURES);
+        assert_eq!(
+            find(&c, KVM_CPUID_FEATURES, 0).eax,
+            0x0100_7efb,
+            "features untouched"
+        );
+        assert_eq!(find(&c, 0, 0).ebx, 0x756e_6547);
+    }
+
+    #[test]
+    fn cpuid_advertises_tsc_deadline_only_when_kvm_emulates_it() {
+        let mut c = supported();
+        normalize_cpuid(&mut c, 0, 1, CpuidHost { tsc_deadline: true }).unwrap();
+        assert_ne!(find(&c, 1, 0).ecx & CPUID_1_ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
+    fn cpuid_adds_missing_kvm_leaves_with_kvmclock_only() {
+        let mut c = CpuId::new(0).unwrap();
+        c.push(leaf(1, 0, [0, 0, 0, 0])).unwrap();
+        normalize_cpuid(&mut c, 0, 1, CpuidHost::default()).unwrap();
+        let sig = find(&c, KVM_CPUID_SIGNATURE, 0);
+        assert_eq!(
+            [sig.eax, sig.ebx, sig.ecx, sig.edx],
+            [KVM_CPUID_FEATURES, 0x4b4d_564b, 0x564b_4d56, 0x4d]
+        );
+        assert_eq!(find(&c, KVM_CPUID_FEATURES, 0).eax, 0b1001);
+        // A signature leaf that undersells its max leaf is raised to cover the features.
+        let mut c = supported();
+        for e in c.as_mut_slice() {
+            if e.function == KVM_CPUID_SIGNATURE {
+                e.eax = 0;
+            }
+        }
+        normalize_cpuid(&mut c, 0, 1, CpuidHost::default()).unwrap();
+        assert_eq!(find(&c, KVM_CPUID_SIGNATURE, 0).eax, KVM_CPUID_FEATURES);
+    }
+
+    #[test]
+    fn cpuid_full_entry_list_is_an_error_not_a_panic() {
+        let mut c = CpuId::new(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+        c.as_mut_slice()[0] = leaf(1, 0, [0, 0, 0, 0]);
+        assert!(matches!(
+            normalize_cpuid(&mut c, 0, 1, CpuidHost::default()),
+            Err(RegsError::CpuidFull(KVM_CPUID_SIGNATURE))
+        ));
     }
 }
