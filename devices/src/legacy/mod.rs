@@ -1,4 +1,4 @@
-//! Legacy platform devices: serial console, IOAPIC, reset and power-off paths.
+//! Legacy platform devices: serial console, IOAPIC, CMOS RTC, reset and power-off paths.
 //!
 //! Every device here is a [`crate::bus::BusDevice`]; the `vmm` crate inserts
 //! it on the PIO or MMIO bus at the documented address:
@@ -8,6 +8,7 @@
 //! | [`serial::Serial`] (COM1, IOAPIC pin 4) | PIO | [`serial::COM1_BASE`] | [`serial::SERIAL_PORT_LEN`] |
 //! | [`ioapic::Ioapic`] | MMIO | [`ioapic::IOAPIC_BASE`] | [`ioapic::IOAPIC_SIZE`] |
 //! | [`i8042::I8042`] | PIO | [`i8042::I8042_DATA_PORT`] and [`i8042::I8042_COMMAND_PORT`] | 1 each |
+//! | [`rtc::Rtc`] (MC146818, no IRQ) | PIO | [`rtc::RTC_PORT`] | [`rtc::RTC_PORT_LEN`] |
 //! | [`exit_port::ExitPort`] | PIO | [`exit_port::EXIT_PORT`] | [`exit_port::EXIT_PORT_LEN`] |
 //! | [`acpi_pm::AcpiSleepRegs`] | PIO | [`acpi_pm::SLEEP_CONTROL_PORT`] | [`acpi_pm::SLEEP_REGS_LEN`] |
 //!
@@ -18,6 +19,7 @@ pub mod acpi_pm;
 pub mod exit_port;
 pub mod i8042;
 pub mod ioapic;
+pub mod rtc;
 pub mod serial;
 
 /// One interrupt request line driven by a device.
