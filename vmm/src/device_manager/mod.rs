@@ -1,7 +1,7 @@
 //! Creates the platform devices and puts them on the buses.
 //!
 //! Legacy devices: COM1 16550 (IRQ 4 through the userspace IOAPIC), i8042
-//! (reset), the debug exit port for test guests and the ACPI sleep
+//! (reset), the CMOS RTC (no IRQ), the debug exit port for test guests and the ACPI sleep
 //! registers (power off). PCI: the root complex, reachable through ECAM and
 //! ports 0xCF8/0xCFC.
 
@@ -14,6 +14,7 @@ use devices::legacy::acpi_pm::{AcpiSleepRegs, SLEEP_CONTROL_PORT, SLEEP_REGS_LEN
 use devices::legacy::exit_port::{ExitPort, EXIT_PORT_LEN};
 use devices::legacy::i8042::I8042;
 use devices::legacy::ioapic::{Ioapic, IoapicError, IoapicPin};
+use devices::legacy::rtc::{Rtc, RTC_PORT_LEN};
 use devices::legacy::serial::{Serial, SERIAL_PORT_LEN};
 use devices::legacy::IrqLine;
 use devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
@@ -23,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::{
     EXIT_PORT, I8042_PORT, IOAPIC_SIZE, IOAPIC_START, PCI_CONFIG_IO_PORT, PCI_ECAM_SIZE,
-    PCI_ECAM_START, SERIAL_IRQ, SERIAL_PORT,
+    PCI_ECAM_START, RTC_PORT, SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::event_loop::ExitHandler;
 
@@ -150,6 +151,8 @@ impl DeviceManager {
         let reset_evt = evt("i8042 reset")?;
         let i8042 = Arc::new(Mutex::new(I8042::new(clone_evt(&reset_evt, "i8042")?)));
         insert(&pio, "i8042", i8042, I8042_PORT as u64, 5)?;
+        let rtc = Arc::new(Mutex::new(Rtc::default()));
+        insert(&pio, "CMOS RTC", rtc, RTC_PORT as u64, RTC_PORT_LEN)?;
         let exit_port_evt = evt("exit port")?;
         let exit_port = Arc::new(Mutex::new(ExitPort::new(clone_evt(
             &exit_port_evt,

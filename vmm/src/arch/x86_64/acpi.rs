@@ -18,12 +18,13 @@ use acpi_tables::{aml, Aml};
 use devices::legacy::acpi_pm::{
     S5_SLEEP_TYPE as S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_REG_BIT_WIDTH, SLEEP_STATUS_PORT,
 };
+use devices::legacy::rtc::{RTC_CENTURY_INDEX, RTC_PORT_LEN};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{
     ACPI_SIZE, ACPI_START, APIC_START, IOAPIC_START, PCI_CONFIG_IO_PORT, PCI_ECAM_START,
-    PCI_MMIO32_SIZE, PCI_MMIO32_START, SERIAL_IRQ, SERIAL_PORT,
+    PCI_MMIO32_SIZE, PCI_MMIO32_START, RTC_PORT, SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -111,6 +112,7 @@ fn dsdt() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut sdt);
+    rtc_device(&mut sdt);
     aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP]),
@@ -119,6 +121,36 @@ fn dsdt() -> Vec<u8> {
     sdt.update_checksum();
     sdt.as_slice().to_vec()
 }
+
+/// The CMOS RTC as PNP0B00 with its two ports and no interrupt.
+///
+/// On a hardware-reduced machine Linux has no legacy IRQs: the fallback
+/// `rtc_cmos` platform device it registers without this entry asks for IRQ 8,
+/// which is not mapped, so the driver fails. With a PNP0B00 device and no IRQ
+/// resource, `rtc-cmos` binds through PNP (or, on newer kernels, the ACPI
+/// scan handler) and runs without alarms.
+fn rtc_device(sdt: &mut Sdt) {
+    let io = aml::IO::new(RTC_PORT, RTC_PORT, 1, RTC_PORT_LEN as u8);
+    let crs = aml::ResourceTemplate::new(vec![&io]);
+    aml::Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(sdt);
+}
+
+/// IAPC_BOOT_ARCH bit 2: no VGA hardware (Linux sets `x86_platform.legacy.no_vga`).
+///
+/// The other bits stay clear on purpose: LEGACY_DEVICES (bit 0) clear stops
+/// PnP BIOS probing; 8042 (bit 1) clear makes Linux treat the keyboard
+/// controller as absent, so the i8042 driver does not probe ports 0x60/0x64
+/// (our i8042 only serves `reboot=k`, which works without the driver);
+/// CMOS_RTC_NOT_PRESENT (bit 5) clear because the RTC exists.
+const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
     let io = |port: u64| {
@@ -137,6 +169,9 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .dsdt_64(dsdt_addr);
     b.sleep_control_reg = io(SLEEP_CONTROL_PORT);
     b.sleep_status_reg = io(SLEEP_STATUS_PORT);
+    b.iapc_boot_arch = IAPC_BOOT_ARCH_NO_VGA.into();
+    // Linux's mc146818_get_time reads the century byte the FADT names.
+    b.century = RTC_CENTURY_INDEX;
     to_bytes(&b.finalize())
 }
 
@@ -332,6 +367,32 @@ mod tests {
         assert!(has(b"PCI0") && has(b"COM1") && has(b"_S5_") && has(b"_CRS"));
         // EISA id PNP0A08 compressed.
         assert!(has(&[0x41, 0xd0, 0x0a, 0x08]));
+    }
+
+    #[test]
+    fn rtc_is_a_pnp0b00_device_with_ports_and_no_irq() {
+        let l = build(&AcpiConfig::default()).unwrap();
+        let d = &table(&l, b"DSDT").2;
+        let at = d.windows(4).position(|w| w == b"RTC_").unwrap();
+        let rtc = &d[at..];
+        let has = |needle: &[u8]| rtc.windows(needle.len()).any(|w| w == needle);
+        // _HID EISA id PNP0B00 compressed (DWordConst prefix 0x0c).
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0b, 0x00]));
+        // IO descriptor: decode16, min = max = 0x70, alignment 1, length 2; then the end tag.
+        assert!(has(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, 0x79]));
+        // The RTC's resource template ends right after its IO descriptor: no IRQ.
+        let crs = rtc.windows(4).position(|w| w == b"_CRS").unwrap();
+        assert!(!rtc[crs..crs + 24].contains(&0x22) && !rtc[crs..crs + 24].contains(&0x89));
+    }
+
+    #[test]
+    fn fadt_names_the_century_byte_and_has_no_8042_or_vga() {
+        let l = build(&AcpiConfig::default()).unwrap();
+        let fadt = &table(&l, b"FACP").2;
+        // CENTURY at offset 108, IAPC_BOOT_ARCH at 109.
+        assert_eq!(fadt[108], 0x32);
+        let boot_arch = u16::from_le_bytes([fadt[109], fadt[110]]);
+        assert_eq!(boot_arch, 1 << 2, "NO_VGA only: no 8042, CMOS RTC present");
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub const IOAPIC_PINS: usize = 24;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// COM1 IRQ line on the IOAPIC.
 pub const SERIAL_IRQ: u32 = 4;
+/// CMOS RTC index port (data port is +1).
+pub const RTC_PORT: u16 = 0x70;
 /// Debug exit port used by test guests.
 pub const EXIT_PORT: u16 = 0xf4;
 /// i8042 controller data port (command port is +4).
