@@ -10,7 +10,7 @@ use crate::config::{
     ByteSize, ConfigError, IommuConfig, SerialMode, VhostUserConfig, VmConfig, DEFAULT_CMDLINE,
 };
 use crate::seccomp::{self, SeccompLevel};
-use crate::{VmExit, Vmm};
+use crate::{CrashReport, VmExit, Vmm};
 
 /// iovmm: a minimal KVM VMM whose vIOMMUs protect DMA by vhost-user backends.
 #[derive(Debug, Parser)]
@@ -108,27 +108,29 @@ pub fn describe(exit: &VmExit) -> (u8, Option<String>) {
             Some("guest requested a reset; iovmm does not reboot guests".into()),
         ),
         VmExit::Stopped => (3, Some("VM stopped by request".into())),
-        VmExit::Halted { vcpu, rip } => (
+        VmExit::Halted { vcpu, rip, report } => (
             4,
             Some(format!(
-                "vCPU {vcpu} halted with interrupts disabled at RIP {rip:#x}"
+                "vCPU {vcpu} halted with interrupts disabled at RIP {rip:#x}\n{report}"
             )),
         ),
-        VmExit::GuestCrash { vcpu, rip } => (
+        VmExit::GuestCrash { vcpu, rip, report } => (
             4,
             Some(format!(
-                "guest crashed (triple fault) on vCPU {vcpu} at RIP {rip:#x}"
+                "guest crashed (triple fault) on vCPU {vcpu}{}\n{report}",
+                crash_location(*rip, report)
             )),
         ),
         VmExit::InternalError {
             vcpu,
             suberror,
             rip,
+            report,
         } => (
             5,
             Some(format!(
                 "KVM internal error (suberror {suberror}) on vCPU {vcpu} at guest RIP {rip:#x}: \
-                 the hypervisor could not emulate the guest's instruction"
+                 the hypervisor could not emulate the guest's instruction\n{report}"
             )),
         ),
         VmExit::RunFailed { vcpu, errno } => (
@@ -138,6 +140,27 @@ pub fn describe(exit: &VmExit) -> (u8, Option<String>) {
                 std::io::Error::from_raw_os_error(*errno)
             )),
         ),
+    }
+}
+
+/// Where a triple fault happened, as far as iovmm knows. The state read after the shutdown is
+/// the guest's unless KVM reset the vCPU (AMD SVM does); then the last RIP seen at an earlier
+/// exit (sync regs) is all there is.
+fn crash_location(rip_after: u64, report: &CrashReport) -> String {
+    let last = match (report.last_known(), report.last_known_state()) {
+        (Some(r), Some(s)) => format!(
+            "last RIP seen {:#x} at the {} exit before it",
+            s.rip,
+            r.kind.name()
+        ),
+        _ => "no earlier RIP recorded".to_string(),
+    };
+    match &report.after_exit {
+        Some(s) if s.looks_reset() => format!(
+            ": KVM reset the vCPU at the shutdown (RIP {rip_after:#x}), the faulting RIP is lost; {last}"
+        ),
+        Some(_) => format!(" at RIP {rip_after:#x} (state after the shutdown, not reset); {last}"),
+        None => format!(": the state after the shutdown could not be read; {last}"),
     }
 }
 
@@ -262,5 +285,58 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, ConfigError::ConfigFile { .. }));
         std::fs::remove_file(&p).unwrap();
+    }
+
+    fn crash(after_rip: u64, cs: u16, cr0: u64) -> VmExit {
+        use crate::{Access, ExitKind, ExitRecord, GuestState};
+        let state = |rip, cs, cr0| GuestState {
+            rip,
+            cs,
+            cr0,
+            ..Default::default()
+        };
+        let out = ExitRecord {
+            kind: ExitKind::PioOut,
+            access: Some(Access {
+                addr: 0x3f8,
+                size: 1,
+            }),
+            state: Some(state(0x20_0650, 0x2b, 0x8000_0011)),
+        };
+        let after = state(after_rip, cs, cr0);
+        let fatal = ExitRecord {
+            kind: ExitKind::Shutdown,
+            access: None,
+            state: Some(after),
+        };
+        VmExit::GuestCrash {
+            vcpu: 0,
+            rip: after_rip,
+            report: Box::new(CrashReport {
+                sync_regs: true,
+                history: vec![out, fatal],
+                after_exit: Some(after),
+            }),
+        }
+    }
+
+    #[test]
+    fn triple_fault_summary_leads_with_the_guest_rip_and_keeps_exit_code_4() {
+        let (code, msg) = describe(&crash(0xfff0, 0xf000, 0x6000_0010));
+        assert_eq!(code, 4);
+        let msg = msg.unwrap();
+        let first = msg.lines().next().unwrap();
+        assert_eq!(
+            first,
+            "guest crashed (triple fault) on vCPU 0: KVM reset the vCPU at the shutdown \
+             (RIP 0xfff0), the faulting RIP is lost; last RIP seen 0x200650 at the pio-out exit \
+             before it"
+        );
+        assert_eq!(msg.lines().count(), 1 + 3 + 2, "{msg}");
+        let (_, msg) = describe(&crash(0x20_7e02, 0x2b, 0x8000_0011));
+        assert!(msg.unwrap().starts_with(
+            "guest crashed (triple fault) on vCPU 0 at RIP 0x207e02 (state after the shutdown, \
+             not reset); last RIP seen 0x200650 at the pio-out exit before it\n"
+        ));
     }
 }

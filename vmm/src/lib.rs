@@ -39,7 +39,9 @@ pub use config::{ByteSize, ConfigError, SerialMode, VmConfig};
 pub use device_manager::vhost_user::VhostUserInfo;
 pub use devices::vhost_user::VhostUserStats;
 pub use seccomp::SeccompLevel;
-pub use vstate::vcpu::VmExit;
+pub use vstate::vcpu::{
+    Access, CrashReport, ExitKind, ExitRecord, GuestState, PendingException, VmExit,
+};
 
 use vstate::vcpu::ExitState;
 

@@ -221,11 +221,16 @@ pub enum SeccompError {
 
 /// KVM ioctl request numbers the filters allow (kvm-ioctls keeps its own private).
 mod kvm {
-    use kvm_bindings::{kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_regs, KVMIO};
+    use kvm_bindings::{
+        kvm_ioeventfd, kvm_irq_routing, kvm_irqfd, kvm_msi, kvm_regs, kvm_sregs, kvm_vcpu_events,
+        KVMIO,
+    };
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr};
 
     ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
     ioctl_iow_nr!(KVM_SIGNAL_MSI, KVMIO, 0xa5, kvm_msi);
     ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
     ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
@@ -399,7 +404,10 @@ fn vcpu_rules(r: &mut Rules) -> Result<(), BackendError> {
     let mut io = device_ioctls();
     io.extend([
         kvm::KVM_RUN(),
+        // The crash report reads the vCPU state once, after a fatal exit.
         kvm::KVM_GET_REGS(),
+        kvm::KVM_GET_SREGS(),
+        kvm::KVM_GET_VCPU_EVENTS(),
         kvm::KVM_SET_GSI_ROUTING(),
         kvm::KVM_IRQFD(),
         kvm::KVM_IOEVENTFD(),
@@ -649,6 +657,8 @@ mod tests {
     fn kvm_ioctl_numbers_match_the_kernel_abi() {
         assert_eq!(kvm::KVM_RUN(), 0xae80);
         assert_eq!(kvm::KVM_GET_REGS(), 0x8090_ae81);
+        assert_eq!(kvm::KVM_GET_SREGS(), 0x8138_ae83);
+        assert_eq!(kvm::KVM_GET_VCPU_EVENTS(), 0x8040_ae9f);
         assert_eq!(kvm::KVM_SIGNAL_MSI(), 0x4020_aea5);
         assert_eq!(kvm::KVM_SET_GSI_ROUTING(), 0x4008_ae6a);
         assert_eq!(kvm::KVM_IRQFD(), 0x4020_ae76);

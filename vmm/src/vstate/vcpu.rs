@@ -5,19 +5,35 @@
 //! stop flag and kicking its thread with [`VCPU_KICK_SIGNAL`], which makes
 //! `KVM_RUN` return `EINTR`; [`VcpuHandle::stop`] repeats the kick until the
 //! thread has left its loop, so a kick racing with the flag check is harmless.
+//!
+//! Every vCPU keeps an [`ExitHistory`] of its last exits. With `KVM_CAP_SYNC_REGS`
+//! KVM copies regs, sregs and events into `kvm_run` at each exit, so each record
+//! carries the guest's RIP, CR2, CR3, ... without an ioctl; without the capability
+//! the records have no guest state. A triple fault, internal error or final HLT
+//! stops the VM with a [`CrashReport`]: the history plus the state read with
+//! `KVM_GET_*` after the exit (which AMD SVM has already reset after a shutdown).
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::bus::Bus;
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_bindings::{KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::seccomp::{SeccompFilters, ThreadKind};
+
+mod crash;
+mod history;
+
+pub use crash::CrashReport;
+pub use history::{
+    Access, ExitHistory, ExitKind, ExitRecord, GuestState, PendingException, EXIT_HISTORY_LEN,
+};
 
 /// Why the VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,15 +50,21 @@ pub enum VmExit {
     Halted {
         /// vCPU index.
         vcpu: u8,
-        /// Guest RIP at the time.
+        /// Guest RIP read after the exit.
         rip: u64,
+        /// Exit history and guest state.
+        report: Box<CrashReport>,
     },
     /// The guest crashed (triple fault / KVM_EXIT_SHUTDOWN).
     GuestCrash {
         /// vCPU index.
         vcpu: u8,
-        /// Guest RIP at the time.
+        /// Guest RIP read after the exit. On AMD SVM KVM resets the vCPU on a shutdown
+        /// intercept, so this is the reset vector (0xfff0); the report has the last RIP
+        /// known to be the guest's ([`CrashReport::last_known_state`]).
         rip: u64,
+        /// Exit history and guest state.
+        report: Box<CrashReport>,
     },
     /// KVM could not emulate the guest.
     InternalError {
@@ -50,8 +72,10 @@ pub enum VmExit {
         vcpu: u8,
         /// KVM internal error sub-code.
         suberror: u32,
-        /// Guest RIP at the time.
+        /// Guest RIP read after the exit.
         rip: u64,
+        /// Exit history and guest state.
+        report: Box<CrashReport>,
     },
     /// A KVM_RUN ioctl failed.
     RunFailed {
@@ -139,107 +163,220 @@ pub struct VcpuRunner {
 }
 
 impl VcpuRunner {
+    /// Starts the vCPU thread.
+    pub fn spawn(mut self) -> std::io::Result<VcpuHandle> {
+        let sync_regs = sync_regs_supported();
+        if sync_regs {
+            self.fd.set_sync_valid_reg(SyncReg::Register);
+            self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
+            self.fd.set_sync_valid_reg(SyncReg::VcpuEvents);
+        }
+        let stop = self.stop.clone();
+        let name = format!("iovmm_vcpu{}", self.index);
+        let vcpu = VcpuLoop {
+            r: self,
+            history: ExitHistory::default(),
+            sync_regs,
+        };
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || vcpu.run())?;
+        Ok(VcpuHandle { thread, stop })
+    }
+}
+
+/// Whether KVM copies regs, sregs and events into `kvm_run` at every exit
+/// (`KVM_CAP_SYNC_REGS` with all three bits). Checked once per process, on the
+/// thread that starts the vCPUs (before any seccomp filter applies to it).
+fn sync_regs_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        let wanted = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+        match Kvm::new() {
+            Ok(kvm) => {
+                let mask = kvm.check_extension_int(Cap::SyncRegs) as u32;
+                log::debug!("vmm: KVM_CAP_SYNC_REGS = {mask:#x}");
+                mask & wanted == wanted
+            }
+            Err(e) => {
+                log::warn!("vmm: cannot check KVM_CAP_SYNC_REGS ({e}); no exit history RIPs");
+                false
+            }
+        }
+    })
+}
+
+/// Why an exit stops the VM.
+enum Stop {
+    Halted,
+    Shutdown,
+    Reset,
+    PowerOff,
+    Internal,
+}
+
+/// What one exit was and whether it stops the VM.
+type Dispatched = (ExitKind, Option<Access>, Option<Stop>);
+
+fn access(addr: u64, data: &[u8]) -> Option<Access> {
+    Some(Access {
+        addr,
+        size: data.len() as u8,
+    })
+}
+
+/// Dispatches one exit to the buses.
+fn dispatch(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus, eoi: &dyn Fn(u8), index: u8) -> Dispatched {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !pio.read(port as u64, data) {
+                data.fill(0xff);
+            }
+            (ExitKind::PioIn, access(port as u64, data), None)
+        }
+        VcpuExit::IoOut(port, data) => {
+            pio.write(port as u64, data);
+            (ExitKind::PioOut, access(port as u64, data), None)
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+            (ExitKind::MmioRead, access(addr, data), None)
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            mmio.write(addr, data);
+            (ExitKind::MmioWrite, access(addr, data), None)
+        }
+        VcpuExit::IoapicEoi(vector) => {
+            eoi(vector);
+            let a = Access {
+                addr: vector as u64,
+                size: 0,
+            };
+            (ExitKind::IoapicEoi, Some(a), None)
+        }
+        VcpuExit::Hlt => (ExitKind::Hlt, None, Some(Stop::Halted)),
+        VcpuExit::Shutdown => (ExitKind::Shutdown, None, Some(Stop::Shutdown)),
+        VcpuExit::SystemEvent(kind, _) => {
+            let stop = match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => Stop::Reset,
+                _ => Stop::PowerOff,
+            };
+            (ExitKind::SystemEvent, None, Some(stop))
+        }
+        VcpuExit::InternalError => (ExitKind::InternalError, None, Some(Stop::Internal)),
+        VcpuExit::FailEntry(..) => (ExitKind::FailEntry, None, Some(Stop::Internal)),
+        VcpuExit::Intr => (ExitKind::Interrupted, None, None),
+        other => {
+            log::debug!("vcpu{index}: unhandled exit {other:?}");
+            (ExitKind::Other, None, None)
+        }
+    }
+}
+
+/// A vCPU thread's loop state: the runner plus its exit history.
+struct VcpuLoop {
+    r: VcpuRunner,
+    history: ExitHistory,
+    /// Whether `kvm_run` carries sync regs after each exit.
+    sync_regs: bool,
+}
+
+impl VcpuLoop {
     fn handle_exit(&mut self) -> Option<VmExit> {
-        let exit = match self.fd.run() {
-            Ok(e) => e,
+        let r = &mut self.r;
+        let (kind, access, stop) = match r.fd.run() {
+            Ok(exit) => dispatch(exit, &r.pio, &r.mmio, &*r.eoi, r.index),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.fd.set_kvm_immediate_exit(0);
-                return None;
+                r.fd.set_kvm_immediate_exit(0);
+                (ExitKind::Interrupted, None, None)
             }
             Err(e) => {
                 return Some(VmExit::RunFailed {
-                    vcpu: self.index,
+                    vcpu: r.index,
                     errno: e.errno(),
                 })
             }
         };
-        match exit {
-            VcpuExit::IoIn(port, data) => {
-                if !self.pio.read(port as u64, data) {
-                    data.fill(0xff);
+        self.record(kind, access);
+        stop.map(|s| self.stop_reason(s))
+    }
+
+    /// Remembers an exit; the guest state comes from the sync-regs area (no ioctl).
+    fn record(&mut self, kind: ExitKind, access: Option<Access>) {
+        let state = self
+            .sync_regs
+            .then(|| GuestState::from_sync_regs(&self.r.fd.sync_regs()));
+        self.history.push(ExitRecord {
+            kind,
+            access,
+            state,
+        });
+    }
+
+    fn stop_reason(&mut self, stop: Stop) -> VmExit {
+        let vcpu = self.r.index;
+        match stop {
+            Stop::Reset => VmExit::Reset,
+            Stop::PowerOff => VmExit::PowerOff,
+            Stop::Halted => {
+                let (rip, report) = self.report();
+                VmExit::Halted { vcpu, rip, report }
+            }
+            Stop::Shutdown => {
+                let (rip, report) = self.report();
+                VmExit::GuestCrash { vcpu, rip, report }
+            }
+            Stop::Internal => {
+                let suberror = self.suberror();
+                let (rip, report) = self.report();
+                VmExit::InternalError {
+                    vcpu,
+                    suberror,
+                    rip,
+                    report,
                 }
             }
-            VcpuExit::IoOut(port, data) => {
-                self.pio.write(port as u64, data);
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                if !self.mmio.read(addr, data) {
-                    data.fill(0xff);
-                }
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                self.mmio.write(addr, data);
-            }
-            VcpuExit::IoapicEoi(vector) => (self.eoi)(vector),
-            VcpuExit::Hlt => {
-                return Some(VmExit::Halted {
-                    vcpu: self.index,
-                    rip: self.rip(),
-                })
-            }
-            VcpuExit::Shutdown => {
-                return Some(VmExit::GuestCrash {
-                    vcpu: self.index,
-                    rip: self.rip(),
-                })
-            }
-            VcpuExit::SystemEvent(kind, _) => {
-                return Some(match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
-                    _ => VmExit::PowerOff,
-                })
-            }
-            VcpuExit::InternalError | VcpuExit::FailEntry(..) => {
-                return Some(self.internal_error());
-            }
-            VcpuExit::Intr => {}
-            other => log::debug!("vcpu{}: unhandled exit {other:?}", self.index),
         }
-        None
     }
 
-    fn rip(&self) -> u64 {
-        self.fd.get_regs().map(|r| r.rip).unwrap_or(u64::MAX)
+    /// The RIP read after the exit and the crash report.
+    fn report(&self) -> (u64, Box<CrashReport>) {
+        let after_exit = crash::read_state(&self.r.fd);
+        let rip = after_exit.map_or(u64::MAX, |s| s.rip);
+        let report = CrashReport {
+            sync_regs: self.sync_regs,
+            history: self.history.to_vec(),
+            after_exit,
+        };
+        (rip, Box::new(report))
     }
 
-    fn internal_error(&mut self) -> VmExit {
-        let run = self.fd.get_kvm_run();
-        let suberror = if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+    fn suberror(&mut self) -> u32 {
+        let run = self.r.fd.get_kvm_run();
+        if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
             // SAFETY: exit_reason says the `internal` member of the union is the valid one.
             unsafe { run.__bindgen_anon_1.internal.suberror }
         } else {
             u32::MAX
-        };
-        VmExit::InternalError {
-            vcpu: self.index,
-            suberror,
-            rip: self.rip(),
         }
     }
 
     fn run(mut self) {
-        if let Err(e) = self.seccomp.apply(ThreadKind::Vcpu) {
-            log::error!("vcpu{}: {e}; stopping the VM", self.index);
-            self.exit.request(VmExit::Stopped);
+        let index = self.r.index;
+        if let Err(e) = self.r.seccomp.apply(ThreadKind::Vcpu) {
+            log::error!("vcpu{index}: {e}; stopping the VM");
+            self.r.exit.request(VmExit::Stopped);
             return;
         }
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.r.stop.load(Ordering::Acquire) {
             if let Some(reason) = self.handle_exit() {
-                log::debug!("vcpu{}: stopping: {reason:?}", self.index);
-                self.exit.request(reason);
+                log::debug!("vcpu{index}: stopping: {reason:?}");
+                self.r.exit.request(reason);
                 break;
             }
         }
-    }
-
-    /// Starts the vCPU thread.
-    pub fn spawn(self) -> std::io::Result<VcpuHandle> {
-        let stop = self.stop.clone();
-        let name = format!("iovmm_vcpu{}", self.index);
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || self.run())?;
-        Ok(VcpuHandle { thread, stop })
     }
 }
 
