@@ -190,6 +190,7 @@ tss_iopb:
 tss_end:
 
     .balign 16
+    .globl idt, idt_end         /* the triple-fault scenario clears it from ring 3 */
 idt:
     .rept 32
     .short 0, SEL_KCODE, 0x8e00, 0  /* offset patched at boot; interrupt gate, DPL 0 */

@@ -40,6 +40,46 @@ static int run_fault(void)
     return EXIT_FAILED;
 }
 
+/* The IDT (boot.S); ring 3 can write it: every page has the U/S bit. */
+extern u8 idt[], idt_end[];
+
+static int run_triple_fault(void)
+{
+    /*
+     * With every gate not present, #UD raises #NP, which raises #DF, whose gate is not present
+     * either: the CPU shuts down (KVM_EXIT_SHUTDOWN). Nothing runs in ring 0.
+     */
+    u64 ud2_rip;
+    __asm__ volatile("lea triple_fault_ud2(%%rip), %0" : "=r"(ud2_rip));
+    printf("IOVMM-TEST triple-fault: clearing the IDT, ud2 at %p\n", (void *)ud2_rip);
+    memset(idt, 0, (size_t)(idt_end - idt));
+    __asm__ volatile("triple_fault_ud2: ud2" ::: "memory");
+    struct result r;
+    result_begin(&r, "triple-fault", "failed");
+    result_str(&r, "error", "ud2 with an empty IDT did not shut the CPU down");
+    result_emit(&r);
+    return EXIT_FAILED;
+}
+
+/* iovmm.iterations reads of a port no device claims: each one is a full exit to the VMM. */
+static int run_pio_exits(void)
+{
+    u64 iterations;
+    if (cmdline_u64("iovmm.iterations", 100000, &iterations))
+        return -EXIT_USAGE;
+    u64 t0 = rdtsc();
+    for (u64 i = 0; i < iterations; i++)
+        (void)inb(0x80);
+    u64 cycles = rdtsc() - t0;
+    struct result r;
+    result_begin(&r, "pio-exits", "ok");
+    result_u64(&r, "iterations", iterations);
+    result_u64(&r, "cycles", cycles);
+    result_u64(&r, "tsc_khz", tsc_rate_khz());
+    result_emit(&r);
+    return EXIT_OK;
+}
+
 static int run_tsc(void)
 {
     u64 iterations;
@@ -122,6 +162,7 @@ static int run_dma_map_scenario(void)
 
 static const struct scenario scenarios[] = {
     {"hello", run_hello},       {"fault", run_fault},
+    {"triple-fault", run_triple_fault}, {"pio-exits", run_pio_exits},
     {"tsc", run_tsc},           {"pci-scan", run_pci_scan},
     {"net-tx", run_net_tx_scenario}, {"dma-map", run_dma_map_scenario},
 };
@@ -165,5 +206,5 @@ int guest_main(void)
             return code;
         }
     }
-    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, tsc, pci-scan, net-tx, dma-map)");
+    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, dma-map)");
 }
