@@ -29,9 +29,10 @@ use iommu::{
 };
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::channel::{ChannelError, IotlbChannel};
+use super::channel::IotlbChannel;
 use super::installed::Installed;
 use super::miss::{check_update, MissError, MissHandler};
+use super::recheck::VringArea;
 use super::stats::{BridgeCounters, BridgeStats};
 use super::wire::{IotlbMsg, IotlbPerm};
 use crate::virtio::GuestMemoryMmap;
@@ -77,6 +78,10 @@ struct BridgeState {
     /// The back end disconnected and no new connection is negotiated yet:
     /// nothing is sent and misses are refused (see [`IotlbBridge::link_down`]).
     link_down: bool,
+    /// The running vrings' IOVAs ([`IotlbBridge::set_vrings`]).
+    rings: Vec<VringArea>,
+    /// Rate limit of the "ring unmapped" error.
+    ring_log: invalidate::RateLimit,
 }
 
 /// Bridges one vhost-user back end's device IOTLB to the guest IOMMU.
@@ -116,14 +121,21 @@ pub fn iotlb_perm_of(perm: Permissions) -> IotlbPerm {
     }
 }
 
-/// The `(iova, size)` of an INVALIDATE covering `range`.
+/// The `(iova, size)` of an INVALIDATE covering `range`, such that
+/// `iova + size` never wraps; `None` if nothing can be installed there.
 ///
-/// The full 2^64 range cannot be expressed; it becomes `(0, u64::MAX)`,
-/// which covers everything the bridge can have installed because UPDATEs
-/// never include the last byte of the space (see [`update_for`]).
-pub fn invalidate_args(range: IovaRange) -> (u64, u64) {
-    let size = (range.end() - range.start()).saturating_add(1);
-    (range.start(), size)
+/// DPDK's `vhost_user_iotlb_cache_remove` computes `iova + size` in 64 bits
+/// and stops at the first cached entry starting above it, so a wrapped end
+/// removes nothing. A range reaching `u64::MAX` is sent as
+/// `(start, u64::MAX - start)`: that still removes every entry ending after
+/// `start`, because UPDATEs never include the last byte of the space (see
+/// [`update_for`]). For the full space that is `(0, u64::MAX)`.
+pub fn invalidate_args(range: IovaRange) -> Option<(u64, u64)> {
+    let (start, end) = (range.start(), range.end());
+    if end < u64::MAX {
+        return Some((start, end - start + 1));
+    }
+    (start < u64::MAX).then(|| (start, u64::MAX - start))
 }
 
 /// The UPDATE installing the IOVAs `[iova_lo, iova_lo + span]` → GPAs
@@ -230,6 +242,14 @@ impl IotlbBridge {
         st.iotlb_live = true;
         // SET_FEATURES was just sent: the back end's IOTLB starts empty.
         st.installed.clear();
+        st.rings.clear();
+    }
+
+    /// The vrings the back end runs, as IOVAs (after SET_VRING_ADDR). An
+    /// INVALIDATE overlapping one of them is followed at once by UPDATEs
+    /// for that queue's rings, so the back end re-enables the queue.
+    pub fn set_vrings(&self, rings: Vec<VringArea>) {
+        lock(&self.state).rings = rings;
     }
 
     /// The device is stopping: refuse misses. INVALIDATEs are still sent,
@@ -238,6 +258,7 @@ impl IotlbBridge {
         let mut st = lock(&self.state);
         st.running = false;
         st.mem = None;
+        st.rings.clear();
     }
 
     /// The back end disconnected (reconnection): refuse misses at once and
@@ -249,6 +270,7 @@ impl IotlbBridge {
         st.link_down = true;
         st.running = false;
         st.mem = None;
+        st.rings.clear();
     }
 
     /// A new connection is negotiated: INVALIDATEs for new unmaps that may
@@ -258,7 +280,7 @@ impl IotlbBridge {
         lock(&self.state).link_down = false;
     }
 
-    /// Number of IOVA ranges the back end may hold (for tests and stats).
+    /// Number of recorded IOVA segments the back end may hold (for tests and stats).
     pub fn installed_ranges(&self) -> usize {
         lock(&self.state).installed.len()
     }
@@ -287,6 +309,11 @@ impl IotlbBridge {
 
     /// Compute the UPDATE answering a miss (bridge lock held by the caller).
     fn compute(&self, st: &BridgeState, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
+        self.plan(st, iova, perm).map(|p| p.msg)
+    }
+
+    /// The UPDATE answering a miss and what it maps to.
+    fn plan(&self, st: &BridgeState, iova: u64, perm: IotlbPerm) -> Result<Planned, MissError> {
         if !st.running {
             return Err(MissError::DeviceStopped { iova });
         }
@@ -315,10 +342,14 @@ impl IotlbBridge {
             .min(iova & (UPDATE_START_ALIGN - 1));
         let (iova_lo, gpa_lo) = (iova - back, gpa - back);
         let fwd = span_in_region(mem, gpa, ext.iova.end() - iova).ok_or(not_ram.clone())?;
-        let update = update_for(mem, iova_lo, gpa_lo, back + fwd, ext.perm)
+        let msg = update_for(mem, iova_lo, gpa_lo, back + fwd, ext.perm)
             .ok_or(MissError::Unrepresentable { iova })?;
-        check_update(iova, perm, &update)?;
-        Ok(update)
+        check_update(iova, perm, &msg)?;
+        Ok(Planned {
+            msg,
+            gpa: gpa_lo,
+            perm: ext.perm,
+        })
     }
 
     /// The miss path with the lock held: compute, send, wait for the ack.
@@ -328,7 +359,7 @@ impl IotlbBridge {
         perm: IotlbPerm,
     ) -> Result<IotlbMsg, (MissError, Option<Fault>)> {
         let mut st = lock(&self.state);
-        let update = self.compute(&st, iova, perm).map_err(|e| {
+        let planned = self.plan(&st, iova, perm).map_err(|e| {
             let fault = match e {
                 MissError::Unmapped { .. } | MissError::PermissionDenied { .. } => st
                     .translator
@@ -338,69 +369,13 @@ impl IotlbBridge {
             };
             (e, fault)
         })?;
-        // Recorded before sending: a send that fails half-way may still
-        // have installed the entry.
-        st.installed
-            .add(update.iova, update.iova + (update.size - 1));
-        self.channel.send_iotlb(&update, true).map_err(|e| {
+        let failed = |e: &dyn std::fmt::Display| {
             let reason = e.to_string();
             (MissError::UpdateFailed { iova, reason }, None)
-        })?;
-        Ok(update)
-    }
-
-    /// Send one acked INVALIDATE; a nack closes the socket (the back end
-    /// refused to drop a translation the guest removed).
-    fn invalidate_locked(&self, st: &mut BridgeState, range: IovaRange) -> Result<(), NotifyError> {
-        if !st.iotlb_live {
-            return Ok(());
-        }
-        if st.link_down {
-            // No back end is connected to tell; the next connection's IOTLB
-            // starts empty at its SET_FEATURES.
-            BridgeCounters::bump(&self.counters.invalidations_skipped);
-            return Ok(());
-        }
-        if !st.installed.intersects(range.start(), range.end()) {
-            // Nothing of it was ever sent (or it was invalidated already).
-            BridgeCounters::bump(&self.counters.invalidations_skipped);
-            return Ok(());
-        }
-        let start = Instant::now();
-        let (iova, size) = invalidate_args(range);
-        match self
-            .channel
-            .send_iotlb(&IotlbMsg::invalidate(iova, size), true)
-        {
-            Ok(()) => {
-                st.installed.remove(range.start(), range.end());
-                BridgeCounters::bump(&self.counters.invalidations);
-                self.counters.invalidate_latency.record(start.elapsed());
-                Ok(())
-            }
-            // The back end hung up (or its socket was already closed after an
-            // earlier failure): a disconnected back end must stop and drop
-            // its IOTLB (a new connection starts empty at SET_FEATURES), so
-            // it holds nothing left to invalidate.
-            Err(ChannelError::Disconnected | ChannelError::Broken) => {
-                st.installed.clear();
-                BridgeCounters::bump(&self.counters.invalidations_skipped);
-                log::debug!(
-                    "vhost-user: back end gone; IOVA {iova:#x}+{size:#x} needs no INVALIDATE"
-                );
-                Ok(())
-            }
-            Err(e) => {
-                BridgeCounters::bump(&self.counters.invalidation_failures);
-                if matches!(e, ChannelError::Nack(_)) {
-                    self.channel.close();
-                }
-                Err(NotifyError::new(format!(
-                    "vhost-user INVALIDATE of IOVA {iova:#x}+{size:#x} failed ({e}); \
-                     the back end was disconnected"
-                )))
-            }
-        }
+        };
+        self.send_update_locked(&mut st, &planned)
+            .map_err(|e| failed(&e))?;
+        Ok(planned.msg)
     }
 
     /// Push UPDATEs for a new mapping (prefetch policy), one per memory
@@ -423,10 +398,9 @@ impl IotlbBridge {
             let Some(span) = span_in_region(mem, g, total - off) else {
                 break;
             };
-            if let Some(update) = update_for(mem, iova, g, span, perm) {
-                st.installed
-                    .add(update.iova, update.iova + (update.size - 1));
-                self.channel.send_iotlb(&update, true).map_err(|e| {
+            if let Some(msg) = update_for(mem, iova, g, span, perm) {
+                let planned = Planned { msg, gpa: g, perm };
+                self.send_update_locked(st, &planned).map_err(|e| {
                     NotifyError::new(format!("vhost-user prefetch UPDATE failed: {e}"))
                 })?;
                 BridgeCounters::bump(&self.counters.prefetches);
@@ -441,6 +415,14 @@ impl IotlbBridge {
 }
 
 type Fault = (FaultHook, RequesterId);
+
+/// An UPDATE and the GPA and permission it installs (for the record).
+#[derive(Debug, Clone, Copy)]
+struct Planned {
+    msg: IotlbMsg,
+    gpa: u64,
+    perm: Permissions,
+}
 
 impl MissHandler for IotlbBridge {
     fn on_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
@@ -484,6 +466,7 @@ impl MissHandler for IotlbBridge {
 
 impl IommuNotifier for IotlbBridge {
     fn notify(&self, ev: &IommuEvent) -> Result<(), NotifyError> {
+        let start = Instant::now();
         let mut st = lock(&self.state);
         let mine = st.translator.as_ref().map(|t| t.rid);
         if let (Some(ev_rid), Some(rid)) = (ev.rid(), mine) {
@@ -498,423 +481,20 @@ impl IommuNotifier for IotlbBridge {
                 IotlbPolicy::MissDriven => Ok(()),
                 IotlbPolicy::Prefetch => self.prefetch_locked(&mut st, *range, *gpa, *perm),
             },
-            IommuEvent::Unmap { range, .. } => self.invalidate_locked(&mut st, *range),
+            IommuEvent::Unmap { range, .. } => self.unmapped_locked(&mut st, *range, start),
             IommuEvent::DevIotlbUnmap { range, .. } => {
                 BridgeCounters::bump(&self.counters.devtlb_notifications);
-                self.invalidate_locked(&mut st, *range)
+                self.unmapped_locked(&mut st, *range, start)
             }
             IommuEvent::DetachEndpoint { .. } | IommuEvent::Reset => {
-                self.invalidate_locked(&mut st, IovaRange::FULL)
+                self.unmapped_locked(&mut st, IovaRange::FULL, start)
             }
         }
     }
 }
+
+mod invalidate;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-    use crate::vhost_user::channel::{MockIotlbChannel, MockReply};
-    use iommu::{Extent, Translation};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::time::Duration;
-
-    const RID: RequesterId = RequesterId::from_bdf(0, 0x18);
-
-    /// IOVA range -> (GPA, permission); extents are whole mappings.
-    #[derive(Default)]
-    struct Stub(Mutex<Vec<(IovaRange, u64, Permissions)>>);
-
-    impl Stub {
-        fn map(&self, iova: u64, len: u64, gpa: u64, perm: Permissions) {
-            let r = IovaRange::from_start_len(iova, len).unwrap();
-            self.0.lock().unwrap().push((r, gpa, perm));
-        }
-    }
-
-    impl DmaTranslate for Stub {
-        fn translate(
-            &self,
-            _rid: RequesterId,
-            iova: Iova,
-            len: u64,
-            access: Permissions,
-        ) -> Result<Translation, TranslateError> {
-            let maps = self.0.lock().unwrap();
-            let (r, gpa, perm) = *maps
-                .iter()
-                .find(|(r, ..)| r.contains(iova.0))
-                .ok_or(TranslateError::Unmapped { iova })?;
-            if !perm.allow(access) {
-                return Err(TranslateError::PermissionDenied {
-                    iova,
-                    requested: access,
-                    allowed: perm,
-                });
-            }
-            Ok(Translation {
-                fragments: vec![(GuestAddress(gpa + (iova.0 - r.start())), len)],
-                perm,
-                extent: Extent {
-                    iova: r,
-                    gpa: GuestAddress(gpa),
-                    perm,
-                },
-            })
-        }
-    }
-
-    /// Two adjacent 64 KiB regions (separate mappings) at GPA 0 and 0x10000.
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[
-            (GuestAddress(0), 0x10000),
-            (GuestAddress(0x10000), 0x10000),
-        ])
-        .unwrap()
-    }
-
-    fn host(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
-        mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
-    }
-
-    struct Rig {
-        chan: Arc<MockIotlbChannel>,
-        stub: Arc<Stub>,
-        bridge: Arc<IotlbBridge>,
-        faults: Arc<Mutex<Vec<(RequesterId, u64, IotlbPerm)>>>,
-        mem: GuestMemoryMmap,
-    }
-
-    fn rig(policy: IotlbPolicy) -> Rig {
-        let chan = Arc::new(MockIotlbChannel::new());
-        let stub = Arc::new(Stub::default());
-        let bridge = Arc::new(IotlbBridge::new(chan.clone(), policy));
-        let faults = Arc::new(Mutex::new(Vec::new()));
-        let f = faults.clone();
-        let hook: FaultHook =
-            Arc::new(move |rid, iova, perm| f.lock().unwrap().push((rid, iova, perm)));
-        bridge.set_translation(stub.clone(), RID, Some(hook));
-        let mem = mem();
-        bridge.start(mem.clone());
-        Rig {
-            chan,
-            stub,
-            bridge,
-            faults,
-            mem,
-        }
-    }
-
-    impl Rig {
-        fn miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
-            self.bridge.answer_miss(iova, perm, self.chan.as_ref())
-        }
-    }
-
-    #[test]
-    fn miss_sends_the_extent_from_the_missed_page_clipped_to_the_memory_region() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub.map(0x1000_0000, 0x20000, 0, Permissions::ReadWrite);
-        // From the missed page to the end of the first region (0x10000 bytes).
-        let want = IotlbMsg::update(0x1000_8000, 0x8000, host(&r.mem, 0x8000), IotlbPerm::Rw);
-        assert_eq!(r.miss(0x1000_8123, IotlbPerm::Wo).unwrap(), want);
-        let want2 = IotlbMsg::update(0x1001_0000, 0x10000, host(&r.mem, 0x10000), IotlbPerm::Rw);
-        assert_eq!(r.miss(0x1001_0005, IotlbPerm::Ro).unwrap(), want2);
-        assert_eq!(r.chan.sent(), vec![(want, true), (want2, true)]);
-        let s = r.bridge.stats();
-        assert_eq!((s.misses, s.misses_served, s.misses_refused), (2, 2, 0));
-        assert_eq!(s.miss_latency.count, 2);
-    }
-
-    #[test]
-    fn miss_update_starts_inside_a_region_and_keeps_the_real_permission() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub.map(0x2000_0000, 0x4000, 0x8000, Permissions::Read);
-        let got = r.miss(0x2000_1fff, IotlbPerm::Ro).unwrap();
-        assert_eq!(
-            got,
-            IotlbMsg::update(0x2000_1000, 0x3000, host(&r.mem, 0x9000), IotlbPerm::Ro)
-        );
-    }
-
-    /// DPDK keeps the first cached entry of a given start IOVA and drops later
-    /// UPDATEs with the same start. After the mapping grew, a second miss must
-    /// therefore not repeat the first UPDATE's start.
-    #[test]
-    fn misses_after_a_mapping_grew_never_repeat_an_update_start() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub
-            .map(0x3000_0000, 0x1000, 0x4000, Permissions::ReadWrite);
-        let first = r.miss(0x3000_0010, IotlbPerm::Ro).unwrap();
-        assert_eq!((first.iova, first.size), (0x3000_0000, 0x1000));
-        // The translation extent now also covers the next page (a contiguous
-        // neighbour mapped while the first stays mapped, merged by the model).
-        r.stub.0.lock().unwrap().clear();
-        r.stub
-            .map(0x3000_0000, 0x2000, 0x4000, Permissions::ReadWrite);
-        let second = r.miss(0x3000_1010, IotlbPerm::Ro).unwrap();
-        assert_eq!((second.iova, second.size), (0x3000_1000, 0x1000));
-    }
-
-    #[test]
-    fn unmapped_or_forbidden_miss_sends_nothing_and_reports_a_fault() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub.map(0x2000_0000, 0x1000, 0x8000, Permissions::Read);
-        assert_eq!(
-            r.miss(0x2000_0010, IotlbPerm::Wo),
-            Err(MissError::PermissionDenied {
-                iova: 0x2000_0010,
-                wanted: IotlbPerm::Wo
-            })
-        );
-        assert_eq!(
-            r.miss(0x3000_0000, IotlbPerm::Ro),
-            Err(MissError::Unmapped { iova: 0x3000_0000 })
-        );
-        assert!(r.chan.sent().is_empty());
-        assert_eq!(
-            *r.faults.lock().unwrap(),
-            vec![
-                (RID, 0x2000_0010, IotlbPerm::Wo),
-                (RID, 0x3000_0000, IotlbPerm::Ro)
-            ]
-        );
-        let s = r.bridge.stats();
-        assert_eq!((s.misses_refused, s.faults), (2, 2));
-    }
-
-    #[test]
-    fn miss_while_stopped_or_unconfigured_is_refused_without_fault() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub.map(0, 0x1000, 0, Permissions::ReadWrite);
-        r.bridge.stop();
-        assert_eq!(
-            r.miss(0x10, IotlbPerm::Ro),
-            Err(MissError::DeviceStopped { iova: 0x10 })
-        );
-        let fresh = IotlbBridge::new(r.chan.clone(), IotlbPolicy::MissDriven);
-        fresh.start(r.mem.clone());
-        assert_eq!(
-            fresh.answer_miss(0x10, IotlbPerm::Ro, r.chan.as_ref()),
-            Err(MissError::NoTranslation { iova: 0x10 })
-        );
-        assert!(r.chan.sent().is_empty());
-        assert!(r.faults.lock().unwrap().is_empty());
-    }
-
-    #[test]
-    fn translation_outside_guest_ram_is_refused() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub
-            .map(0x5000, 0x1000, 0xfee0_0000, Permissions::ReadWrite);
-        assert_eq!(
-            r.miss(0x5000, IotlbPerm::Wo),
-            Err(MissError::NotSharedMemory { iova: 0x5000 })
-        );
-        assert!(r.chan.sent().is_empty());
-    }
-
-    #[test]
-    fn update_never_wraps_the_top_of_the_iova_space() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub
-            .map(u64::MAX - 0xfff, 0x1000, 0x1000, Permissions::ReadWrite);
-        let got = r.miss(u64::MAX - 0xfff, IotlbPerm::Rw).unwrap();
-        assert_eq!(
-            got,
-            IotlbMsg::update(u64::MAX - 0xfff, 0xfff, host(&r.mem, 0x1000), IotlbPerm::Rw)
-        );
-        assert_eq!(
-            r.miss(u64::MAX, IotlbPerm::Ro),
-            Err(MissError::Unrepresentable { iova: u64::MAX })
-        );
-    }
-
-    impl Rig {
-        /// Let the back end hold a translation of `[0x1000, 0x2fff]`.
-        fn install(&self) {
-            self.miss(0x1000, IotlbPerm::Ro).unwrap();
-        }
-
-        fn invalidates(&self) -> Vec<(IotlbMsg, bool)> {
-            let inv = crate::vhost_user::wire::IotlbType::Invalidate as u8;
-            self.chan
-                .sent()
-                .into_iter()
-                .filter(|(m, _)| m.msg_type == inv)
-                .collect()
-        }
-    }
-
-    #[test]
-    fn unmap_events_send_acked_invalidates_with_exact_ranges() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub.map(0x1000, 0x2000, 0, Permissions::ReadWrite);
-        let range = IovaRange::new(0x1000, 0x2fff).unwrap();
-        let top = IovaRange::new(1, u64::MAX).unwrap();
-        for ev in [
-            IommuEvent::Unmap { rid: RID, range },
-            IommuEvent::DevIotlbUnmap { rid: RID, range },
-            IommuEvent::DetachEndpoint { rid: RID },
-            IommuEvent::Reset,
-            IommuEvent::Unmap {
-                rid: RID,
-                range: top,
-            },
-        ] {
-            r.install();
-            r.bridge.notify(&ev).unwrap();
-        }
-        let inv = |a, b| (IotlbMsg::invalidate(a, b), true);
-        assert_eq!(
-            r.invalidates(),
-            vec![
-                inv(0x1000, 0x2000),
-                inv(0x1000, 0x2000),
-                inv(0, u64::MAX),
-                inv(0, u64::MAX),
-                inv(1, u64::MAX)
-            ]
-        );
-        let s = r.bridge.stats();
-        assert_eq!((s.invalidations, s.devtlb_notifications), (5, 1));
-    }
-
-    #[test]
-    fn unmaps_of_ranges_the_back_end_never_received_need_no_round_trip() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub.map(0x1000, 0x2000, 0, Permissions::ReadWrite);
-        // A VT-d caching-mode guest invalidates right after mapping: nothing sent yet.
-        let range = IovaRange::new(0x1000, 0x2fff).unwrap();
-        r.bridge
-            .notify(&IommuEvent::Unmap { rid: RID, range })
-            .unwrap();
-        assert!(r.chan.sent().is_empty());
-        r.install();
-        // Disjoint from what was sent: skipped; overlapping: invalidated once.
-        let elsewhere = IovaRange::new(0x8000, 0x8fff).unwrap();
-        r.bridge
-            .notify(&IommuEvent::Unmap {
-                rid: RID,
-                range: elsewhere,
-            })
-            .unwrap();
-        r.bridge
-            .notify(&IommuEvent::Unmap { rid: RID, range })
-            .unwrap();
-        r.bridge
-            .notify(&IommuEvent::Unmap { rid: RID, range })
-            .unwrap();
-        assert_eq!(r.invalidates().len(), 1);
-        let s = r.bridge.stats();
-        assert_eq!((s.invalidations, s.invalidations_skipped), (1, 3));
-        // A new connection (start) forgets everything the old back end held.
-        r.install();
-        r.bridge.start(r.mem.clone());
-        r.bridge
-            .notify(&IommuEvent::Unmap { rid: RID, range })
-            .unwrap();
-        assert_eq!(r.invalidates().len(), 1);
-    }
-
-    #[test]
-    fn events_of_other_requesters_and_before_start_send_nothing() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub.map(0x1000, 0x2000, 0, Permissions::ReadWrite);
-        r.install();
-        let other = RequesterId::from_bdf(0, 0x20);
-        let range = IovaRange::new(0, 0x1fff).unwrap();
-        r.bridge
-            .notify(&IommuEvent::Unmap { rid: other, range })
-            .unwrap();
-        let fresh = IotlbBridge::new(r.chan.clone(), IotlbPolicy::MissDriven);
-        fresh.notify(&IommuEvent::Reset).unwrap();
-        assert!(r.invalidates().is_empty());
-        // After a stop the back end may still hold entries: keep invalidating.
-        r.bridge.stop();
-        r.bridge
-            .notify(&IommuEvent::Unmap { rid: RID, range })
-            .unwrap();
-        assert_eq!(r.invalidates().len(), 1);
-    }
-
-    #[test]
-    fn refused_invalidate_is_an_error_and_closes_the_socket() {
-        let r = rig(IotlbPolicy::MissDriven);
-        r.stub.map(0x1000, 0x2000, 0, Permissions::ReadWrite);
-        r.install();
-        r.chan.script(&[MockReply::Nack(1)]);
-        let range = IovaRange::new(0, 0x1fff).unwrap();
-        let err = r.bridge.notify(&IommuEvent::Unmap { rid: RID, range });
-        assert!(err.is_err());
-        assert!(r.chan.is_closed());
-        assert_eq!(r.bridge.stats().invalidation_failures, 1);
-    }
-
-    #[test]
-    fn map_events_are_pushed_only_with_the_prefetch_policy() {
-        let ev = IommuEvent::Map {
-            rid: RID,
-            range: IovaRange::from_start_len(0x4000_0000, 0x18000).unwrap(),
-            gpa: GuestAddress(0x8000),
-            perm: Permissions::Read,
-        };
-        let lazy = rig(IotlbPolicy::MissDriven);
-        lazy.bridge.notify(&ev).unwrap();
-        assert!(lazy.chan.sent().is_empty());
-        let eager = rig(IotlbPolicy::Prefetch);
-        eager.bridge.notify(&ev).unwrap();
-        // Split at the region boundary 0x10000.
-        let m = &eager.mem;
-        assert_eq!(
-            eager.chan.sent(),
-            vec![
-                (
-                    IotlbMsg::update(0x4000_0000, 0x8000, host(m, 0x8000), IotlbPerm::Ro),
-                    true
-                ),
-                (
-                    IotlbMsg::update(0x4000_8000, 0x10000, host(m, 0x10000), IotlbPerm::Ro),
-                    true
-                ),
-            ]
-        );
-        assert_eq!(eager.bridge.stats().prefetches, 2);
-    }
-
-    /// Records messages in the order their acks "arrive"; UPDATE acks are slow.
-    struct SlowUpdates(Mutex<Vec<IotlbMsg>>, AtomicU64);
-
-    impl IotlbChannel for SlowUpdates {
-        fn send_iotlb(&self, msg: &IotlbMsg, _need_reply: bool) -> Result<(), ChannelError> {
-            if msg.kind() == Ok(super::super::wire::IotlbType::Update) {
-                std::thread::sleep(Duration::from_millis(150));
-            }
-            self.1.fetch_add(1, Ordering::SeqCst);
-            self.0.lock().unwrap().push(*msg);
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn an_update_in_flight_is_acked_before_a_concurrent_invalidate_is_sent() {
-        let chan = Arc::new(SlowUpdates(Mutex::default(), AtomicU64::new(0)));
-        let stub = Arc::new(Stub::default());
-        stub.map(0x1000, 0x1000, 0, Permissions::ReadWrite);
-        let bridge = Arc::new(IotlbBridge::new(chan.clone(), IotlbPolicy::MissDriven));
-        bridge.set_translation(stub, RID, None);
-        bridge.start(mem());
-        let b = bridge.clone();
-        let c = chan.clone();
-        let miss = std::thread::spawn(move || b.answer_miss(0x1000, IotlbPerm::Ro, c.as_ref()));
-        std::thread::sleep(Duration::from_millis(30));
-        let range = IovaRange::new(0x1000, 0x1fff).unwrap();
-        bridge
-            .notify(&IommuEvent::Unmap { rid: RID, range })
-            .unwrap();
-        // notify could only send after the UPDATE was acked.
-        let kinds: Vec<_> = chan.0.lock().unwrap().iter().map(|m| m.msg_type).collect();
-        assert_eq!(kinds, vec![2, 3]);
-        miss.join().unwrap().unwrap();
-    }
-}
+mod tests;

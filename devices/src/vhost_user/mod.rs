@@ -111,6 +111,7 @@ pub mod frontend;
 pub mod installed;
 pub mod kind;
 pub mod miss;
+pub mod recheck;
 pub mod reconnect;
 pub mod relay;
 mod session;

@@ -18,6 +18,7 @@ use super::bridge::IotlbBridge;
 use super::channel::{IotlbChannel, MainSocket};
 use super::frontend::{backend_features, missing_for_iommu, VhostUserError};
 use super::kind::VhostUserKind;
+use super::recheck::VringArea;
 use super::wire::{
     PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
@@ -224,6 +225,14 @@ pub(crate) fn ring_addr(
         .map_err(|_| VhostUserError::RingAddress { queue, addr })
 }
 
+/// The IOVAs of every ring of `act` (behind a vIOMMU ring addresses are IOVAs).
+fn vring_areas(act: &Activation) -> Vec<VringArea> {
+    act.rings
+        .iter()
+        .flat_map(|r| VringArea::split_ring(r.index, r.size, r.desc, r.avail, r.used))
+        .collect()
+}
+
 impl Link {
     pub(crate) fn request<R>(
         &self,
@@ -348,6 +357,9 @@ impl Link {
         resume: bool,
     ) -> Result<(), VhostUserError> {
         self.start_device(s, act)?;
+        if let (Some(bridge), true) = (&self.bridge, self.iommu) {
+            bridge.set_vrings(vring_areas(act));
+        }
         for ring in &act.rings {
             let base = if resume {
                 self.resume_index(act, ring)

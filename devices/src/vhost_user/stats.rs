@@ -109,6 +109,10 @@ pub struct BridgeCounters {
     pub(crate) invalidation_failures: AtomicU64,
     pub(crate) invalidations_skipped: AtomicU64,
     pub(crate) devtlb_notifications: AtomicU64,
+    pub(crate) invalidations_unchanged: AtomicU64,
+    pub(crate) ring_invalidations: AtomicU64,
+    pub(crate) ring_updates: AtomicU64,
+    pub(crate) rings_unmapped: AtomicU64,
     pub(crate) miss_latency: LatencyHistogram,
     pub(crate) invalidate_latency: LatencyHistogram,
 }
@@ -128,8 +132,8 @@ pub struct BridgeStats {
     pub access_fails: u64,
     /// UPDATEs pushed for MAP events (prefetch policy).
     pub prefetches: u64,
-    /// INVALIDATEs acked by the back end (one per notification, or two for
-    /// a split range).
+    /// INVALIDATEs acked by the back end (one per changed run of a
+    /// notification; a notification that changed nothing sends none).
     pub invalidations: u64,
     /// Notifications whose INVALIDATE failed.
     pub invalidation_failures: u64,
@@ -140,6 +144,17 @@ pub struct BridgeStats {
     /// guest enabled ATS and the vIOMMU delivered DEVIOTLB_UNMAP events),
     /// whether or not they needed an INVALIDATE.
     pub devtlb_notifications: u64,
+    /// Unmap notifications that needed no INVALIDATE because everything the
+    /// back end held in their range still translates the same way (e.g. the
+    /// unchanged neighbours in a widened VT-d invalidation block).
+    pub invalidations_unchanged: u64,
+    /// INVALIDATEs that overlapped a running vring (DPDK then disables the
+    /// queue until an UPDATE covers the ring again).
+    pub ring_invalidations: u64,
+    /// UPDATEs pushed right after such an INVALIDATE to restore the ring.
+    pub ring_updates: u64,
+    /// Rings found unmapped while the device runs (the guest removed them).
+    pub rings_unmapped: u64,
     /// From MISS receipt to the UPDATE's ack (served misses only).
     pub miss_latency: LatencySummary,
     /// From the start of `notify` to the last INVALIDATE ack.
@@ -165,6 +180,10 @@ impl BridgeCounters {
             invalidation_failures: l(&self.invalidation_failures),
             invalidations_skipped: l(&self.invalidations_skipped),
             devtlb_notifications: l(&self.devtlb_notifications),
+            invalidations_unchanged: l(&self.invalidations_unchanged),
+            ring_invalidations: l(&self.ring_invalidations),
+            ring_updates: l(&self.ring_updates),
+            rings_unmapped: l(&self.rings_unmapped),
             miss_latency: self.miss_latency.summary(),
             invalidate_latency: self.invalidate_latency.summary(),
         }

@@ -1,0 +1,255 @@
+//! Unit tests of the IOTLB bridge against a mock channel and a stub translation.
+
+mod invalidation;
+
+use super::*;
+use crate::vhost_user::channel::MockIotlbChannel;
+use iommu::{Extent, Translation};
+
+const RID: RequesterId = RequesterId::from_bdf(0, 0x18);
+
+/// IOVA range -> (GPA, permission); extents are whole mappings.
+#[derive(Default)]
+struct Stub(Mutex<Vec<(IovaRange, u64, Permissions)>>);
+
+impl Stub {
+    fn map(&self, iova: u64, len: u64, gpa: u64, perm: Permissions) {
+        let r = IovaRange::from_start_len(iova, len).unwrap();
+        self.0.lock().unwrap().push((r, gpa, perm));
+    }
+
+    /// Remove the mapping containing `iova` (the guest unmapped it).
+    fn unmap(&self, iova: u64) {
+        self.0.lock().unwrap().retain(|(r, ..)| !r.contains(iova));
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+}
+
+impl DmaTranslate for Stub {
+    fn translate(
+        &self,
+        _rid: RequesterId,
+        iova: Iova,
+        len: u64,
+        access: Permissions,
+    ) -> Result<Translation, TranslateError> {
+        let maps = self.0.lock().unwrap();
+        let (r, gpa, perm) = *maps
+            .iter()
+            .find(|(r, ..)| r.contains(iova.0))
+            .ok_or(TranslateError::Unmapped { iova })?;
+        if !perm.allow(access) {
+            return Err(TranslateError::PermissionDenied {
+                iova,
+                requested: access,
+                allowed: perm,
+            });
+        }
+        Ok(Translation {
+            fragments: vec![(GuestAddress(gpa + (iova.0 - r.start())), len)],
+            perm,
+            extent: Extent {
+                iova: r,
+                gpa: GuestAddress(gpa),
+                perm,
+            },
+        })
+    }
+}
+
+/// Two adjacent 64 KiB regions (separate mappings) at GPA 0 and 0x10000.
+fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
+        .unwrap()
+}
+
+fn host(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
+    mem.get_host_address(GuestAddress(gpa)).unwrap() as u64
+}
+
+struct Rig {
+    chan: Arc<MockIotlbChannel>,
+    stub: Arc<Stub>,
+    bridge: Arc<IotlbBridge>,
+    faults: Arc<Mutex<Vec<(RequesterId, u64, IotlbPerm)>>>,
+    mem: GuestMemoryMmap,
+}
+
+fn rig(policy: IotlbPolicy) -> Rig {
+    let chan = Arc::new(MockIotlbChannel::new());
+    let stub = Arc::new(Stub::default());
+    let bridge = Arc::new(IotlbBridge::new(chan.clone(), policy));
+    let faults = Arc::new(Mutex::new(Vec::new()));
+    let f = faults.clone();
+    let hook: FaultHook =
+        Arc::new(move |rid, iova, perm| f.lock().unwrap().push((rid, iova, perm)));
+    bridge.set_translation(stub.clone(), RID, Some(hook));
+    let mem = mem();
+    bridge.start(mem.clone());
+    Rig {
+        chan,
+        stub,
+        bridge,
+        faults,
+        mem,
+    }
+}
+
+impl Rig {
+    fn miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
+        self.bridge.answer_miss(iova, perm, self.chan.as_ref())
+    }
+}
+
+#[test]
+fn miss_sends_the_extent_from_the_missed_page_clipped_to_the_memory_region() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub.map(0x1000_0000, 0x20000, 0, Permissions::ReadWrite);
+    // From the missed page to the end of the first region (0x10000 bytes).
+    let want = IotlbMsg::update(0x1000_8000, 0x8000, host(&r.mem, 0x8000), IotlbPerm::Rw);
+    assert_eq!(r.miss(0x1000_8123, IotlbPerm::Wo).unwrap(), want);
+    let want2 = IotlbMsg::update(0x1001_0000, 0x10000, host(&r.mem, 0x10000), IotlbPerm::Rw);
+    assert_eq!(r.miss(0x1001_0005, IotlbPerm::Ro).unwrap(), want2);
+    assert_eq!(r.chan.sent(), vec![(want, true), (want2, true)]);
+    let s = r.bridge.stats();
+    assert_eq!((s.misses, s.misses_served, s.misses_refused), (2, 2, 0));
+    assert_eq!(s.miss_latency.count, 2);
+}
+
+#[test]
+fn miss_update_starts_inside_a_region_and_keeps_the_real_permission() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub.map(0x2000_0000, 0x4000, 0x8000, Permissions::Read);
+    let got = r.miss(0x2000_1fff, IotlbPerm::Ro).unwrap();
+    assert_eq!(
+        got,
+        IotlbMsg::update(0x2000_1000, 0x3000, host(&r.mem, 0x9000), IotlbPerm::Ro)
+    );
+}
+
+/// DPDK keeps the first cached entry of a given start IOVA and drops later
+/// UPDATEs with the same start. After the mapping grew, a second miss must
+/// therefore not repeat the first UPDATE's start.
+#[test]
+fn misses_after_a_mapping_grew_never_repeat_an_update_start() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub
+        .map(0x3000_0000, 0x1000, 0x4000, Permissions::ReadWrite);
+    let first = r.miss(0x3000_0010, IotlbPerm::Ro).unwrap();
+    assert_eq!((first.iova, first.size), (0x3000_0000, 0x1000));
+    // The translation extent now also covers the next page (a contiguous
+    // neighbour mapped while the first stays mapped, merged by the model).
+    r.stub.0.lock().unwrap().clear();
+    r.stub
+        .map(0x3000_0000, 0x2000, 0x4000, Permissions::ReadWrite);
+    let second = r.miss(0x3000_1010, IotlbPerm::Ro).unwrap();
+    assert_eq!((second.iova, second.size), (0x3000_1000, 0x1000));
+}
+
+#[test]
+fn unmapped_or_forbidden_miss_sends_nothing_and_reports_a_fault() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub.map(0x2000_0000, 0x1000, 0x8000, Permissions::Read);
+    assert_eq!(
+        r.miss(0x2000_0010, IotlbPerm::Wo),
+        Err(MissError::PermissionDenied {
+            iova: 0x2000_0010,
+            wanted: IotlbPerm::Wo
+        })
+    );
+    assert_eq!(
+        r.miss(0x3000_0000, IotlbPerm::Ro),
+        Err(MissError::Unmapped { iova: 0x3000_0000 })
+    );
+    assert!(r.chan.sent().is_empty());
+    assert_eq!(
+        *r.faults.lock().unwrap(),
+        vec![
+            (RID, 0x2000_0010, IotlbPerm::Wo),
+            (RID, 0x3000_0000, IotlbPerm::Ro)
+        ]
+    );
+    let s = r.bridge.stats();
+    assert_eq!((s.misses_refused, s.faults), (2, 2));
+}
+
+#[test]
+fn miss_while_stopped_or_unconfigured_is_refused_without_fault() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub.map(0, 0x1000, 0, Permissions::ReadWrite);
+    r.bridge.stop();
+    assert_eq!(
+        r.miss(0x10, IotlbPerm::Ro),
+        Err(MissError::DeviceStopped { iova: 0x10 })
+    );
+    let fresh = IotlbBridge::new(r.chan.clone(), IotlbPolicy::MissDriven);
+    fresh.start(r.mem.clone());
+    assert_eq!(
+        fresh.answer_miss(0x10, IotlbPerm::Ro, r.chan.as_ref()),
+        Err(MissError::NoTranslation { iova: 0x10 })
+    );
+    assert!(r.chan.sent().is_empty());
+    assert!(r.faults.lock().unwrap().is_empty());
+}
+
+#[test]
+fn translation_outside_guest_ram_is_refused() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub
+        .map(0x5000, 0x1000, 0xfee0_0000, Permissions::ReadWrite);
+    assert_eq!(
+        r.miss(0x5000, IotlbPerm::Wo),
+        Err(MissError::NotSharedMemory { iova: 0x5000 })
+    );
+    assert!(r.chan.sent().is_empty());
+}
+
+#[test]
+fn update_never_wraps_the_top_of_the_iova_space() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub
+        .map(u64::MAX - 0xfff, 0x1000, 0x1000, Permissions::ReadWrite);
+    let got = r.miss(u64::MAX - 0xfff, IotlbPerm::Rw).unwrap();
+    assert_eq!(
+        got,
+        IotlbMsg::update(u64::MAX - 0xfff, 0xfff, host(&r.mem, 0x1000), IotlbPerm::Rw)
+    );
+    assert_eq!(
+        r.miss(u64::MAX, IotlbPerm::Ro),
+        Err(MissError::Unrepresentable { iova: u64::MAX })
+    );
+}
+
+#[test]
+fn map_events_are_pushed_only_with_the_prefetch_policy() {
+    let ev = IommuEvent::Map {
+        rid: RID,
+        range: IovaRange::from_start_len(0x4000_0000, 0x18000).unwrap(),
+        gpa: GuestAddress(0x8000),
+        perm: Permissions::Read,
+    };
+    let lazy = rig(IotlbPolicy::MissDriven);
+    lazy.bridge.notify(&ev).unwrap();
+    assert!(lazy.chan.sent().is_empty());
+    let eager = rig(IotlbPolicy::Prefetch);
+    eager.bridge.notify(&ev).unwrap();
+    // Split at the region boundary 0x10000.
+    let m = &eager.mem;
+    assert_eq!(
+        eager.chan.sent(),
+        vec![
+            (
+                IotlbMsg::update(0x4000_0000, 0x8000, host(m, 0x8000), IotlbPerm::Ro),
+                true
+            ),
+            (
+                IotlbMsg::update(0x4000_8000, 0x10000, host(m, 0x10000), IotlbPerm::Ro),
+                true
+            ),
+        ]
+    );
+    assert_eq!(eager.bridge.stats().prefetches, 2);
+}
