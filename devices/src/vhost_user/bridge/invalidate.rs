@@ -143,8 +143,13 @@ impl IotlbBridge {
         let Some((iova, size)) = args else {
             return Ok(Sent::Nothing);
         };
-        if st.rings.iter().any(|r| r.overlaps(first, last)) {
+        if let Some(ring) = st.rings.iter().find(|r| r.overlaps(first, last)) {
             BridgeCounters::bump(&self.counters.ring_invalidations);
+            log::debug!(
+                "vhost-user: INVALIDATE {iova:#x}+{size:#x} overlaps queue {}'s ring at {:#x}",
+                ring.queue,
+                ring.start
+            );
         }
         match self
             .channel
