@@ -149,6 +149,8 @@ done </lib/modules/load-order
 echo "iovmm-init: modules loaded: \$(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 echo "iovmm-init: cpus online: \$(cat /sys/devices/system/cpu/online) processors: \$(grep -c ^processor /proc/cpuinfo)"
 echo "iovmm-init: clocksource: \$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+# The kernel's lines about the devices iovmm emulates (the harness runs the guest with quiet).
+dmesg | grep -E 'iommu|IOMMU|DMAR|virtio|rtc|clocksource|tsc:|smpboot' | sed 's/^/iovmm-init: dmesg: /'
 # Optional workload: iovmm.bench=net-tx iovmm.frames=N iovmm.size=S on the kernel command line.
 bench=""
 frames=1000
