@@ -50,6 +50,10 @@ pub struct Cli {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
+    /// At exit, print each vhost-user device's counters (IOTLB messages, misses,
+    /// invalidations, latencies) on stderr as one `iovmm-counters: {JSON}` line.
+    #[arg(long)]
+    pub print_counters: bool,
 }
 
 impl Cli {
@@ -89,6 +93,14 @@ impl Cli {
             cfg.cmdline = DEFAULT_CMDLINE.into();
         }
         Ok(cfg)
+    }
+}
+
+fn print_counters(vmm: &Vmm) {
+    for (i, dev) in vmm.vhost_user_devices().iter().enumerate() {
+        let mut v = dev.counters_json();
+        v["device"] = i.into();
+        eprintln!("iovmm-counters: {v}");
     }
 }
 
@@ -179,7 +191,11 @@ pub fn main_entry() -> ExitCode {
             let mut vmm = Vmm::start(&cfg)?;
             // The VM runs on its own threads; this one only waits and reports from now on.
             seccomp::apply_to_current_thread(seccomp::ThreadKind::Api, cfg.seccomp)?;
-            vmm.wait()
+            let exit = vmm.wait();
+            if cli.print_counters {
+                print_counters(&vmm);
+            }
+            exit
         });
     match result {
         Ok(exit) => {
