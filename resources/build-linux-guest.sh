@@ -176,9 +176,6 @@ net-tx)
         echo "iovmm-init: eth0 setup failed"
     /bin/iovmm-netbench $PEER_IP 9 "\$frames" "\$size" eth0 ||
         echo "iovmm-init: net-tx benchmark failed"
-    # Where frames the device never saw went: the qdisc's own counters.
-    echo "iovmm-init: qdisc: \$(tc -s qdisc show dev eth0 | tr '\n' ' ')"
-    echo "iovmm-init: eth0 tx_dropped: \$(cat /sys/class/net/eth0/statistics/tx_dropped)"
     ;;
 *) echo "iovmm-init: unknown iovmm.bench=\$bench (known: net-tx)" ;;
 esac

@@ -11,13 +11,23 @@
  * virtio-net means the device has completed them. Prints one line:
  *
  *   IOVMM-BENCH {"bench":"net-tx","frames":N,"size":S,"send_ns":T,"drain_ns":D,
- *                "retries":R,"tx_packets":P}
+ *                "retries":R,"tx_packets":P,"qdisc":"K","qdisc_drops":Q,"qdisc_overlimit":O}
  *
  * send_ns is the guest-measured time of the send loop, drain_ns the time until the counter
- * reached its target (or gave up). Exit status 0 when all frames were sent and completed.
+ * reached its target (or gave up). qdisc is the kind of IFACE's root queueing discipline and
+ * qdisc_drops the frames it dropped during the run (read over rtnetlink, -1 if unreadable): a
+ * frame the socket accepted but the device never saw was dropped there (fq_codel's AQM drops a
+ * UDP flow's packets once they queue longer than its 5 ms target; qdisc_overlimit counts those
+ * dropped because the queue was full instead). Exit status 0 when all frames were sent and
+ * completed.
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/gen_stats.h>
+#include <linux/netlink.h>
+#include <linux/pkt_sched.h>
+#include <linux/rtnetlink.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -51,6 +61,72 @@ static long long tx_packets(const char *iface)
         v = -1;
     fclose(f);
     return v;
+}
+
+/* Counters of an interface's root qdisc. */
+struct qdisc_stats {
+    char kind[16];
+    long long drops;
+    long long overlimit;
+};
+
+static void qdisc_attrs(struct tcmsg *tc, int len, struct qdisc_stats *q)
+{
+    for (struct rtattr *a = TCA_RTA(tc); RTA_OK(a, len); a = RTA_NEXT(a, len)) {
+        if (a->rta_type == TCA_KIND)
+            snprintf(q->kind, sizeof(q->kind), "%.*s", (int)RTA_PAYLOAD(a), (char *)RTA_DATA(a));
+        if (a->rta_type == TCA_STATS2) {
+            int l2 = RTA_PAYLOAD(a);
+            for (struct rtattr *b = RTA_DATA(a); RTA_OK(b, l2); b = RTA_NEXT(b, l2)) {
+                if (b->rta_type == TCA_STATS_QUEUE &&
+                    RTA_PAYLOAD(b) >= sizeof(struct gnet_stats_queue))
+                    q->drops = ((struct gnet_stats_queue *)RTA_DATA(b))->drops;
+                if (b->rta_type == TCA_STATS_APP &&
+                    RTA_PAYLOAD(b) >= sizeof(struct tc_fq_codel_xstats) && !strcmp(q->kind, "fq_codel"))
+                    q->overlimit =
+                        ((struct tc_fq_codel_xstats *)RTA_DATA(b))->qdisc_stats.drop_overlimit;
+            }
+        }
+    }
+}
+
+/* Reads IFACE's root qdisc counters over rtnetlink; drops stays -1 when that fails. */
+static struct qdisc_stats root_qdisc(const char *iface)
+{
+    struct qdisc_stats q = {"?", -1, -1};
+    int ifindex = (int)if_nametoindex(iface);
+    int s = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (s < 0 || !ifindex)
+        goto out;
+    struct {
+        struct nlmsghdr nh;
+        struct tcmsg tc;
+    } req = {
+        .nh = {.nlmsg_len = sizeof(req), .nlmsg_type = RTM_GETQDISC,
+               .nlmsg_flags = NLM_F_REQUEST | NLM_F_DUMP},
+        .tc = {.tcm_family = AF_UNSPEC, .tcm_ifindex = ifindex},
+    };
+    if (send(s, &req, sizeof(req), 0) < 0)
+        goto out;
+    static char buf[32768];
+    for (;;) {
+        ssize_t n = recv(s, buf, sizeof(buf), 0);
+        if (n <= 0)
+            goto out;
+        int len = (int)n;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, len); h = NLMSG_NEXT(h, len)) {
+            if (h->nlmsg_type == NLMSG_DONE || h->nlmsg_type == NLMSG_ERROR)
+                goto out;
+            struct tcmsg *tc = NLMSG_DATA(h);
+            if (h->nlmsg_type == RTM_NEWQDISC && tc->tcm_ifindex == ifindex &&
+                tc->tcm_parent == TC_H_ROOT)
+                qdisc_attrs(tc, (int)(h->nlmsg_len - NLMSG_LENGTH(sizeof(*tc))), &q);
+        }
+    }
+out:
+    if (s >= 0)
+        close(s);
+    return q;
 }
 
 static int parse_count(const char *s, long long max, long long *out)
@@ -116,6 +192,7 @@ int main(int argc, char **argv)
     if (s < 0)
         return 1;
     long long before = tx_packets(iface);
+    struct qdisc_stats q0 = root_qdisc(iface);
     long long t0 = now_ns();
     long long sent = send_all(s, frames, (size_t)(size - HEADERS), &retries);
     long long t1 = now_ns();
@@ -125,9 +202,13 @@ int main(int argc, char **argv)
         done = tx_packets(iface) - before;
     }
     long long t2 = now_ns();
+    struct qdisc_stats q1 = root_qdisc(iface);
+    long long qdrops = q0.drops < 0 || q1.drops < 0 ? -1 : q1.drops - q0.drops;
+    long long qover = q0.overlimit < 0 || q1.overlimit < 0 ? -1 : q1.overlimit - q0.overlimit;
     printf("IOVMM-BENCH {\"bench\":\"net-tx\",\"frames\":%lld,\"size\":%lld,\"send_ns\":%lld,"
-           "\"drain_ns\":%lld,\"retries\":%lld,\"tx_packets\":%lld}\n",
-           sent, size, t1 - t0, t2 - t1, retries, done);
+           "\"drain_ns\":%lld,\"retries\":%lld,\"tx_packets\":%lld,\"qdisc\":\"%s\","
+           "\"qdisc_drops\":%lld,\"qdisc_overlimit\":%lld}\n",
+           sent, size, t1 - t0, t2 - t1, retries, done, q1.kind, qdrops, qover);
     fflush(stdout);
     close(s);
     return sent == frames && done >= sent ? 0 : 1;

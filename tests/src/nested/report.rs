@@ -219,13 +219,15 @@ impl ScenarioReport {
             .bench
             .as_ref()
             .and_then(|b| b.get("tx_packets")?.as_u64());
-        if guest != Some(want) {
+        if sc.qdisc == "fq_codel" {
+            self.check_aqm_accounting(want, guest);
+        } else if guest != Some(want) {
             self.failures
                 .push(format!("guest completed {guest:?} of {want} frames"));
         }
-        if self.backend_frames != Some(want) {
+        if self.backend_frames != guest {
             self.failures.push(format!(
-                "backend received {:?} of {want} frames",
+                "backend received {:?} frames, the guest's device completed {guest:?}",
                 self.backend_frames
             ));
         }
@@ -233,6 +235,22 @@ impl ScenarioReport {
             self.failures.push(format!(
                 "backend saw {:?} translation failures",
                 self.translation_failures
+            ));
+        }
+    }
+
+    /// Every frame the socket accepted was either completed by the device or
+    /// dropped by the guest's qdisc.
+    fn check_aqm_accounting(&mut self, want: u64, guest: Option<u64>) {
+        let b = &self.bench;
+        let (kind, drops) = (
+            b.as_ref().and_then(|b| b.get("qdisc")?.as_str()),
+            b.as_ref().and_then(|b| b.get("qdisc_drops")?.as_u64()),
+        );
+        let accounted = guest.zip(drops).map(|(g, d)| g + d);
+        if kind != Some("fq_codel") || accounted != Some(want) {
+            self.failures.push(format!(
+                "qdisc {kind:?}: device completed {guest:?} + qdisc dropped {drops:?} != {want} sent"
             ));
         }
     }
@@ -368,6 +386,33 @@ mod tests {
         let mut r = ScenarioReport::extract(&transcript(&["NESTED-BEGIN vtd-ats-strict-own"]), &sc);
         r.check(&sc);
         assert!(r.failures.iter().any(|f| f.contains("did not finish")));
+    }
+
+    #[test]
+    fn aqm_drops_must_account_for_every_missing_frame() {
+        let sc = scenario("viommu-strict-own-fqcodel");
+        let run = |drops: u64| {
+            let bench = format!(
+                "IOVMM-BENCH {{\"tx_packets\":990,\"qdisc\":\"fq_codel\",\"qdisc_drops\":{drops}}}"
+            );
+            let t = transcript(&[
+                "NESTED-BEGIN viommu-strict-own-fqcodel",
+                "NESTED-VM-START viommu-strict-own-fqcodel",
+                &bench,
+                "IOVMM-GUEST-READY",
+                "iovmm-counters: {\"misses\":4,\"misses_refused\":0}",
+                "NESTED-VM-EXIT viommu-strict-own-fqcodel rc=0",
+                "NESTED-LOG-BEGIN viommu-strict-own-fqcodel backend",
+                "CountersSnapshot { tx_frames: 990, translation_failures: 0 }",
+                "NESTED-LOG-END viommu-strict-own-fqcodel backend",
+                "NESTED-END viommu-strict-own-fqcodel",
+            ]);
+            let mut r = ScenarioReport::extract(&t, &sc);
+            r.check(&sc);
+            r.failures
+        };
+        assert_eq!(run(10), Vec::<String>::new());
+        assert!(run(9)[0].contains("990") && run(9)[0].contains("Some(9)"));
     }
 
     #[test]

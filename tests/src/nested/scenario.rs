@@ -59,6 +59,11 @@ pub struct Scenario {
     pub guest_args: &'static str,
     /// UDP frames the guest sends (0: no workload).
     pub frames: u32,
+    /// The guest's default qdisc for the workload. With `pfifo_fast` a full
+    /// queue pushes back on the sender, so every frame must arrive; with
+    /// `fq_codel` the guest's AQM may drop frames that queue too long, and
+    /// every missing frame must then be one the qdisc counted as dropped.
+    pub qdisc: &'static str,
     /// How it ends.
     pub outcome: Outcome,
     /// Lines (substrings) the guest or iovmm must print.
@@ -87,6 +92,7 @@ impl Scenario {
             ats: false,
             guest_args: "",
             frames: 0,
+            qdisc: "pfifo_fast",
             outcome: Outcome::PowerOff,
             expect_lines: &[],
             expect_misses: false,
@@ -120,8 +126,8 @@ impl Scenario {
         if self.frames > 0 {
             let _ = write!(
                 c,
-                " iovmm.bench=net-tx iovmm.frames={} iovmm.size={FRAME_SIZE}",
-                self.frames
+                " iovmm.bench=net-tx iovmm.frames={} iovmm.size={FRAME_SIZE} iovmm.qdisc={}",
+                self.frames, self.qdisc
             );
         }
         c
@@ -189,6 +195,11 @@ fn virtio_iommu() -> Vec<Scenario> {
             Scenario::net("viommu-lazy-own", v, OWN, "iommu.strict=0"),
             VIRTIO_IOMMU_LINES,
         ),
+        // Linux's default qdisc: frames may be dropped by the guest's AQM, never by the device.
+        Scenario {
+            qdisc: "fq_codel",
+            ..Scenario::net("viommu-strict-own-fqcodel", v, OWN, "iommu.strict=1")
+        },
         with_lines(
             Scenario::net("viommu-pt-own", v, OWN, "iommu.passthrough=1"),
             VIRTIO_IOMMU_LINES,
