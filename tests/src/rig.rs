@@ -139,6 +139,27 @@ impl MapTranslation {
         let r = IovaRange::from_start_len(iova, len).expect("a valid IOVA range");
         lock(&self.0).push((r, gpa, perm));
     }
+
+    /// Removes `range` from every mapping (the guest unmapped it); the parts of a mapping
+    /// outside `range` stay mapped to the same GPAs.
+    pub fn unmap(&self, range: IovaRange) {
+        let mut maps = lock(&self.0);
+        let old = std::mem::take(&mut *maps);
+        for (r, gpa, perm) in old {
+            if r.end() < range.start() || r.start() > range.end() {
+                maps.push((r, gpa, perm));
+                continue;
+            }
+            if r.start() < range.start() {
+                let left = IovaRange::new(r.start(), range.start() - 1).expect("left part");
+                maps.push((left, gpa, perm));
+            }
+            if r.end() > range.end() {
+                let right = IovaRange::new(range.end() + 1, r.end()).expect("right part");
+                maps.push((right, gpa + (range.end() + 1 - r.start()), perm));
+            }
+        }
+    }
 }
 
 impl DmaTranslate for MapTranslation {
@@ -215,6 +236,8 @@ pub struct Rig {
     pub iommu: bool,
     /// The listening socket, removed on drop (`Rig::listen`).
     socket: Option<PathBuf>,
+    /// The translation installed with [`Rig::use_translation`], which [`Rig::unmap`] edits.
+    translation: Mutex<Option<Arc<MapTranslation>>>,
 }
 
 impl Rig {
@@ -243,6 +266,7 @@ impl Rig {
             kicks: Vec::new(),
             iommu,
             socket,
+            translation: Mutex::default(),
         }
     }
 
@@ -273,6 +297,7 @@ impl Rig {
         self.dev
             .set_translation(stub.clone(), RID, Some(hook))
             .expect("set_translation");
+        *lock(&self.translation) = Some(stub.clone());
         (stub, faults)
     }
 
@@ -367,8 +392,20 @@ impl Rig {
         iotlb_msgs(&self.be)
     }
 
-    /// Notifies the device's IOTLB bridge of a guest unmap of `range`.
+    /// Installs `stub` as the device's translation (no fault hook); [`Rig::unmap`] edits it.
+    pub fn use_translation(&self, stub: Arc<MapTranslation>) {
+        self.dev
+            .set_translation(stub.clone(), RID, None)
+            .expect("set_translation");
+        *lock(&self.translation) = Some(stub);
+    }
+
+    /// A guest unmap of `range`: removes it from the installed translation, then notifies the
+    /// device's IOTLB bridge (which invalidates what the back end holds there and changed).
     pub fn unmap(&self, range: IovaRange) -> Result<(), NotifyError> {
+        if let Some(t) = lock(&self.translation).as_ref() {
+            t.unmap(range);
+        }
         let bridge = self.dev.bridge().expect("an IOTLB bridge (iommu device)");
         bridge.notify(&IommuEvent::Unmap { rid: RID, range })
     }

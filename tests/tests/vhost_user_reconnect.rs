@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::vhost_user::wire::{IotlbMsg, IotlbType, PROTOCOL_F_REPLY_ACK, VHOST_USER_IOTLB_MSG};
-use devices::vhost_user::{IotlbBridge, VhostUserConfig, VhostUserError, VhostUserStats};
+use devices::vhost_user::{VhostUserConfig, VhostUserError, VhostUserStats};
 use devices::virtio::VirtioDevice;
 use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, TestBackend};
 use integration_tests::rig::{
-    backend_err, fnv1a, ring_gpa, socket_path, MapTranslation, Rig, BUF, IOVA_OFF, MEM, RID,
-    TIMEOUT,
+    backend_err, fnv1a, ring_gpa, socket_path, MapTranslation, Rig, BUF, IOVA_OFF, MEM, TIMEOUT,
 };
-use iommu::{IommuEvent, IommuNotifier, IovaRange, Permissions};
+use iommu::{IovaRange, Permissions};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Rings live below this GPA (one extent); buffers above it, one page each.
@@ -49,8 +48,7 @@ fn rig(name: &str, reconnect: Option<Duration>) -> Rig {
     cfg.timeout = TIMEOUT;
     cfg.reconnect = reconnect;
     let r = Rig::listen(path, BackendConfig::default(), cfg);
-    let stub = Arc::new(ring_area_and_pages());
-    r.dev.set_translation(stub, RID, None).unwrap();
+    r.use_translation(Arc::new(ring_area_and_pages()));
     r
 }
 
@@ -63,11 +61,10 @@ fn iotlb_msgs(be: &BackendHandle) -> Vec<IotlbMsg> {
     msgs.into_iter().map(|(_, m)| m).collect()
 }
 
-fn unmap(bridge: &IotlbBridge, gpa: u64) {
+/// The guest unmaps the page of `gpa` (and the bridge is notified).
+fn unmap(r: &Rig, gpa: u64) {
     let range = IovaRange::from_start_len(IOVA_OFF + gpa, 0x1000).unwrap();
-    bridge
-        .notify(&IommuEvent::Unmap { rid: RID, range })
-        .unwrap();
+    r.unmap(range).unwrap();
 }
 
 /// SET_VRING_BASE payloads as (index, base).
@@ -109,7 +106,7 @@ fn restarted_backend_is_renegotiated_restored_and_refilled_by_misses() {
     assert!(!bridge.is_running());
     assert_eq!(bridge.installed_ranges(), installed_before);
     let skipped = r.dev.stats().bridge.invalidations_skipped;
-    unmap(&bridge, BUF);
+    unmap(&r, BUF);
     assert_eq!(r.dev.stats().bridge.invalidations_skipped, skipped + 1);
 
     wait_stats(&r, "restored", |s| s.reconnect.restores == 1);
@@ -138,10 +135,10 @@ fn restarted_backend_is_renegotiated_restored_and_refilled_by_misses() {
     assert!(!b.probe(IOVA_OFF + BUF, 1));
     // The old page was forgotten at SET_FEATURES: its unmap needs nothing;
     // the new page's unmap is a new event and reaches the new back end.
-    unmap(&bridge, BUF);
+    unmap(&r, BUF);
     assert_eq!(b.counters().iotlb_invalidates, 0);
     assert!(b.probe(IOVA_OFF + BUF + 0x1000, 1));
-    unmap(&bridge, BUF + 0x1000);
+    unmap(&r, BUF + 0x1000);
     assert_eq!(b.counters().iotlb_invalidates, 1);
     assert!(!b.probe(IOVA_OFF + BUF + 0x1000, 1));
     assert_eq!(
