@@ -106,6 +106,10 @@ pub struct GuestState {
     pub idt_limit: u16,
     /// Pending or injected exception, if any.
     pub exception: Option<PendingException>,
+    /// External interrupt vector KVM was injecting, if any.
+    pub interrupt: Option<u8>,
+    /// Whether an NMI was being injected.
+    pub nmi_injected: bool,
 }
 
 impl GuestState {
@@ -130,6 +134,8 @@ impl GuestState {
             idt_base: sregs.idt.base,
             idt_limit: sregs.idt.limit,
             exception,
+            interrupt: (events.interrupt.injected != 0).then_some(events.interrupt.nr),
+            nmi_injected: events.nmi.injected != 0,
         }
     }
 
@@ -164,16 +170,22 @@ impl fmt::Display for GuestState {
             self.idt_limit
         )?;
         match self.exception {
-            None => write!(f, "; no pending exception"),
+            None => write!(f, "; no pending exception")?,
             Some(e) => {
                 let how = if e.injected { "injected" } else { "pending" };
                 write!(f, "; {how} exception {}", e.vector)?;
-                match e.error_code {
-                    Some(code) => write!(f, " error code {code:#x}"),
-                    None => Ok(()),
+                if let Some(code) = e.error_code {
+                    write!(f, " error code {code:#x}")?;
                 }
             }
         }
+        if let Some(v) = self.interrupt {
+            write!(f, "; injecting interrupt {v:#x}")?;
+        }
+        if self.nmi_injected {
+            write!(f, "; injecting NMI")?;
+        }
+        Ok(())
     }
 }
 
@@ -328,6 +340,16 @@ mod tests {
         let s = GuestState::from_kvm(&regs, &sregs, &events);
         assert!(s.to_string().ends_with("; pending exception 6"), "{s}");
         assert!(!s.looks_reset());
+        events.interrupt.injected = 1;
+        events.interrupt.nr = 0xec;
+        events.nmi.injected = 1;
+        let s = GuestState::from_kvm(&regs, &sregs, &events);
+        assert_eq!((s.interrupt, s.nmi_injected), (Some(0xec), true));
+        assert!(
+            s.to_string()
+                .ends_with("; pending exception 6; injecting interrupt 0xec; injecting NMI"),
+            "{s}"
+        );
         regs.rip = 0xfff0;
         sregs.cs.selector = 0xf000;
         sregs.cr0 = 0x6000_0010;
