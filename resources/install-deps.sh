@@ -42,7 +42,11 @@ done
 
 LOG=$(mktemp)
 trap 'rm -f "$LOG"' EXIT
-[ "$(id -u)" -eq 0 ] || die "must run as root (it edits apt sources and installs packages)"
+if [ "$(id -u)" -ne 0 ]; then
+    # It edits apt sources and installs packages: as a user, go through sudo when there is one.
+    command -v sudo >/dev/null 2>&1 || die "must run as root (it edits apt sources and installs packages); sudo is not installed"
+    exec sudo sh "$0" "$@"
+fi
 command -v apt-get >/dev/null 2>&1 || die "apt-get not found: this script supports Debian bookworm only"
 # shellcheck source=/dev/null
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
