@@ -44,6 +44,9 @@ struct Args {
     /// Frames per QEMU run (TCG is slow).
     #[arg(long, default_value_t = 2000)]
     qemu_frames: u64,
+    /// Linux boots on nested KVM (QEMU TCG L0 + SVM L1; needs resources/build-nested-l1.sh).
+    #[arg(long, default_value_t = 5)]
+    nested_boots: usize,
 }
 
 fn viommu_name(v: Viommu) -> &'static str {
@@ -76,6 +79,28 @@ fn print_boot_and_rss(args: &Args) {
             println!("\n== VMM RSS\n  hello guest, 256M RAM: {kib} KiB peak (exit {code})")
         }
         Err(e) => println!("\n== VMM RSS: cannot run {}: {e}", iovmm.display()),
+    }
+}
+
+fn print_nested_boot(n: usize) {
+    println!("\n== Linux guest boot on nested KVM (QEMU TCG + SVM L1, {n} runs in one L1)");
+    match integration_tests::nested::bench::boot_figure(n) {
+        Ok(mut f) => {
+            let (i50, i99) = percentiles(&mut f.to_init);
+            let (e50, e99) = percentiles(&mut f.to_exit);
+            println!(
+                "  to /init p50 {:.2} s p99 {:.2} s   to power-off p50 {:.2} s p99 {:.2} s   ({} passed)",
+                i50.as_secs_f64(),
+                i99.as_secs_f64(),
+                e50.as_secs_f64(),
+                e99.as_secs_f64(),
+                f.to_init.len()
+            );
+            for fail in &f.failed {
+                println!("  FAILED {fail}");
+            }
+        }
+        Err(e) => println!("  skipped: {e}"),
     }
 }
 
@@ -232,6 +257,9 @@ fn main() {
     let tsc_khz = host_tsc_khz();
     println!("iovmm-bench: TSC {tsc_khz} kHz");
     print_boot_and_rss(&args);
+    if args.nested_boots > 0 {
+        print_nested_boot(args.nested_boots);
+    }
     let mut results = Vec::new();
     let wanted = |c: &integration_tests::matrix::Cell| {
         args.only

@@ -12,6 +12,7 @@
 //! serial console, timestamps each line and cuts the transcript into
 //! per-scenario records ([`report`]).
 
+pub mod bench;
 pub mod cpio;
 pub mod report;
 pub mod scenario;
