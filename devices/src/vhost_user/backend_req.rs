@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use super::channel::{ChannelError, IotlbChannel};
-use super::frame::{read_frame, write_frame};
-use super::miss::MissHandler;
+use super::frame::{read_frame, wait_readable, write_frame};
+use super::miss::{MissError, MissHandler};
 use super::wire::{encode_ack, BackendRequest, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
 use crate::thread::{self, ThreadHook, ThreadKind};
 
@@ -36,6 +36,14 @@ pub const FRAME_TIMEOUT: Duration = Duration::from_secs(1);
 /// amount of work, log and guest fault traffic. A well-behaved back end misses only on IOVAs
 /// the guest mapped, which are not counted.
 pub const MAX_BAD_REQUESTS_PER_SEC: u64 = 256;
+
+/// Most refused-miss faults logged one by one per second; the rest of the
+/// second's are counted and summed up in one line when the next window
+/// opens.
+pub const MAX_FAULT_LOGS_PER_SEC: u64 = 8;
+
+/// How often the server calls [`MissHandler::tick`] (the stall check).
+pub const TICK: Duration = Duration::from_millis(500);
 
 /// Why the back-end request channel was closed.
 #[derive(Debug, Error)]
@@ -97,15 +105,47 @@ pub enum Served {
 struct Throttle {
     window: Instant,
     bad: u64,
+    /// Refused-miss faults logged in this window.
+    logged: u64,
+    /// Refused-miss faults not logged in this window.
+    unlogged: u64,
 }
 
 impl Throttle {
+    fn new() -> Self {
+        Throttle {
+            window: Instant::now(),
+            bad: 0,
+            logged: 0,
+            unlogged: 0,
+        }
+    }
+
+    /// Whether a refused-miss fault may be logged in this window (else it
+    /// is counted for the window's summary).
+    fn may_log_fault(&mut self) -> bool {
+        if self.logged < MAX_FAULT_LOGS_PER_SEC {
+            self.logged += 1;
+            true
+        } else {
+            self.unlogged += 1;
+            false
+        }
+    }
+
     /// Whether this window's budget is used up (starting a new window when due).
-    fn exhausted(&mut self) -> bool {
+    fn exhausted(&mut self, label: &str) -> bool {
         if self.window.elapsed() >= Duration::from_secs(1) {
+            if self.unlogged > 0 {
+                log::warn!(
+                    "{label}: {} more IOTLB misses refused as DMA faults in one second were not logged",
+                    self.unlogged
+                );
+            }
+            (self.logged, self.unlogged) = (0, 0);
             if self.bad > MAX_BAD_REQUESTS_PER_SEC {
                 log::warn!(
-                    "vhost-user back end sent {} bad requests in one second; {} were refused unprocessed",
+                    "{label}: the back end sent {} bad requests in one second; {} were refused unprocessed",
                     self.bad,
                     self.bad - MAX_BAD_REQUESTS_PER_SEC
                 );
@@ -116,15 +156,37 @@ impl Throttle {
         self.bad >= MAX_BAD_REQUESTS_PER_SEC
     }
 
-    fn record_bad(&mut self) {
+    fn record_bad(&mut self, label: &str) {
         self.bad += 1;
         if self.bad == MAX_BAD_REQUESTS_PER_SEC {
             log::warn!(
-                "vhost-user back end sent {MAX_BAD_REQUESTS_PER_SEC} refused misses or bad requests \
+                "{label}: the back end sent {MAX_BAD_REQUESTS_PER_SEC} refused misses or bad requests \
                  within a second; refusing its requests unprocessed for the rest of the second \
                  (check the back end: it uses IOVAs the guest never mapped)"
             );
         }
+    }
+}
+
+/// The log level and line for a refused miss at `iova` for `perm`.
+///
+/// MISS carries no ack in DPDK (it is sent without NEED_REPLY), so a back
+/// end whose miss is refused keeps its pending entry for `(iova, perm)` and
+/// never asks again: the queue waiting for it stops. A refusal that is the
+/// guest's or device's fault (unmapped, forbidden, not guest RAM) is a
+/// warning naming the device, the IOVA and the access; one caused by the
+/// device stopping or the back end going away is informational.
+pub fn refusal_log(label: &str, iova: u64, perm: IotlbPerm, e: &MissError) -> (log::Level, String) {
+    if e.is_dma_fault() {
+        let line = format!(
+            "{label}: guest/device DMA fault: the back end's IOTLB miss at IOVA {iova:#x} for \
+             {perm:?} access was refused: {e}. MISS has no ack, so the back end keeps waiting \
+             for this translation (a DPDK queue using it stops)"
+        );
+        (log::Level::Warn, line)
+    } else {
+        let line = format!("{label}: IOTLB miss at IOVA {iova:#x} ({perm:?}) refused: {e}");
+        (log::Level::Info, line)
     }
 }
 
@@ -135,6 +197,8 @@ pub struct BackendReqServer {
     main: Arc<dyn IotlbChannel>,
     stats: Arc<BackendReqStats>,
     throttle: Throttle,
+    /// Names the device in log lines.
+    label: String,
 }
 
 impl BackendReqServer {
@@ -150,11 +214,15 @@ impl BackendReqServer {
             handler,
             main,
             stats: Arc::new(BackendReqStats::default()),
-            throttle: Throttle {
-                window: Instant::now(),
-                bad: 0,
-            },
+            throttle: Throttle::new(),
+            label: "vhost-user device".into(),
         }
+    }
+
+    /// Name the device in log lines (e.g. "vhost-user-net 0000:00:03.0").
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
     }
 
     /// The channel's counters (shared; they keep updating).
@@ -171,7 +239,7 @@ impl BackendReqServer {
             return Err(BackendReqError::UnexpectedReply(hdr.request));
         }
         let (served, value) = match BackendRequest::try_from(hdr.request) {
-            _ if self.throttle.exhausted() => {
+            _ if self.throttle.exhausted(&self.label) => {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                 (Served::Throttled, 1)
             }
@@ -195,7 +263,7 @@ impl BackendReqServer {
                 | Served::Miss { ok: false }
                 | Served::Throttled
         ) {
-            self.throttle.record_bad();
+            self.throttle.record_bad(&self.label);
         }
         if hdr.need_reply() {
             write_frame(&self.stream, &encode_ack(hdr.request, value))?;
@@ -203,7 +271,7 @@ impl BackendReqServer {
         Ok(served)
     }
 
-    fn iotlb(&self, hdr: &Header, payload: &[u8]) -> Result<(Served, u64), BackendReqError> {
+    fn iotlb(&mut self, hdr: &Header, payload: &[u8]) -> Result<(Served, u64), BackendReqError> {
         let msg = match IotlbMsg::decode(hdr.request, payload) {
             Ok(m) => m,
             Err(e @ WireError::SizeMismatch { .. }) => return Err(BackendReqError::Malformed(e)),
@@ -232,13 +300,13 @@ impl BackendReqServer {
     }
 
     /// Answer a miss: UPDATE on the main socket (acked) before returning true.
-    fn miss(&self, iova: u64, perm: IotlbPerm) -> bool {
+    fn miss(&mut self, iova: u64, perm: IotlbPerm) -> bool {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let res = self.handler.answer_miss(iova, perm, self.main.as_ref());
         let counter = match &res {
             Ok(_) => &self.stats.misses_served,
             Err(e) => {
-                log::info!("IOTLB miss refused: {e}");
+                self.log_refused(iova, perm, e);
                 &self.stats.misses_refused
             }
         };
@@ -246,22 +314,48 @@ impl BackendReqServer {
         res.is_ok()
     }
 
+    /// A refused miss, logged by [`refusal_log`]: DMA faults loudly (at
+    /// most [`MAX_FAULT_LOGS_PER_SEC`] lines a second), the rest quietly.
+    fn log_refused(&mut self, iova: u64, perm: IotlbPerm, e: &MissError) {
+        let (level, line) = refusal_log(&self.label, iova, perm, e);
+        if level == log::Level::Warn && !self.throttle.may_log_fault() {
+            return;
+        }
+        log::log!(level, "{line}");
+    }
+
     /// Serve until the channel fails or is closed; returns the reason.
+    /// Calls [`MissHandler::tick`] every [`TICK`] (between requests).
     pub fn run(mut self) -> BackendReqError {
+        let mut next_tick = Instant::now() + TICK;
         loop {
-            if let Err(e) = self.serve_one() {
-                match &e {
-                    BackendReqError::Channel(ChannelError::Disconnected) => {
-                        log::info!("vhost-user back-end channel closed by the peer")
-                    }
-                    other => log::error!("{other}"),
-                }
-                // Close for the peer now: the thread handle keeps a clone of the socket, so
-                // dropping ours alone would leave the back end writing into a dead channel.
-                let _ = self.stream.shutdown(Shutdown::Both);
-                return e;
+            let ready = wait_readable(&self.stream, Some(next_tick)).map_err(BackendReqError::from);
+            let served = match ready {
+                Ok(true) => self.serve_one().map(|_| ()),
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
+                return self.close(e);
+            }
+            if Instant::now() >= next_tick {
+                self.handler.tick();
+                next_tick = Instant::now() + TICK;
             }
         }
+    }
+
+    fn close(self, e: BackendReqError) -> BackendReqError {
+        match &e {
+            BackendReqError::Channel(ChannelError::Disconnected) => {
+                log::info!("{}: back-end channel closed by the peer", self.label)
+            }
+            other => log::error!("{}: {other}", self.label),
+        }
+        // Close for the peer now: the thread handle keeps a clone of the socket, so
+        // dropping ours alone would leave the back end writing into a dead channel.
+        let _ = self.stream.shutdown(Shutdown::Both);
+        e
     }
 
     /// Run the server on its own thread.
@@ -601,5 +695,82 @@ mod tests {
         send_miss(&peer, 0x3000, IotlbPerm::Ro, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
         assert_eq!(read_ack(&peer, 1), 0);
+    }
+
+    #[test]
+    fn refused_dma_faults_are_warnings_naming_device_iova_and_access() {
+        let (level, line) = refusal_log(
+            "vhost-user-net 0000:00:03.0",
+            0x20_0000,
+            IotlbPerm::Wo,
+            &MissError::Unmapped { iova: 0x20_0000 },
+        );
+        assert_eq!(level, log::Level::Warn);
+        for part in [
+            "vhost-user-net 0000:00:03.0",
+            "0x200000",
+            "Wo",
+            "DMA fault",
+            "no ack",
+        ] {
+            assert!(line.contains(part), "{part} missing in {line}");
+        }
+        let denied = MissError::PermissionDenied {
+            iova: 0x1000,
+            wanted: IotlbPerm::Wo,
+        };
+        assert_eq!(
+            refusal_log("d", 0x1000, IotlbPerm::Wo, &denied).0,
+            log::Level::Warn
+        );
+        // Stopping devices refuse misses routinely: not a fault.
+        let stopped = MissError::DeviceStopped { iova: 0x1000 };
+        assert_eq!(
+            refusal_log("d", 0x1000, IotlbPerm::Ro, &stopped).0,
+            log::Level::Info
+        );
+    }
+
+    #[test]
+    fn fault_lines_are_rate_limited_per_second() {
+        let mut t = Throttle::new();
+        let logged = (0..3 * MAX_FAULT_LOGS_PER_SEC)
+            .filter(|_| t.may_log_fault())
+            .count() as u64;
+        assert_eq!(logged, MAX_FAULT_LOGS_PER_SEC);
+        assert_eq!(t.unlogged, 2 * MAX_FAULT_LOGS_PER_SEC);
+        t.window -= Duration::from_secs(1);
+        assert!(!t.exhausted("d"));
+        assert_eq!((t.logged, t.unlogged), (0, 0));
+        assert!(t.may_log_fault());
+    }
+
+    struct Ticks(std::sync::Mutex<std::sync::mpsc::Sender<()>>);
+
+    impl MissHandler for Ticks {
+        fn on_miss(&self, iova: u64, _perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
+            Err(MissError::Unmapped { iova })
+        }
+
+        fn tick(&self) {
+            let _ = self.0.lock().unwrap().send(());
+        }
+    }
+
+    #[test]
+    fn an_idle_server_ticks_its_handler() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let mock: Arc<dyn IotlbChannel> = Arc::new(MockIotlbChannel::new());
+        let handler = Arc::new(Ticks(std::sync::Mutex::new(tx)));
+        let thread = BackendReqServer::new(ours, handler, mock)
+            .spawn("test-ticks")
+            .unwrap();
+        // No request at all: the ticks still come, one per TICK.
+        for _ in 0..2 {
+            rx.recv_timeout(TICK * 20).unwrap();
+        }
+        drop(peer);
+        thread.stop();
     }
 }

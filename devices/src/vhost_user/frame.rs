@@ -13,7 +13,10 @@ use super::wire::{Header, HEADER_SIZE};
 /// Wait until `stream` is readable or `deadline` passes (`None`: forever).
 ///
 /// Returns `Ok(false)` on timeout.
-fn wait_readable(stream: &UnixStream, deadline: Option<Instant>) -> Result<bool, ChannelError> {
+pub(crate) fn wait_readable(
+    stream: &UnixStream,
+    deadline: Option<Instant>,
+) -> Result<bool, ChannelError> {
     loop {
         let timeout_ms: libc::c_int = match deadline {
             None => -1,

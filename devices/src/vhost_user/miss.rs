@@ -105,6 +105,28 @@ pub trait MissHandler: Send + Sync {
     fn on_access_fail(&self, iova: u64, perm: IotlbPerm) {
         log::warn!("vhost-user back end reports a failed access at IOVA {iova:#x} ({perm:?})");
     }
+
+    /// Called by the back-end request thread every
+    /// [`super::backend_req::TICK`] and between requests once a tick is
+    /// due, never while a miss is being answered (the IOTLB bridge checks
+    /// for stalled queues here). Default: nothing.
+    fn tick(&self) {}
+}
+
+impl MissError {
+    /// Whether the refusal is the guest's or the back end's fault (the IOVA
+    /// is not mapped, not with this access, or not guest RAM), as opposed to
+    /// the device being stopped or the UPDATE failing.
+    pub fn is_dma_fault(&self) -> bool {
+        matches!(
+            self,
+            MissError::Unmapped { .. }
+                | MissError::PermissionDenied { .. }
+                | MissError::NotSharedMemory { .. }
+                | MissError::Unrepresentable { .. }
+                | MissError::BadUpdate { .. }
+        )
+    }
 }
 
 impl<F> MissHandler for F
