@@ -20,8 +20,9 @@
 //! * the fault hook is called **without** the bridge lock held, so it may
 //!   take the vIOMMU's locks.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use iommu::{
     DmaTranslate, IommuEvent, IommuNotifier, Iova, IovaRange, NotifyError, Permissions,
@@ -33,6 +34,7 @@ use super::channel::IotlbChannel;
 use super::installed::Installed;
 use super::miss::{check_update, MissError, MissHandler};
 use super::recheck::VringArea;
+use super::stall::{QueueWatch, WatchedRing, STALL_THRESHOLD};
 use super::stats::{BridgeCounters, BridgeStats};
 use super::wire::{IotlbMsg, IotlbPerm};
 use crate::virtio::GuestMemoryMmap;
@@ -82,6 +84,12 @@ struct BridgeState {
     rings: Vec<VringArea>,
     /// Rate limit of the "ring unmapped" error.
     ring_log: invalidate::RateLimit,
+    /// The rings the stall detector watches, with its memory of each.
+    watched: Vec<(WatchedRing, QueueWatch)>,
+    /// The last miss and the last INVALIDATE, for the stall report.
+    history: stall_check::History,
+    /// Rate limit of the stall report.
+    stall_log: invalidate::RateLimit,
 }
 
 /// Bridges one vhost-user back end's device IOTLB to the guest IOMMU.
@@ -90,6 +98,10 @@ pub struct IotlbBridge {
     policy: IotlbPolicy,
     state: Mutex<BridgeState>,
     counters: BridgeCounters,
+    /// A miss is being answered (from its receipt to its ack).
+    serving_miss: AtomicBool,
+    /// How long a watched queue may hold descriptors without progress.
+    stall_threshold: Mutex<Duration>,
 }
 
 impl std::fmt::Debug for IotlbBridge {
@@ -204,6 +216,8 @@ impl IotlbBridge {
             policy,
             state: Mutex::new(BridgeState::default()),
             counters: BridgeCounters::default(),
+            serving_miss: AtomicBool::new(false),
+            stall_threshold: Mutex::new(STALL_THRESHOLD),
         }
     }
 
@@ -243,6 +257,7 @@ impl IotlbBridge {
         // SET_FEATURES was just sent: the back end's IOTLB starts empty.
         st.installed.clear();
         st.rings.clear();
+        st.watched.clear();
     }
 
     /// The vrings the back end runs, as IOVAs (after SET_VRING_ADDR). An
@@ -252,6 +267,25 @@ impl IotlbBridge {
         lock(&self.state).rings = rings;
     }
 
+    /// The rings whose back end must complete what the driver posts (net
+    /// TX, blk): [`IotlbBridge::check_stalls`] watches them until the
+    /// device stops.
+    pub fn set_watched_rings(&self, rings: Vec<WatchedRing>) {
+        lock(&self.state).watched = rings
+            .into_iter()
+            .map(|r| (r, QueueWatch::default()))
+            .collect();
+    }
+
+    /// How long a watched queue may hold descriptors without completing
+    /// any before it is reported ([`STALL_THRESHOLD`] by default).
+    pub fn set_stall_threshold(&self, threshold: Duration) {
+        *self
+            .stall_threshold
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = threshold;
+    }
+
     /// The device is stopping: refuse misses. INVALIDATEs are still sent,
     /// because the back end may keep its IOTLB until the next SET_FEATURES.
     pub fn stop(&self) {
@@ -259,6 +293,7 @@ impl IotlbBridge {
         st.running = false;
         st.mem = None;
         st.rings.clear();
+        st.watched.clear();
     }
 
     /// The back end disconnected (reconnection): refuse misses at once and
@@ -271,6 +306,7 @@ impl IotlbBridge {
         st.running = false;
         st.mem = None;
         st.rings.clear();
+        st.watched.clear();
     }
 
     /// A new connection is negotiated: INVALIDATEs for new unmaps that may
@@ -359,7 +395,9 @@ impl IotlbBridge {
         perm: IotlbPerm,
     ) -> Result<IotlbMsg, (MissError, Option<Fault>)> {
         let mut st = lock(&self.state);
-        let planned = self.plan(&st, iova, perm).map_err(|e| {
+        let plan = self.plan(&st, iova, perm);
+        st.history.miss(iova, perm, plan.is_ok());
+        let planned = plan.map_err(|e| {
             let fault = match e {
                 MissError::Unmapped { .. } | MissError::PermissionDenied { .. } => st
                     .translator
@@ -441,7 +479,10 @@ impl MissHandler for IotlbBridge {
     ) -> Result<IotlbMsg, MissError> {
         let start = Instant::now();
         BridgeCounters::bump(&self.counters.misses);
-        match self.serve_locked(iova, perm) {
+        self.serving_miss.store(true, Ordering::Relaxed);
+        let served = self.serve_locked(iova, perm);
+        self.serving_miss.store(false, Ordering::Relaxed);
+        match served {
             Ok(update) => {
                 BridgeCounters::bump(&self.counters.misses_served);
                 self.counters.miss_latency.record(start.elapsed());
@@ -461,6 +502,10 @@ impl MissHandler for IotlbBridge {
     fn on_access_fail(&self, iova: u64, perm: IotlbPerm) {
         BridgeCounters::bump(&self.counters.access_fails);
         log::warn!("vhost-user back end reports a failed access at IOVA {iova:#x} ({perm:?})");
+    }
+
+    fn tick(&self) {
+        self.check_stalls(Instant::now());
     }
 }
 
@@ -494,6 +539,7 @@ impl IommuNotifier for IotlbBridge {
 }
 
 mod invalidate;
+mod stall_check;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -105,6 +105,25 @@ impl VhostUserKind {
         }
     }
 
+    /// Whether the back end is expected to complete the buffers of
+    /// `queue` promptly once the driver posts them (the stall detector
+    /// watches only those): net TX and blk requests, not net RX, whose
+    /// buffers wait for incoming frames for as long as there are none.
+    pub fn completes_promptly(self, queue: usize) -> bool {
+        match self {
+            VhostUserKind::Net => queue % 2 == 1,
+            VhostUserKind::Blk => true,
+        }
+    }
+
+    /// A short name for log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            VhostUserKind::Net => "vhost-user-net",
+            VhostUserKind::Blk => "vhost-user-blk",
+        }
+    }
+
     /// Length of the device configuration space.
     pub fn config_len(self) -> usize {
         match self {
@@ -178,6 +197,13 @@ mod tests {
             0
         );
         assert_eq!(VhostUserKind::Net.local_features(true), 0);
+    }
+
+    #[test]
+    fn only_rings_the_back_end_must_drain_are_watched() {
+        assert!(!VhostUserKind::Net.completes_promptly(0));
+        assert!(VhostUserKind::Net.completes_promptly(1));
+        assert!(VhostUserKind::Blk.completes_promptly(0));
     }
 
     #[test]

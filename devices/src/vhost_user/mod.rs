@@ -115,6 +115,7 @@ pub mod recheck;
 pub mod reconnect;
 pub mod relay;
 mod session;
+pub mod stall;
 pub mod stats;
 pub mod wire;
 

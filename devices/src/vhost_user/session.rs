@@ -19,6 +19,7 @@ use super::channel::{IotlbChannel, MainSocket};
 use super::frontend::{backend_features, missing_for_iommu, VhostUserError};
 use super::kind::VhostUserKind;
 use super::recheck::VringArea;
+use super::stall::WatchedRing;
 use super::wire::{
     PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
@@ -233,6 +234,20 @@ fn vring_areas(act: &Activation) -> Vec<VringArea> {
         .collect()
 }
 
+/// The rings whose back end must complete what the driver posts, for the
+/// stall detector.
+fn watched_rings(kind: VhostUserKind, act: &Activation) -> Vec<WatchedRing> {
+    act.rings
+        .iter()
+        .filter(|r| kind.completes_promptly(r.index))
+        .map(|r| WatchedRing {
+            queue: r.index,
+            avail: r.avail,
+            used: r.used,
+        })
+        .collect()
+}
+
 impl Link {
     pub(crate) fn request<R>(
         &self,
@@ -284,7 +299,12 @@ impl Link {
                 .map_err(step("SET_BACKEND_REQ_FD"))?;
             let watch = ours.try_clone().map_err(VhostUserError::Resource)?;
             let main: Arc<dyn IotlbChannel> = self.main.clone();
-            let server = BackendReqServer::new(ours, bridge.clone(), main);
+            let label = format!(
+                "{} {}",
+                self.kind.name(),
+                bridge.rid().map(|r| r.to_string()).unwrap_or_default()
+            );
+            let server = BackendReqServer::new(ours, bridge.clone(), main).with_label(label);
             let hook = self.hook.lock().ok().and_then(|h| h.clone());
             s.server = Some(
                 server
@@ -359,6 +379,7 @@ impl Link {
         self.start_device(s, act)?;
         if let (Some(bridge), true) = (&self.bridge, self.iommu) {
             bridge.set_vrings(vring_areas(act));
+            bridge.set_watched_rings(watched_rings(self.kind, act));
         }
         for ring in &act.rings {
             let base = if resume {

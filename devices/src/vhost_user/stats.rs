@@ -113,6 +113,7 @@ pub struct BridgeCounters {
     pub(crate) ring_invalidations: AtomicU64,
     pub(crate) ring_updates: AtomicU64,
     pub(crate) rings_unmapped: AtomicU64,
+    pub(crate) stall_reports: AtomicU64,
     pub(crate) miss_latency: LatencyHistogram,
     pub(crate) invalidate_latency: LatencyHistogram,
 }
@@ -155,6 +156,10 @@ pub struct BridgeStats {
     pub ring_updates: u64,
     /// Rings found unmapped while the device runs (the guest removed them).
     pub rings_unmapped: u64,
+    /// Stalled queues found by the detector (`super::stall`): the back end
+    /// held descriptors without completing any for longer than the
+    /// threshold with no IOTLB miss outstanding. One per stall episode.
+    pub stall_reports: u64,
     /// From MISS receipt to the UPDATE's ack (served misses only).
     pub miss_latency: LatencySummary,
     /// From the start of `notify` to the last INVALIDATE ack.
@@ -184,6 +189,7 @@ impl BridgeCounters {
             ring_invalidations: l(&self.ring_invalidations),
             ring_updates: l(&self.ring_updates),
             rings_unmapped: l(&self.rings_unmapped),
+            stall_reports: l(&self.stall_reports),
             miss_latency: self.miss_latency.summary(),
             invalidate_latency: self.invalidate_latency.summary(),
         }

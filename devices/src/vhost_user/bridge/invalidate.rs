@@ -32,7 +32,7 @@ pub(super) struct RateLimit {
 
 impl RateLimit {
     /// `Some(suppressed)` if a line may be logged now.
-    fn allow(&mut self) -> Option<u64> {
+    pub(super) fn allow(&mut self) -> Option<u64> {
         match self.last {
             Some(t) if t.elapsed() < RING_LOG_PERIOD => {
                 self.suppressed += 1;
@@ -143,7 +143,9 @@ impl IotlbBridge {
         let Some((iova, size)) = args else {
             return Ok(Sent::Nothing);
         };
-        if let Some(ring) = st.rings.iter().find(|r| r.overlaps(first, last)) {
+        let hit = st.rings.iter().find(|r| r.overlaps(first, last)).copied();
+        st.history.invalidate(first, last, hit.map(|r| r.queue));
+        if let Some(ring) = hit {
             BridgeCounters::bump(&self.counters.ring_invalidations);
             log::debug!(
                 "vhost-user: INVALIDATE {iova:#x}+{size:#x} overlaps queue {}'s ring at {:#x}",

@@ -1,6 +1,7 @@
 //! Unit tests of the IOTLB bridge against a mock channel and a stub translation.
 
 mod invalidation;
+mod stall;
 
 use super::*;
 use crate::vhost_user::channel::MockIotlbChannel;
