@@ -2,7 +2,14 @@
 //!
 //! ```text
 //! cargo run --release -p integration-tests --bin iovmm-bench [-- --frames N --no-qemu --no-dpdk]
+//! cargo run --release -p integration-tests --bin iovmm-bench -- --no-qemu --soak 20 --frames 20000 --load
 //! ```
+//!
+//! `--soak N` runs each translated cell ({virtio-iommu, VT-d+DT/ATS, VT-d} ×
+//! {strict, lazy, strict+prefetch}) N times against DPDK testpmd (optionally
+//! under `--load [THREADS]` busy loops the bench starts and stops), prints
+//! stalls, frames/s, misses per frame and ring-overlapping INVALIDATEs per
+//! cell, and exits non-zero if any run stalled or failed.
 //!
 //! Guest boot time, VMM RSS, and for every vIOMMU × guest mode cell the DMA
 //! rate, IOTLB messages per frame and miss service latency (as the backend
@@ -14,10 +21,10 @@ use std::time::Duration;
 use clap::Parser;
 use integration_tests::bench::{
     bench_cells, boot_times, cli_rss, fmt_latency, host_tsc_khz, percentiles, run_cell,
-    sibling_binary, us, BenchBackend, CellResult,
+    sibling_binary, soak, soak_cells, us, BenchBackend, CellResult, CpuLoad, SoakCell, SoakRun,
 };
 use integration_tests::guest::IommuMode;
-use integration_tests::matrix::Viommu;
+use integration_tests::matrix::{Cell, Viommu};
 use integration_tests::qemu::{self, GuestMode, QemuBackend, QemuConfig, QemuIommu, QemuRun};
 
 #[derive(Debug, Parser)]
@@ -47,7 +54,18 @@ struct Args {
     /// Linux boots on nested KVM (QEMU TCG L0 + SVM L1; needs resources/build-nested-l1.sh).
     #[arg(long, default_value_t = 5)]
     nested_boots: usize,
+    /// Soak mode: run every translated cell N times against DPDK (at least
+    /// 20000 frames each for the documented soak) and report stalls.
+    #[arg(long, value_name = "N")]
+    soak: Option<usize>,
+    /// With --soak: compete for the CPUs with THREADS busy loops (default 1)
+    /// started before the first run and stopped after the last.
+    #[arg(long, value_name = "THREADS", num_args = 0..=1, default_missing_value = "1")]
+    load: Option<usize>,
 }
+
+/// Upper bound of the soak's competing load, whatever happens to the bench.
+const LOAD_LIMIT: Duration = Duration::from_secs(6 * 3600);
 
 fn viommu_name(v: Viommu) -> &'static str {
     match v {
@@ -56,6 +74,100 @@ fn viommu_name(v: Viommu) -> &'static str {
         Viommu::Vtd { dt: true, .. } => "vt-d+dt/ats",
         Viommu::Vtd { dt: false, .. } => "vt-d",
     }
+}
+
+fn mode_name(c: &integration_tests::matrix::Cell) -> String {
+    format!(
+        "{}{}",
+        c.mode.as_str(),
+        if c.prefetch { "+pref" } else { "" }
+    )
+}
+
+fn print_soak(cells: &[SoakCell]) {
+    println!(
+        "\n== Soak against DPDK testpmd ({} frames per run)",
+        cells.first().map(|c| c.cell.frames).unwrap_or(0)
+    );
+    println!("| vIOMMU | mode | runs | stalls | failed | frames/s p50 | frames/s min | miss/frame | ring inv/run (max) | unchanged/run | stall reports |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for c in cells {
+        let s = c.summary();
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.3} | {:.2} ({}) | {:.1} | {} |",
+            viommu_name(c.cell.viommu),
+            mode_name(&c.cell),
+            s.runs,
+            s.stalls,
+            s.failures,
+            s.fps_p50,
+            s.fps_min,
+            s.misses_per_frame,
+            s.ring_invalidations_per_run,
+            s.ring_invalidations_max,
+            s.unchanged_per_run,
+            s.stall_reports,
+        );
+    }
+}
+
+fn soak_progress(started: std::time::Instant) -> impl FnMut(&Cell, usize, &SoakRun) {
+    move |c, i, r| {
+        let what = match r {
+            SoakRun::Ok(s) => format!(
+                "ok {:.0} frames/s, {} ring inv",
+                s.frames_per_sec, s.ring_invalidations
+            ),
+            SoakRun::Stall(m) => format!("STALL {m}"),
+            SoakRun::Failed(m) => format!("FAILED {m}"),
+        };
+        eprintln!(
+            "[{:>6.0} s] run {} {} {}: {what}",
+            started.elapsed().as_secs_f64(),
+            i + 1,
+            viommu_name(c.viommu),
+            mode_name(c)
+        );
+    }
+}
+
+/// The soak; true if every run passed.
+fn run_soak(args: &Args, runs: usize, tsc_khz: u64) -> bool {
+    let cells: Vec<Cell> = soak_cells(args.frames, args.size, tsc_khz)
+        .into_iter()
+        .filter(|c| wanted(args, c))
+        .collect();
+    let load = match args.load.map(|n| CpuLoad::start(n, LOAD_LIMIT)) {
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            eprintln!("iovmm-bench: cannot start the CPU load: {e}");
+            return false;
+        }
+        None => None,
+    };
+    println!(
+        "iovmm-bench: soak, {runs} runs x {} cells x {} frames, competing load: {}",
+        cells.len(),
+        args.frames,
+        args.load
+            .map_or("none".to_string(), |n| format!("{n} busy thread(s)"))
+    );
+    let started = std::time::Instant::now();
+    let results = soak(&cells, runs, tsc_khz, soak_progress(started));
+    if let Some(l) = load {
+        l.stop();
+    }
+    print_soak(&results);
+    println!("  ({:.0} s)", started.elapsed().as_secs_f64());
+    results
+        .iter()
+        .all(|c| c.runs.iter().all(|r| matches!(r, SoakRun::Ok(_))))
+}
+
+fn wanted(args: &Args, c: &Cell) -> bool {
+    args.only
+        .as_deref()
+        .is_none_or(|o| viommu_name(c.viommu).contains(o))
 }
 
 fn print_boot_and_rss(args: &Args) {
@@ -110,20 +222,25 @@ fn print_cells(results: &[CellResult], tsc_khz: u64) {
         results.first().map(|r| r.cell.frames).unwrap_or(0)
     );
     println!(
-        "  {:13} {:14} {:5} {:>10} {:>8} {:>8} {:>8} {:>13} {:>10}",
-        "vIOMMU", "mode", "back", "frames/s", "miss/f", "upd/f", "inv/f", "miss us", "inv rtt us"
+        "  {:13} {:14} {:5} {:>10} {:>8} {:>8} {:>8} {:>8} {:>13} {:>10}",
+        "vIOMMU",
+        "mode",
+        "back",
+        "frames/s",
+        "miss/f",
+        "upd/f",
+        "inv/f",
+        "ring inv",
+        "miss us",
+        "inv rtt us"
     );
     for r in results {
         let s = &r.outcome.stats;
         let rtt = s.iotlb.rtt_total_ns as f64 / s.iotlb.acked.max(1) as f64 / 1000.0;
         println!(
-            "  {:13} {:14} {:5} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>13} {:>10.1}",
+            "  {:13} {:14} {:5} {:>10.0} {:>8.3} {:>8.3} {:>8.3} {:>8} {:>13} {:>10.1}",
             viommu_name(r.cell.viommu),
-            format!(
-                "{}{}",
-                r.cell.mode.as_str(),
-                if r.cell.prefetch { "+pref" } else { "" }
-            ),
+            mode_name(&r.cell),
             match r.backend {
                 BenchBackend::Own => "own",
                 BenchBackend::Dpdk => "dpdk",
@@ -132,6 +249,7 @@ fn print_cells(results: &[CellResult], tsc_khz: u64) {
             r.per_frame(s.bridge.misses),
             r.per_frame(s.iotlb.updates),
             r.per_frame(s.iotlb.invalidations),
+            s.bridge.ring_invalidations,
             fmt_latency(r.outcome.backend_miss_latency.as_ref()),
             rtt,
         );
@@ -256,6 +374,10 @@ fn main() {
     std::env::set_var("IOVMM_MATRIX_QUIET", "1");
     let tsc_khz = host_tsc_khz();
     println!("iovmm-bench: TSC {tsc_khz} kHz");
+    if let Some(runs) = args.soak {
+        let ok = run_soak(&args, runs, tsc_khz);
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     print_boot_and_rss(&args);
     if args.nested_boots > 0 {
         print_nested_boot(args.nested_boots);
