@@ -160,10 +160,23 @@ static int run_dma_map_scenario(void)
     return run_dma_map(pci_devs, pci_count);
 }
 
+static int run_net_rx_scenario(void)
+{
+    pci_count = pci_scan(pci_devs, PCI_MAX_DEVICES);
+    return run_net_rx(pci_devs, pci_count);
+}
+
+static int run_net_stale_scenario(void)
+{
+    pci_count = pci_scan(pci_devs, PCI_MAX_DEVICES);
+    return run_net_stale(pci_devs, pci_count);
+}
+
 static const struct scenario scenarios[] = {
     {"hello", run_hello},       {"fault", run_fault},
     {"triple-fault", run_triple_fault}, {"pio-exits", run_pio_exits},
     {"tsc", run_tsc},           {"pci-scan", run_pci_scan},
+    {"net-rx", run_net_rx_scenario}, {"net-stale", run_net_stale_scenario},
     {"net-tx", run_net_tx_scenario}, {"dma-map", run_dma_map_scenario},
 };
 

@@ -16,6 +16,7 @@ pub mod iotlb;
 pub mod latency;
 pub mod memory;
 mod net;
+pub mod rxgen;
 mod server;
 
 use std::collections::VecDeque;
@@ -94,6 +95,13 @@ pub struct Misbehaviour {
     /// Answer IOTLB_MSG with a reply header announcing a payload over the
     /// protocol maximum.
     pub oversized_reply: bool,
+    /// Ask for this permission on every buffer (not ring) access and miss,
+    /// e.g. `Rw` to ask for write access to a TX buffer the guest mapped
+    /// read-only, or read access to an RX buffer mapped write-only.
+    pub buffer_perm: Option<IotlbPerm>,
+    /// Keep the device IOTLB across SET_FEATURES (a back end that does not
+    /// empty it at renegotiation; the front end must invalidate everything).
+    pub keep_iotlb_on_features: bool,
 }
 
 /// Configuration of the test back end.
@@ -109,6 +117,14 @@ pub struct BackendConfig {
     pub sink: Option<PathBuf>,
     /// Deliberate protocol faults.
     pub misbehave: Misbehaviour,
+    /// Generated RX traffic (sequence frames), started with the back end.
+    pub rx_gen: Option<rxgen::RxGen>,
+    /// Queue every TX frame back for RX with its MACs swapped.
+    pub loopback: bool,
+    /// A buffer that cannot be translated (refused miss) completes its chain
+    /// with used length 0 and the frame is dropped, like a NIC reporting a
+    /// DMA fault; without it the queue stops.
+    pub complete_faulted: bool,
 }
 
 impl Default for BackendConfig {
@@ -119,6 +135,9 @@ impl Default for BackendConfig {
             miss_timeout: Duration::from_secs(2),
             sink: None,
             misbehave: Misbehaviour::default(),
+            rx_gen: None,
+            loopback: false,
+            complete_faulted: false,
         }
     }
 }
@@ -141,6 +160,10 @@ pub struct Counters {
     rx_frames: AtomicU64,
     rx_dropped: AtomicU64,
     bad_messages: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_faulted: AtomicU64,
+    rx_faulted: AtomicU64,
+    invalidate_violations: AtomicU64,
 }
 
 /// A copy of the counters.
@@ -170,6 +193,15 @@ pub struct CountersSnapshot {
     pub rx_dropped: u64,
     /// Messages refused as malformed or unsupported.
     pub bad_messages: u64,
+    /// RX frame bytes delivered (without the virtio-net header).
+    pub rx_bytes: u64,
+    /// TX chains completed without transfer because a buffer faulted.
+    pub tx_faulted: u64,
+    /// RX chains completed with length 0 because a buffer faulted.
+    pub rx_faulted: u64,
+    /// INVALIDATEs after which some of their range was still translatable,
+    /// checked the moment each one was applied (must stay 0).
+    pub invalidate_violations: u64,
 }
 
 impl Counters {
@@ -193,6 +225,10 @@ impl Counters {
             rx_frames: l(&self.rx_frames),
             rx_dropped: l(&self.rx_dropped),
             bad_messages: l(&self.bad_messages),
+            rx_bytes: l(&self.rx_bytes),
+            tx_faulted: l(&self.tx_faulted),
+            rx_faulted: l(&self.rx_faulted),
+            invalidate_violations: l(&self.invalidate_violations),
         }
     }
 }
@@ -384,6 +420,12 @@ impl BackendHandle {
         let datapath = std::thread::Builder::new()
             .name("test-backend-datapath".into())
             .spawn(move || net::datapath_loop(&dp))?;
+        if let Some(gen) = shared.config.rx_gen {
+            let g = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("test-backend-rxgen".into())
+                .spawn(move || rxgen::generate(&g, gen))?;
+        }
         Ok(BackendHandle {
             shared,
             server: Some(server),

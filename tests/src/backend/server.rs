@@ -181,8 +181,11 @@ impl Shared {
             )));
         }
         lock(&self.neg).features = f;
-        // Like Linux vhost: a (re)negotiation starts with an empty IOTLB.
-        lock(&self.iotlb).clear();
+        // Like Linux vhost: a (re)negotiation starts with an empty IOTLB
+        // (unless told to misbehave and keep it).
+        if !self.config.misbehave.keep_iotlb_on_features {
+            lock(&self.iotlb).clear();
+        }
         Ok(Reply::Ack(0))
     }
 
@@ -334,6 +337,16 @@ impl Shared {
             IotlbType::Invalidate => {
                 tlb.invalidate(msg.iova, msg.size);
                 Counters::bump(&self.counters.iotlb_invalidates);
+                // The invariant, checked the moment it must hold: nothing of
+                // the range is translatable any more (not one byte of it).
+                if tlb.overlaps(msg.iova, msg.size) {
+                    log::error!(
+                        "INVALIDATE {:#x}+{:#x} left a translation",
+                        msg.iova,
+                        msg.size
+                    );
+                    Counters::bump(&self.counters.invalidate_violations);
+                }
                 // Wake misses waiting for an UPDATE: this may have dropped it.
                 self.iotlb_cv.notify_all();
             }
