@@ -30,9 +30,9 @@ use integration_tests::qemu::{self, GuestMode, QemuBackend, QemuConfig, QemuIomm
 #[derive(Debug, Parser)]
 #[command(about = "iovmm benchmark: boot, RSS, DMA rate, IOTLB traffic, QEMU 7.2 ratios")]
 struct Args {
-    /// Frames per DMA cell.
-    #[arg(long, default_value_t = 5000)]
-    frames: u64,
+    /// Frames per DMA cell (default 5000, or 20000 with --soak).
+    #[arg(long)]
+    frames: Option<u64>,
     /// Frame size in bytes.
     #[arg(long, default_value_t = 1024)]
     size: u64,
@@ -63,6 +63,11 @@ struct Args {
     #[arg(long, value_name = "THREADS", num_args = 0..=1, default_missing_value = "1")]
     load: Option<usize>,
 }
+
+/// Frames per cell of the table.
+const FRAMES: u64 = 5000;
+/// Frames per soak run (the acceptance soak is 20 runs of 20000).
+const SOAK_FRAMES: u64 = 20_000;
 
 /// Upper bound of the soak's competing load, whatever happens to the bench.
 const LOAD_LIMIT: Duration = Duration::from_secs(6 * 3600);
@@ -133,7 +138,8 @@ fn soak_progress(started: std::time::Instant) -> impl FnMut(&Cell, usize, &SoakR
 
 /// The soak; true if every run passed.
 fn run_soak(args: &Args, runs: usize, tsc_khz: u64) -> bool {
-    let cells: Vec<Cell> = soak_cells(args.frames, args.size, tsc_khz)
+    let frames = args.frames.unwrap_or(SOAK_FRAMES);
+    let cells: Vec<Cell> = soak_cells(frames, args.size, tsc_khz)
         .into_iter()
         .filter(|c| wanted(args, c))
         .collect();
@@ -148,7 +154,7 @@ fn run_soak(args: &Args, runs: usize, tsc_khz: u64) -> bool {
     println!(
         "iovmm-bench: soak, {runs} runs x {} cells x {} frames, competing load: {}",
         cells.len(),
-        args.frames,
+        frames,
         args.load
             .map_or("none".to_string(), |n| format!("{n} busy thread(s)"))
     );
@@ -389,7 +395,7 @@ fn main() {
             .is_none_or(|o| viommu_name(c.viommu).contains(o))
     };
     let mut failures = Vec::new();
-    let cells = bench_cells(args.frames, args.size, tsc_khz);
+    let cells = bench_cells(args.frames.unwrap_or(FRAMES), args.size, tsc_khz);
     for cell in cells.into_iter().filter(wanted) {
         let mut backends = vec![BenchBackend::Own];
         if !args.no_dpdk {
