@@ -90,6 +90,12 @@ impl Testpmd {
     /// Starts testpmd with a vhost-user server socket at `socket`
     /// (`iommu` = the PMD's `iommu-support`), in rxonly mode, and starts forwarding.
     pub fn start(socket: &Path, iommu: bool) -> Result<Self, TestpmdError> {
+        Self::start_forwarding(socket, iommu, "rxonly")
+    }
+
+    /// Like [`Testpmd::start`] with another forwarding mode (`macswap`, `io`,
+    /// `txonly`); the single port forwards to itself (`--port-topology=loop`).
+    pub fn start_forwarding(socket: &Path, iommu: bool, mode: &str) -> Result<Self, TestpmdError> {
         let _ = std::fs::remove_file(socket);
         let vdev = format!(
             "net_vhost0,iface={},iommu-support={}",
@@ -112,7 +118,8 @@ impl Testpmd {
             .args([
                 "--",
                 "-i",
-                "--forward-mode=rxonly",
+                &format!("--forward-mode={mode}"),
+                "--port-topology=loop",
                 "--total-num-mbufs=8192",
             ])
             .stdin(Stdio::piped())

@@ -336,6 +336,36 @@ impl Scenario {
         self.param("bad_frame", n)
     }
 
+    /// Receives `frames` sequence frames of `size` bytes on the first virtio-net device into
+    /// device-writable buffers and verifies them (`net-rx`, see `tests/guest/rx.c`).
+    pub fn net_rx(frames: u64, size: u64) -> Self {
+        Self::new("net-rx").frames(frames).size(size)
+    }
+
+    /// `net-rx` that transmits the frames itself and expects them back (`iovmm.loopback`).
+    pub fn loopback(self, on: bool) -> Self {
+        self.param("loopback", u8::from(on))
+    }
+
+    /// Map RX buffers read-write (`iovmm.rx_dir=rw`, DMA_BIDIRECTIONAL) instead of write-only.
+    pub fn rx_read_write(self, on: bool) -> Self {
+        self.param("rx_dir", if on { "rw" } else { "w" })
+    }
+
+    /// The use-after-unmap probe (`net-stale`, strict): a TX descriptor at an unmapped IOVA
+    /// carrying the marker frame, then `after` normal frames.
+    pub fn net_stale(size: u64, after: u64) -> Self {
+        Self::new("net-stale")
+            .size(size)
+            .param("after", after)
+            .iommu(IommuMode::Strict)
+    }
+
+    /// `net-stale`: accept a stale descriptor that never completes (DPDK), waiting `ms`.
+    pub fn expect_stall(self, ms: u64) -> Self {
+        self.param("expect_stall", 1).param("stale_wait_ms", ms)
+    }
+
     /// Loop count of `tsc` and `dma-map` (`iovmm.iterations`).
     pub fn iterations(self, n: u64) -> Self {
         self.param("iterations", n)

@@ -15,15 +15,18 @@ use crate::backend::{BackendConfig, BackendHandle, CountersSnapshot, RecordedMsg
 use crate::dpdk::{PortStats, Testpmd};
 use crate::guest::{test_guest_path, AtsMode, GuestResult, IommuMode, Scenario};
 
+mod rx;
+pub use rx::{run_dpdk_loopback, run_own_backend_rx, run_scenario, Traffic};
+
 const VHOST_USER_IOTLB_MSG: u32 = 22;
 const IOTLB_UPDATE: u8 = 2;
 const IOTLB_INVALIDATE: u8 = 3;
 /// One cell at a time: a cell's guest vCPU polls in ring 3 and testpmd polls
 /// pinned to CPU 0, so parallel cells on a two-core machine would starve the
 /// threads that serve IOTLB misses and turn the run into a timing test.
-static ONE_CELL: Mutex<()> = Mutex::new(());
+pub static ONE_CELL: Mutex<()> = Mutex::new(());
 /// How long the own backend waits for an UPDATE after a miss.
-const MISS_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const MISS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The vIOMMU of a cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +62,10 @@ pub struct Cell {
     pub tsc_khz: Option<u64>,
     /// Push UPDATEs for new mappings (`iotlb=prefetch`) instead of waiting for misses.
     pub prefetch: bool,
+    /// Which way the frames go (the guest's scenario).
+    pub traffic: Traffic,
+    /// RX buffers mapped read-write instead of write-only (DPDK needs it).
+    pub rx_rw: bool,
 }
 
 impl Cell {
@@ -72,24 +79,39 @@ impl Cell {
             size: 1000,
             tsc_khz: None,
             prefetch: false,
+            traffic: Traffic::Tx,
+            rx_rw: false,
         }
     }
 
-    fn tag(&self, backend: &str) -> String {
+    /// A cell with `traffic` (500 frames of 1000 bytes).
+    pub fn with_traffic(viommu: Viommu, mode: IommuMode, traffic: Traffic) -> Self {
+        Cell {
+            traffic,
+            ..Cell::new(viommu, mode)
+        }
+    }
+
+    /// A name for this cell's socket and files.
+    pub fn tag(&self, backend: &str) -> String {
         format!(
-            "{backend}-{:?}-{}-{}",
+            "{backend}-{:?}-{}-{}-{:?}",
             self.viommu,
             self.mode.as_str(),
-            self.ats.as_str()
+            self.ats.as_str(),
+            self.traffic
         )
         .replace([' ', '{', '}', ':', ','], "")
     }
 
     fn vm_config(&self, sock: &std::path::Path) -> VmConfig {
+        self.vm_config_with(sock, self.traffic.scenario(self))
+    }
+
+    /// The VM of this cell running `scenario` (the cell's mode, ATS and TSC rate added).
+    pub(crate) fn vm_config_with(&self, sock: &std::path::Path, scenario: Scenario) -> VmConfig {
         let mut cfg = VmConfig::new(test_guest_path());
-        let mut scenario = Scenario::net_tx(self.frames, self.size)
-            .iommu(self.mode)
-            .ats(self.ats);
+        let mut scenario = scenario.iommu(self.mode).ats(self.ats);
         if let Some(khz) = self.tsc_khz {
             scenario = scenario.tsc_khz(khz);
         }
@@ -131,7 +153,7 @@ fn on(b: bool) -> &'static str {
     }
 }
 
-fn socket(tag: &str) -> PathBuf {
+pub fn socket(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("iovmm-{}-{tag}.sock", std::process::id()))
 }
 
@@ -150,7 +172,7 @@ pub struct Outcome {
     pub backend_miss_latency: Option<LatencyStats>,
 }
 
-fn run_guest(cell: &Cell, sock: &std::path::Path) -> (GuestResult, VhostUserStats) {
+pub(crate) fn run_guest(cell: &Cell, sock: &std::path::Path) -> (GuestResult, VhostUserStats) {
     let mut vmm = Vmm::start(&cell.vm_config(sock)).expect("VM starts");
     let exit = vmm
         .wait_timeout(Duration::from_secs(60))
@@ -162,7 +184,7 @@ fn run_guest(cell: &Cell, sock: &std::path::Path) -> (GuestResult, VhostUserStat
         "{cell:?} guest failed; serial:\n{serial}"
     );
     let result = GuestResult::from_output(&serial).expect("result line");
-    assert_eq!(result.u64("completed"), Some(cell.frames), "{serial}");
+    cell.traffic.assert_guest_done(cell, &result, &serial);
     (result, vmm.vhost_user_devices()[0].stats())
 }
 
@@ -241,6 +263,7 @@ pub fn run_own_backend(cell: &Cell) -> Outcome {
         "payload bytes differ"
     );
     assert_no_stale_translation(&backend);
+    assert_eq!(c.invalidate_violations, 0, "an INVALIDATE left a translation");
     let _ = std::fs::remove_file(&sink);
     report("own", cell, &stats);
     Outcome {
@@ -283,12 +306,13 @@ pub fn run_dpdk(cell: &Cell) -> Outcome {
     }
 }
 
-fn report(backend: &str, cell: &Cell, s: &VhostUserStats) {
+pub(crate) fn report(backend: &str, cell: &Cell, s: &VhostUserStats) {
     if std::env::var_os("IOVMM_MATRIX_QUIET").is_some() {
         return;
     }
     eprintln!(
-        "{backend:4} {:?} {:11} ats={:4} prefetch={}: misses {:4} updates {:4} invalidates {:4} miss p50 {} us",
+        "{backend:4} {:?} {:?} {:11} ats={:4} prefetch={}: misses {:4} updates {:4} invalidates {:4} miss p50 {} us",
+        cell.traffic,
         cell.viommu,
         cell.mode.as_str(),
         cell.ats.as_str(),

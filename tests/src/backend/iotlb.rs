@@ -80,6 +80,19 @@ impl DeviceIotlb {
         doomed.len()
     }
 
+    /// Whether any entry overlaps `iova..iova+size` (size 0 or a range past
+    /// the top: to the end of the address space), whatever its permission.
+    pub fn overlaps(&self, iova: u64, size: u64) -> bool {
+        let last = match size {
+            0 => u64::MAX,
+            s => iova.saturating_add(s - 1),
+        };
+        self.entries
+            .range(..=last)
+            .next_back()
+            .is_some_and(|(_, e)| e.last() >= iova)
+    }
+
     /// Drop everything (SET_FEATURES, RESET_OWNER).
     pub fn clear(&mut self) {
         self.entries.clear();
@@ -168,6 +181,19 @@ mod tests {
         assert!(!t.insert(e(0, 0, IotlbPerm::Rw)));
         assert!(!t.insert(e(u64::MAX, 2, IotlbPerm::Rw)));
         assert!(!t.insert(e(0x9000, 1, IotlbPerm::None)));
+    }
+
+    #[test]
+    fn overlaps_sees_any_byte_of_the_range() {
+        let mut t = DeviceIotlb::default();
+        t.insert(e(0x3000, 0x1000, IotlbPerm::Wo));
+        assert!(t.overlaps(0x3fff, 1));
+        assert!(t.overlaps(0x1000, 0x2001));
+        assert!(!t.overlaps(0x1000, 0x2000));
+        assert!(!t.overlaps(0x4000, 0x1000));
+        assert!(t.overlaps(0x100, 0));
+        t.invalidate(0x3800, 1);
+        assert!(!t.overlaps(0, 0));
     }
 
     #[test]

@@ -67,6 +67,11 @@ impl<'a> Access<'a> {
         if !self.iommu {
             return self.mem.gpa_to_host(addr).ok_or(fail);
         }
+        // Misbehaviour: buffers are accessed asking for a wider permission.
+        let perm = match self.shared.config.misbehave.buffer_perm {
+            Some(p) if !self.ring && perm != IotlbPerm::None => p,
+            _ => perm,
+        };
         let e = self.lookup_or_miss(addr, perm)?;
         let off = addr - e.iova;
         let in_entry = e.size - off;
@@ -91,7 +96,11 @@ impl<'a> Access<'a> {
         }
         let answered = |s: &Shared| lock(&s.miss_timer).answered;
         let mut seen = answered(self.shared);
-        send_miss(self.shared, addr, perm);
+        if send_miss(self.shared, addr, perm) == MissAck::Refused {
+            // The front end said no (NEED_REPLY): no UPDATE will come.
+            Counters::bump(&self.shared.counters.translation_failures);
+            return Err(BackendError::Translate { addr, perm });
+        }
         let mut resends = 0;
         let deadline = Instant::now() + self.shared.config.miss_timeout;
         let mut tlb = lock(&self.shared.iotlb);
@@ -115,7 +124,10 @@ impl<'a> Access<'a> {
                 drop(tlb);
                 seen = now_answered;
                 resends += 1;
-                send_miss(self.shared, addr, perm);
+                if send_miss(self.shared, addr, perm) == MissAck::Refused {
+                    Counters::bump(&self.shared.counters.translation_failures);
+                    return Err(BackendError::Translate { addr, perm });
+                }
                 tlb = lock(&self.shared.iotlb);
                 continue;
             }
@@ -188,13 +200,22 @@ pub(crate) fn probe(shared: &Shared, iova: u64, len: u64) -> bool {
         .is_ok()
 }
 
+/// What the front end said to a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MissAck {
+    /// Sent; an UPDATE may come (acked 0, or no ack asked for).
+    Sent,
+    /// Refused with a non-zero ack: no UPDATE will come.
+    Refused,
+}
+
 /// Send a MISS on the back-end channel; with `miss_need_reply`, also read
 /// its ack. Failures are counted and logged; the caller then times out.
-fn send_miss(shared: &Shared, iova: u64, perm: IotlbPerm) {
+fn send_miss(shared: &Shared, iova: u64, perm: IotlbPerm) -> MissAck {
     let chan = lock(&shared.backend_chan);
     let Some(stream) = chan.as_ref() else {
         log::warn!("IOTLB miss at {iova:#x} but no back-end channel was set up");
-        return;
+        return MissAck::Sent;
     };
     let need_reply = shared.config.miss_need_reply;
     let frame = encode_iotlb_frame(
@@ -207,7 +228,7 @@ fn send_miss(shared: &Shared, iova: u64, perm: IotlbPerm) {
     lock(&shared.miss_timer).sent(iova, Instant::now());
     if let Err(e) = w.write_all(&frame) {
         log::warn!("sending IOTLB miss failed: {e}");
-        return;
+        return MissAck::Sent;
     }
     Counters::bump(&shared.counters.misses_sent);
     if need_reply {
@@ -216,6 +237,7 @@ fn send_miss(shared: &Shared, iova: u64, perm: IotlbPerm) {
             Ok(v) => {
                 log::info!("front end refused the miss at {iova:#x} (ack {v})");
                 Counters::bump(&shared.counters.miss_nacks);
+                return MissAck::Refused;
             }
             Err(e) => {
                 log::warn!("no ack for the miss at {iova:#x}: {e}");
@@ -223,6 +245,7 @@ fn send_miss(shared: &Shared, iova: u64, perm: IotlbPerm) {
             }
         }
     }
+    MissAck::Sent
 }
 
 fn read_miss_ack(
@@ -358,6 +381,10 @@ fn consume_tx(shared: &Shared, frame: &[u8]) {
     Counters::bump(&c.tx_frames);
     c.tx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
     c.tx_checksum.fetch_add(fnv1a(frame), Ordering::Relaxed);
+    if shared.config.loopback {
+        lock(&shared.rx_pending).push_back(super::rxgen::mac_swapped(frame));
+        shared.wake_datapath();
+    }
     if let Some(f) = lock(&shared.sink).as_mut() {
         let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
         if let Err(e) = f
@@ -369,29 +396,55 @@ fn consume_tx(shared: &Shared, frame: &[u8]) {
     }
 }
 
+/// Whether a buffer error ends in a completed chain (`complete_faulted`)
+/// rather than a stopped queue.
+fn faulted(shared: &Shared, e: &BackendError) -> bool {
+    shared.config.complete_faulted && matches!(e, BackendError::Translate { .. })
+}
+
+fn read_tx_chain(q: &Queue<'_>, chain: &[Desc]) -> Result<Vec<u8>, BackendError> {
+    let mut buf = Vec::new();
+    for d in chain {
+        let len = d.len as usize;
+        if buf.len() + len > MAX_FRAME {
+            return Err(BackendError::BadMessage(
+                "TX frame larger than 64 KiB".into(),
+            ));
+        }
+        let start = buf.len();
+        buf.resize(start + len, 0);
+        q.acc.read(d.addr, &mut buf[start..])?;
+    }
+    Ok(buf)
+}
+
 fn process_tx(shared: &Shared, q: &mut Queue<'_>) -> Result<usize, BackendError> {
     let mut n = 0;
     while let Some(head) = q.next_avail()? {
         let chain = q.chain(head, false)?;
-        let mut buf = Vec::new();
-        for d in &chain {
-            let len = d.len as usize;
-            if buf.len() + len > MAX_FRAME {
-                return Err(BackendError::BadMessage(
-                    "TX frame larger than 64 KiB".into(),
-                ));
+        match read_tx_chain(q, &chain) {
+            Ok(buf) if buf.len() >= NET_HDR_LEN => consume_tx(shared, &buf[NET_HDR_LEN..]),
+            Ok(_) => {}
+            Err(e) if faulted(shared, &e) => {
+                log::info!("TX chain {head} faulted, completed without transfer: {e}");
+                Counters::bump(&shared.counters.tx_faulted);
             }
-            let start = buf.len();
-            buf.resize(start + len, 0);
-            q.acc.read(d.addr, &mut buf[start..])?;
-        }
-        if buf.len() >= NET_HDR_LEN {
-            consume_tx(shared, &buf[NET_HDR_LEN..]);
+            Err(e) => return Err(e),
         }
         q.push_used(head, 0)?;
         n += 1;
     }
     Ok(n)
+}
+
+fn write_rx_chain(q: &Queue<'_>, chain: &[Desc], data: &[u8]) -> Result<(), BackendError> {
+    let mut off = 0usize;
+    for d in chain {
+        let take = (d.len as usize).min(data.len() - off);
+        q.acc.write(d.addr, &data[off..off + take])?;
+        off += take;
+    }
+    Ok(())
 }
 
 fn process_rx(shared: &Shared, q: &mut Queue<'_>) -> Result<usize, BackendError> {
@@ -416,14 +469,21 @@ fn process_rx(shared: &Shared, q: &mut Queue<'_>) -> Result<usize, BackendError>
             q.push_used(head, 0)?;
             continue;
         }
-        let mut off = 0usize;
-        for d in &chain {
-            let take = (d.len as usize).min(data.len() - off);
-            q.acc.write(d.addr, &data[off..off + take])?;
-            off += take;
+        match write_rx_chain(q, &chain, &data) {
+            Ok(()) => {}
+            Err(e) if faulted(shared, &e) => {
+                // The guest sees used length 0 on this descriptor.
+                log::info!("RX chain {head} faulted, completed empty: {e}");
+                Counters::bump(&shared.counters.rx_faulted);
+                q.push_used(head, 0)?;
+                continue;
+            }
+            Err(e) => return Err(e),
         }
         q.push_used(head, u32::try_from(data.len()).unwrap_or(u32::MAX))?;
         Counters::bump(&shared.counters.rx_frames);
+        let c = &shared.counters;
+        c.rx_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
         n += 1;
     }
 }

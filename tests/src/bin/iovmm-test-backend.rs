@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use devices::vhost_user::wire::IotlbPerm;
+use integration_tests::backend::rxgen::RxGen;
 use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
 
 /// IOTLB-aware vhost-user virtio-net test back end.
@@ -50,6 +52,27 @@ struct Args {
     /// Protocol feature bits not to offer (e.g. 8 = REPLY_ACK, 32 = BACKEND_REQ).
     #[arg(long, default_value_t = 0)]
     withhold_protocol: u64,
+    /// Generate this many RX sequence frames (`rxgen::seq_frame`).
+    #[arg(long, default_value_t = 0)]
+    rx_frames: u64,
+    /// Size of generated RX frames (bytes without the virtio-net header).
+    #[arg(long, default_value_t = 1000)]
+    rx_size: usize,
+    /// Generated RX frames per second (0 = as fast as the guest posts buffers).
+    #[arg(long, default_value_t = 0)]
+    rx_rate: u64,
+    /// Send every TX frame back on RX with its MACs swapped.
+    #[arg(long)]
+    loopback: bool,
+    /// Complete chains whose buffer faults (length 0) instead of stopping the queue.
+    #[arg(long)]
+    complete_faulted: bool,
+    /// Misbehave: ask for this permission (ro, wo, rw) on every buffer access.
+    #[arg(long, value_parser = parse_perm)]
+    buffer_perm: Option<IotlbPerm>,
+    /// Misbehave: keep the IOTLB across SET_FEATURES.
+    #[arg(long)]
+    keep_iotlb_on_features: bool,
     /// Exit after the first connection ends.
     #[arg(long)]
     once: bool,
@@ -65,6 +88,15 @@ fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
+fn parse_perm(s: &str) -> Result<IotlbPerm, String> {
+    match s {
+        "ro" => Ok(IotlbPerm::Ro),
+        "wo" => Ok(IotlbPerm::Wo),
+        "rw" => Ok(IotlbPerm::Rw),
+        _ => Err(format!("permission {s:?} is not ro, wo or rw")),
+    }
+}
+
 fn config(a: &Args) -> BackendConfig {
     BackendConfig {
         access_platform: !a.no_iommu,
@@ -78,8 +110,18 @@ fn config(a: &Args) -> BackendConfig {
             bogus_reply: a.bogus_reply,
             nack_iotlb: a.nack_iotlb,
             withhold_protocol: a.withhold_protocol,
+            buffer_perm: a.buffer_perm,
+            keep_iotlb_on_features: a.keep_iotlb_on_features,
             ..Default::default()
         },
+        rx_gen: (a.rx_frames > 0).then_some(RxGen {
+            frames: a.rx_frames,
+            size: a.rx_size,
+            rate: a.rx_rate,
+        }),
+        loopback: a.loopback,
+        complete_faulted: a.complete_faulted,
+        ..BackendConfig::default()
     }
 }
 

@@ -1,0 +1,468 @@
+/*
+ * virtio-net receive scenarios.
+ *
+ * net-rx: posts RX buffers mapped device-writable (DMA_FROM_DEVICE: VT-d PTE W only, virtio-iommu
+ * MAP flag WRITE only; iovmm.rx_dir=rw maps them DMA_BIDIRECTIONAL, which DPDK's enqueue needs: it
+ * translates RX buffers with VHOST_ACCESS_RW), verifies every received frame, unmaps and re-posts
+ * it. With iovmm.loopback=1 the guest also transmits the frames (credit-limited to the posted RX
+ * buffers, so a loop-back never finds the RX ring empty) and expects them back.
+ *
+ * Frame `seq` of `size` bytes (the "sequence frame", shared with the test back end's generator):
+ * dst ff:ff:ff:ff:ff:ff, src = the device MAC, ethertype 0x88b5, bytes 14..21 = seq (LE),
+ * byte j >= 22 = (u8)(seq * 31 + j). The MACs are not checked (a loop-back may swap them).
+ * Every frame must arrive in order (seq = number received before it), with used length 12 + size.
+ * "rx_checksum" is the wrapping u64 sum of the bytes from offset 12 (ethertype) of every frame.
+ *
+ * Parameters: iovmm.frames (1000), iovmm.size (60..9000, 1000), iovmm.queue (RX/TX queue size,
+ * 256), iovmm.iommu, iovmm.timeout_ms (10000), iovmm.reset (1), iovmm.loopback (0),
+ * iovmm.rx_dir (w | rw), and the DMA layer's parameters (dma.h).
+ *
+ * net-stale (strict only): the use-after-unmap probe of the security invariant. Sends frame 0
+ * normally, unmaps it (the strict unmap waits for the invalidation), writes the marker frame
+ * (ethertype 0x88b6, payload "IOVMM-STALE-MARKER" repeated) into the same buffer and posts a TX
+ * descriptor at the old IOVA without mapping it. The device must not transfer it: it faults (the
+ * vIOMMU reports the IOVA) and, with a back end that completes faulted chains, the descriptor
+ * completes and iovmm.after more frames go out normally. iovmm.expect_stall=1 (DPDK: a refused miss
+ * leaves its pending entry forever, so the queue stops) accepts a stale descriptor that never
+ * completes within iovmm.stale_wait_ms (2000) and then sends nothing more.
+ */
+#include "net.h"
+#include "env.h"
+#include "virtio.h"
+
+#define VIRTIO_NET_F_MAC (1ULL << 5)
+#define NET_HDR_LEN 12
+#define RX_QUEUE 0
+#define TX_QUEUE 1
+#define SEQ_OFF 14
+#define PATTERN_OFF 22
+#define SUM_OFF 12
+
+struct rx_params {
+    u64 frames, size, queue, timeout_ms, reset, loopback, after, stale_wait_ms, expect_stall;
+    enum iommu_mode iommu;
+    enum dma_dir rx_dir;
+};
+
+struct rx_dev {
+    struct virtio_dev vd;
+    struct dma_ctx dma;
+    struct virtq rxq, txq;
+    u8 mac[6];
+    u64 stride;
+    u8 *rx_bufs, *tx_bufs;
+    u64 *rx_dma, *tx_dma; /* device address per descriptor id */
+    u64 received, bad_frames, bad_len, first_bad, rx_checksum;
+    u64 sent, completed;
+};
+
+static const char *read_rx_params(struct rx_params *p)
+{
+    char s[16];
+    if (cmdline_u64("iovmm.frames", 1000, &p->frames) || cmdline_u64("iovmm.size", 1000, &p->size) ||
+        cmdline_u64("iovmm.queue", 256, &p->queue) || cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) ||
+        cmdline_u64("iovmm.reset", 1, &p->reset) || cmdline_u64("iovmm.loopback", 0, &p->loopback) ||
+        cmdline_u64("iovmm.after", 4, &p->after) || cmdline_u64("iovmm.stale_wait_ms", 2000, &p->stale_wait_ms) ||
+        cmdline_u64("iovmm.expect_stall", 0, &p->expect_stall))
+        return "a numeric iovmm.* parameter is malformed";
+    if (p->size < 60 || p->size > 9000)
+        return "iovmm.size must be 60..9000 bytes";
+    if (p->queue < 2 || p->queue > 32768)
+        return "iovmm.queue must be 2..32768";
+    p->iommu = IOMMU_OFF;
+    if (cmdline_get("iovmm.iommu", s, sizeof(s)) && !iommu_mode_parse(s, &p->iommu))
+        return "iovmm.iommu must be off, passthrough, strict or lazy";
+    p->rx_dir = DMA_FROM_DEVICE;
+    if (cmdline_get("iovmm.rx_dir", s, sizeof(s))) {
+        if (strcmp(s, "rw") == 0)
+            p->rx_dir = DMA_BIDIRECTIONAL;
+        else if (strcmp(s, "w") != 0)
+            return "iovmm.rx_dir must be w or rw";
+    }
+    return NULL;
+}
+
+static const char *alloc_bufs(struct rx_dev *n, const struct rx_params *p)
+{
+    n->stride = ALIGN_UP(NET_HDR_LEN + p->size, 64);
+    n->rx_bufs = mem_alloc(n->stride * n->rxq.size, 4096);
+    n->tx_bufs = mem_alloc(n->stride * n->txq.size, 4096);
+    n->rx_dma = mem_alloc(sizeof(u64) * n->rxq.size, 64);
+    n->tx_dma = mem_alloc(sizeof(u64) * n->txq.size, 64);
+    if (!n->rx_bufs || !n->tx_bufs || !n->rx_dma || !n->tx_dma)
+        return "out of guest memory for buffers (raise --memory or lower iovmm.size/queue)";
+    return NULL;
+}
+
+static const char *rx_setup(struct rx_dev *n, const struct pci_dev *pci, const struct rx_params *p)
+{
+    const char *err = dma_init(&n->dma, pci, p->iommu);
+    if (!err)
+        err = virtio_pci_init(&n->vd, pci, &n->dma);
+    if (!err)
+        err = virtio_negotiate(&n->vd, VIRTIO_F_ACCESS_PLATFORM | VIRTIO_NET_F_MAC, VIRTIO_F_VERSION_1);
+    if (!err && p->iommu != IOMMU_OFF && !(n->vd.features & VIRTIO_F_ACCESS_PLATFORM)) {
+        n->dma.unsupported = true;
+        err = "the virtio-net device does not offer VIRTIO_F_ACCESS_PLATFORM, so the vIOMMU does not apply to it";
+    }
+    if (!err)
+        err = virtio_setup_queue(&n->vd, &n->rxq, RX_QUEUE, (u16)p->queue);
+    if (!err)
+        err = virtio_setup_queue(&n->vd, &n->txq, TX_QUEUE, (u16)p->queue);
+    if (!err)
+        err = alloc_bufs(n, p);
+    if (err)
+        return err;
+    static const u8 default_mac[6] = {0x52, 0x54, 0x00, 0x00, 0x00, 0x01};
+    memcpy(n->mac, default_mac, 6);
+    for (u32 i = 0; (n->vd.features & VIRTIO_NET_F_MAC) && n->vd.device_cfg && i < 6; i++)
+        n->mac[i] = virtio_cfg_read8(&n->vd, i);
+    virtio_driver_ok(&n->vd);
+    return NULL;
+}
+
+/* Writes sequence frame `seq` after a zeroed virtio_net_hdr. */
+static void fill_seq_frame(u8 *buf, const u8 *mac, u64 seq, u64 size)
+{
+    memset(buf, 0, NET_HDR_LEN);
+    u8 *f = buf + NET_HDR_LEN;
+    memset(f, 0xff, 6);
+    memcpy(f + 6, mac, 6);
+    f[12] = 0x88;
+    f[13] = 0xb5;
+    for (u32 i = 0; i < 8; i++)
+        f[SEQ_OFF + i] = (u8)(seq >> (8 * i));
+    for (u64 j = PATTERN_OFF; j < size; j++)
+        f[j] = (u8)(seq * 31 + j);
+}
+
+/* Checks frame `seq`; returns its checksum contribution or records why it is bad. */
+static bool check_seq_frame(struct rx_dev *n, const u8 *f, u64 seq, u64 size)
+{
+    u64 got = 0, sum = 0;
+    for (u32 i = 0; i < 8; i++)
+        got |= (u64)f[SEQ_OFF + i] << (8 * i);
+    bool ok = f[12] == 0x88 && f[13] == 0xb5 && got == seq;
+    for (u64 j = PATTERN_OFF; ok && j < size; j++)
+        ok = f[j] == (u8)(seq * 31 + j);
+    for (u64 j = SUM_OFF; j < size; j++)
+        sum += f[j];
+    n->rx_checksum += sum;
+    if (!ok && n->bad_frames++ == 0)
+        n->first_bad = seq;
+    return ok;
+}
+
+static bool post_rx(struct rx_dev *n, const struct rx_params *p)
+{
+    u16 slot = n->rxq.free_head;
+    u8 *buf = n->rx_bufs + (u64)slot * n->stride;
+    memset(buf, 0, NET_HDR_LEN + p->size);
+    u64 addr = dma_map(&n->dma, buf, NET_HDR_LEN + p->size, p->rx_dir);
+    if (addr == DMA_MAPPING_ERROR)
+        return dma_fail(&n->dma, "dma_map of an RX buffer failed");
+    n->rx_dma[slot] = addr;
+    struct vq_buf b = {.addr = addr, .len = (u32)(NET_HDR_LEN + p->size), .device_writes = true};
+    return virtq_add(&n->rxq, &b, 1) >= 0 || dma_fail(&n->dma, "RX ring full");
+}
+
+static bool fill_rx_ring(struct rx_dev *n, const struct rx_params *p)
+{
+    bool ok = true;
+    while (ok && n->rxq.num_free > 0)
+        ok = post_rx(n, p);
+    virtq_kick(&n->rxq);
+    return ok;
+}
+
+/* Reaps received frames: verify, unmap, re-post. Returns how many arrived. */
+static u64 reap_rx(struct rx_dev *n, const struct rx_params *p)
+{
+    u32 id, len;
+    u64 got = 0;
+    while (virtq_get_used(&n->rxq, &id, &len)) {
+        dma_unmap(&n->dma, n->rx_dma[id], NET_HDR_LEN + p->size, p->rx_dir);
+        if (len != NET_HDR_LEN + p->size) {
+            if (n->bad_len++ == 0 && n->bad_frames == 0)
+                n->first_bad = n->received;
+        } else {
+            check_seq_frame(n, n->rx_bufs + (u64)id * n->stride + NET_HDR_LEN, n->received, p->size);
+        }
+        n->received++;
+        got++;
+        if (!post_rx(n, p))
+            return got;
+    }
+    if (got)
+        virtq_kick(&n->rxq);
+    return got;
+}
+
+/* Loop-back: transmit while a posted RX buffer is free for the frame to come back into. */
+static bool submit_tx(struct rx_dev *n, const struct rx_params *p)
+{
+    u64 added = 0;
+    while (n->sent < p->frames && n->txq.num_free > 0 && n->sent - n->received < n->rxq.size) {
+        u16 slot = n->txq.free_head;
+        u8 *buf = n->tx_bufs + (u64)slot * n->stride;
+        fill_seq_frame(buf, n->mac, n->sent, p->size);
+        u64 addr = dma_map(&n->dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+        if (addr == DMA_MAPPING_ERROR)
+            return dma_fail(&n->dma, "dma_map of a TX buffer failed");
+        n->tx_dma[slot] = addr;
+        struct vq_buf b = {.addr = addr, .len = (u32)(NET_HDR_LEN + p->size), .device_writes = false};
+        virtq_add(&n->txq, &b, 1);
+        n->sent++;
+        added++;
+    }
+    if (added)
+        virtq_kick(&n->txq);
+    return true;
+}
+
+static u64 reap_tx(struct rx_dev *n, const struct rx_params *p)
+{
+    u32 id, len;
+    u64 got = 0;
+    while (virtq_get_used(&n->txq, &id, &len)) {
+        if (n->tx_dma[id] != DMA_MAPPING_ERROR) /* net-stale's descriptor was never mapped */
+            dma_unmap(&n->dma, n->tx_dma[id], NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+        n->completed++;
+        got++;
+    }
+    return got;
+}
+
+static bool rx_done(const struct rx_dev *n, const struct rx_params *p)
+{
+    return n->received >= p->frames && (!p->loopback || n->completed >= p->frames);
+}
+
+static bool receive(struct rx_dev *n, const struct rx_params *p, const char **why)
+{
+    u64 timeout = ms_to_cycles(p->timeout_ms), last = rdtsc();
+    if (!fill_rx_ring(n, p)) {
+        *why = n->dma.error;
+        return false;
+    }
+    while (!rx_done(n, p)) {
+        if (p->loopback && !submit_tx(n, p))
+            break;
+        u64 got = reap_rx(n, p) + (p->loopback ? reap_tx(n, p) : 0);
+        if (n->dma.error)
+            break;
+        if (got) {
+            last = rdtsc();
+        } else if (rdtsc() - last > timeout) {
+            *why = "no frame received within iovmm.timeout_ms";
+            return false;
+        } else {
+            cpu_relax();
+        }
+    }
+    dma_flush(&n->dma);
+    *why = n->dma.error ? n->dma.error : (n->bad_frames || n->bad_len) ? "a received frame is wrong" : NULL;
+    return !*why;
+}
+
+static void rx_report(struct rx_dev *n, const struct rx_params *p, const char *test, const char *status,
+                      const char *why, u64 cycles)
+{
+    struct result r;
+    result_begin(&r, test, status);
+    if (why)
+        result_str(&r, "error", why);
+    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_str(&r, "rx_dir", p->rx_dir == DMA_BIDIRECTIONAL ? "rw" : "w");
+    result_u64(&r, "frames", p->frames);
+    result_u64(&r, "size", p->size);
+    result_u64(&r, "loopback", p->loopback);
+    result_u64(&r, "received", n->received);
+    result_u64(&r, "bad_frames", n->bad_frames);
+    result_u64(&r, "bad_len", n->bad_len);
+    if (n->bad_frames || n->bad_len)
+        result_u64(&r, "first_bad", n->first_bad);
+    result_u64(&r, "rx_checksum", n->rx_checksum);
+    result_u64(&r, "sent", n->sent);
+    result_u64(&r, "completed", n->completed);
+    result_u64(&r, "queue_size", n->rxq.size);
+    result_u64(&r, "cycles", cycles);
+    result_u64(&r, "cycles_per_frame", p->frames ? cycles / p->frames : 0);
+    result_u64(&r, "tsc_khz", tsc_rate_khz());
+    dma_report(&n->dma, &r);
+    result_emit(&r);
+}
+
+static int setup_failed(const char *test, const char *status, const char *why, int code, struct dma_ctx *dma)
+{
+    struct result r;
+    result_begin(&r, test, status);
+    result_str(&r, "error", why);
+    if (dma)
+        dma_report(dma, &r);
+    result_emit(&r);
+    return code;
+}
+
+/* Reads parameters, finds and sets up the device; returns -1 when ready, else the exit code. */
+static int rx_prepare(struct rx_dev *n, struct rx_params *p, const char *test, const struct pci_dev *devs,
+                      size_t ndevs)
+{
+    const char *err = read_rx_params(p);
+    if (err)
+        return setup_failed(test, "error", err, EXIT_USAGE, NULL);
+    static const u16 net_ids[] = {0x1041, 0x1000, 0};
+    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, net_ids);
+    if (!pci)
+        return setup_failed(test, "unsupported", "no virtio-net device on PCI bus 0", EXIT_UNSUPPORTED, NULL);
+    err = rx_setup(n, pci, p);
+    if (err) {
+        int code;
+        const char *status = dma_exit_status(&n->dma, &code);
+        return setup_failed(test, status, err, code, &n->dma);
+    }
+    return -1;
+}
+
+int run_net_rx(const struct pci_dev *devs, size_t ndevs)
+{
+    static struct rx_dev n;
+    struct rx_params p;
+    int code = rx_prepare(&n, &p, "net-rx", devs, ndevs);
+    if (code >= 0)
+        return code;
+    printf("IOVMM-TEST net-rx: queue %u, %llu frames of %llu bytes%s\n", n.rxq.size, (unsigned long long)p.frames,
+           (unsigned long long)p.size, p.loopback ? " (loop-back)" : "");
+    u64 t0 = rdtsc();
+    const char *why = NULL;
+    bool ok = receive(&n, &p, &why);
+    u64 cycles = rdtsc() - t0;
+    if (p.reset && !virtio_reset(&n.vd) && ok) {
+        ok = false;
+        why = "the device did not finish its reset after the run";
+    }
+    rx_report(&n, &p, "net-rx", ok ? "ok" : "failed", why, cycles);
+    return ok ? EXIT_OK : EXIT_FAILED;
+}
+
+/* ------------------------------------------------------------------ net-stale */
+
+static void fill_marker(u8 *buf, const u8 *mac, u64 size)
+{
+    static const char marker[] = "IOVMM-STALE-MARKER";
+    memset(buf, 0, NET_HDR_LEN);
+    u8 *f = buf + NET_HDR_LEN;
+    memset(f, 0xff, 6);
+    memcpy(f + 6, mac, 6);
+    f[12] = 0x88;
+    f[13] = 0xb6;
+    for (u64 j = 14; j < size; j++)
+        f[j] = (u8)marker[(j - 14) % (sizeof(marker) - 1)];
+}
+
+/* Waits up to `ms` for `count` TX completions; returns false on timeout. */
+static bool wait_tx(struct rx_dev *n, const struct rx_params *p, u64 count, u64 ms)
+{
+    u64 t0 = rdtsc(), limit = ms_to_cycles(ms);
+    while (n->completed < count) {
+        if (!reap_tx(n, p)) {
+            if (rdtsc() - t0 > limit)
+                return false;
+            cpu_relax();
+        }
+    }
+    return true;
+}
+
+/* Posts one TX descriptor at `addr` (mapped, or stale: then reaping does not unmap it). */
+static void post_tx_at(struct rx_dev *n, const struct rx_params *p, u64 addr, bool mapped)
+{
+    n->tx_dma[n->txq.free_head] = mapped ? addr : DMA_MAPPING_ERROR;
+    struct vq_buf b = {.addr = addr, .len = (u32)(NET_HDR_LEN + p->size), .device_writes = false};
+    virtq_add(&n->txq, &b, 1);
+    n->sent++;
+    virtq_kick(&n->txq);
+}
+
+/* Frame 0 normally, then the marker at its unmapped IOVA; returns the stale IOVA or an error. */
+static const char *post_stale(struct rx_dev *n, const struct rx_params *p, u64 *stale)
+{
+    u8 *buf = n->tx_bufs;
+    fill_seq_frame(buf, n->mac, 0, p->size);
+    u64 addr = dma_map(&n->dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+    if (addr == DMA_MAPPING_ERROR)
+        return n->dma.error;
+    post_tx_at(n, p, addr, true);
+    u64 t0 = rdtsc(), limit = ms_to_cycles(p->timeout_ms);
+    u32 id, len;
+    while (!virtq_get_used(&n->txq, &id, &len)) {
+        if (rdtsc() - t0 > limit)
+            return "frame 0 was not transmitted";
+        cpu_relax();
+    }
+    n->completed++;
+    dma_unmap(&n->dma, addr, NET_HDR_LEN + p->size, DMA_TO_DEVICE); /* strict: invalidation done */
+    if (n->dma.error)
+        return n->dma.error;
+    fill_marker(buf, n->mac, p->size);
+    *stale = addr;
+    post_tx_at(n, p, addr, false); /* use after unmap: the device must not read it */
+    return NULL;
+}
+
+static const char *stale_run(struct rx_dev *n, const struct rx_params *p, u64 *stale, bool *stale_done)
+{
+    const char *err = post_stale(n, p, stale);
+    if (err)
+        return err;
+    *stale_done = wait_tx(n, p, 2, p->stale_wait_ms);
+    if (!*stale_done)
+        return p->expect_stall ? NULL : "the device hung on the stale descriptor";
+    /* The device is not hung: more frames go out normally (IOVAs may be reused now). */
+    u64 target = n->completed + p->after;
+    while (n->sent < 2 + p->after && n->txq.num_free > 0) {
+        u8 *buf = n->tx_bufs + (u64)n->txq.free_head * n->stride;
+        fill_seq_frame(buf, n->mac, n->sent, p->size);
+        u64 addr = dma_map(&n->dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+        if (addr == DMA_MAPPING_ERROR)
+            return n->dma.error;
+        post_tx_at(n, p, addr, true);
+    }
+    return wait_tx(n, p, target, p->timeout_ms) ? n->dma.error : "frames after the stale descriptor were not sent";
+}
+
+static void stale_report(struct rx_dev *n, const struct rx_params *p, const char *why, u64 stale, bool done)
+{
+    struct result r;
+    result_begin(&r, "net-stale", why ? "failed" : "ok");
+    if (why)
+        result_str(&r, "error", why);
+    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_hex(&r, "stale_iova", stale);
+    result_u64(&r, "stale_completed", done);
+    result_u64(&r, "sent", n->sent);
+    result_u64(&r, "completed", n->completed);
+    result_u64(&r, "size", p->size);
+    dma_report(&n->dma, &r);
+    result_emit(&r);
+}
+
+int run_net_stale(const struct pci_dev *devs, size_t ndevs)
+{
+    static struct rx_dev n;
+    struct rx_params p;
+    int code = rx_prepare(&n, &p, "net-stale", devs, ndevs);
+    if (code >= 0)
+        return code;
+    if (n.dma.mode != IOMMU_STRICT)
+        return setup_failed("net-stale", "error", "net-stale needs iovmm.iommu=strict", EXIT_USAGE, &n.dma);
+    /* The RX ring is posted so that a back end that starts only with both queues runs. */
+    fill_rx_ring(&n, &p);
+    u64 stale = 0;
+    bool done = false;
+    const char *why = stale_run(&n, &p, &stale, &done);
+    if (p.reset && (done || !p.expect_stall) && !virtio_reset(&n.vd) && !why)
+        why = "the device did not finish its reset after the run";
+    stale_report(&n, &p, why, stale, done);
+    return why ? EXIT_FAILED : EXIT_OK;
+}
