@@ -49,7 +49,7 @@
 /* Linux's software MSI window when the device reports none (IOMMU_RESV_SW_MSI). */
 #define SW_MSI_BASE 0x8000000ULL
 #define SW_MSI_SIZE 0x100000ULL
-#define REQ_TIMEOUT_MS 2000
+#define REQ_TIMEOUT_MS 10000 /* a hang detector, generous for a loaded 2-core host */
 
 struct req_attach {
     u8 type, reserved[3];
@@ -206,7 +206,7 @@ static const char *wait_used(u32 *done, u32 target)
                 stage[head_to_stage[id]].used_len = len;
             (*done)++;
         } else if (rdtsc() > deadline) {
-            return "virtio-iommu request timed out (no used-ring entry within 2 s)";
+            return "virtio-iommu request timed out (no used-ring entry within 10 s)";
         } else {
             cpu_relax();
         }

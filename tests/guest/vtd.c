@@ -210,7 +210,7 @@ static const char *qi_error(u32 fsts)
 
 static const char *qi_wait(void)
 {
-    u64 deadline = rdtsc() + ms_to_cycles(2000);
+    u64 deadline = rdtsc() + ms_to_cycles(10000); /* a hang detector, generous for a loaded host */
     for (u32 spin = 0; wait_status != QI_DONE; spin++) {
         /* The status is checked first: a unit that completes during the IQT write costs no FSTS read. */
         if ((spin & 63) == 63) {
@@ -219,7 +219,7 @@ static const char *qi_wait(void)
                 return qi_error(fsts);
         }
         if (rdtsc() > deadline)
-            return "VT-d invalidation wait descriptor did not complete (status write) within 2 s";
+            return "VT-d invalidation wait descriptor did not complete (status write) within 10 s";
         cpu_relax();
     }
     return NULL;
