@@ -12,6 +12,7 @@
 //! purpose. [`BackendHandle::probe`] is the security check: does the back
 //! end still hold a translation for a range?
 
+pub mod blk;
 pub mod iotlb;
 pub mod latency;
 pub mod memory;
@@ -125,6 +126,8 @@ pub struct BackendConfig {
     /// with used length 0 and the frame is dropped, like a NIC reporting a
     /// DMA fault; without it the queue stops.
     pub complete_faulted: bool,
+    /// Serve virtio-blk on this disk instead of virtio-net (`blk` module).
+    pub blk: Option<blk::BlkConfig>,
 }
 
 impl Default for BackendConfig {
@@ -138,6 +141,7 @@ impl Default for BackendConfig {
             rx_gen: None,
             loopback: false,
             complete_faulted: false,
+            blk: None,
         }
     }
 }
@@ -297,6 +301,8 @@ pub(crate) struct Shared {
     pub(crate) current: Mutex<Option<UnixStream>>,
     /// The listening socket, if any (shut down on [`BackendHandle::kill`]).
     pub(crate) listener: Mutex<Option<UnixListener>>,
+    /// The disk in blk mode.
+    pub(crate) blk: Option<blk::BlkDevice>,
 }
 
 /// Lock a mutex, recovering the data if a panicking thread poisoned it.
@@ -310,6 +316,7 @@ impl Shared {
             Some(p) => Some(File::options().create(true).append(true).open(p)?),
             None => None,
         };
+        let blk = config.blk.as_ref().map(blk::BlkDevice::open).transpose()?;
         Ok(Shared {
             config,
             neg: Mutex::default(),
@@ -330,6 +337,7 @@ impl Shared {
             retry: AtomicBool::new(false),
             current: Mutex::new(None),
             listener: Mutex::new(None),
+            blk,
         })
     }
 
@@ -419,7 +427,10 @@ impl BackendHandle {
         let dp = Arc::clone(&shared);
         let datapath = std::thread::Builder::new()
             .name("test-backend-datapath".into())
-            .spawn(move || net::datapath_loop(&dp))?;
+            .spawn(move || match dp.blk {
+                Some(_) => blk::datapath_loop(&dp),
+                None => net::datapath_loop(&dp),
+            })?;
         if let Some(gen) = shared.config.rx_gen {
             let g = Arc::clone(&shared);
             std::thread::Builder::new()
@@ -436,6 +447,11 @@ impl BackendHandle {
     /// Current counters.
     pub fn counters(&self) -> CountersSnapshot {
         self.shared.counters.snapshot()
+    }
+
+    /// The blk counters (`None` in net mode).
+    pub fn blk_counters(&self) -> Option<blk::BlkSnapshot> {
+        self.shared.blk.as_ref().map(blk::BlkDevice::snapshot)
     }
 
     /// Every message received so far.

@@ -38,6 +38,7 @@ mod req {
     pub const GET_QUEUE_NUM: u32 = 17;
     pub const SET_VRING_ENABLE: u32 = 18;
     pub const SET_BACKEND_REQ_FD: u32 = 21;
+    pub const GET_CONFIG: u32 = 24;
 }
 
 /// Largest queue size accepted.
@@ -71,6 +72,8 @@ enum Reply {
     U64(u64),
     /// A vring-state reply (GET_VRING_BASE).
     State(u32, u32),
+    /// A reply with this payload (GET_CONFIG).
+    Bytes(Vec<u8>),
 }
 
 fn recv_msg(stream: &UnixStream) -> Result<Msg, BackendError> {
@@ -145,7 +148,8 @@ impl Shared {
 
     fn dispatch(&self, m: Msg) -> Result<Reply, BackendError> {
         match m.hdr.request {
-            req::GET_FEATURES => Ok(Reply::U64(offered_features(self.config.access_platform))),
+            req::GET_FEATURES => Ok(Reply::U64(self.offered_virtio())),
+            req::GET_CONFIG => Ok(Reply::Bytes(self.blk_get_config(&m.payload))),
             req::SET_FEATURES => self.set_features(u64_payload(&m)?),
             req::SET_OWNER => {
                 lock(&self.neg).owner = true;
@@ -173,8 +177,13 @@ impl Shared {
         }
     }
 
+    /// Virtio features offered (net, or blk with its device features).
+    fn offered_virtio(&self) -> u64 {
+        offered_features(self.config.access_platform) | self.blk_features()
+    }
+
     fn set_features(&self, f: u64) -> Result<Reply, BackendError> {
-        let offered = offered_features(self.config.access_platform);
+        let offered = self.offered_virtio();
         if f & !offered != 0 {
             return Err(BackendError::BadMessage(format!(
                 "features {f:#x} not offered ({offered:#x})"
@@ -195,7 +204,7 @@ impl Shared {
     }
 
     fn offered_protocol(&self) -> u64 {
-        OFFERED_PROTOCOL & !self.config.misbehave.withhold_protocol
+        (OFFERED_PROTOCOL | self.blk_protocol()) & !self.config.misbehave.withhold_protocol
     }
 
     fn set_protocol(&self, f: u64) -> Result<Reply, BackendError> {
@@ -396,6 +405,13 @@ impl Shared {
             Reply::State(i, n) => {
                 let v = u64::from(i) | (u64::from(n) << 32);
                 encode_u64_frame(Header::reply(hdr.request, 0), v)
+            }
+            Reply::Bytes(p) => {
+                let size = u32::try_from(p.len()).unwrap_or(u32::MAX);
+                let mut w = stream;
+                w.write_all(&Header::reply(hdr.request, size).encode())?;
+                w.write_all(&p)?;
+                return Ok(());
             }
         };
         if !mis.ack_delay.is_zero() {

@@ -1,5 +1,5 @@
-//! `iovmm-test-backend`: iovmm's IOTLB-aware vhost-user virtio-net back end,
-//! a test tool. Listens on a Unix socket and serves one front end at a time.
+//! `iovmm-test-backend`: iovmm's IOTLB-aware vhost-user virtio-net back end
+//! (virtio-blk on a disk image with `--blk FILE`), a test tool. Listens on a Unix socket and serves one front end at a time.
 //!
 //! Prints the counters (`CountersSnapshot` debug format) to stdout each time
 //! a connection ends and, with `--once`, exits after the first connection.
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use devices::vhost_user::wire::IotlbPerm;
+use integration_tests::backend::blk::BlkConfig;
 use integration_tests::backend::rxgen::RxGen;
 use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
 
@@ -73,6 +74,10 @@ struct Args {
     /// Misbehave: keep the IOTLB across SET_FEATURES.
     #[arg(long)]
     keep_iotlb_on_features: bool,
+    /// Serve virtio-blk on this disk image instead of virtio-net (its size,
+    /// rounded down to 512 bytes, is the capacity).
+    #[arg(long, value_name = "FILE")]
+    blk: Option<PathBuf>,
     /// Exit after the first connection ends.
     #[arg(long)]
     once: bool,
@@ -121,6 +126,7 @@ fn config(a: &Args) -> BackendConfig {
         }),
         loopback: a.loopback,
         complete_faulted: a.complete_faulted,
+        blk: a.blk.clone().map(BlkConfig::new),
         ..BackendConfig::default()
     }
 }
@@ -156,6 +162,9 @@ fn main() {
         if ended > seen {
             seen = ended;
             println!("{:?}", handle.counters());
+            if let Some(b) = handle.blk_counters() {
+                println!("{b:?}");
+            }
             if args.once {
                 return;
             }
