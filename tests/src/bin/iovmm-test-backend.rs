@@ -1,5 +1,6 @@
 //! `iovmm-test-backend`: iovmm's IOTLB-aware vhost-user virtio-net back end
-//! (virtio-blk on a disk image with `--blk FILE`), a test tool. Listens on a Unix socket and serves one front end at a time.
+//! (virtio-blk on a disk image with `--blk FILE`), a test tool. Listens on a
+//! Unix socket and serves one front end at a time.
 //!
 //! Prints the counters (`CountersSnapshot` debug format) to stdout each time
 //! a connection ends and, with `--once`, exits after the first connection.
@@ -127,7 +128,6 @@ fn config(a: &Args) -> BackendConfig {
         loopback: a.loopback,
         complete_faulted: a.complete_faulted,
         blk: a.blk.clone().map(BlkConfig::new),
-        ..BackendConfig::default()
     }
 }
 
