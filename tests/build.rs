@@ -19,6 +19,7 @@ const SOURCES: &[&str] = &[
     "vtd.c",
     "virtio.c",
     "net.c",
+    "blk.c",
     "rx.c",
     "dmatest.c",
     "main.c",

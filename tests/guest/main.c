@@ -3,6 +3,7 @@
  * (iovmm.test=NAME plus iovmm.* parameters), runs it, prints one IOVMM-RESULT line and exits
  * through the exit port with EXIT_* (abi.h).
  */
+#include "blk.h"
 #include "dmatest.h"
 #include "env.h"
 #include "net.h"
@@ -172,11 +173,18 @@ static int run_net_stale_scenario(void)
     return run_net_stale(pci_devs, pci_count);
 }
 
+static int run_blk_scenario(void)
+{
+    pci_count = pci_scan(pci_devs, PCI_MAX_DEVICES);
+    return run_blk(pci_devs, pci_count);
+}
+
 static const struct scenario scenarios[] = {
+    {"blk", run_blk_scenario},
+    {"net-rx", run_net_rx_scenario}, {"net-stale", run_net_stale_scenario},
     {"hello", run_hello},       {"fault", run_fault},
     {"triple-fault", run_triple_fault}, {"pio-exits", run_pio_exits},
     {"tsc", run_tsc},           {"pci-scan", run_pci_scan},
-    {"net-rx", run_net_rx_scenario}, {"net-stale", run_net_stale_scenario},
     {"net-tx", run_net_tx_scenario}, {"dma-map", run_dma_map_scenario},
 };
 
@@ -219,5 +227,5 @@ int guest_main(void)
             return code;
         }
     }
-    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, dma-map)");
+    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, dma-map, blk)");
 }

@@ -252,6 +252,12 @@ impl Scenario {
         Self::new("dma-map").iterations(iterations).size(size)
     }
 
+    /// Reads the first virtio-blk disk's id, writes a pattern over the whole disk in requests of
+    /// `size` bytes with `inflight` of them in flight, flushes, reads it back and verifies it.
+    pub fn blk(size: u64, inflight: u64) -> Self {
+        Self::new("blk").size(size).param("inflight", inflight)
+    }
+
     /// The scenario name.
     pub fn test(&self) -> &str {
         &self.test

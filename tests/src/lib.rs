@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod blk;
 pub mod dpdk;
 pub mod guest;
 pub mod matrix;

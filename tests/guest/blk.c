@@ -1,0 +1,408 @@
+/*
+ * virtio-blk scenario "blk": reads the device id (GET_ID), writes a pattern across the disk with
+ * several requests in flight, flushes, reads everything back and verifies it word by word.
+ *
+ * Every request is a 3-descriptor chain like Linux's: the 16-byte header mapped DMA_TO_DEVICE
+ * (read-only for the device), the data buffer mapped DMA_TO_DEVICE for writes and
+ * DMA_FROM_DEVICE (device-writable only) for reads, and the status byte mapped DMA_FROM_DEVICE.
+ * Buffers are mapped before they are queued and unmapped when the request completes.
+ *
+ * Parameters: iovmm.size (bytes per request, a multiple of 512, 512..1M; 4096), iovmm.inflight
+ * (requests in flight, 1..64; 8), iovmm.requests (per phase; default: the whole disk, capacity /
+ * size; more wrap around), iovmm.seed (pattern seed; 1), iovmm.iommu (off), iovmm.timeout_ms
+ * (10000), iovmm.reset (1), iovmm.bad_sector (1: one extra read starting at the first sector past
+ * the end, which must complete with VIRTIO_BLK_S_IOERR), and the DMA layer's iovmm.viommu,
+ * iovmm.ats, iovmm.lazy_batch, iovmm.lazy_flush.
+ *
+ * Disk byte offset o (8-aligned) holds the u64 (o + 1) * 0x9e3779b97f4a7c15 ^ seed, so a host
+ * can check the image. Read buffers are poisoned (0xa5) before each read.
+ */
+#include "blk.h"
+#include "env.h"
+#include "virtio.h"
+
+#define VIRTIO_BLK_F_BLK_SIZE (1ULL << 6)
+#define VIRTIO_BLK_F_FLUSH (1ULL << 9)
+#define T_IN 0
+#define T_OUT 1
+#define T_FLUSH 4
+#define T_GET_ID 8
+#define S_OK 0
+#define S_IOERR 1
+#define SECTOR 512ULL
+#define MAX_INFLIGHT 64
+#define ID_LEN 20
+#define STATUS_PENDING 0xff
+
+struct blk_params {
+    u64 size, inflight, requests, seed, timeout_ms, reset, bad_sector;
+    enum iommu_mode iommu;
+};
+
+struct blk_hdr {
+    u32 type;
+    u32 reserved;
+    u64 sector;
+};
+
+/* One request in flight: its buffers and their device addresses. */
+struct slot {
+    struct blk_hdr *hdr;
+    u8 *status;
+    u8 *data;
+    u64 hdr_dma, data_dma, status_dma, data_len;
+    u64 index; /* request number within the phase */
+    bool write, busy;
+};
+
+struct blk {
+    struct virtio_dev vd;
+    struct dma_ctx dma;
+    struct virtq q;
+    struct slot slots[MAX_INFLIGHT];
+    u16 slot_of_head[256];
+    u64 capacity; /* sectors */
+    u64 blk_size;
+    u64 done, errors, mismatches, flushed, bad_status;
+    u64 write_cycles, read_cycles;
+    char serial[ID_LEN + 1];
+};
+
+static const char *read_params(struct blk_params *p)
+{
+    char mode[16];
+    if (cmdline_u64("iovmm.size", 4096, &p->size) || cmdline_u64("iovmm.inflight", 8, &p->inflight) ||
+        cmdline_u64("iovmm.requests", 0, &p->requests) || cmdline_u64("iovmm.seed", 1, &p->seed) ||
+        cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset) ||
+        cmdline_u64("iovmm.bad_sector", 0, &p->bad_sector))
+        return "a numeric iovmm.* parameter is malformed";
+    if (p->size < SECTOR || p->size > (1 << 20) || p->size % SECTOR)
+        return "iovmm.size must be a multiple of 512 in 512..1M";
+    if (p->inflight == 0 || p->inflight > MAX_INFLIGHT)
+        return "iovmm.inflight must be 1..64";
+    p->iommu = IOMMU_OFF;
+    if (cmdline_get("iovmm.iommu", mode, sizeof(mode)) && !iommu_mode_parse(mode, &p->iommu))
+        return "iovmm.iommu must be off, passthrough, strict or lazy";
+    return NULL;
+}
+
+static u16 queue_size_for(u64 inflight)
+{
+    u16 n = 4;
+    while (n < 3 * inflight + 2 && n < 256)
+        n = (u16)(n * 2);
+    return n;
+}
+
+static const char *alloc_slots(struct blk *b, const struct blk_params *p)
+{
+    for (u64 i = 0; i < p->inflight; i++) {
+        struct slot *s = &b->slots[i];
+        s->hdr = mem_alloc(sizeof(struct blk_hdr), 64);
+        s->status = mem_alloc(64, 64);
+        s->data = mem_alloc(p->size, 4096);
+        if (!s->hdr || !s->status || !s->data)
+            return "out of guest memory for request buffers (raise --memory or lower iovmm.size)";
+    }
+    return NULL;
+}
+
+static const char *blk_setup(struct blk *b, const struct pci_dev *pci, const struct blk_params *p)
+{
+    const char *err = dma_init(&b->dma, pci, p->iommu);
+    if (!err)
+        err = virtio_pci_init(&b->vd, pci, &b->dma);
+    if (!err)
+        err = virtio_negotiate(&b->vd, VIRTIO_F_ACCESS_PLATFORM | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE,
+                               VIRTIO_F_VERSION_1);
+    if (!err && p->iommu != IOMMU_OFF && !(b->vd.features & VIRTIO_F_ACCESS_PLATFORM)) {
+        b->dma.unsupported = true;
+        err = "the virtio-blk device does not offer VIRTIO_F_ACCESS_PLATFORM, so the vIOMMU does not apply to it";
+    }
+    if (!err && !b->vd.device_cfg)
+        err = "the virtio-blk device has no device configuration window";
+    if (!err)
+        err = virtio_setup_queue(&b->vd, &b->q, 0, queue_size_for(p->inflight));
+    if (!err)
+        err = alloc_slots(b, p);
+    if (err)
+        return err;
+    b->capacity = virtio_cfg_read64(&b->vd, 0);
+    b->blk_size = (b->vd.features & VIRTIO_BLK_F_BLK_SIZE) ? virtio_cfg_read32(&b->vd, 20) : SECTOR;
+    if (b->capacity < p->size / SECTOR)
+        return "the disk is smaller than one request (iovmm.size)";
+    virtio_driver_ok(&b->vd);
+    return NULL;
+}
+
+static u64 pattern(u64 off, u64 seed) { return (off + 1) * 0x9e3779b97f4a7c15ULL ^ seed; }
+
+static void fill(u64 *w, u64 disk_off, u64 len, u64 seed)
+{
+    for (u64 i = 0; i < len / 8; i++)
+        w[i] = pattern(disk_off + 8 * i, seed);
+}
+
+static bool verify(const u64 *w, u64 disk_off, u64 len, u64 seed)
+{
+    for (u64 i = 0; i < len / 8; i++) {
+        if (w[i] != pattern(disk_off + 8 * i, seed))
+            return false;
+    }
+    return true;
+}
+
+/* Maps a slot's buffers and queues its chain (data_len 0: header and status only). */
+static bool submit(struct blk *b, struct slot *s, u32 type, u64 sector)
+{
+    struct dma_ctx *d = &b->dma;
+    *s->hdr = (struct blk_hdr){.type = type, .sector = sector};
+    *s->status = STATUS_PENDING;
+    enum dma_dir data_dir = s->write ? DMA_TO_DEVICE : DMA_FROM_DEVICE;
+    s->hdr_dma = dma_map(d, s->hdr, sizeof(*s->hdr), DMA_TO_DEVICE);
+    s->data_dma = s->data_len ? dma_map(d, s->data, s->data_len, data_dir) : 0;
+    s->status_dma = dma_map(d, s->status, 1, DMA_FROM_DEVICE);
+    if (s->hdr_dma == DMA_MAPPING_ERROR || s->data_dma == DMA_MAPPING_ERROR || s->status_dma == DMA_MAPPING_ERROR)
+        return dma_fail(d, "dma_map failed");
+    struct vq_buf bufs[3] = {{.addr = s->hdr_dma, .len = sizeof(*s->hdr), .device_writes = false}};
+    u16 n = 1;
+    if (s->data_len)
+        bufs[n++] = (struct vq_buf){.addr = s->data_dma, .len = (u32)s->data_len, .device_writes = !s->write};
+    bufs[n++] = (struct vq_buf){.addr = s->status_dma, .len = 1, .device_writes = true};
+    int head = virtq_add(&b->q, bufs, n);
+    if (head < 0)
+        return dma_fail(d, "the virtqueue is full");
+    b->slot_of_head[head] = (u16)(s - b->slots);
+    s->busy = true;
+    return true;
+}
+
+static void release(struct blk *b, struct slot *s)
+{
+    enum dma_dir data_dir = s->write ? DMA_TO_DEVICE : DMA_FROM_DEVICE;
+    dma_unmap(&b->dma, s->hdr_dma, sizeof(*s->hdr), DMA_TO_DEVICE);
+    if (s->data_len)
+        dma_unmap(&b->dma, s->data_dma, s->data_len, data_dir);
+    dma_unmap(&b->dma, s->status_dma, 1, DMA_FROM_DEVICE);
+    s->busy = false;
+}
+
+/* Pops one completion; returns its slot or NULL. */
+static struct slot *reap_one(struct blk *b)
+{
+    u32 id, len;
+    if (!virtq_get_used(&b->q, &id, &len) || id >= b->q.size)
+        return NULL;
+    struct slot *s = &b->slots[b->slot_of_head[id]];
+    release(b, s);
+    return s;
+}
+
+/* Waits for the single outstanding request of `s` (GET_ID, FLUSH, the bad read). */
+static bool wait_one(struct blk *b, const struct blk_params *p)
+{
+    u64 t0 = rdtsc(), timeout = ms_to_cycles(p->timeout_ms);
+    virtq_kick(&b->q);
+    while (!reap_one(b)) {
+        if (b->dma.error || rdtsc() - t0 > timeout)
+            return false;
+        cpu_relax();
+    }
+    return true;
+}
+
+struct phase {
+    bool write;
+    u64 per_disk, next, done;
+};
+
+static void start_request(struct blk *b, const struct blk_params *p, struct phase *ph, struct slot *s)
+{
+    u64 sector = (ph->next % ph->per_disk) * (p->size / SECTOR);
+    s->write = ph->write;
+    s->data_len = p->size;
+    s->index = ph->next++;
+    if (ph->write)
+        fill((u64 *)s->data, sector * SECTOR, p->size, p->seed);
+    else
+        memset(s->data, 0xa5, p->size);
+    submit(b, s, ph->write ? T_OUT : T_IN, sector);
+}
+
+static void finish_request(struct blk *b, const struct blk_params *p, struct phase *ph, struct slot *s)
+{
+    if (*s->status != S_OK)
+        b->errors++;
+    else if (!ph->write && !verify((u64 *)s->data, s->hdr->sector * SECTOR, p->size, p->seed))
+        b->mismatches++;
+    ph->done++;
+}
+
+/* Runs one phase (all writes or all reads) with up to iovmm.inflight requests in flight. */
+static bool run_phase(struct blk *b, const struct blk_params *p, u64 n, bool write, const char **why)
+{
+    struct phase ph = {.write = write, .per_disk = b->capacity / (p->size / SECTOR)};
+    u64 timeout = ms_to_cycles(p->timeout_ms), last = rdtsc();
+    while (ph.done < n) {
+        bool added = false;
+        for (u64 i = 0; i < p->inflight && ph.next < n && !b->dma.error; i++) {
+            if (!b->slots[i].busy) {
+                start_request(b, p, &ph, &b->slots[i]);
+                added = true;
+            }
+        }
+        if (added)
+            virtq_kick(&b->q);
+        struct slot *s;
+        bool progress = false;
+        while ((s = reap_one(b))) {
+            finish_request(b, p, &ph, s);
+            progress = true;
+        }
+        if (b->dma.error) {
+            *why = b->dma.error;
+            return false;
+        }
+        if (progress)
+            last = rdtsc();
+        else if (rdtsc() - last > timeout) {
+            *why = "no request completion within iovmm.timeout_ms";
+            return false;
+        } else
+            cpu_relax();
+    }
+    b->done += ph.done;
+    return true;
+}
+
+static bool get_id(struct blk *b, const struct blk_params *p)
+{
+    struct slot *s = &b->slots[0];
+    s->write = false;
+    s->data_len = ID_LEN;
+    memset(s->data, 0, ID_LEN);
+    if (!submit(b, s, T_GET_ID, 0) || !wait_one(b, p))
+        return false;
+    for (u32 i = 0; i < ID_LEN; i++) {
+        char c = (char)s->data[i];
+        bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
+        b->serial[i] = ok ? c : '\0';
+        if (!ok)
+            break;
+    }
+    return *s->status == S_OK;
+}
+
+/* A request with data_len 0 (FLUSH), or one sector starting at `sector` (the bad read). */
+static bool single(struct blk *b, const struct blk_params *p, u32 type, u64 sector, u8 *status)
+{
+    struct slot *s = &b->slots[0];
+    s->write = false;
+    s->data_len = type == T_FLUSH ? 0 : SECTOR;
+    if (!submit(b, s, type, sector) || !wait_one(b, p))
+        return false;
+    *status = *s->status;
+    return true;
+}
+
+static const char *run_all(struct blk *b, const struct blk_params *p, u64 n)
+{
+    const char *why = NULL;
+    if (!get_id(b, p))
+        return b->dma.error ? b->dma.error : "GET_ID failed";
+    u64 t0 = rdtsc();
+    if (!run_phase(b, p, n, true, &why))
+        return why;
+    u8 st = STATUS_PENDING;
+    if ((b->vd.features & VIRTIO_BLK_F_FLUSH)) {
+        if (!single(b, p, T_FLUSH, 0, &st) || st != S_OK)
+            return "FLUSH failed";
+        b->flushed = 1;
+    }
+    b->write_cycles = rdtsc() - t0;
+    t0 = rdtsc();
+    if (!run_phase(b, p, n, false, &why))
+        return why;
+    b->read_cycles = rdtsc() - t0;
+    if (p->bad_sector) {
+        if (!single(b, p, T_IN, b->capacity, &st))
+            return "the out-of-range read did not complete";
+        b->bad_status = st;
+        if (st != S_IOERR)
+            return "a read past the end of the disk did not fail with VIRTIO_BLK_S_IOERR";
+    }
+    dma_flush(&b->dma);
+    if (b->errors)
+        return "a request completed with an error status";
+    if (b->mismatches)
+        return "data read back differs from the pattern written";
+    return b->dma.error;
+}
+
+static void report(struct blk *b, const struct blk_params *p, u64 n, const char *status, const char *why)
+{
+    struct result r;
+    result_begin(&r, "blk", status);
+    if (why)
+        result_str(&r, "error", why);
+    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_u64(&r, "size", p->size);
+    result_u64(&r, "inflight", p->inflight);
+    result_u64(&r, "requests", n);
+    result_u64(&r, "completed", b->done);
+    result_u64(&r, "capacity", b->capacity);
+    result_u64(&r, "blk_size", b->blk_size);
+    result_u64(&r, "errors", b->errors);
+    result_u64(&r, "mismatches", b->mismatches);
+    result_u64(&r, "flushed", b->flushed);
+    if (p->bad_sector)
+        result_u64(&r, "bad_sector_status", b->bad_status);
+    result_str(&r, "serial", b->serial);
+    result_u64(&r, "write_cycles", b->write_cycles);
+    result_u64(&r, "read_cycles", b->read_cycles);
+    result_u64(&r, "queue_size", b->q.size);
+    result_u64(&r, "kicks", b->q.kicks);
+    result_hex(&r, "features", b->vd.features);
+    result_u64(&r, "tsc_khz", tsc_rate_khz());
+    dma_report(&b->dma, &r);
+    result_emit(&r);
+}
+
+static int report_setup_error(const char *status, const char *why, int code, struct dma_ctx *dma)
+{
+    struct result r;
+    result_begin(&r, "blk", status);
+    result_str(&r, "error", why);
+    if (dma)
+        dma_report(dma, &r);
+    result_emit(&r);
+    return code;
+}
+
+int run_blk(const struct pci_dev *devs, size_t ndevs)
+{
+    static struct blk b; /* zeroed .bss */
+    struct blk_params p;
+    const char *err = read_params(&p);
+    if (err)
+        return report_setup_error("error", err, EXIT_USAGE, NULL);
+    static const u16 blk_ids[] = {0x1042, 0x1001, 0};
+    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, blk_ids);
+    if (!pci)
+        return report_setup_error("unsupported", "no virtio-blk device on PCI bus 0", EXIT_UNSUPPORTED, NULL);
+    err = blk_setup(&b, pci, &p);
+    if (err) {
+        int code;
+        const char *status = dma_exit_status(&b.dma, &code);
+        return report_setup_error(status, err, code, &b.dma);
+    }
+    u64 n = p.requests ? p.requests : b.capacity / (p.size / SECTOR);
+    printf("IOVMM-TEST blk: %02x:%02x.%x queue %u, %llu sectors, %llu requests of %llu bytes, %llu in flight\n",
+           pci->bus, pci->dev, pci->fn, b.q.size, (unsigned long long)b.capacity, (unsigned long long)n,
+           (unsigned long long)p.size, (unsigned long long)p.inflight);
+    const char *why = run_all(&b, &p, n);
+    if (p.reset && !virtio_reset(&b.vd) && !why)
+        why = "the device did not finish its reset after the run";
+    report(&b, &p, n, why ? "failed" : "ok", why);
+    return why ? EXIT_FAILED : EXIT_OK;
+}
