@@ -9,9 +9,10 @@
 set -eu
 
 PACKAGES="busybox-static cpio zstd xz-utils binutils gcc dpdk-dev python3"
-# QEMU (reference runs only) comes from bookworm-backports: newer virtio-iommu/VT-d models, and
-# it must match qemu-utils when that is already installed from there.
-QEMU_PACKAGES="qemu-system-x86"
+# QEMU (reference runs, the nested suite) comes from bookworm-backports: newer virtio-iommu/VT-d
+# models. qemu-utils ships qemu-storage-daemon, the real vhost-user-blk backend of the blk tests
+# (tests/tests/blk_qemu_storage_daemon.rs); both come from the same suite so their versions match.
+QEMU_PACKAGES="qemu-system-x86 qemu-utils"
 # Shared libraries of bookworm's QEMU 7.2, which fetch-qemu72.sh unpacks without installing it
 # (the benchmark's reference VMM). Installed from the default suites.
 QEMU72_LIBS="libaio1 libbpf1 libcapstone4 libfdt1 libfuse3-3 libglib2.0-0 libgmp10 libgnutls30

@@ -258,7 +258,7 @@ impl StorageDaemon {
             .arg("--pidfile")
             .arg(&pidfile)
             .output()
-            .map_err(|e| format!("cannot run {QSD} (install qemu-utils): {e}"))?;
+            .map_err(|e| format!("cannot run {QSD}: {e}; install it with `bash resources/install-deps.sh --with-qemu` (package qemu-utils)"))?;
         if !out.status.success() {
             return Err(format!(
                 "{QSD} failed: {}",
