@@ -5,6 +5,8 @@
 //! no IOTLB, so only without a vIOMMU). The harness checks the guest's verdict, the backend's
 //! counters and, independently, every byte of the disk image.
 
+pub mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;

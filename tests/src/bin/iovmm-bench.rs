@@ -45,6 +45,9 @@ struct Args {
     /// Skip the DPDK testpmd cells.
     #[arg(long)]
     no_dpdk: bool,
+    /// Skip the virtio-blk rows (own backend, qemu-storage-daemon).
+    #[arg(long)]
+    no_blk: bool,
     /// Only cells whose vIOMMU name contains this (none, virtio-iommu, vt-d).
     #[arg(long)]
     only: Option<String>,
@@ -413,6 +416,13 @@ fn main() {
         }
     }
     print_cells(&results, tsc_khz);
+    if !args.no_blk {
+        failures.extend(integration_tests::blk::bench::blk_bench(
+            tsc_khz,
+            true,
+            args.only.as_deref(),
+        ));
+    }
     for f in &failures {
         println!("  FAILED {f}");
     }
