@@ -122,9 +122,17 @@ fn temp_path(tag: &str, ext: &str) -> PathBuf {
     std::env::temp_dir().join(format!("iovmm-{}-{tag}.{ext}", std::process::id()))
 }
 
-/// A zero-filled disk image of `bytes` at a fresh path.
+/// A zero-filled disk image of `bytes` at a fresh path, in RAM (`/dev/shm`) when there is one:
+/// the cells measure the vhost-user path, not the host's disk (whose dirty-page throttling and
+/// fdatasync on a loaded machine held requests for seconds).
 pub fn disk_image(tag: &str, bytes: u64) -> PathBuf {
-    let path = temp_path(tag, "img");
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!("iovmm-{}-{tag}.img", std::process::id()));
     let f = std::fs::File::create(&path).expect("create disk image");
     f.set_len(bytes).expect("size disk image");
     path
