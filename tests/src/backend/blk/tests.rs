@@ -402,6 +402,33 @@ impl BlkRig {
         b
     }
 
+    fn used_idx(&self) -> u16 {
+        let u = self.get(RING + 0x202, 2);
+        u16::from_le_bytes([u[0], u[1]])
+    }
+
+    /// Waits on the call eventfd (signalled after every used update) until
+    /// the used index reaches `want`, for at most 10 s.
+    fn wait_used(&self, want: u16) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.used_idx() != want {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut p = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut p, 1, ms) };
+            let _ = self.call.read();
+        }
+        true
+    }
+
     /// One request (header, data, status) at descriptors 0..3; waits for its
     /// used entry and returns (status byte, used length).
     fn request(&mut self, kind: u32, sector: u64, data: u64, len: u32, write: bool) -> (u8, u32) {
@@ -430,11 +457,10 @@ impl BlkRig {
         self.put(RING + 0x100 + 2, &self.posted.to_le_bytes());
         self.kick.write(1).unwrap();
         let want = self.posted;
-        let done = self.be.wait_for(Duration::from_secs(10), |_| {
-            let u = self.get(RING + 0x202, 2);
-            u16::from_le_bytes([u[0], u[1]]) == want
-        });
-        assert!(done, "request {kind} at {sector} not completed");
+        assert!(
+            self.wait_used(want),
+            "request {kind} at {sector} not completed"
+        );
         let slot = RING + 0x204 + 8 * u64::from((want - 1) % 8);
         let e = self.get(slot, 8);
         let used = u32::from_le_bytes(e[4..].try_into().unwrap());
@@ -511,5 +537,4 @@ fn read_into_a_read_only_mapping_is_refused_and_memory_untouched() {
     let mut b = [0u8; 512];
     r.disk.read_exact_at(&mut b, 512).unwrap();
     assert_eq!(b, [0x11; 512]);
-    let _ = r.call.read();
 }
