@@ -130,6 +130,22 @@ fn log_level_lets_a_forbidden_call_through() {
     );
 }
 
+/// The logger checks whether stderr is a terminal (TCGETS) before every line, on whichever
+/// thread logs; with a terminal on stderr that once killed iovmm at `--log-level info`.
+#[test]
+fn every_thread_kind_may_ask_whether_stderr_is_a_terminal() {
+    let filters = SeccompFilters::new(SeccompLevel::Trap).expect("filters compile");
+    for kind in ThreadKind::ALL {
+        let ended = filtered(&filters, kind, || {
+            let mut t = std::mem::MaybeUninit::<libc::termios>::uninit();
+            // SAFETY: TCGETS on fd 2 writes at most one termios into `t`.
+            unsafe { libc::ioctl(2, libc::TCGETS, t.as_mut_ptr()) };
+            0
+        });
+        assert_eq!(ended, Ended::Exit(0), "{kind}");
+    }
+}
+
 #[test]
 fn no_thread_kind_may_run_a_program() {
     let filters = SeccompFilters::new(SeccompLevel::Trap).expect("filters compile");

@@ -448,6 +448,11 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
             }
             ThreadKind::VhostUserReconnect => reconnect_rules(&mut r)?,
         }
+        // The logger asks whether stderr is a terminal (TCGETS) before it
+        // writes a line, on whichever thread logs.
+        r.entry(libc::SYS_ioctl)
+            .or_default()
+            .extend(ioctls(&[libc::TCGETS])?);
         Ok(r)
     };
     build().map_err(|source| SeccompError::Compile { kind, source })
