@@ -11,7 +11,9 @@
  * (requests in flight, 1..64; 8), iovmm.requests (per phase; default: the whole disk, capacity /
  * size; more wrap around), iovmm.seed (pattern seed; 1), iovmm.iommu (off), iovmm.timeout_ms
  * (10000), iovmm.reset (1), iovmm.bad_sector (1: one extra read starting at the first sector past
- * the end, which must complete with VIRTIO_BLK_S_IOERR), and the DMA layer's iovmm.viommu,
+ * the end, which must complete with VIRTIO_BLK_S_IOERR), iovmm.ro_read (1, strict/lazy only: one
+ * read whose data buffer is mapped read-only but queued device-writable; the device's write must
+ * be refused, so it must complete with IOERR and leave the buffer untouched), and the DMA layer's iovmm.viommu,
  * iovmm.ats, iovmm.lazy_batch, iovmm.lazy_flush.
  *
  * The result line has write_cycles and read_cycles (TSC cycles of each phase) and
@@ -38,7 +40,7 @@
 #define STATUS_PENDING 0xff
 
 struct blk_params {
-    u64 size, inflight, requests, seed, timeout_ms, reset, bad_sector;
+    u64 size, inflight, requests, seed, timeout_ms, reset, bad_sector, ro_read;
     enum iommu_mode iommu;
 };
 
@@ -56,6 +58,7 @@ struct slot {
     u64 hdr_dma, data_dma, status_dma, data_len;
     u64 index; /* request number within the phase */
     bool write, busy;
+    bool ro_map; /* iovmm.ro_read: data mapped read-only although the device must write it */
 };
 
 struct blk {
@@ -66,7 +69,7 @@ struct blk {
     u16 slot_of_head[256];
     u64 capacity; /* sectors */
     u64 blk_size;
-    u64 done, errors, mismatches, flushed, bad_status;
+    u64 done, errors, mismatches, flushed, bad_status, ro_status, ro_intact;
     u64 write_cycles, read_cycles, flush_wait_cycles;
     char serial[ID_LEN + 1];
 };
@@ -77,7 +80,7 @@ static const char *read_params(struct blk_params *p)
     if (cmdline_u64("iovmm.size", 4096, &p->size) || cmdline_u64("iovmm.inflight", 8, &p->inflight) ||
         cmdline_u64("iovmm.requests", 0, &p->requests) || cmdline_u64("iovmm.seed", 1, &p->seed) ||
         cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset) ||
-        cmdline_u64("iovmm.bad_sector", 0, &p->bad_sector))
+        cmdline_u64("iovmm.bad_sector", 0, &p->bad_sector) || cmdline_u64("iovmm.ro_read", 0, &p->ro_read))
         return "a numeric iovmm.* parameter is malformed";
     if (p->size < SECTOR || p->size > (1 << 20) || p->size % SECTOR)
         return "iovmm.size must be a multiple of 512 in 512..1M";
@@ -86,6 +89,8 @@ static const char *read_params(struct blk_params *p)
     p->iommu = IOMMU_OFF;
     if (cmdline_get("iovmm.iommu", mode, sizeof(mode)) && !iommu_mode_parse(mode, &p->iommu))
         return "iovmm.iommu must be off, passthrough, strict or lazy";
+    if (p->ro_read && p->iommu != IOMMU_STRICT && p->iommu != IOMMU_LAZY)
+        return "iovmm.ro_read needs iovmm.iommu=strict or lazy";
     return NULL;
 }
 
@@ -161,7 +166,7 @@ static bool submit(struct blk *b, struct slot *s, u32 type, u64 sector)
     struct dma_ctx *d = &b->dma;
     *s->hdr = (struct blk_hdr){.type = type, .sector = sector};
     *s->status = STATUS_PENDING;
-    enum dma_dir data_dir = s->write ? DMA_TO_DEVICE : DMA_FROM_DEVICE;
+    enum dma_dir data_dir = s->write || s->ro_map ? DMA_TO_DEVICE : DMA_FROM_DEVICE;
     s->hdr_dma = dma_map(d, s->hdr, sizeof(*s->hdr), DMA_TO_DEVICE);
     s->data_dma = s->data_len ? dma_map(d, s->data, s->data_len, data_dir) : 0;
     s->status_dma = dma_map(d, s->status, 1, DMA_FROM_DEVICE);
@@ -182,7 +187,7 @@ static bool submit(struct blk *b, struct slot *s, u32 type, u64 sector)
 
 static void release(struct blk *b, struct slot *s)
 {
-    enum dma_dir data_dir = s->write ? DMA_TO_DEVICE : DMA_FROM_DEVICE;
+    enum dma_dir data_dir = s->write || s->ro_map ? DMA_TO_DEVICE : DMA_FROM_DEVICE;
     dma_unmap(&b->dma, s->hdr_dma, sizeof(*s->hdr), DMA_TO_DEVICE);
     if (s->data_len)
         dma_unmap(&b->dma, s->data_dma, s->data_len, data_dir);
@@ -308,6 +313,31 @@ static bool single(struct blk *b, const struct blk_params *p, u32 type, u64 sect
     return true;
 }
 
+/*
+ * iovmm.ro_read: a read whose data buffer is mapped read-only (DMA_TO_DEVICE) but queued as
+ * device-writable. The backend's write must be refused by the vIOMMU: the request fails with
+ * IOERR and the buffer keeps its marker.
+ */
+static const char *ro_read(struct blk *b, const struct blk_params *p)
+{
+    struct slot *s = &b->slots[0];
+    s->write = false;
+    s->ro_map = true;
+    s->data_len = p->size;
+    memset(s->data, 0x5c, p->size);
+    bool done = submit(b, s, T_IN, 0) && wait_one(b, p);
+    s->ro_map = false;
+    if (!done)
+        return "the read into a read-only mapping did not complete";
+    b->ro_status = *s->status;
+    b->ro_intact = 1;
+    for (u64 i = 0; i < p->size; i++)
+        b->ro_intact &= s->data[i] == 0x5c;
+    if (b->ro_status != S_IOERR)
+        return "a read into a read-only mapping did not fail with VIRTIO_BLK_S_IOERR";
+    return b->ro_intact ? NULL : "the device wrote into a read-only mapping";
+}
+
 static const char *run_all(struct blk *b, const struct blk_params *p, u64 n)
 {
     const char *why = NULL;
@@ -336,6 +366,8 @@ static const char *run_all(struct blk *b, const struct blk_params *p, u64 n)
         if (st != S_IOERR)
             return "a read past the end of the disk did not fail with VIRTIO_BLK_S_IOERR";
     }
+    if (p->ro_read && (why = ro_read(b, p)))
+        return why;
     dma_flush(&b->dma);
     if (b->errors)
         return "a request completed with an error status";
@@ -362,6 +394,10 @@ static void report(struct blk *b, const struct blk_params *p, u64 n, const char 
     result_u64(&r, "flushed", b->flushed);
     if (p->bad_sector)
         result_u64(&r, "bad_sector_status", b->bad_status);
+    if (p->ro_read) {
+        result_u64(&r, "ro_read_status", b->ro_status);
+        result_u64(&r, "ro_read_intact", b->ro_intact);
+    }
     result_str(&r, "serial", b->serial);
     result_u64(&r, "write_cycles", b->write_cycles);
     result_u64(&r, "read_cycles", b->read_cycles);

@@ -43,6 +43,9 @@ pub struct BlkCell {
     pub disk_bytes: u64,
     /// Also read one sector past the end, which must fail with IOERR.
     pub bad_sector: bool,
+    /// Also read into a buffer mapped read-only (strict/lazy): the backend's write must be
+    /// refused (the backend sets NEED_REPLY on misses to learn it at once), IOERR, buffer intact.
+    pub ro_read: bool,
     /// Host TSC rate for the guest's timing, if known.
     pub tsc_khz: Option<u64>,
 }
@@ -58,6 +61,7 @@ impl BlkCell {
             inflight: 8,
             disk_bytes: 1 << 20,
             bad_sector: true,
+            ro_read: false,
             tsc_khz: None,
         }
     }
@@ -84,7 +88,8 @@ impl BlkCell {
         let mut s = Scenario::blk(self.size, self.inflight)
             .iommu(self.mode)
             .ats(self.ats)
-            .param("bad_sector", u64::from(self.bad_sector));
+            .param("bad_sector", u64::from(self.bad_sector))
+            .param("ro_read", u64::from(self.ro_read));
         if let Some(khz) = self.tsc_khz {
             s = s.tsc_khz(khz);
         }
@@ -202,6 +207,10 @@ pub fn run_guest(cell: &BlkCell, sock: &Path) -> (GuestResult, VhostUserStats) {
     if cell.bad_sector {
         assert_eq!(r.u64("bad_sector_status"), Some(1), "IOERR; {serial}");
     }
+    if cell.ro_read {
+        assert_eq!(r.u64("ro_read_status"), Some(1), "IOERR; {serial}");
+        assert_eq!(r.u64("ro_read_intact"), Some(1), "{serial}");
+    }
     (r, vmm.vhost_user_devices()[0].stats())
 }
 
@@ -214,6 +223,7 @@ pub fn run_own_backend(cell: &BlkCell) -> BlkOutcome {
     let config = BackendConfig {
         access_platform: cell.viommu != Viommu::None,
         miss_timeout: Duration::from_secs(10),
+        miss_need_reply: cell.ro_read,
         blk: Some(BlkConfig::new(&image)),
         ..BackendConfig::default()
     };
@@ -226,11 +236,14 @@ pub fn run_own_backend(cell: &BlkCell) -> BlkOutcome {
         (blk.writes, blk.reads, blk.flushes, blk.get_ids),
         (n, n, 1, 1)
     );
-    assert_eq!(blk.ioerrs, u64::from(cell.bad_sector));
+    assert_eq!(
+        blk.ioerrs,
+        u64::from(cell.bad_sector) + u64::from(cell.ro_read)
+    );
     assert_eq!(blk.bytes_written, cell.disk_bytes);
     assert_eq!(blk.status_lost, 0);
     let c = backend.counters();
-    assert_eq!(c.translation_failures, 0);
+    assert_eq!(c.translation_failures, u64::from(cell.ro_read));
     assert_eq!(first_bad_word(&image, SEED), None, "disk image content");
     assert_no_stale_translation(&backend);
     let _ = std::fs::remove_file(&image);

@@ -120,3 +120,41 @@ fn large_requests_behind_virtio_iommu_strict() {
     let o = run_own_backend(&cell);
     assert_eq!(o.blk.expect("blk").bytes_read, 2 << 20);
 }
+
+/// A read whose data buffer the guest mapped read-only: the backend asks for write access, iovmm
+/// refuses the miss and reports a DMA fault to the guest, the request fails with IOERR and the
+/// buffer keeps its marker (checked in the harness and the guest).
+fn ro_read(viommu: Viommu) -> BlkOutcome {
+    let mut cell = BlkCell::new(viommu, IommuMode::Strict);
+    cell.ro_read = true;
+    let o = run_own_backend(&cell);
+    assert!(o.stats.bridge.misses_refused >= 1, "{:?}", o.stats.bridge);
+    o
+}
+
+#[test]
+fn read_into_read_only_mapping_is_refused_behind_virtio_iommu() {
+    let o = ro_read(Viommu::Virtio);
+    assert!(
+        o.result.u64("fault_events").unwrap_or(0) >= 1,
+        "{:?}",
+        o.result
+    );
+    // The fault names a write (VIRTIO_IOMMU_FAULT_F_WRITE), not a read.
+    let flags = o.result.u64("fault_flags").expect("fault_flags");
+    assert_eq!(flags & 3, 2, "{:?}", o.result);
+}
+
+#[test]
+fn read_into_read_only_mapping_is_refused_behind_vtd_with_ats() {
+    let o = ro_read(DT_ATS);
+    assert!(o.result.u64("faults").unwrap_or(0) >= 1, "{:?}", o.result);
+    assert_eq!(o.result.u64("fault_write"), Some(1));
+}
+
+#[test]
+fn read_into_read_only_mapping_is_refused_behind_vtd() {
+    let o = ro_read(NO_DT);
+    assert!(o.result.u64("faults").unwrap_or(0) >= 1, "{:?}", o.result);
+    assert_eq!(o.result.u64("fault_write"), Some(1));
+}
