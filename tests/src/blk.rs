@@ -247,6 +247,7 @@ pub fn run_own_backend(cell: &BlkCell) -> BlkOutcome {
     assert_eq!(first_bad_word(&image, SEED), None, "disk image content");
     assert_no_stale_translation(&backend);
     let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&sock);
     BlkOutcome {
         result,
         stats,
@@ -320,6 +321,7 @@ pub fn run_qsd(cell: &BlkCell) -> BlkOutcome {
     drop(daemon);
     assert_eq!(first_bad_word(&image, SEED), None, "disk image content");
     let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&sock);
     BlkOutcome {
         result,
         stats,
@@ -337,6 +339,7 @@ pub fn qsd_start_error(cell: &BlkCell) -> String {
     let _daemon = StorageDaemon::start(&image, &sock).expect("qemu-storage-daemon starts");
     let res = Vmm::start(&cell.vm_config(&sock));
     let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_file(&sock);
     match res {
         Ok(_) => panic!("iovmm started a blk device behind a vIOMMU on qemu-storage-daemon"),
         Err(e) => {
