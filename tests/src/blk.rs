@@ -244,6 +244,10 @@ pub fn run_own_backend(cell: &BlkCell) -> BlkOutcome {
     assert_eq!(blk.status_lost, 0);
     let c = backend.counters();
     assert_eq!(c.translation_failures, u64::from(cell.ro_read));
+    assert_eq!(
+        c.invalidate_violations, 0,
+        "a range was still translatable when its INVALIDATE was applied"
+    );
     assert_eq!(first_bad_word(&image, SEED), None, "disk image content");
     assert_no_stale_translation(&backend);
     let _ = std::fs::remove_file(&image);
