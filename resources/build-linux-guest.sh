@@ -177,8 +177,19 @@ net-tx)
     /bin/iovmm-netbench $PEER_IP 9 "\$frames" "\$size" eth0 ||
         echo "iovmm-init: net-tx benchmark failed"
     ;;
-*) echo "iovmm-init: unknown iovmm.bench=\$bench (known: net-tx)" ;;
+net-rx)
+    # The back end's generated frames (ethertype 0x88b5) into device-writable RX buffers; the
+    # receiver opens its socket before it brings eth0 up, so it sees every frame.
+    echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6
+    echo 1 >/proc/sys/net/ipv6/conf/eth0/disable_ipv6 2>/dev/null
+    /bin/iovmm-netbench --rx "\$frames" "\$size" eth0 ||
+        echo "iovmm-init: net-rx benchmark failed"
+    ;;
+*) echo "iovmm-init: unknown iovmm.bench=\$bench (known: net-tx, net-rx)" ;;
 esac
+grep eth0 /proc/net/dev | tr -s ' ' | sed 's/^/iovmm-init: netdev: /'
+# Interrupts the devices raised (MSI-X vectors per queue), for the harness's failure reports.
+grep -E 'virtio|MSI|IR-' /proc/interrupts | tr -s ' ' | sed 's/^/iovmm-init: interrupts: /'
 echo $MARKER
 poweroff -f
 INIT

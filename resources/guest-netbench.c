@@ -3,6 +3,7 @@
  * build-linux-guest.sh into the initramfs as /bin/iovmm-netbench; busybox has no UDP sender).
  *
  * Usage: iovmm-netbench DEST_IP PORT FRAMES SIZE [IFACE]
+ *        iovmm-netbench --rx FRAMES SIZE IFACE
  *
  * Sends FRAMES UDP datagrams to DEST_IP:PORT, each making an Ethernet frame of SIZE bytes
  * (14 + 20 + 8 header bytes + payload; SIZE is clamped to 60..1514), as fast as the socket
@@ -20,9 +21,21 @@
  * UDP flow's packets once they queue longer than its 5 ms target; qdisc_overlimit counts those
  * dropped because the queue was full instead). Exit status 0 when all frames were sent and
  * completed.
+ *
+ * --rx receives FRAMES sequence frames of SIZE bytes from the test back end's generator
+ * (tests/src/backend/rxgen.rs: broadcast, ethertype 0x88b5, little-endian u64 sequence number at
+ * frame offset 14, then byte j = seq * 31 + j) on a packet socket opened before IFACE is brought
+ * up, checks their order, length and every byte, and prints
+ *
+ *   IOVMM-BENCH {"bench":"net-rx","frames":N,"size":S,"received":R,"bad":B,"drops":D,"recv_ns":T}
+ *
+ * drops is the socket's own drop count (PACKET_STATISTICS). It gives up 10 s after the last frame.
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <linux/if_packet.h>
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <linux/gen_stats.h>
 #include <linux/netlink.h>
 #include <linux/pkt_sched.h>
@@ -178,9 +191,91 @@ static long long send_all(int s, long long frames, size_t len, long long *retrie
     return sent;
 }
 
+#define RX_ETHERTYPE 0x88b5
+#define RX_IDLE_MS 10000
+
+/* Opens a packet socket for the generator's ethertype, then brings IFACE up. The socket is not
+ * bound to IFACE: a socket bound to a device that is down only starts receiving at the device's
+ * NETDEV_UP notification, after the driver already passed up the first frames (they would be
+ * dropped as an unhandled protocol); an unbound one receives from the moment it exists. */
+static int open_rx(const char *iface)
+{
+    int s = socket(AF_PACKET, SOCK_DGRAM, htons(RX_ETHERTYPE));
+    int big = 16 << 20;
+    if (s < 0 || !if_nametoindex(iface)) {
+        perror("iovmm-netbench: packet socket");
+        return -1;
+    }
+    setsockopt(s, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof(big));
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", iface);
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0 || (ifr.ifr_flags |= IFF_UP, ioctl(s, SIOCSIFFLAGS, &ifr) < 0)) {
+        perror("iovmm-netbench: bring the interface up");
+        return -1;
+    }
+    return s;
+}
+
+/* Whether payload `p` (the frame from offset 14) is sequence frame `seq` of `size` bytes. */
+static int rx_frame_ok(const unsigned char *p, long long n, long long seq, long long size)
+{
+    long long got;
+    if (n != size - 14)
+        return 0;
+    memcpy(&got, p, sizeof(got));
+    if (got != seq)
+        return 0;
+    for (long long j = 22; j < size; j++)
+        if (p[j - 14] != (unsigned char)((unsigned char)(seq * 31) + (unsigned char)j))
+            return 0;
+    return 1;
+}
+
+static int run_rx(long long frames, long long size, const char *iface)
+{
+    static unsigned char buf[MAX_FRAME + 64];
+    int s = open_rx(iface);
+    if (s < 0)
+        return 1;
+    long long received = 0, bad = 0, t0 = 0;
+    struct pollfd pfd = {.fd = s, .events = POLLIN};
+    while (received + bad < frames && poll(&pfd, 1, RX_IDLE_MS) > 0) {
+        ssize_t n = recv(s, buf, sizeof(buf), 0);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            continue;
+        if (n < 0)
+            break;
+        if (!t0)
+            t0 = now_ns();
+        if (rx_frame_ok(buf, n, received + bad, size))
+            received++;
+        else
+            bad++;
+    }
+    long long t1 = now_ns();
+    struct tpacket_stats st = {0};
+    socklen_t len = sizeof(st);
+    long long drops = getsockopt(s, SOL_PACKET, PACKET_STATISTICS, &st, &len) ? -1 : (long long)st.tp_drops;
+    printf("IOVMM-BENCH {\"bench\":\"net-rx\",\"frames\":%lld,\"size\":%lld,\"received\":%lld,"
+           "\"bad\":%lld,\"drops\":%lld,\"recv_ns\":%lld}\n",
+           frames, size, received, bad, drops, t0 ? t1 - t0 : 0);
+    fflush(stdout);
+    close(s);
+    return received == frames ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
     long long port, frames, size, retries = 0;
+    if (argc == 5 && !strcmp(argv[1], "--rx")) {
+        if (parse_count(argv[2], 1000000000LL, &frames) || parse_count(argv[3], MAX_FRAME, &size) ||
+            size < 22) {
+            fprintf(stderr, "usage: iovmm-netbench --rx FRAMES SIZE(22..1514) IFACE\n");
+            return 2;
+        }
+        return run_rx(frames, size, argv[4]);
+    }
     if (argc < 5 || argc > 6 || parse_count(argv[2], 65535, &port) ||
         parse_count(argv[3], 1000000000LL, &frames) || parse_count(argv[4], 65535, &size)) {
         fprintf(stderr, "usage: iovmm-netbench DEST_IP PORT FRAMES SIZE [IFACE]\n");

@@ -60,6 +60,8 @@ pub struct ScenarioReport {
     pub counters: Option<serde_json::Value>,
     /// Frames the backend received.
     pub backend_frames: Option<u64>,
+    /// Frames our backend delivered into the guest's RX buffers.
+    pub backend_rx_frames: Option<u64>,
     /// The test backend's accesses without a translation after a miss.
     pub translation_failures: Option<u64>,
     /// The expected driver lines, as printed.
@@ -151,6 +153,7 @@ impl ScenarioReport {
             Backend::None => {}
             Backend::Own { .. } => {
                 self.backend_frames = debug_field(&self.backend_log, "tx_frames");
+                self.backend_rx_frames = debug_field(&self.backend_log, "rx_frames");
                 self.translation_failures = debug_field(&self.backend_log, "translation_failures");
             }
             Backend::Testpmd => {
@@ -213,7 +216,28 @@ impl ScenarioReport {
         }
     }
 
+    /// Every generated frame reached the guest's socket intact.
+    fn check_received(&mut self, sc: &Scenario) {
+        let want = u64::from(sc.frames);
+        let field = |k: &str| self.bench.as_ref().and_then(|b| b.get(k)?.as_u64());
+        let (got, bad) = (field("received"), field("bad"));
+        if got != Some(want) || bad != Some(0) {
+            self.failures.push(format!(
+                "guest received {got:?} good and {bad:?} bad of {want} frames"
+            ));
+        }
+        if self.backend_rx_frames != Some(want) {
+            self.failures.push(format!(
+                "backend delivered {:?} of {want} frames",
+                self.backend_rx_frames
+            ));
+        }
+    }
+
     fn check_frames(&mut self, sc: &Scenario) {
+        if sc.rx {
+            return self.check_received(sc);
+        }
         let want = u64::from(sc.frames);
         let guest = self
             .bench
@@ -283,12 +307,18 @@ pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (sc, r) in scs.iter().zip(reports) {
         let frames = if sc.frames > 0 {
-            let g = r.bench.as_ref().and_then(|b| b.get("tx_packets")?.as_u64());
-            format!(
-                "{}/{}",
-                g.map_or("-".into(), |v| v.to_string()),
-                r.backend_frames.map_or("-".into(), |v| v.to_string())
-            )
+            // TX: completed by the guest's device / received by the backend;
+            // RX: delivered by the backend / received intact by the guest.
+            let (key, backend) = match sc.rx {
+                false => ("tx_packets", r.backend_frames),
+                true => ("received", r.backend_rx_frames),
+            };
+            let g = r.bench.as_ref().and_then(|b| b.get(key)?.as_u64());
+            let show = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+            match sc.rx {
+                false => format!("{}/{}", show(g), show(backend)),
+                true => format!("rx {}/{}", show(backend), show(g)),
+            }
         } else {
             "-".into()
         };
@@ -413,6 +443,36 @@ mod tests {
         };
         assert_eq!(run(10), Vec::<String>::new());
         assert!(run(9)[0].contains("990") && run(9)[0].contains("Some(9)"));
+    }
+
+    #[test]
+    fn received_frames_count_at_both_ends() {
+        let sc = scenario("rx-vtd-strict-own");
+        let run = |bench: &str, delivered: u64| {
+            let be = format!("CountersSnapshot {{ tx_frames: 0, translation_failures: 0, rx_frames: {delivered}, rx_dropped: 0 }}");
+            let t = transcript(&[
+                "NESTED-BEGIN rx-vtd-strict-own",
+                "NESTED-VM-START rx-vtd-strict-own",
+                "iovmm-init: dmesg: DMAR: IOMMU enabled",
+                "iovmm-init: dmesg: pci 0000:00:01.0: Adding to iommu group 1",
+                bench,
+                "IOVMM-GUEST-READY",
+                "iovmm-counters: {\"misses\":4,\"misses_refused\":0}",
+                "NESTED-VM-EXIT rx-vtd-strict-own rc=0",
+                "NESTED-LOG-BEGIN rx-vtd-strict-own backend",
+                &be,
+                "NESTED-LOG-END rx-vtd-strict-own backend",
+                "NESTED-END rx-vtd-strict-own",
+            ]);
+            let mut r = ScenarioReport::extract(&t, &sc);
+            r.check(&sc);
+            r.failures
+        };
+        let good = "IOVMM-BENCH {\"bench\":\"net-rx\",\"received\":1000,\"bad\":0}";
+        assert_eq!(run(good, 1000), Vec::<String>::new());
+        assert_eq!(run(good, 999).len(), 1);
+        let bad = "IOVMM-BENCH {\"bench\":\"net-rx\",\"received\":999,\"bad\":1}";
+        assert!(run(bad, 1000)[0].contains("Some(999) good and Some(1) bad"));
     }
 
     #[test]

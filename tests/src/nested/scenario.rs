@@ -57,8 +57,12 @@ pub struct Scenario {
     pub ats: bool,
     /// Extra guest kernel arguments (IOMMU mode, qdisc).
     pub guest_args: &'static str,
-    /// UDP frames the guest sends (0: no workload).
+    /// Frames of the workload (0: no workload): UDP frames the guest sends,
+    /// or with `rx` generated frames our backend sends into the guest.
     pub frames: u32,
+    /// The workload is receive (`iovmm.bench=net-rx`, our backend's
+    /// generator) instead of transmit.
+    pub rx: bool,
     /// The guest's default qdisc for the workload. With `pfifo_fast` a full
     /// queue pushes back on the sender, so every frame must arrive; with
     /// `fq_codel` the guest's AQM may drop frames that queue too long, and
@@ -92,6 +96,7 @@ impl Scenario {
             ats: false,
             guest_args: "",
             frames: 0,
+            rx: false,
             qdisc: "pfifo_fast",
             outcome: Outcome::PowerOff,
             expect_lines: &[],
@@ -123,7 +128,13 @@ impl Scenario {
         if !self.guest_args.is_empty() {
             let _ = write!(c, " {}", self.guest_args);
         }
-        if self.frames > 0 {
+        if self.frames > 0 && self.rx {
+            let _ = write!(
+                c,
+                " iovmm.bench=net-rx iovmm.frames={} iovmm.size={FRAME_SIZE}",
+                self.frames
+            );
+        } else if self.frames > 0 {
             let _ = write!(
                 c,
                 " iovmm.bench=net-tx iovmm.frames={} iovmm.size={FRAME_SIZE} iovmm.qdisc={}",
@@ -245,6 +256,36 @@ fn vtd() -> Vec<Scenario> {
     ]
 }
 
+/// Our backend writes into the guest: Linux's virtio-net RX buffers are
+/// mapped device-writable (DMA_FROM_DEVICE).
+fn receive() -> Vec<Scenario> {
+    let rx = |mut s: Scenario| {
+        s.rx = true;
+        s
+    };
+    vec![
+        rx(Scenario::net("rx-plain-own", None, OWN, "")),
+        rx(with_lines(
+            Scenario::net(
+                "rx-viommu-strict-own",
+                Some("virtio"),
+                OWN,
+                "iommu.strict=1",
+            ),
+            VIRTIO_IOMMU_LINES,
+        )),
+        rx(with_lines(
+            Scenario::net(
+                "rx-vtd-strict-own",
+                Some("vtd"),
+                OWN,
+                "intel_iommu=on iommu.strict=1",
+            ),
+            VTD_LINES,
+        )),
+    ]
+}
+
 fn bad_input() -> Vec<Scenario> {
     vec![
         // Linux leaves the DMAR off without intel_iommu=on: translation stays
@@ -274,6 +315,7 @@ pub fn acceptance() -> Vec<Scenario> {
     let mut all = boots();
     all.extend(virtio_iommu());
     all.extend(vtd());
+    all.extend(receive());
     all.extend(bad_input());
     all
 }

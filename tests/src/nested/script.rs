@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use super::scenario::{Backend, Scenario, GUEST_MEMORY};
+use super::scenario::{Backend, Scenario, FRAME_SIZE, GUEST_MEMORY};
 
 /// Seconds one guest may run before L1 kills iovmm.
 pub const VM_TIMEOUT_SECS: u32 = 240;
@@ -68,6 +68,10 @@ fn scenario(s: &mut String, sc: &Scenario) {
     if let Some(v) = sc.vhost_user_arg(&sock) {
         let _ = write!(cmd, " --vhost-user {v}");
     }
+    // Extra iovmm options for debugging, e.g. IOVMM_NESTED_IOVMM_ARGS="--log-level debug".
+    if let Ok(extra) = std::env::var("IOVMM_NESTED_IOVMM_ARGS") {
+        let _ = write!(cmd, " {extra}");
+    }
     let _ = writeln!(s, "echo NESTED-VM-START {name}");
     let _ = writeln!(s, "{cmd} 2>&1");
     let _ = writeln!(s, "echo NESTED-VM-EXIT {name} rc=$?");
@@ -80,7 +84,10 @@ fn start_backend(s: &mut String, sc: &Scenario, sock: &str, log: &str) {
     match sc.backend {
         Backend::None => {}
         Backend::Own { access_platform } => {
-            let flag = if access_platform { "" } else { " --no-iommu" };
+            let mut flag = String::from(if access_platform { "" } else { " --no-iommu" });
+            if sc.rx {
+                let _ = write!(flag, " --rx-frames {} --rx-size {FRAME_SIZE}", sc.frames);
+            }
             let _ = writeln!(
                 s,
                 "rm -f {sock}; iovmm-test-backend --socket {sock} --once{flag} >{log} 2>&1 & be=$!"
