@@ -263,7 +263,10 @@ pub fn run_own_backend(cell: &Cell) -> Outcome {
         "payload bytes differ"
     );
     assert_no_stale_translation(&backend);
-    assert_eq!(c.invalidate_violations, 0, "an INVALIDATE left a translation");
+    assert_eq!(
+        c.invalidate_violations, 0,
+        "an INVALIDATE left a translation"
+    );
     let _ = std::fs::remove_file(&sink);
     report("own", cell, &stats);
     Outcome {
