@@ -234,7 +234,30 @@ impl ScenarioReport {
         }
     }
 
+    /// The guest read back what it wrote, and the backend served both.
+    fn check_blk(&mut self) {
+        let matched = self.bench.as_ref().and_then(|b| b.get("match")?.as_bool());
+        if matched != Some(true) {
+            self.failures.push(format!(
+                "the guest read back other data than it wrote: {matched:?}"
+            ));
+        }
+        let (reads, writes, errs) = (
+            debug_field(&self.backend_log, "reads"),
+            debug_field(&self.backend_log, "writes"),
+            debug_field(&self.backend_log, "ioerrs"),
+        );
+        if !(reads > Some(0) && writes > Some(0) && errs == Some(0)) {
+            self.failures.push(format!(
+                "backend blk requests: reads {reads:?} writes {writes:?} I/O errors {errs:?}"
+            ));
+        }
+    }
+
     fn check_frames(&mut self, sc: &Scenario) {
+        if sc.blk {
+            return self.check_blk();
+        }
         if sc.rx {
             return self.check_received(sc);
         }
@@ -306,7 +329,14 @@ pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (sc, r) in scs.iter().zip(reports) {
-        let frames = if sc.frames > 0 {
+        let frames = if sc.blk {
+            let b = |k: &str| r.bench.as_ref().and_then(|b| b.get(k).cloned());
+            let mib = b("bytes").and_then(|v| v.as_u64()).map_or(0, |v| v >> 20);
+            match b("match").and_then(|v| v.as_bool()) {
+                Some(true) => format!("blk {mib} MiB read back"),
+                other => format!("blk {mib} MiB match {other:?}"),
+            }
+        } else if sc.frames > 0 {
             // TX: completed by the guest's device / received by the backend;
             // RX: delivered by the backend / received intact by the guest.
             let (key, backend) = match sc.rx {

@@ -63,6 +63,10 @@ pub struct Scenario {
     /// The workload is receive (`iovmm.bench=net-rx`, our backend's
     /// generator) instead of transmit.
     pub rx: bool,
+    /// The device is a vhost-user-blk disk on our backend (`--blk`), and
+    /// the workload writes `frames` 64 KiB blocks, syncs, drops the page
+    /// cache and reads them back (`iovmm.bench=blk`).
+    pub blk: bool,
     /// The guest's default qdisc for the workload. With `pfifo_fast` a full
     /// queue pushes back on the sender, so every frame must arrive; with
     /// `fq_codel` the guest's AQM may drop frames that queue too long, and
@@ -97,6 +101,7 @@ impl Scenario {
             guest_args: "",
             frames: 0,
             rx: false,
+            blk: false,
             qdisc: "pfifo_fast",
             outcome: Outcome::PowerOff,
             expect_lines: &[],
@@ -128,7 +133,9 @@ impl Scenario {
         if !self.guest_args.is_empty() {
             let _ = write!(c, " {}", self.guest_args);
         }
-        if self.frames > 0 && self.rx {
+        if self.frames > 0 && self.blk {
+            let _ = write!(c, " iovmm.bench=blk iovmm.frames={}", self.frames);
+        } else if self.frames > 0 && self.rx {
             let _ = write!(
                 c,
                 " iovmm.bench=net-rx iovmm.frames={} iovmm.size={FRAME_SIZE}",
@@ -149,7 +156,8 @@ impl Scenario {
         if self.backend == Backend::None {
             return None;
         }
-        let mut a = format!("net,socket={socket}");
+        let kind = if self.blk { "blk" } else { "net" };
+        let mut a = format!("{kind},socket={socket}");
         if self.device_iommu {
             a.push_str(",iommu=on");
         }
@@ -286,6 +294,31 @@ fn receive() -> Vec<Scenario> {
     ]
 }
 
+/// virtio-blk from Linux: our backend reads and writes guest memory.
+fn block() -> Vec<Scenario> {
+    let blk = |name, iommu, args, lines| Scenario {
+        blk: true,
+        frames: 64,
+        expect_lines: lines,
+        ..Scenario::net(name, iommu, OWN, args)
+    };
+    vec![
+        blk("blk-plain-own", None, "", &[]),
+        blk(
+            "blk-viommu-strict-own",
+            Some("virtio"),
+            "iommu.strict=1",
+            VIRTIO_IOMMU_LINES,
+        ),
+        blk(
+            "blk-vtd-strict-own",
+            Some("vtd"),
+            "intel_iommu=on iommu.strict=1",
+            VTD_LINES,
+        ),
+    ]
+}
+
 fn bad_input() -> Vec<Scenario> {
     vec![
         // Linux leaves the DMAR off without intel_iommu=on: translation stays
@@ -316,6 +349,7 @@ pub fn acceptance() -> Vec<Scenario> {
     all.extend(virtio_iommu());
     all.extend(vtd());
     all.extend(receive());
+    all.extend(block());
     all.extend(bad_input());
     all
 }

@@ -88,6 +88,12 @@ fn start_backend(s: &mut String, sc: &Scenario, sock: &str, log: &str) {
             if sc.rx {
                 let _ = write!(flag, " --rx-frames {} --rx-size {FRAME_SIZE}", sc.frames);
             }
+            if sc.blk {
+                // A 16 MiB disk image on L1's tmpfs.
+                let img = format!("/tmp/{name}.img");
+                let _ = writeln!(s, "dd if=/dev/zero of={img} bs=1M count=16 2>/dev/null");
+                let _ = write!(flag, " --blk {img}");
+            }
             let _ = writeln!(
                 s,
                 "rm -f {sock}; iovmm-test-backend --socket {sock} --once{flag} >{log} 2>&1 & be=$!"
