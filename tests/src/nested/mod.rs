@@ -237,8 +237,10 @@ pub struct SuiteResult {
     pub scenarios: Vec<Scenario>,
     /// Their reports, in the same order.
     pub reports: Vec<ScenarioReport>,
-    /// L1's whole console.
+    /// L1's whole console (every L1 boot, one after the other).
     pub transcript: Transcript,
+    /// L1 boots that ended before their scenarios did (QEMU exited).
+    pub l1_restarts: usize,
 }
 
 impl SuiteResult {
@@ -263,6 +265,18 @@ impl SuiteResult {
             s.push_str(&format!(
                 "L1 never became ready; its console:\n{}",
                 self.transcript.tail(80)
+            ));
+        }
+        for r in self.reports.iter().filter(|r| !r.retries.is_empty()) {
+            s.push_str(&format!("\n--- {} crashed and ran again:\n", r.name));
+            for crash in &r.retries {
+                s.push_str(&format!("{crash}\n"));
+            }
+        }
+        if self.l1_restarts > 0 {
+            s.push_str(&format!(
+                "\nL1 ended early {} time(s); the unfinished scenarios ran in a new L1\n",
+                self.l1_restarts
             ));
         }
         for r in self.reports.iter().filter(|r| !r.passed()) {
@@ -298,7 +312,22 @@ pub fn run_suite(
     scenarios: Vec<Scenario>,
     opts: &RunOptions,
 ) -> Result<SuiteResult, NestedError> {
-    let transcript = run(img, &scenarios, opts)?;
+    let mut transcript = run(img, &scenarios, opts)?;
+    let mut l1_restarts = 0;
+    // L1 itself (QEMU TCG + nested SVM) has been seen to end early; run what
+    // did not finish in one new L1.
+    if transcript.find(L1_DONE).is_none() && !transcript.timed_out {
+        let left: Vec<Scenario> = scenarios
+            .iter()
+            .filter(|sc| ScenarioReport::extract(&transcript, sc).wall.is_none())
+            .cloned()
+            .collect();
+        if !left.is_empty() && transcript.find(L1_READY).is_some() {
+            l1_restarts = 1;
+            let again = run(img, &left, opts)?;
+            transcript.append(again);
+        }
+    }
     let reports = scenarios
         .iter()
         .map(|sc| {
@@ -311,5 +340,6 @@ pub fn run_suite(
         scenarios,
         reports,
         transcript,
+        l1_restarts,
     })
 }

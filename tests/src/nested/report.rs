@@ -19,6 +19,15 @@ pub struct Transcript {
 }
 
 impl Transcript {
+    /// Appends a later L1 run's console, its times shifted past this one's.
+    pub fn append(&mut self, later: Transcript) {
+        let base = self.elapsed;
+        self.lines
+            .extend(later.lines.into_iter().map(|(t, l)| (base + t, l)));
+        self.elapsed = base + later.elapsed;
+        self.timed_out |= later.timed_out;
+    }
+
     /// When `prefix` first appeared.
     pub fn find(&self, prefix: &str) -> Option<(Duration, &str)> {
         self.lines
@@ -68,6 +77,9 @@ pub struct ScenarioReport {
     pub driver_lines: Vec<String>,
     /// Everything that did not hold.
     pub failures: Vec<String>,
+    /// Guest crashes that made the scenario run again, each with iovmm's
+    /// crash report.
+    pub retries: Vec<String>,
 }
 
 fn marker_rest<'a>(line: &'a str, marker: &str, name: &str) -> Option<&'a str> {
@@ -111,7 +123,11 @@ impl ScenarioReport {
         let mut in_log = false;
         for (at, line) in &t.lines {
             if marker_rest(line, "NESTED-BEGIN", &sc.name).is_some() {
+                // A scenario cut off by an L1 that ended early starts again.
                 begin = Some(*at);
+                r.vm_log.clear();
+                r.backend_log.clear();
+                r.boot_to_init = None;
             } else if marker_rest(line, "NESTED-VM-START", &sc.name).is_some() {
                 vm_start = Some(*at);
                 in_vm = true;
@@ -123,6 +139,18 @@ impl ScenarioReport {
                 in_log = true;
             } else if marker_rest(line, "NESTED-LOG-END", &sc.name).is_some() {
                 in_log = false;
+            } else if marker_rest(line, "NESTED-RETRY", &sc.name).is_some() {
+                // Keep the crash for the report; judge the second attempt.
+                let crash: Vec<_> = r
+                    .vm_log
+                    .iter()
+                    .filter(|l| l.starts_with("iovmm:") || l.starts_with("  "))
+                    .cloned()
+                    .collect();
+                r.retries.push(crash.join("\n"));
+                r.vm_log.clear();
+                r.backend_log.clear();
+                r.boot_to_init = None;
             } else if marker_rest(line, "NESTED-END", &sc.name).is_some() {
                 r.wall = begin.map(|b| at.saturating_sub(b));
                 break;
@@ -358,7 +386,11 @@ pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
             sc.name,
             sc.iommu.unwrap_or("-"),
             sc.backend.label(),
-            if r.passed() { "PASS" } else { "FAIL" },
+            match (r.passed(), r.retries.len()) {
+                (true, 0) => "PASS",
+                (true, _) => "PASS (retried after a guest crash)",
+                (false, _) => "FAIL",
+            },
             secs(r.wall),
             secs(r.boot_to_init),
             frames,
@@ -527,6 +559,62 @@ mod tests {
         ));
         assert!(!run("iovmm: error: something else", 1));
         assert!(!run("", 0));
+    }
+
+    #[test]
+    fn a_crashed_first_attempt_is_kept_apart_and_the_second_judged() {
+        let sc = scenario("boot-1cpu");
+        let t = transcript(&[
+            "NESTED-BEGIN boot-1cpu",
+            "NESTED-VM-START boot-1cpu",
+            "iovmm: guest crashed (triple fault) on vCPU 0",
+            "  exit history (oldest first, 16 exits):",
+            "NESTED-VM-EXIT boot-1cpu rc=4",
+            "NESTED-RETRY boot-1cpu",
+            "NESTED-VM-START boot-1cpu",
+            "iovmm-init: started at uptime 1.0 s",
+            "iovmm-init: cpus online: 0 processors: 1",
+            "IOVMM-GUEST-READY",
+            "NESTED-VM-EXIT boot-1cpu rc=0",
+            "NESTED-END boot-1cpu",
+        ]);
+        let mut r = ScenarioReport::extract(&t, &sc);
+        r.check(&sc);
+        assert!(r.passed(), "{:?}", r.failures);
+        assert_eq!(r.retries.len(), 1);
+        assert!(r.retries[0].contains("triple fault") && r.retries[0].contains("exit history"));
+        assert!(!r.vm_log.iter().any(|l| l.contains("triple")));
+        let table = table(std::slice::from_ref(&sc), std::slice::from_ref(&r));
+        assert!(
+            table.contains("PASS (retried after a guest crash)"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn a_scenario_cut_off_by_l1_is_judged_on_its_rerun_in_the_next_l1() {
+        let sc = scenario("boot-1cpu");
+        let mut t = transcript(&[
+            "NESTED-BEGIN boot-1cpu",
+            "NESTED-VM-START boot-1cpu",
+            "junk",
+        ]);
+        t.elapsed = Duration::from_secs(100);
+        t.append(transcript(&[
+            "NESTED-L1-READY kvm=ok",
+            "NESTED-BEGIN boot-1cpu",
+            "NESTED-VM-START boot-1cpu",
+            "iovmm-init: started at uptime 1.0 s",
+            "iovmm-init: cpus online: 0 processors: 1",
+            "IOVMM-GUEST-READY",
+            "NESTED-VM-EXIT boot-1cpu rc=0",
+            "NESTED-END boot-1cpu",
+        ]));
+        let mut r = ScenarioReport::extract(&t, &sc);
+        r.check(&sc);
+        assert!(r.passed(), "{:?}", r.failures);
+        assert!(!r.vm_log.iter().any(|l| l == "junk"));
+        assert_eq!(r.wall, Some(Duration::from_secs(6)));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! Markers, each alone on a line:
 //! `NESTED-BEGIN <name>`, `NESTED-VM-START <name>`, `NESTED-VM-EXIT <name> rc=<n>`,
 //! `NESTED-LOG-BEGIN <name> backend` .. `NESTED-LOG-END <name> backend`,
+//! `NESTED-RETRY <name>` (the guest crashed; the VM part runs once more),
 //! `NESTED-END <name>`.
 
 use std::fmt::Write as _;
@@ -55,6 +56,11 @@ fn scenario(s: &mut String, sc: &Scenario) {
     let sock = format!("/tmp/{name}.sock");
     let log = format!("/tmp/{name}.backend.log");
     let _ = writeln!(s, "echo NESTED-BEGIN {name}");
+    // A guest crash (exit 4) is run once more: nested SVM under TCG
+    // occasionally triple-faults a guest (docs/design/nested.md); the first
+    // attempt's output stays in the transcript and the report counts it.
+    let _ = writeln!(s, "attempt=1");
+    let _ = writeln!(s, "while :; do");
     start_backend(s, sc, &sock, &log);
     let mut cmd = format!(
         "timeout {VM_TIMEOUT_SECS} iovmm --kernel \"$IOVMM_L2_KERNEL\" --initramfs \"$IOVMM_L2_INITRAMFS\" \
@@ -74,8 +80,13 @@ fn scenario(s: &mut String, sc: &Scenario) {
     }
     let _ = writeln!(s, "echo NESTED-VM-START {name}");
     let _ = writeln!(s, "{cmd} 2>&1");
-    let _ = writeln!(s, "echo NESTED-VM-EXIT {name} rc=$?");
+    let _ = writeln!(s, "rc=$?; echo NESTED-VM-EXIT {name} rc=$rc");
     stop_backend(s, sc, &log);
+    let _ = writeln!(
+        s,
+        "if [ $rc -eq 4 ] && [ $attempt -eq 1 ]; then attempt=2; echo NESTED-RETRY {name}; continue; fi"
+    );
+    let _ = writeln!(s, "break; done");
     let _ = writeln!(s, "echo NESTED-END {name}");
 }
 
