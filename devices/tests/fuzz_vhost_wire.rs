@@ -122,7 +122,7 @@ proptest! {
                 prop_assert_eq!(v.to_ne_bytes().to_vec(), payload);
             }
         }
-        let _ = BackendRequest::try_from(u32::from_le_bytes(hdr[..4].try_into().unwrap()));
+        let _ = backend_request(u32::from_le_bytes(hdr[..4].try_into().unwrap()));
     }
 }
 

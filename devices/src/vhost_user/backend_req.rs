@@ -20,11 +20,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use vhost::vhost_user::message::BackendReq;
 
 use super::channel::{ChannelError, IotlbChannel};
 use super::frame::{read_frame, wait_readable, write_frame};
 use super::miss::{MissError, MissHandler};
-use super::wire::{encode_ack, BackendRequest, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
+use super::wire::{backend_request, encode_ack, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
 use crate::thread::{self, ThreadHook, ThreadKind};
 
 /// Bound on how long the rest of a frame may take once its first byte came.
@@ -238,12 +239,12 @@ impl BackendReqServer {
         if hdr.is_reply() {
             return Err(BackendReqError::UnexpectedReply(hdr.request));
         }
-        let (served, value) = match BackendRequest::try_from(hdr.request) {
+        let (served, value) = match backend_request(hdr.request) {
             _ if self.throttle.exhausted(&self.label) => {
                 self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                 (Served::Throttled, 1)
             }
-            Ok(BackendRequest::IotlbMsg) => self.iotlb(&hdr, &payload)?,
+            Ok(BackendReq::IOTLB_MSG) => self.iotlb(&hdr, &payload)?,
             Ok(other) => {
                 log::warn!("vhost-user back end sent unsupported request {other:?}");
                 (Served::Unsupported(hdr.request), 1)

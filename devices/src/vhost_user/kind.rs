@@ -2,55 +2,26 @@
 //! queues, which back-end features may reach the guest, and where the
 //! device configuration space comes from.
 
-/// virtio-net feature bits used here.
-pub mod net {
-    /// Device handles packets with partial checksum.
-    pub const F_CSUM: u32 = 0;
-    /// Driver handles packets with partial checksum.
-    pub const F_GUEST_CSUM: u32 = 1;
-    /// Device has a MAC address in its configuration.
-    pub const F_MAC: u32 = 5;
-    /// Driver can receive TSOv4 .. UFO, device can send them (bits 7..=14).
-    pub const F_OFFLOADS: [u32; 8] = [7, 8, 9, 10, 11, 12, 13, 14];
-    /// Driver can merge receive buffers.
-    pub const F_MRG_RXBUF: u32 = 15;
-    /// Configuration status field is available.
-    pub const F_STATUS: u32 = 16;
-    /// Link is up (status field).
-    pub const S_LINK_UP: u16 = 1;
-    /// Configuration length served: mac[6] + status u16.
-    pub const CONFIG_LEN: usize = 8;
-}
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_GEOMETRY,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
-/// virtio-blk feature bits used here.
-pub mod blk {
-    /// size_max in the configuration.
-    pub const F_SIZE_MAX: u32 = 1;
-    /// seg_max in the configuration.
-    pub const F_SEG_MAX: u32 = 2;
-    /// geometry in the configuration.
-    pub const F_GEOMETRY: u32 = 4;
-    /// Device is read-only.
-    pub const F_RO: u32 = 5;
-    /// blk_size in the configuration.
-    pub const F_BLK_SIZE: u32 = 6;
-    /// Cache flush command.
-    pub const F_FLUSH: u32 = 9;
-    /// Topology information in the configuration.
-    pub const F_TOPOLOGY: u32 = 10;
-    /// Discard command (limits in the configuration).
-    pub const F_DISCARD: u32 = 13;
-    /// Write-zeroes command (limits in the configuration).
-    pub const F_WRITE_ZEROES: u32 = 14;
-    /// Configuration length served: `struct virtio_blk_config` up to
-    /// `write_zeroes_may_unmap` and its padding.
-    pub const CONFIG_LEN: usize = 60;
-}
-
-/// Ring feature: indirect descriptors.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
-/// Ring feature: event index.
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+/// Configuration length of a locally served virtio-net configuration:
+/// mac[6] + status u16.
+const NET_CONFIG_LEN: usize = 8;
+/// Configuration length of virtio-blk: `struct virtio_blk_config` up to
+/// `write_zeroes_may_unmap` and its padding.
+const BLK_CONFIG_LEN: usize = 60;
 
 /// The vhost-user device types this frontend can present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,27 +44,43 @@ const fn bits(list: &[u32]) -> u64 {
 
 const RING: u64 = bits(&[VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_RING_F_EVENT_IDX]);
 
-const NET_DATA: u64 =
-    bits(&[net::F_CSUM, net::F_GUEST_CSUM, net::F_MRG_RXBUF]) | bits(&net::F_OFFLOADS) | RING;
+/// Driver can receive TSOv4 .. UFO, device can send them (bits 7..=14).
+const NET_OFFLOADS: [u32; 8] = [
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_UFO,
+];
+
+const NET_DATA: u64 = bits(&[
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_MRG_RXBUF,
+]) | bits(&NET_OFFLOADS)
+    | RING;
 
 const BLK_CONFIG_FIELDS: u64 = bits(&[
-    blk::F_SIZE_MAX,
-    blk::F_SEG_MAX,
-    blk::F_GEOMETRY,
-    blk::F_BLK_SIZE,
-    blk::F_TOPOLOGY,
-    blk::F_DISCARD,
-    blk::F_WRITE_ZEROES,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_GEOMETRY,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_WRITE_ZEROES,
 ]);
 
-const BLK_DATA: u64 = bits(&[blk::F_RO, blk::F_FLUSH]) | RING;
+const BLK_DATA: u64 = bits(&[VIRTIO_BLK_F_RO, VIRTIO_BLK_F_FLUSH]) | RING;
 
 impl VhostUserKind {
     /// The virtio device id.
     pub fn device_type(self) -> u32 {
         match self {
-            VhostUserKind::Net => 1,
-            VhostUserKind::Blk => 2,
+            VhostUserKind::Net => VIRTIO_ID_NET,
+            VhostUserKind::Blk => VIRTIO_ID_BLOCK,
         }
     }
 
@@ -127,8 +114,8 @@ impl VhostUserKind {
     /// Length of the device configuration space.
     pub fn config_len(self) -> usize {
         match self {
-            VhostUserKind::Net => net::CONFIG_LEN,
-            VhostUserKind::Blk => blk::CONFIG_LEN,
+            VhostUserKind::Net => NET_CONFIG_LEN,
+            VhostUserKind::Blk => BLK_CONFIG_LEN,
         }
     }
 
@@ -141,7 +128,7 @@ impl VhostUserKind {
     pub fn passthrough_features(self, backend_config: bool) -> u64 {
         match (self, backend_config) {
             (VhostUserKind::Net, false) => NET_DATA,
-            (VhostUserKind::Net, true) => NET_DATA | bits(&[net::F_MAC, net::F_STATUS]),
+            (VhostUserKind::Net, true) => NET_DATA | bits(&[VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS]),
             (VhostUserKind::Blk, false) => BLK_DATA,
             (VhostUserKind::Blk, true) => BLK_DATA | BLK_CONFIG_FIELDS,
         }
@@ -152,7 +139,7 @@ impl VhostUserKind {
     /// virtio-net configuration.
     pub fn local_features(self, backend_config: bool) -> u64 {
         match (self, backend_config) {
-            (VhostUserKind::Net, false) => bits(&[net::F_MAC, net::F_STATUS]),
+            (VhostUserKind::Net, false) => bits(&[VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS]),
             _ => 0,
         }
     }
@@ -164,11 +151,11 @@ impl VhostUserKind {
         match self {
             VhostUserKind::Net => {
                 let mut c = mac.to_vec();
-                c.extend_from_slice(&net::S_LINK_UP.to_le_bytes());
+                c.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
                 c
             }
             VhostUserKind::Blk => {
-                let mut c = vec![0u8; blk::CONFIG_LEN];
+                let mut c = vec![0u8; BLK_CONFIG_LEN];
                 c[..8].copy_from_slice(&capacity_sectors.to_le_bytes());
                 c
             }
@@ -189,14 +176,37 @@ mod tests {
             }
         }
         assert_eq!(
-            VhostUserKind::Net.passthrough_features(false) & (1 << net::F_MAC),
+            VhostUserKind::Net.passthrough_features(false) & (1 << VIRTIO_NET_F_MAC),
             0
         );
         assert_ne!(
-            VhostUserKind::Net.local_features(false) & (1 << net::F_MAC),
+            VhostUserKind::Net.local_features(false) & (1 << VIRTIO_NET_F_MAC),
             0
         );
         assert_eq!(VhostUserKind::Net.local_features(true), 0);
+    }
+
+    #[test]
+    fn feature_masks_have_the_spec_bit_numbers() {
+        let set = |list: &[u32]| list.iter().fold(0u64, |v, b| v | 1 << b);
+        let net = set(&[0, 1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 28, 29]);
+        let blk = set(&[5, 9, 28, 29]);
+        let blk_cfg = set(&[1, 2, 4, 6, 10, 13, 14]);
+        assert_eq!(VhostUserKind::Net.passthrough_features(false), net);
+        assert_eq!(
+            VhostUserKind::Net.passthrough_features(true),
+            net | set(&[5, 16])
+        );
+        assert_eq!(VhostUserKind::Net.local_features(false), set(&[5, 16]));
+        assert_eq!(VhostUserKind::Blk.passthrough_features(false), blk);
+        assert_eq!(VhostUserKind::Blk.passthrough_features(true), blk | blk_cfg);
+        assert_eq!(
+            (
+                VhostUserKind::Net.device_type(),
+                VhostUserKind::Blk.device_type()
+            ),
+            (1, 2)
+        );
     }
 
     #[test]
@@ -210,9 +220,9 @@ mod tests {
     fn blk_config_field_features_need_backend_config() {
         let without = VhostUserKind::Blk.passthrough_features(false);
         let with = VhostUserKind::Blk.passthrough_features(true);
-        assert_eq!(without & (1 << blk::F_SEG_MAX), 0);
-        assert_ne!(with & (1 << blk::F_SEG_MAX), 0);
-        assert_ne!(without & (1 << blk::F_FLUSH), 0);
+        assert_eq!(without & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        assert_ne!(with & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        assert_ne!(without & (1 << VIRTIO_BLK_F_FLUSH), 0);
         // Multiqueue (12) and writeback toggling (11) are never offered.
         assert_eq!(with & (1 << 12 | 1 << 11), 0);
     }

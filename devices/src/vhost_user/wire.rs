@@ -8,6 +8,12 @@
 //! message, and nothing larger than [`MAX_PAYLOAD_SIZE`] is ever accepted.
 
 use thiserror::Error;
+use vhost::vhost_user::message::{
+    BackendReq, FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures, MAX_MSG_SIZE,
+};
+use vhost::VhostAccess;
+use virtio_bindings::virtio_config;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// Size of the vhost-user message header in bytes.
@@ -19,40 +25,40 @@ pub const IOTLB_MSG_MIN_SIZE: usize = 26;
 /// Size of the u64 payload of a reply-ack.
 pub const U64_PAYLOAD_SIZE: usize = 8;
 /// Largest payload accepted from a peer (the vhost crate's `MAX_MSG_SIZE`).
-pub const MAX_PAYLOAD_SIZE: usize = 0x1000;
+pub const MAX_PAYLOAD_SIZE: usize = MAX_MSG_SIZE;
 
 /// Header flags: protocol version 1 in bits 1:0.
 pub const FLAG_VERSION: u32 = 0x1;
 /// Header flags: mask of the version bits.
-pub const FLAG_VERSION_MASK: u32 = 0x3;
+pub const FLAG_VERSION_MASK: u32 = VhostUserHeaderFlag::VERSION.bits();
 /// Header flags: the message is a reply.
-pub const FLAG_REPLY: u32 = 0x4;
+pub const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
 /// Header flags: the sender wants a reply-ack.
-pub const FLAG_NEED_REPLY: u32 = 0x8;
+pub const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
 /// Header flags: bits that must be zero.
-pub const FLAG_RESERVED_MASK: u32 = !0xf;
+pub const FLAG_RESERVED_MASK: u32 = VhostUserHeaderFlag::RESERVED_BITS.bits();
 
 /// Front-end request: VHOST_USER_SET_BACKEND_REQ_FD.
-pub const VHOST_USER_SET_BACKEND_REQ_FD: u32 = 21;
+pub const VHOST_USER_SET_BACKEND_REQ_FD: u32 = FrontendReq::SET_BACKEND_REQ_FD as u32;
 /// Front-end request: VHOST_USER_IOTLB_MSG.
-pub const VHOST_USER_IOTLB_MSG: u32 = 22;
+pub const VHOST_USER_IOTLB_MSG: u32 = FrontendReq::IOTLB_MSG as u32;
 /// Back-end request: VHOST_USER_BACKEND_IOTLB_MSG.
-pub const VHOST_USER_BACKEND_IOTLB_MSG: u32 = 1;
+pub const VHOST_USER_BACKEND_IOTLB_MSG: u32 = BackendReq::IOTLB_MSG as u32;
 
-/// Virtio feature bit: VIRTIO_F_VERSION_1.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// Virtio feature bit: VIRTIO_F_ACCESS_PLATFORM (old name IOMMU_PLATFORM).
-pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
+/// Virtio feature mask: VIRTIO_F_VERSION_1.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
+/// Virtio feature mask: VIRTIO_F_ACCESS_PLATFORM (old name IOMMU_PLATFORM).
+pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << virtio_config::VIRTIO_F_ACCESS_PLATFORM;
 /// Virtio feature bit 30: the back end speaks protocol features.
-pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 /// Protocol feature: MQ (bit 0).
-pub const PROTOCOL_F_MQ: u64 = 1 << 0;
+pub const PROTOCOL_F_MQ: u64 = VhostUserProtocolFeatures::MQ.bits();
 /// Protocol feature: REPLY_ACK (bit 3).
-pub const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+pub const PROTOCOL_F_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
 /// Protocol feature: BACKEND_REQ (bit 5).
-pub const PROTOCOL_F_BACKEND_REQ: u64 = 1 << 5;
+pub const PROTOCOL_F_BACKEND_REQ: u64 = VhostUserProtocolFeatures::BACKEND_REQ.bits();
 /// Protocol feature: CONFIG (bit 9).
-pub const PROTOCOL_F_CONFIG: u64 = 1 << 9;
+pub const PROTOCOL_F_CONFIG: u64 = VhostUserProtocolFeatures::CONFIG.bits();
 
 /// Errors found while decoding or encoding vhost-user frames.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -185,45 +191,30 @@ impl Header {
     }
 }
 
-/// `vhost_iotlb_msg.type` values used by vhost-user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum IotlbType {
-    /// Back end asks for a translation.
-    Miss = 1,
-    /// Front end installs a translation.
-    Update = 2,
-    /// Front end removes translations in a range.
-    Invalidate = 3,
-    /// Back end reports a failed access (informational).
-    AccessFail = 4,
-}
+/// `vhost_iotlb_msg.type` values; vhost-user uses MISS..=ACCESS_FAIL.
+pub use vhost::VhostIotlbType as IotlbType;
 
-impl TryFrom<u8> for IotlbType {
-    type Error = WireError;
-    fn try_from(v: u8) -> Result<Self, WireError> {
-        match v {
-            1 => Ok(IotlbType::Miss),
-            2 => Ok(IotlbType::Update),
-            3 => Ok(IotlbType::Invalidate),
-            4 => Ok(IotlbType::AccessFail),
-            other => Err(WireError::UnknownIotlbType(other)),
-        }
-    }
-}
+/// The `vhost_iotlb_msg.type` values vhost-user carries (not the kernel's
+/// EMPTY and BATCH_* values).
+const VHOST_USER_IOTLB_TYPES: [IotlbType; 4] = [
+    IotlbType::Miss,
+    IotlbType::Update,
+    IotlbType::Invalidate,
+    IotlbType::AccessFail,
+];
 
 /// `vhost_iotlb_msg.perm`: what the *device* may do with the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum IotlbPerm {
     /// No access.
-    None = 0,
+    None = VhostAccess::No as u8,
     /// Device may read guest memory.
-    Ro = 1,
+    Ro = VhostAccess::ReadOnly as u8,
     /// Device may write guest memory.
-    Wo = 2,
+    Wo = VhostAccess::WriteOnly as u8,
     /// Device may read and write.
-    Rw = 3,
+    Rw = VhostAccess::ReadWrite as u8,
 }
 
 impl IotlbPerm {
@@ -236,13 +227,10 @@ impl IotlbPerm {
 impl TryFrom<u8> for IotlbPerm {
     type Error = WireError;
     fn try_from(v: u8) -> Result<Self, WireError> {
-        match v {
-            0 => Ok(IotlbPerm::None),
-            1 => Ok(IotlbPerm::Ro),
-            2 => Ok(IotlbPerm::Wo),
-            3 => Ok(IotlbPerm::Rw),
-            other => Err(WireError::BadPerm(other)),
-        }
+        [IotlbPerm::None, IotlbPerm::Ro, IotlbPerm::Wo, IotlbPerm::Rw]
+            .into_iter()
+            .find(|p| *p as u8 == v)
+            .ok_or(WireError::BadPerm(v))
     }
 }
 
@@ -295,7 +283,10 @@ impl IotlbMsg {
 
     /// The message type, validated.
     pub fn kind(&self) -> Result<IotlbType, WireError> {
-        IotlbType::try_from(self.msg_type)
+        VHOST_USER_IOTLB_TYPES
+            .into_iter()
+            .find(|t| *t as u8 == self.msg_type)
+            .ok_or(WireError::UnknownIotlbType(self.msg_type))
     }
 
     /// The permission, validated.
@@ -400,36 +391,9 @@ pub fn decode_ack(hdr: &Header, payload: &[u8], expected: u32) -> Result<u64, Wi
     decode_u64(hdr, payload)
 }
 
-/// Back-end → front-end request codes this front end knows about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendRequest {
-    /// VHOST_USER_BACKEND_IOTLB_MSG (1).
-    IotlbMsg,
-    /// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (2).
-    ConfigChange,
-    /// VHOST_USER_BACKEND_VRING_HOST_NOTIFIER_MSG (3).
-    VringHostNotifier,
-    /// VHOST_USER_BACKEND_VRING_CALL (4).
-    VringCall,
-    /// VHOST_USER_BACKEND_VRING_ERR (5).
-    VringErr,
-    /// VHOST_USER_BACKEND_SHARED_OBJECT_ADD/REMOVE/LOOKUP (6..=8).
-    SharedObject(u32),
-}
-
-impl TryFrom<u32> for BackendRequest {
-    type Error = WireError;
-    fn try_from(v: u32) -> Result<Self, WireError> {
-        match v {
-            1 => Ok(BackendRequest::IotlbMsg),
-            2 => Ok(BackendRequest::ConfigChange),
-            3 => Ok(BackendRequest::VringHostNotifier),
-            4 => Ok(BackendRequest::VringCall),
-            5 => Ok(BackendRequest::VringErr),
-            6..=8 => Ok(BackendRequest::SharedObject(v)),
-            other => Err(WireError::UnknownRequest(other)),
-        }
-    }
+/// Decode a back-end → front-end request code.
+pub fn backend_request(code: u32) -> Result<BackendReq, WireError> {
+    BackendReq::try_from(code).map_err(|()| WireError::UnknownRequest(code))
 }
 
 #[cfg(test)]
@@ -578,19 +542,50 @@ mod tests {
     }
 
     #[test]
+    fn constants_from_vhost_and_virtio_bindings_match_the_spec() {
+        assert_eq!(MAX_PAYLOAD_SIZE, 0x1000);
+        assert_eq!(
+            (FLAG_VERSION_MASK, FLAG_REPLY, FLAG_NEED_REPLY),
+            (0x3, 0x4, 0x8)
+        );
+        assert_eq!(FLAG_RESERVED_MASK, !0xf);
+        assert_eq!(
+            (
+                VHOST_USER_SET_BACKEND_REQ_FD,
+                VHOST_USER_IOTLB_MSG,
+                VHOST_USER_BACKEND_IOTLB_MSG
+            ),
+            (21, 22, 1)
+        );
+        assert_eq!(
+            (VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM),
+            (1 << 32, 1 << 33)
+        );
+        assert_eq!(VHOST_USER_F_PROTOCOL_FEATURES, 1 << 30);
+        assert_eq!(
+            (
+                PROTOCOL_F_MQ,
+                PROTOCOL_F_REPLY_ACK,
+                PROTOCOL_F_BACKEND_REQ,
+                PROTOCOL_F_CONFIG
+            ),
+            (1, 1 << 3, 1 << 5, 1 << 9)
+        );
+        let types = VHOST_USER_IOTLB_TYPES.map(|t| t as u8);
+        assert_eq!(types, [1, 2, 3, 4]);
+        let perms = [IotlbPerm::None, IotlbPerm::Ro, IotlbPerm::Wo, IotlbPerm::Rw];
+        assert_eq!(perms.map(|p| p as u8), [0, 1, 2, 3]);
+    }
+
+    #[test]
     fn backend_request_decode_rejects_unknown_codes() {
+        assert_eq!(backend_request(1).unwrap(), BackendReq::IOTLB_MSG);
         assert_eq!(
-            BackendRequest::try_from(1).unwrap(),
-            BackendRequest::IotlbMsg
+            backend_request(8).unwrap(),
+            BackendReq::SHARED_OBJECT_LOOKUP
         );
-        assert_eq!(
-            BackendRequest::try_from(0),
-            Err(WireError::UnknownRequest(0))
-        );
-        assert_eq!(
-            BackendRequest::try_from(99),
-            Err(WireError::UnknownRequest(99))
-        );
+        assert_eq!(backend_request(0), Err(WireError::UnknownRequest(0)));
+        assert_eq!(backend_request(99), Err(WireError::UnknownRequest(99)));
     }
 
     #[test]

@@ -18,13 +18,6 @@ use crate::thread::ThreadHook;
 /// Guest memory as seen by devices (no dirty bitmap).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
-/// Feature bit: the device conforms to virtio 1.x (always offered by iovmm).
-pub const VIRTIO_F_VERSION_1: u32 = 32;
-/// Feature bit: the device accesses memory through an IOMMU (IOVAs on rings).
-pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
-/// Feature bit: event index suppression on split rings.
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-
 /// Errors a device reports when it cannot be activated.
 #[derive(Debug, Error)]
 pub enum VirtioDeviceError {

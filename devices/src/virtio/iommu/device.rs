@@ -8,13 +8,13 @@ use iommu::virtio::protocol::{
     VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_PROBE,
 };
 use iommu::virtio::VirtioIommuSettings;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use zerocopy::IntoBytes;
 
 use super::event::{EventQueue, EVENTQ_INDEX};
 use super::handler::{RequestQueue, RequestWorker, REQUESTQ_INDEX};
 use super::{IommuState, VirtioIommuDeviceError, VirtioIommuStats};
 use crate::thread::ThreadHook;
-use crate::virtio::device::VIRTIO_F_VERSION_1;
 use crate::virtio::{ActivateContext, VirtioDevice, VirtioDeviceError};
 
 /// Size of the request queue.

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use iommu::types::RequesterId;
 use iommu::virtio::protocol::*;
 use iommu::virtio::VirtioIommuSettings;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{IommuState, VirtioIommuDevice};
-use crate::virtio::device::VIRTIO_F_VERSION_1;
 use crate::virtio::{
     ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };

@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::debug;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 
 use super::interrupt::{InterruptState, VIRTIO_MSI_NO_VECTOR};
-use crate::virtio::device::VIRTIO_F_VERSION_1;
 
 /// Device status: the guest OS noticed the device.
 pub const DEVICE_ACKNOWLEDGE: u8 = 1;

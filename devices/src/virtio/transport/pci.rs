@@ -25,6 +25,8 @@ use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
 use thiserror::Error;
+use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -43,7 +45,6 @@ use crate::pci::msix::{
 use crate::pci::root::{lock, PciDevice};
 use crate::virtio::device::{
     ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterruptType,
-    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// PCI vendor ID of virtio devices.

@@ -4,6 +4,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap as Mmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -13,10 +15,7 @@ use crate::interrupt::{IrqfdRouter, MsiMessage};
 use crate::pci::allocator::{allocate_bars, BarAllocator};
 use crate::pci::msix::test_utils::RecordingSink;
 use crate::pci::root::{lock, PciDevice};
-use crate::virtio::device::{
-    ActivateContext, VirtioDevice, VirtioDeviceError, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX,
-};
-use virtio_queue::QueueT;
+use crate::virtio::device::{ActivateContext, VirtioDevice, VirtioDeviceError, VirtioInterrupt};
 
 pub(crate) const FEATURE_X: u64 = 1 << 3;
 pub(crate) const DEVICE_STATUS: u64 = 0x14;
