@@ -31,7 +31,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::ops::BitOr;
 use std::sync::Arc;
 
 use vm_memory::GuestAddress;
@@ -123,67 +122,33 @@ pub trait IommuNotifier: Send + Sync {
     fn notify(&self, ev: &IommuEvent) -> Result<(), NotifyError>;
 }
 
-/// The event kinds a consumer subscribes to.
-#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct NotifierFlags(u8);
-
-impl NotifierFlags {
-    /// No events.
-    pub const NONE: NotifierFlags = NotifierFlags(0);
-    /// New mappings ([`IommuEvent::Map`]).
-    pub const MAP: NotifierFlags = NotifierFlags(1);
-    /// IOTLB invalidations ([`IommuEvent::Unmap`]).
-    pub const UNMAP: NotifierFlags = NotifierFlags(2);
-    /// Device-TLB invalidations ([`IommuEvent::DevIotlbUnmap`]).
-    pub const DEVIOTLB_UNMAP: NotifierFlags = NotifierFlags(4);
-    /// Every flag.
-    pub const ALL: NotifierFlags = NotifierFlags(7);
-
-    /// Raw bits.
-    pub const fn bits(self) -> u8 {
-        self.0
-    }
-
-    /// Whether all of `other` is set.
-    pub const fn contains(self, other: NotifierFlags) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Whether no flag is set.
-    pub const fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    /// `self` without `other`.
-    pub const fn without(self, other: NotifierFlags) -> NotifierFlags {
-        NotifierFlags(self.0 & !other.0)
+bitflags::bitflags! {
+    /// The event kinds a consumer subscribes to.
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+    pub struct NotifierFlags: u8 {
+        /// New mappings ([`IommuEvent::Map`]).
+        const MAP = 1;
+        /// IOTLB invalidations ([`IommuEvent::Unmap`]).
+        const UNMAP = 1 << 1;
+        /// Device-TLB invalidations ([`IommuEvent::DevIotlbUnmap`]).
+        const DEVIOTLB_UNMAP = 1 << 2;
     }
 }
 
-impl BitOr for NotifierFlags {
-    type Output = NotifierFlags;
-    fn bitor(self, rhs: NotifierFlags) -> NotifierFlags {
-        NotifierFlags(self.0 | rhs.0)
-    }
+impl NotifierFlags {
+    /// No events.
+    pub const NONE: NotifierFlags = NotifierFlags::empty();
+    /// Every flag.
+    pub const ALL: NotifierFlags = NotifierFlags::all();
 }
 
 impl fmt::Debug for NotifierFlags {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names = [
-            (NotifierFlags::MAP, "MAP"),
-            (NotifierFlags::UNMAP, "UNMAP"),
-            (NotifierFlags::DEVIOTLB_UNMAP, "DEVIOTLB_UNMAP"),
-        ];
-        let set: Vec<&str> = names
-            .iter()
-            .filter(|(flag, _)| self.contains(*flag))
-            .map(|(_, name)| *name)
-            .collect();
-        if set.is_empty() {
-            write!(f, "NONE")
-        } else {
-            write!(f, "{}", set.join("|"))
+        if self.is_empty() {
+            return write!(f, "NONE");
         }
+        let names: Vec<&str> = self.iter_names().map(|(name, _)| name).collect();
+        write!(f, "{}", names.join("|"))
     }
 }
 
@@ -338,7 +303,7 @@ impl NotifierSet {
         extra: NotifierFlags,
         consumer: Arc<dyn IommuNotifier>,
     ) -> Result<(NotifierHandle, UnmapKind), NotifierError> {
-        let base = extra.without(NotifierFlags::UNMAP | NotifierFlags::DEVIOTLB_UNMAP);
+        let base = extra.difference(NotifierFlags::UNMAP | NotifierFlags::DEVIOTLB_UNMAP);
         let dev = base | NotifierFlags::DEVIOTLB_UNMAP;
         match self.register(rid, dev, Arc::clone(&consumer)) {
             Ok(handle) => Ok((handle, UnmapKind::DevIotlb)),
@@ -382,7 +347,7 @@ impl NotifierSet {
             .ok_or(NotifierError::UnknownHandle(handle.rid))?;
         let flags = reg
             .flags
-            .without(NotifierFlags::UNMAP | NotifierFlags::DEVIOTLB_UNMAP)
+            .difference(NotifierFlags::UNMAP | NotifierFlags::DEVIOTLB_UNMAP)
             | kind.flag();
         if !supported.contains(flags) {
             return Err(NotifierError::Rejected {
@@ -405,8 +370,8 @@ impl NotifierSet {
         let unmaps = NotifierFlags::UNMAP | NotifierFlags::DEVIOTLB_UNMAP;
         let mut switched = 0;
         for reg in self.by_rid.get_mut(&rid).into_iter().flatten() {
-            if reg.flags.bits() & unmaps.bits() != 0 {
-                reg.flags = reg.flags.without(unmaps) | kind.flag();
+            if reg.flags.intersects(unmaps) {
+                reg.flags = reg.flags.difference(unmaps) | kind.flag();
                 switched += 1;
             }
         }

@@ -255,10 +255,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
     pub fn notifier_flags(&self) -> NotifierFlags {
         let mut flags = NotifierFlags::UNMAP;
         if self.config.caching_mode {
-            flags = flags | NotifierFlags::MAP;
+            flags |= NotifierFlags::MAP;
         }
         if self.config.device_iotlb {
-            flags = flags | NotifierFlags::DEVIOTLB_UNMAP;
+            flags |= NotifierFlags::DEVIOTLB_UNMAP;
         }
         flags
     }
