@@ -6,15 +6,15 @@
 //! kvm-pvm). The scenario comes from the kernel command line, e.g.
 //! `iovmm.test=net-tx iovmm.frames=1000 iovmm.size=1500`, which [`Scenario`] builds.
 
-use std::collections::BTreeMap;
-use std::fmt::Display;
+use std::fmt::{self, Display};
 use std::path::Path;
 
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde_json::{Map, Value};
+
 mod dma;
-mod json;
 
 pub use dma::DmaStats;
-pub use json::{parse_flat_json, JsonValue};
 
 /// Exit code of a scenario that passed.
 pub const EXIT_OK: i32 = 0;
@@ -70,12 +70,12 @@ pub enum GuestError {
         count: usize,
     },
     /// The result line is not a flat JSON object.
-    #[error("malformed result JSON at byte {offset}: {what}")]
+    #[error("malformed result JSON: {what}")]
     Syntax {
-        /// Byte offset into the JSON text.
-        offset: usize,
-        /// What was wrong or expected there.
-        what: &'static str,
+        /// Column (1-based) of the JSON text where the parser stopped.
+        column: usize,
+        /// What was wrong or expected there, and where (serde_json's message).
+        what: String,
     },
     /// A key appears twice in the result object.
     #[error("duplicate key {0:?} in the result JSON")]
@@ -417,10 +417,69 @@ fn check_param(key: &str, value: &str) -> Result<(), GuestError> {
     Ok(())
 }
 
+/// Parses the guest's flat JSON object (string keys; string, number, boolean or null values).
+/// A repeated key is an error, not "last one wins".
+pub fn parse_flat_json(text: &str) -> Result<Map<String, Value>, GuestError> {
+    let mut duplicate = None;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = FlatObject {
+        duplicate: &mut duplicate,
+    }
+    .deserialize(&mut de)
+    .and_then(|fields| de.end().map(|()| fields));
+    match (parsed, duplicate) {
+        (_, Some(key)) => Err(GuestError::DuplicateKey(key)),
+        (Ok(fields), None) => Ok(fields),
+        (Err(e), None) => Err(GuestError::Syntax {
+            column: e.column(),
+            what: e.to_string(),
+        }),
+    }
+}
+
+/// Deserializes a flat object, recording the first repeated key in `duplicate`.
+struct FlatObject<'a> {
+    duplicate: &'a mut Option<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for FlatObject<'_> {
+    type Value = Map<String, Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FlatObject<'_> {
+    type Value = Map<String, Value>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a flat JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value: Value = map.next_value()?;
+            if value.is_object() || value.is_array() {
+                return Err(de::Error::custom(format!(
+                    "value of {key:?} is not a string, number, boolean or null"
+                )));
+            }
+            if fields.contains_key(&key) {
+                *self.duplicate = Some(key);
+                return Err(de::Error::custom("duplicate key"));
+            }
+            fields.insert(key, value);
+        }
+        Ok(fields)
+    }
+}
+
 /// The guest's `IOVMM-RESULT` line as a key/value map.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuestResult {
-    fields: BTreeMap<String, JsonValue>,
+    fields: Map<String, Value>,
 }
 
 impl GuestResult {
@@ -447,28 +506,25 @@ impl GuestResult {
     }
 
     /// All fields.
-    pub fn fields(&self) -> &BTreeMap<String, JsonValue> {
+    pub fn fields(&self) -> &Map<String, Value> {
         &self.fields
     }
 
     /// One field.
-    pub fn get(&self, key: &str) -> Option<&JsonValue> {
+    pub fn get(&self, key: &str) -> Option<&Value> {
         self.fields.get(key)
     }
 
     /// A string field.
     pub fn str(&self, key: &str) -> Option<&str> {
-        match self.fields.get(key) {
-            Some(JsonValue::String(s)) => Some(s),
-            _ => None,
-        }
+        self.fields.get(key)?.as_str()
     }
 
     /// An integer field that fits in u64; hex strings such as `"0x1f"` are accepted too.
     pub fn u64(&self, key: &str) -> Option<u64> {
         match self.fields.get(key)? {
-            JsonValue::Integer(n) => u64::try_from(*n).ok(),
-            JsonValue::String(s) => u64::from_str_radix(s.strip_prefix("0x")?, 16).ok(),
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => u64::from_str_radix(s.strip_prefix("0x")?, 16).ok(),
             _ => None,
         }
     }
@@ -691,6 +747,79 @@ mod tests {
             GuestResult::from_output(twice),
             Err(GuestError::MultipleResultLines { count: 2 })
         );
+    }
+
+    #[test]
+    fn flat_json_decodes_all_value_kinds() {
+        let m = parse_flat_json(r#" { "s" : "a\"b\\c\n\u00e9\ud83d\ude00", "i":-12, "big":18446744073709551615, "f":1.5e3, "t":true, "n":null } "#)
+            .unwrap();
+        assert_eq!(m["s"], Value::String("a\"b\\c\né😀".to_string()));
+        assert_eq!(m["i"].as_i64(), Some(-12));
+        assert_eq!(m["big"].as_u64(), Some(u64::MAX));
+        assert_eq!(m["f"].as_f64(), Some(1500.0));
+        assert_eq!(m["f"].as_u64(), None);
+        assert_eq!(m["t"], Value::Bool(true));
+        assert_eq!(m["n"], Value::Null);
+        assert!(parse_flat_json("{}").unwrap().is_empty());
+    }
+
+    #[test]
+    fn flat_json_rejects_nesting_duplicates_and_trailing_text() {
+        assert!(matches!(
+            parse_flat_json(r#"{"a":{"b":1}}"#),
+            Err(GuestError::Syntax { .. })
+        ));
+        assert!(matches!(
+            parse_flat_json(r#"{"a":[1]}"#),
+            Err(GuestError::Syntax { .. })
+        ));
+        assert_eq!(
+            parse_flat_json(r#"{"a":1,"a":2}"#),
+            Err(GuestError::DuplicateKey("a".into()))
+        );
+        assert!(matches!(
+            parse_flat_json(r#"{"a":1} x"#),
+            Err(GuestError::Syntax { column: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn flat_json_rejects_malformed_tokens() {
+        for bad in [
+            r#"{"a":01}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":-}"#,
+            r#"{"a":1e}"#,
+            r#"{"a":tru}"#,
+            r#"{"a":"x}"#,
+            r#"{"a":"\q"}"#,
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"\udc00"}"#,
+            "{\"a\":\"\u{1}\"}",
+            r#"{"a":1,}"#,
+            r#"{"a" 1}"#,
+            r#"{a:1}"#,
+            r#"{"a":1"#,
+            r#"[1]"#,
+            "",
+        ] {
+            assert!(
+                matches!(parse_flat_json(bad), Err(GuestError::Syntax { .. })),
+                "accepted {bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn u64_fields_accept_only_unsigned_integers_and_hex_strings() {
+        let r = GuestResult::parse_line(
+            r#"IOVMM-RESULT {"neg":-1,"f":2.0,"huge":999999999999999999999999999999,"h":"0x1f","s":"12"}"#,
+        )
+        .unwrap();
+        for key in ["neg", "f", "huge", "s", "absent"] {
+            assert_eq!(r.u64(key), None, "{key}");
+        }
+        assert_eq!(r.u64("h"), Some(0x1f));
     }
 
     #[test]
