@@ -71,6 +71,10 @@ pub struct ScenarioReport {
     pub backend_frames: Option<u64>,
     /// Frames our backend delivered into the guest's RX buffers.
     pub backend_rx_frames: Option<u64>,
+    /// Frames testpmd sent towards the guest (txonly).
+    pub testpmd_tx: Option<u64>,
+    /// The guest's eth0 RX packet count (`/proc/net/dev`).
+    pub guest_netdev_rx: Option<u64>,
     /// The test backend's accesses without a translation after a miss.
     pub translation_failures: Option<u64>,
     /// The expected driver lines, as printed.
@@ -170,6 +174,10 @@ impl ScenarioReport {
 
     fn parse_records(&mut self, sc: &Scenario) {
         for l in &self.vm_log {
+            if let Some(rest) = l.split("iovmm-init: netdev:").nth(1) {
+                // "eth0: RX-bytes RX-packets ..."
+                self.guest_netdev_rx = rest.split_whitespace().nth(2).and_then(|v| v.parse().ok());
+            }
             if self.bench.is_none() {
                 self.bench = json_after(l, "IOVMM-BENCH ");
             }
@@ -185,7 +193,9 @@ impl ScenarioReport {
                 self.translation_failures = debug_field(&self.backend_log, "translation_failures");
             }
             Backend::Testpmd => {
-                self.backend_frames = parse_port_stats(&self.backend_log).map(|p| p.rx_packets);
+                let stats = parse_port_stats(&self.backend_log);
+                self.backend_frames = stats.map(|p| p.rx_packets);
+                self.testpmd_tx = stats.map(|p| p.tx_packets);
             }
         }
         for want in sc.expect_lines {
@@ -282,9 +292,38 @@ impl ScenarioReport {
         }
     }
 
+    /// testpmd's txonly frames into the guest: delivered without a vIOMMU;
+    /// behind one, DPDK's read-write miss on a write-only buffer refused.
+    fn check_testpmd_rx(&mut self, sc: &Scenario) {
+        let rx = self.guest_netdev_rx;
+        if sc.expect_rw_refusal {
+            let c = &self.counters;
+            let warned = self
+                .vm_log
+                .iter()
+                .any(|l| l.contains("for Rw access was refused"));
+            if u(c, "faults") == 0 || u(c, "misses_refused") == 0 || !warned || rx != Some(0) {
+                self.failures.push(format!(
+                    "expected DPDK's read-write RX miss refused and reported, nothing received: \
+                     faults {} refused {} warned {warned} guest rx {rx:?}",
+                    u(c, "faults"),
+                    u(c, "misses_refused")
+                ));
+            }
+        } else if !(rx > Some(0) && self.testpmd_tx >= rx) {
+            self.failures.push(format!(
+                "testpmd sent {:?} frames, the guest's eth0 received {rx:?}",
+                self.testpmd_tx
+            ));
+        }
+    }
+
     fn check_frames(&mut self, sc: &Scenario) {
         if sc.blk {
             return self.check_blk();
+        }
+        if sc.rx && sc.backend == Backend::Testpmd {
+            return self.check_testpmd_rx(sc);
         }
         if sc.rx {
             return self.check_received(sc);
@@ -367,11 +406,15 @@ pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
         } else if sc.frames > 0 {
             // TX: completed by the guest's device / received by the backend;
             // RX: delivered by the backend / received intact by the guest.
-            let (key, backend) = match sc.rx {
-                false => ("tx_packets", r.backend_frames),
-                true => ("received", r.backend_rx_frames),
+            let (key, backend) = match (sc.rx, sc.backend) {
+                (false, _) => ("tx_packets", r.backend_frames),
+                (true, Backend::Testpmd) => ("", r.testpmd_tx),
+                (true, _) => ("received", r.backend_rx_frames),
             };
-            let g = r.bench.as_ref().and_then(|b| b.get(key)?.as_u64());
+            let g = match key {
+                "" => r.guest_netdev_rx,
+                k => r.bench.as_ref().and_then(|b| b.get(k)?.as_u64()),
+            };
             let show = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
             match sc.rx {
                 false => format!("{}/{}", show(g), show(backend)),

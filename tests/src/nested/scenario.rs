@@ -80,6 +80,9 @@ pub struct Scenario {
     pub expect_misses: bool,
     /// Unmaps must have arrived as device-TLB invalidations.
     pub expect_devtlb: bool,
+    /// The backend asks read-write for write-only RX buffers (DPDK does):
+    /// iovmm must refuse the miss, report the fault, and nothing arrives.
+    pub expect_rw_refusal: bool,
 }
 
 /// Guest RAM of every scenario.
@@ -107,6 +110,7 @@ impl Scenario {
             expect_lines: &[],
             expect_misses: false,
             expect_devtlb: false,
+            expect_rw_refusal: false,
         }
     }
 
@@ -273,6 +277,21 @@ fn receive() -> Vec<Scenario> {
     };
     vec![
         rx(Scenario::net("rx-plain-own", None, OWN, "")),
+        rx(Scenario::net("rx-plain-dpdk", None, Backend::Testpmd, "")),
+        // DPDK 22.11 translates RX buffers for read-write access
+        // (fill_vec_buf_split(.., VHOST_ACCESS_RW)); Linux maps them
+        // DMA_FROM_DEVICE, write-only. iovmm refuses the wider miss.
+        Scenario {
+            rx: true,
+            expect_misses: false,
+            expect_rw_refusal: true,
+            ..Scenario::net(
+                "rx-viommu-strict-dpdk",
+                Some("virtio"),
+                Backend::Testpmd,
+                "iommu.strict=1",
+            )
+        },
         rx(with_lines(
             Scenario::net(
                 "rx-viommu-strict-own",

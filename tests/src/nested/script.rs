@@ -115,11 +115,13 @@ fn start_backend(s: &mut String, sc: &Scenario, sock: &str, log: &str) {
             // testpmd reads its prompt from a FIFO the script keeps open on fd 3;
             // both lcores share L1's CPU 0 so the guest keeps CPU 1.
             let _ = writeln!(s, "rm -f {sock} /tmp/{name}.in; mkfifo /tmp/{name}.in");
+            // rxonly counts the guest's frames; txonly sends frames into the guest.
+            let mode = if sc.rx { "txonly" } else { "rxonly" };
             let _ = writeln!(
                 s,
                 "dpdk-testpmd $IOVMM_DPDK_PLUGINS --lcores=0@0,1@0 --no-huge -m 256 --no-pci \
                  --file-prefix {name} --vdev net_vhost0,iface={sock},iommu-support=1 -- -i \
-                 --forward-mode=rxonly --total-num-mbufs=8192 </tmp/{name}.in >{log} 2>&1 & be=$!"
+                 --forward-mode={mode} --total-num-mbufs=8192 </tmp/{name}.in >{log} 2>&1 & be=$!"
             );
             let _ = writeln!(s, "exec 3>/tmp/{name}.in");
             let _ = writeln!(s, "echo start >&3");
