@@ -250,6 +250,7 @@ pub fn run_own_backend(cell: &BlkCell) -> BlkOutcome {
     );
     assert_eq!(first_bad_word(&image, SEED), None, "disk image content");
     assert_no_stale_translation(&backend);
+    crate::matrix::assert_connection_invalidates(cell.viommu != Viommu::None, &stats);
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_file(&sock);
     BlkOutcome {

@@ -268,6 +268,7 @@ pub fn run_own_backend(cell: &Cell) -> Outcome {
         "an INVALIDATE left a translation"
     );
     let _ = std::fs::remove_file(&sink);
+    assert_connection_invalidates(cell.viommu != Viommu::None, &stats);
     report("own", cell, &stats);
     Outcome {
         result,
@@ -299,6 +300,7 @@ pub fn run_dpdk(cell: &Cell) -> Outcome {
         pmd.output()
     );
     assert_eq!(port.rx_bytes, cell.frames * cell.size);
+    assert_connection_invalidates(cell.viommu != Viommu::None, &stats);
     report("dpdk", cell, &stats);
     Outcome {
         result,
@@ -307,6 +309,23 @@ pub fn run_dpdk(cell: &Cell) -> Outcome {
         dpdk: Some(port),
         backend_miss_latency: None,
     }
+}
+
+/// Every activation of a device behind a vIOMMU starts with exactly one full-range
+/// INVALIDATE; without a vIOMMU none is sent.
+pub fn assert_connection_invalidates(iommu: bool, s: &VhostUserStats) {
+    let want = if iommu { s.activations } else { 0 };
+    assert_eq!(
+        s.bridge.connect_invalidations, want,
+        "connection INVALIDATEs for {} activations",
+        s.activations
+    );
+}
+
+/// The INVALIDATEs the guest's unmaps caused: every one iovmm sent but the full-range one
+/// each activation starts with.
+pub fn unmap_invalidations(s: &VhostUserStats) -> u64 {
+    s.iotlb.invalidations - s.bridge.connect_invalidations
 }
 
 pub(crate) fn report(backend: &str, cell: &Cell, s: &VhostUserStats) {

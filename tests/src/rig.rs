@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::vhost_user::wire::{IotlbMsg, IotlbPerm, VHOST_USER_IOTLB_MSG};
+use devices::vhost_user::wire::{
+    IotlbMsg, IotlbPerm, FLAG_NEED_REPLY, FLAG_VERSION, VHOST_USER_IOTLB_MSG,
+};
 use devices::vhost_user::{
     FaultHook, VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind, VhostUserStats,
 };
@@ -81,6 +83,16 @@ pub fn iotlb_msgs(be: &BackendHandle) -> Vec<(u32, IotlbMsg)> {
             (r.flags, msg)
         })
         .collect()
+}
+
+/// The IOTLB message every connection of a device behind a vIOMMU starts with, with its
+/// header flags: one acked full-range INVALIDATE, `(0, u64::MAX)` so that `iova + size` does
+/// not wrap.
+pub fn connect_invalidate() -> (u32, IotlbMsg) {
+    (
+        FLAG_VERSION | FLAG_NEED_REPLY,
+        IotlbMsg::invalidate(0, u64::MAX),
+    )
 }
 
 /// The IOTLB messages `be` received whose range covers `iova`.
@@ -346,12 +358,18 @@ impl Rig {
 
     /// Posts one TX frame in buffer page `slot` at avail slot `slot` of queue 1 and kicks.
     pub fn send_tx(&self, slot: u16, frame: &[u8]) {
-        let base = ring_gpa(1);
         let buf = BUF + 0x1000 * u64::from(slot);
+        self.send_tx_at(slot, frame, buf, self.dma(buf));
+    }
+
+    /// Like [`Rig::send_tx`], with the frame written at GPA `gpa` and the descriptor pointing
+    /// at `addr` (an IOVA the test mapped to `gpa` itself, e.g. after a remap).
+    pub fn send_tx_at(&self, slot: u16, frame: &[u8], gpa: u64, addr: u64) {
+        let base = ring_gpa(1);
         let mut data = vec![0u8; NET_HDR];
         data.extend_from_slice(frame);
-        self.write(&data, buf);
-        let mut d = self.dma(buf).to_le_bytes().to_vec();
+        self.write(&data, gpa);
+        let mut d = addr.to_le_bytes().to_vec();
         d.extend_from_slice(&(data.len() as u32).to_le_bytes());
         d.extend_from_slice(&[0, 0, 0, 0]);
         let slot_q = u64::from(slot % QSIZE);

@@ -21,7 +21,9 @@ use devices::vhost_user::{VhostUserConfig, VhostUserError};
 use devices::virtio::VirtioDevice;
 use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
 use integration_tests::guest::{test_guest_path, GuestResult, IommuMode, Scenario};
-use integration_tests::rig::{backend_err, covering, Faults, Rig, BUF, IOVA_OFF, MEM};
+use integration_tests::rig::{
+    backend_err, connect_invalidate, covering, Faults, Rig, BUF, IOVA_OFF, MEM,
+};
 use iommu::IovaRange;
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
 
@@ -39,12 +41,18 @@ struct Hostile {
 }
 
 impl Hostile {
-    /// A net device behind an IOMMU (all RAM mapped at `IOVA_OFF`), activated.
+    /// A net device behind an IOMMU (all RAM mapped at `IOVA_OFF`), activated. The back end
+    /// behaves for the connection's first IOTLB message (the front end's full-range
+    /// INVALIDATE; `connection_invalidate_that_fails_fails_the_activation` covers it) and
+    /// misbehaves from the next one on.
     fn new(misbehave: Misbehaviour) -> Hostile {
         let one = ONE.lock().unwrap_or_else(|e| e.into_inner());
         let config = BackendConfig {
             miss_timeout: Duration::from_secs(2),
-            misbehave,
+            misbehave: Misbehaviour {
+                spare_first_iotlb: true,
+                ..misbehave
+            },
             ..Default::default()
         };
         let mut dcfg = VhostUserConfig::net("/test/socketpair");
@@ -172,8 +180,16 @@ fn miss_flood_for_unmapped_and_out_of_range_iovas_is_refused_and_throttled() {
         faults <= MAX_BAD_REQUESTS_PER_SEC * seconds,
         "{faults} faults in {seconds} s"
     );
+    // No UPDATE for any of them (the connection's full-range INVALIDATE covers all but the
+    // last byte of the space).
     for iova in bad {
-        assert_eq!(covering(&r.be, iova).len(), 0, "UPDATE for {iova:#x}");
+        let got = covering(&r.be, iova);
+        let want = if iova == u64::MAX {
+            vec![]
+        } else {
+            vec![connect_invalidate().1]
+        };
+        assert_eq!(got, want, "UPDATE for {iova:#x}");
     }
     assert!(!r.dev.is_broken());
     // Once the throttled second is over (the budget window may have started
@@ -199,7 +215,11 @@ fn oversized_backend_frame_closes_only_the_backend_channel() {
     let _ = chan.write_all(&hdr);
     // The main socket is untouched: UPDATEs and INVALIDATEs still work.
     assert!(!r.dev.is_broken());
-    r.be.read(IOVA_OFF + BUF, 4).unwrap_err(); // no miss channel any more
+    // No miss channel any more. (Not at BUF: a ring miss at activation may have installed an
+    // UPDATE from the ring page to the end of RAM, which covers BUF; nothing below the rings
+    // is ever sent.)
+    assert!(!r.be.probe(IOVA_OFF, 4));
+    r.be.read(IOVA_OFF, 4).unwrap_err();
     r.unmap(IovaRange::FULL).unwrap();
     assert!(!r.dev.is_broken());
 }
@@ -353,4 +373,44 @@ fn guest_survives_a_backend_that_disconnects_mid_run() {
         "{sent} frames reached the back end"
     );
     let _ = std::fs::remove_file(&sock);
+}
+
+/// The full-range INVALIDATE a connection starts with is refused or never acked: the
+/// activation fails (after the channel timeout at most) with a typed error and the device
+/// serves nothing.
+#[test]
+fn connection_invalidate_that_fails_fails_the_activation() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    for misbehave in [
+        Misbehaviour {
+            nack_iotlb: true,
+            ..Default::default()
+        },
+        Misbehaviour {
+            never_ack_invalidate: true,
+            ..Default::default()
+        },
+    ] {
+        let what = format!("{misbehave:?}");
+        let config = BackendConfig {
+            misbehave,
+            ..Default::default()
+        };
+        let mut dcfg = VhostUserConfig::net("/test/socketpair");
+        dcfg.iommu = true;
+        dcfg.timeout = TIMEOUT;
+        let mut rig = Rig::pair(config, dcfg);
+        let _ = rig.translate_all_ram();
+        let start = Instant::now();
+        let err = backend_err(rig.activate().unwrap_err());
+        assert!(start.elapsed() < TIMEOUT * 4, "took {:?}", start.elapsed());
+        assert!(
+            matches!(err, VhostUserError::Request { .. }),
+            "{what}: {err}"
+        );
+        assert_eq!(rig.iotlb_msgs(), vec![connect_invalidate()]);
+        let b = rig.dev.stats().bridge;
+        assert_eq!((b.connect_invalidations, b.invalidation_failures), (0, 1));
+        assert!(rig.be.backend_channel().is_none());
+    }
 }

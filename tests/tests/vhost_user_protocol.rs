@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use devices::vhost_user::wire::{
     IotlbMsg, IotlbPerm, FLAG_NEED_REPLY, FLAG_VERSION, PROTOCOL_F_BACKEND_REQ,
-    PROTOCOL_F_REPLY_ACK, VIRTIO_F_ACCESS_PLATFORM,
+    PROTOCOL_F_REPLY_ACK, VHOST_USER_IOTLB_MSG, VHOST_USER_SET_BACKEND_REQ_FD,
+    VIRTIO_F_ACCESS_PLATFORM,
 };
 use devices::vhost_user::{
     IotlbBridge, VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind,
@@ -17,8 +18,8 @@ use devices::vhost_user::{
 use devices::virtio::{ActivateContext, VirtioDevice, VirtioInterruptType};
 use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
 use integration_tests::rig::{
-    backend_err, covering, dev_config, fnv1a, ring_gpa, try_connect, Rig, BUF, IOVA_OFF, MEM, RID,
-    TIMEOUT,
+    backend_err, connect_invalidate, covering, dev_config, fnv1a, ring_gpa, try_connect, Rig, BUF,
+    IOVA_OFF, MEM, RID, TIMEOUT,
 };
 use iommu::address_space::Mapping;
 use iommu::{
@@ -182,9 +183,20 @@ fn tx_behind_iommu_is_served_by_misses_with_exact_updates() {
     let addr = r.be.records().into_iter().find(|m| m.request == 9).unwrap();
     let desc = u64::from_ne_bytes(addr.payload[8..16].try_into().unwrap());
     assert_eq!(desc, IOVA_OFF + ring_gpa(0));
+    // The connection's first IOTLB message is one full-range INVALIDATE,
+    // sent after SET_MEM_TABLE and before the back-end channel exists.
+    let requests: Vec<u32> = r.be.records().iter().map(|m| m.request).collect();
+    let at = |req| requests.iter().position(|&q| q == req).unwrap();
+    const SET_MEM_TABLE: u32 = 5;
+    assert!(at(SET_MEM_TABLE) < at(VHOST_USER_IOTLB_MSG), "{requests:?}");
+    assert!(
+        at(VHOST_USER_IOTLB_MSG) < at(VHOST_USER_SET_BACKEND_REQ_FD),
+        "{requests:?}"
+    );
+    let mut msgs = r.iotlb_msgs();
+    assert_eq!(msgs.remove(0), connect_invalidate());
     // Each UPDATE runs from the missed page to the end of the extent (all of
     // RAM, one region), with the VMM address of that page and the real perm.
-    let msgs = r.iotlb_msgs();
     assert!(!msgs.is_empty() && msgs.len() <= 3, "{msgs:?}");
     for (flags, m) in &msgs {
         assert_eq!(*flags, FLAG_VERSION | FLAG_NEED_REPLY);
@@ -196,7 +208,15 @@ fn tx_behind_iommu_is_served_by_misses_with_exact_updates() {
     let n = msgs.len() as u64;
     let s = r.dev.stats();
     assert_eq!((s.bridge.misses, s.bridge.misses_served), (n, n));
-    assert_eq!((s.iotlb.updates, s.iotlb.acked, s.iotlb.nacks), (n, n, 0));
+    assert_eq!(
+        (s.iotlb.updates, s.iotlb.acked, s.iotlb.nacks),
+        (n, n + 1, 0)
+    );
+    assert_eq!(s.iotlb.invalidations, 1);
+    assert_eq!(
+        (s.bridge.connect_invalidations, s.bridge.invalidations),
+        (1, 0)
+    );
     assert_eq!(s.bridge.miss_latency.count, n);
 }
 
@@ -214,9 +234,12 @@ fn unmapped_miss_gets_no_update_a_nonzero_ack_and_a_fault() {
     assert!(r.be.read(outside, 4).is_err());
     assert_eq!(r.be.counters().miss_nacks, 1);
     // (Starting the rings may have fetched ring translations; nothing else.)
+    // Only the connection's full-range INVALIDATE covers it.
     let covering = covering(&r.be, outside);
-    assert!(covering.is_empty(), "{covering:x?}");
-    assert!(r.iotlb_msgs().iter().all(|(_, m)| m.iova == IOVA_OFF));
+    assert_eq!(covering, vec![connect_invalidate().1]);
+    let mut msgs = r.iotlb_msgs();
+    assert_eq!(msgs.remove(0), connect_invalidate());
+    assert!(msgs.iter().all(|(_, m)| m.iova == IOVA_OFF), "{msgs:x?}");
     assert_eq!(*faults.lock().unwrap(), vec![(RID, outside, IotlbPerm::Ro)]);
     assert_eq!(r.dev.stats().bridge.faults, 1);
 }

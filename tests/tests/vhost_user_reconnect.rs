@@ -8,12 +8,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::vhost_user::wire::{IotlbMsg, IotlbType, PROTOCOL_F_REPLY_ACK, VHOST_USER_IOTLB_MSG};
+use devices::vhost_user::wire::{
+    IotlbMsg, IotlbType, PROTOCOL_F_REPLY_ACK, VHOST_USER_IOTLB_MSG, VHOST_USER_SET_BACKEND_REQ_FD,
+};
 use devices::vhost_user::{VhostUserConfig, VhostUserError, VhostUserStats};
 use devices::virtio::VirtioDevice;
 use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, TestBackend};
 use integration_tests::rig::{
-    backend_err, fnv1a, ring_gpa, socket_path, MapTranslation, Rig, BUF, IOVA_OFF, MEM, TIMEOUT,
+    backend_err, connect_invalidate, fnv1a, ring_gpa, socket_path, MapTranslation, Rig, BUF,
+    IOVA_OFF, MEM, TIMEOUT,
 };
 use iommu::{IovaRange, Permissions};
 use vm_memory::{Bytes, GuestAddress};
@@ -112,13 +115,21 @@ fn restarted_backend_is_renegotiated_restored_and_refilled_by_misses() {
     wait_stats(&r, "restored", |s| s.reconnect.restores == 1);
     let s = r.dev.stats();
     assert!(s.reconnect.connected && s.reconnect.reconnects == 1 && !s.broken);
-    // Re-negotiated from scratch, SET_FEATURES before any IOTLB message.
+    // Re-negotiated from scratch; the first IOTLB message is one full-range
+    // INVALIDATE, after SET_FEATURES and before the back-end channel exists.
     let codes: Vec<u32> = b.records().iter().map(|m| m.request).collect();
     assert_eq!(codes.first(), Some(&SET_OWNER));
-    let set_features = codes.iter().position(|c| *c == SET_FEATURES).unwrap();
-    if let Some(first_iotlb) = codes.iter().position(|c| *c == VHOST_USER_IOTLB_MSG) {
-        assert!(set_features < first_iotlb, "{codes:?}");
-    }
+    let at = |req| codes.iter().position(|c| *c == req).unwrap();
+    assert!(at(SET_FEATURES) < at(VHOST_USER_IOTLB_MSG), "{codes:?}");
+    assert!(
+        at(VHOST_USER_IOTLB_MSG) < at(VHOST_USER_SET_BACKEND_REQ_FD),
+        "{codes:?}"
+    );
+    assert_eq!(
+        integration_tests::rig::iotlb_msgs(&b).first(),
+        Some(&connect_invalidate())
+    );
+    assert_eq!(r.dev.stats().bridge.connect_invalidations, 2);
     // Rings resume at the used index in guest memory: TX after one frame.
     assert_eq!(vring_bases(&b), vec![(0, 0), (1, 1)]);
 
@@ -126,20 +137,23 @@ fn restarted_backend_is_renegotiated_restored_and_refilled_by_misses() {
     assert!(b.wait_for(TIMEOUT, |c| c.tx_frames == 1));
     let c = b.counters();
     assert_eq!(c.tx_checksum, fnv1a(b"after the restart"));
-    // Every UPDATE answered a miss of the new back end; none re-sent the
-    // old buffer page, no INVALIDATE for the old connection's ranges.
-    let msgs = iotlb_msgs(&b);
+    // After the connection's INVALIDATE, every UPDATE answered a miss of
+    // the new back end; none re-sent the old buffer page, no INVALIDATE
+    // for the old connection's ranges.
+    let mut msgs = iotlb_msgs(&b);
+    assert_eq!(msgs.remove(0), connect_invalidate().1);
     assert!(msgs.iter().all(|m| m.kind().unwrap() == IotlbType::Update));
     assert!(c.iotlb_updates <= c.misses_sent, "{c:?}");
     assert!(!msgs.iter().any(|m| m.iova == IOVA_OFF + BUF));
     assert!(!b.probe(IOVA_OFF + BUF, 1));
-    // The old page was forgotten at SET_FEATURES: its unmap needs nothing;
-    // the new page's unmap is a new event and reaches the new back end.
+    // The old page was forgotten at the connection's INVALIDATE: its unmap
+    // needs nothing; the new page's unmap is a new event and reaches the
+    // new back end.
     unmap(&r, BUF);
-    assert_eq!(b.counters().iotlb_invalidates, 0);
+    assert_eq!(b.counters().iotlb_invalidates, 1);
     assert!(b.probe(IOVA_OFF + BUF + 0x1000, 1));
     unmap(&r, BUF + 0x1000);
-    assert_eq!(b.counters().iotlb_invalidates, 1);
+    assert_eq!(b.counters().iotlb_invalidates, 2);
     assert!(!b.probe(IOVA_OFF + BUF + 0x1000, 1));
     assert_eq!(
         iotlb_msgs(&b).last(),
@@ -208,4 +222,81 @@ fn reset_and_activation_while_disconnected_are_applied_on_reconnect() {
     r.send_tx(0, b"activated while down");
     assert!(b.wait_for(TIMEOUT, |c| c.tx_frames == 1));
     assert_eq!(r.dev.stats().activations, 2);
+}
+
+/// A back end that keeps its IOTLB across renegotiation and reconnection
+/// (`keep_iotlb_on_features`): while it was gone the guest remapped a buffer
+/// IOVA it held to another page. After the reconnect the old translation is
+/// gone (the connection's first IOTLB message dropped it) and a frame posted
+/// at that IOVA is read from the new page.
+#[test]
+fn a_backend_keeping_its_iotlb_holds_no_stale_translation_after_a_reconnect() {
+    let path = socket_path("reconnect", "keep-iotlb");
+    let mut cfg = VhostUserConfig::net(&path);
+    cfg.iommu = true;
+    cfg.timeout = TIMEOUT;
+    cfg.reconnect = Some(INTERVAL);
+    let keeps = BackendConfig {
+        misbehave: Misbehaviour {
+            keep_iotlb_on_features: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut r = Rig::listen(path, keeps, cfg);
+    let t = Arc::new(ring_area_and_pages());
+    r.use_translation(t.clone());
+    r.activate().unwrap();
+    r.send_tx(0, b"before the remap");
+    assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
+    let old = IOVA_OFF + BUF;
+    assert!(r.be.probe(old, 1));
+    // Nothing the back end held was invalidated yet.
+    assert_eq!(r.be.counters().iotlb_entries_invalidated, 0);
+
+    r.be.cut_connection();
+    wait_stats(&r, "disconnect seen", |s| s.reconnect.disconnects == 1);
+    // While it is gone: the guest unmaps the page (nothing is sent) and maps
+    // the same IOVA to another page; the old page holds other bytes.
+    let new_gpa = BUF + 0x8000;
+    unmap(&r, BUF);
+    t.map(old, 0x1000, new_gpa, Permissions::ReadWrite);
+    let stale = vec![0xa5u8; 0x100];
+    r.mem.write_slice(&stale, GuestAddress(BUF)).unwrap();
+
+    wait_stats(&r, "restored", |s| s.reconnect.restores == 1);
+    // The same back end, second connection: it renegotiated without
+    // emptying its IOTLB, and the front end's first IOTLB message of that
+    // connection is the full-range INVALIDATE, which dropped the entries
+    // kept from the first one (checked in full when applied).
+    let recs = r.be.records();
+    let second = recs.iter().rposition(|m| m.request == SET_OWNER).unwrap();
+    assert!(second > 0);
+    let iotlb: Vec<IotlbMsg> = recs[second..]
+        .iter()
+        .filter(|m| m.request == VHOST_USER_IOTLB_MSG)
+        .map(|m| IotlbMsg::decode(m.request, &m.payload).unwrap())
+        .collect();
+    assert_eq!(iotlb.first(), Some(&connect_invalidate().1), "{iotlb:x?}");
+    assert!(
+        iotlb[1..]
+            .iter()
+            .all(|m| m.kind().unwrap() == IotlbType::Update),
+        "{iotlb:x?}"
+    );
+    let c = r.be.counters();
+    assert!(c.iotlb_entries_invalidated >= 1, "{c:?}");
+    assert_eq!(c.invalidate_violations, 0);
+    assert!(!r.be.probe(old, 1), "the old translation survived");
+
+    // A frame posted at the remapped IOVA is read from the new page.
+    let frame = b"after the remap";
+    r.send_tx_at(1, frame, new_gpa, old);
+    assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 2));
+    let c = r.be.counters();
+    assert_eq!(
+        c.tx_checksum,
+        fnv1a(b"before the remap").wrapping_add(fnv1a(frame))
+    );
+    assert_eq!(r.dev.stats().bridge.connect_invalidations, 2);
 }

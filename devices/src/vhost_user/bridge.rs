@@ -30,7 +30,7 @@ use iommu::{
 };
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::channel::IotlbChannel;
+use super::channel::{ChannelError, IotlbChannel};
 use super::installed::Installed;
 use super::miss::{check_update, MissError, MissHandler};
 use super::recheck::VringArea;
@@ -246,18 +246,31 @@ impl IotlbBridge {
         lock(&self.state).translator.is_some()
     }
 
-    /// The device started with ACCESS_PLATFORM negotiated (SET_FEATURES was
-    /// sent): serve misses against `mem` and send INVALIDATEs from now on.
-    pub fn start(&self, mem: GuestMemoryMmap) {
+    /// The device starts on this connection with ACCESS_PLATFORM negotiated
+    /// (SET_FEATURES and SET_MEM_TABLE were sent, the back-end request
+    /// channel is not open yet, so no miss can arrive): first one acked
+    /// full-range INVALIDATE, then serve misses against `mem` and send
+    /// INVALIDATEs from now on.
+    ///
+    /// A back end should empty its IOTLB at SET_FEATURES (Linux vhost
+    /// does), but nothing in the protocol makes it: one that keeps entries
+    /// across a renegotiation or a reconnection would otherwise keep
+    /// translations the guest removed meanwhile (unmaps are not sent while
+    /// the link is down). Called for the first activation and for every
+    /// restore on a new connection. On failure nothing is served and the
+    /// caller fails the activation (a refusal also closes the socket).
+    pub fn start(&self, mem: GuestMemoryMmap) -> Result<(), ChannelError> {
         let mut st = lock(&self.state);
+        st.running = false;
+        st.mem = None;
+        st.rings.clear();
+        st.watched.clear();
+        self.connect_invalidate_locked(&mut st)?;
         st.mem = Some(mem);
         st.running = true;
         st.link_down = false;
         st.iotlb_live = true;
-        // SET_FEATURES was just sent: the back end's IOTLB starts empty.
-        st.installed.clear();
-        st.rings.clear();
-        st.watched.clear();
+        Ok(())
     }
 
     /// The vrings the back end runs, as IOVAs (after SET_VRING_ADDR). An
@@ -297,9 +310,9 @@ impl IotlbBridge {
     }
 
     /// The back end disconnected (reconnection): refuse misses at once and
-    /// send nothing until [`IotlbBridge::link_up`]. The record of what the
-    /// back end may hold is kept until the next connection's SET_FEATURES
-    /// ([`IotlbBridge::start`]); nothing is ever re-sent from it.
+    /// send nothing until the device starts on a new connection
+    /// ([`IotlbBridge::start`], which begins with a full-range INVALIDATE).
+    /// Nothing is ever re-sent from the record of what the old back end held.
     pub fn link_down(&self) {
         let mut st = lock(&self.state);
         st.link_down = true;
@@ -307,13 +320,6 @@ impl IotlbBridge {
         st.mem = None;
         st.rings.clear();
         st.watched.clear();
-    }
-
-    /// A new connection is negotiated: INVALIDATEs for new unmaps that may
-    /// touch what the back end held are sent again (harmless if its IOTLB
-    /// is already empty). Misses wait for [`IotlbBridge::start`].
-    pub fn link_up(&self) {
-        lock(&self.state).link_down = false;
     }
 
     /// Number of recorded IOVA segments the back end may hold (for tests and stats).

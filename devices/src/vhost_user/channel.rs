@@ -376,6 +376,15 @@ impl MockIotlbChannel {
         self.sent.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Every message sent so far, forgetting them (the next `sent` starts
+    /// empty).
+    pub fn take_sent(&self) -> Vec<(IotlbMsg, bool)> {
+        self.sent
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
+    }
+
     /// Whether `close` was called (later sends fail with `Broken`).
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)

@@ -2,7 +2,7 @@
 //! held IOVA translated to when it was sent.
 //!
 //! A back end can only hold translations the front end sent it in UPDATEs
-//! (its IOTLB starts empty at SET_FEATURES). The bridge records every UPDATE
+//! (its IOTLB starts empty after the connection INVALIDATE). The bridge records every UPDATE
 //! here as *segments*: disjoint IOVA ranges, each with the GPA of its first
 //! byte and the permission it was sent with. An unmap notification is then
 //! answered by re-translating the segments it overlaps and invalidating only

@@ -43,8 +43,9 @@
 //!   afterwards the socket is closed and, without reconnection, the device
 //!   reports itself broken (`activate` fails, `reset` returns false) and
 //!   never panics. With `VhostUserConfig::reconnect` a supervisor thread
-//!   reconnects, re-negotiates and restores a running device; the new back
-//!   end's IOTLB starts empty and refills through misses (see [`reconnect`]).
+//!   reconnects, re-negotiates and restores a running device; every
+//!   connection starts with one full-range INVALIDATE, so the new back end's
+//!   IOTLB is empty and refills through misses (see [`reconnect`]).
 //!
 //! **Lock order for the vIOMMU.** The bridge calls `DmaTranslate::translate`
 //! while holding its own lock (so an UPDATE computed before an unmap is

@@ -10,10 +10,12 @@
 //! 3. every interval, connects to the socket path again, redoes SET_OWNER
 //!    and the feature negotiation (the new back end must offer what the
 //!    first one did, see `session::negotiate`), and, if the guest has the
-//!    device running, programs it again exactly as an activation does,
-//!    starting with SET_FEATURES (so the new IOTLB is empty and the bridge
-//!    forgets the old ranges), with every ring resuming at the used index
-//!    found in guest memory, and kicks every ring once.
+//!    device running, programs it again exactly as an activation does:
+//!    SET_FEATURES, SET_MEM_TABLE, then one full-range INVALIDATE before any
+//!    other IOTLB message (so the new IOTLB is empty even if the back end
+//!    keeps entries across a renegotiation, and the bridge forgets the old
+//!    ranges), with every ring resuming at the used index found in guest
+//!    memory, and kicks every ring once.
 //!
 //! Nothing is replayed from the old connection's IOTLB: UPDATEs only answer
 //! the new back end's misses, computed from the current vIOMMU state.
@@ -354,9 +356,8 @@ impl State {
 
     /// The connection is negotiated: program a running device again.
     fn restore(&mut self, link: &Arc<Link>, neg: Negotiated) -> bool {
-        if let Some(b) = &link.bridge {
-            b.link_up();
-        }
+        // The bridge stays quiet (link down) until `program` starts it on
+        // this connection with a full-range INVALIDATE.
         let mut s = link.lock_session(None);
         s.neg = neg;
         s.up = true;

@@ -291,8 +291,12 @@ impl Link {
         let table = memory_table(&act.mem)?;
         self.request("SET_MEM_TABLE", |fe| fe.set_mem_table(&table).map(|_| ()))?;
         if let Some(bridge) = &self.bridge {
-            // SET_FEATURES was sent: the back end's IOTLB is empty now.
-            bridge.start(act.mem.clone());
+            // Before anything else IOTLB-related (no miss can arrive before
+            // SET_BACKEND_REQ_FD): one full-range INVALIDATE, whatever the
+            // back end did with its IOTLB at SET_FEATURES.
+            bridge
+                .start(act.mem.clone())
+                .map_err(step("IOTLB_MSG (full-range INVALIDATE at connection)"))?;
             let ours = self
                 .main
                 .open_backend_channel()

@@ -114,6 +114,7 @@ pub struct BridgeCounters {
     pub(crate) ring_updates: AtomicU64,
     pub(crate) rings_unmapped: AtomicU64,
     pub(crate) stall_reports: AtomicU64,
+    pub(crate) connect_invalidations: AtomicU64,
     pub(crate) miss_latency: LatencyHistogram,
     pub(crate) invalidate_latency: LatencyHistogram,
 }
@@ -160,6 +161,11 @@ pub struct BridgeStats {
     /// held descriptors without completing any for longer than the
     /// threshold with no IOTLB miss outstanding. One per stall episode.
     pub stall_reports: u64,
+    /// Full-range INVALIDATEs acked at (re)connection: one each time the
+    /// device starts on a connection (first activation, every reconnect),
+    /// before any other IOTLB message, whatever the back end did with its
+    /// IOTLB at SET_FEATURES. Not counted in `invalidations`.
+    pub connect_invalidations: u64,
     /// From MISS receipt to the UPDATE's ack (served misses only).
     pub miss_latency: LatencySummary,
     /// From the start of `notify` to the last INVALIDATE ack.
@@ -190,6 +196,7 @@ impl BridgeCounters {
             ring_updates: l(&self.ring_updates),
             rings_unmapped: l(&self.rings_unmapped),
             stall_reports: l(&self.stall_reports),
+            connect_invalidations: l(&self.connect_invalidations),
             miss_latency: self.miss_latency.summary(),
             invalidate_latency: self.invalidate_latency.summary(),
         }

@@ -96,12 +96,17 @@ pub struct Misbehaviour {
     /// Answer IOTLB_MSG with a reply header announcing a payload over the
     /// protocol maximum.
     pub oversized_reply: bool,
+    /// Behave for the first IOTLB message of each connection (the front
+    /// end's full-range INVALIDATE at connection), so that the IOTLB
+    /// misbehaviours above hit the messages that follow it.
+    pub spare_first_iotlb: bool,
     /// Ask for this permission on every buffer (not ring) access and miss,
     /// e.g. `Rw` to ask for write access to a TX buffer the guest mapped
     /// read-only, or read access to an RX buffer mapped write-only.
     pub buffer_perm: Option<IotlbPerm>,
-    /// Keep the device IOTLB across SET_FEATURES (a back end that does not
-    /// empty it at renegotiation; the front end must invalidate everything).
+    /// Keep the device IOTLB across SET_FEATURES and across connections (a
+    /// back end that does not empty it at renegotiation or when the front
+    /// end reconnects; the front end must invalidate everything).
     pub keep_iotlb_on_features: bool,
 }
 
@@ -168,6 +173,7 @@ pub struct Counters {
     tx_faulted: AtomicU64,
     rx_faulted: AtomicU64,
     invalidate_violations: AtomicU64,
+    iotlb_entries_invalidated: AtomicU64,
 }
 
 /// A copy of the counters.
@@ -206,6 +212,8 @@ pub struct CountersSnapshot {
     /// INVALIDATEs after which some of their range was still translatable,
     /// checked the moment each one was applied (must stay 0).
     pub invalidate_violations: u64,
+    /// IOTLB entries dropped by INVALIDATEs.
+    pub iotlb_entries_invalidated: u64,
 }
 
 impl Counters {
@@ -233,6 +241,7 @@ impl Counters {
             tx_faulted: l(&self.tx_faulted),
             rx_faulted: l(&self.rx_faulted),
             invalidate_violations: l(&self.invalidate_violations),
+            iotlb_entries_invalidated: l(&self.iotlb_entries_invalidated),
         }
     }
 }
@@ -283,6 +292,9 @@ pub(crate) struct Shared {
     pub(crate) vrings: [Mutex<VringState>; QUEUE_NUM],
     pub(crate) mem: Mutex<Arc<MemTable>>,
     pub(crate) iotlb: Mutex<DeviceIotlb>,
+    /// The message being handled is spared the IOTLB misbehaviours
+    /// (`Misbehaviour::spare_first_iotlb`).
+    pub(crate) sparing: std::sync::atomic::AtomicBool,
     pub(crate) iotlb_cv: Condvar,
     pub(crate) backend_chan: Mutex<Option<UnixStream>>,
     pub(crate) counters: Counters,
@@ -332,6 +344,7 @@ impl Shared {
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
             stop: AtomicBool::new(false),
             connections_ended: AtomicU64::new(0),
+            sparing: std::sync::atomic::AtomicBool::new(false),
             miss_timer: Mutex::default(),
             vring_waiters: AtomicU64::new(0),
             retry: AtomicBool::new(false),
@@ -353,7 +366,9 @@ impl Shared {
             *lock(v) = VringState::default();
         }
         *lock(&self.mem) = Arc::new(MemTable::default());
-        lock(&self.iotlb).clear();
+        if !self.config.misbehave.keep_iotlb_on_features {
+            lock(&self.iotlb).clear();
+        }
         *lock(&self.backend_chan) = None;
     }
 
@@ -546,6 +561,15 @@ impl BackendHandle {
             // accept loop (EINVAL) and refuses new connections.
             unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
         }
+        if let Some(c) = lock(&self.shared.current).take() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Cut the current connection but keep listening, like a back end
+    /// restarting in place (with `keep_iotlb_on_features`, its IOTLB
+    /// survives into the next connection).
+    pub fn cut_connection(&self) {
         if let Some(c) = lock(&self.shared.current).take() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }

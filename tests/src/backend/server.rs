@@ -319,7 +319,7 @@ impl Shared {
     }
 
     fn iotlb_msg(&self, m: &Msg) -> Result<Reply, BackendError> {
-        if self.config.misbehave.nack_iotlb {
+        if self.config.misbehave.nack_iotlb && !self.spared() {
             return Ok(Reply::Ack(1));
         }
         let received = std::time::Instant::now();
@@ -344,8 +344,11 @@ impl Shared {
                 self.iotlb_cv.notify_all();
             }
             IotlbType::Invalidate => {
-                tlb.invalidate(msg.iova, msg.size);
+                let dropped = tlb.invalidate(msg.iova, msg.size) as u64;
                 Counters::bump(&self.counters.iotlb_invalidates);
+                self.counters
+                    .iotlb_entries_invalidated
+                    .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
                 // The invariant, checked the moment it must hold: nothing of
                 // the range is translatable any more (not one byte of it).
                 if tlb.overlaps(msg.iova, msg.size) {
@@ -368,6 +371,11 @@ impl Shared {
         Ok(Reply::Ack(0))
     }
 
+    /// Whether the message being handled is spared the IOTLB misbehaviours.
+    fn spared(&self) -> bool {
+        self.sparing.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether an Ack reply is sent for this header.
     fn wants_ack(&self, hdr: &Header) -> bool {
         let reply_ack = lock(&self.neg).protocol & PROTOCOL_F_REPLY_ACK != 0;
@@ -382,7 +390,7 @@ impl Shared {
         reply: Reply,
     ) -> Result<(), BackendError> {
         let mis = &self.config.misbehave;
-        let iotlb = hdr.request == VHOST_USER_IOTLB_MSG;
+        let iotlb = hdr.request == VHOST_USER_IOTLB_MSG && !self.spared();
         if iotlb && mis.never_ack_iotlb {
             return Ok(());
         }
@@ -460,9 +468,16 @@ pub(crate) fn serve_connection(shared: &Shared, stream: UnixStream) -> Result<()
 }
 
 fn serve_inner(shared: &Shared, stream: &UnixStream) -> Result<(), BackendError> {
+    let mut iotlb_seen = false;
     loop {
         let m = recv_msg(stream)?;
         shared.record(&m);
+        let is_iotlb = m.hdr.request == VHOST_USER_IOTLB_MSG;
+        let spare = is_iotlb && !iotlb_seen && shared.config.misbehave.spare_first_iotlb;
+        iotlb_seen |= is_iotlb;
+        shared
+            .sparing
+            .store(spare, std::sync::atomic::Ordering::Relaxed);
         if let Some(limit) = shared.config.misbehave.disconnect_after {
             if shared.counters.snapshot().messages >= limit {
                 log::info!("misbehaving: disconnecting after {limit} messages");
@@ -472,7 +487,7 @@ fn serve_inner(shared: &Shared, stream: &UnixStream) -> Result<(), BackendError>
         let invalidate = m.hdr.request == VHOST_USER_IOTLB_MSG
             && m.payload.get(IOTLB_TYPE) == Some(&(IotlbType::Invalidate as u8));
         let mis = &shared.config.misbehave;
-        if invalidate && mis.disconnect_on_invalidate {
+        if invalidate && !spare && mis.disconnect_on_invalidate {
             log::info!("misbehaving: disconnecting on an IOTLB INVALIDATE");
             return Ok(());
         }
@@ -485,7 +500,7 @@ fn serve_inner(shared: &Shared, stream: &UnixStream) -> Result<(), BackendError>
                 Reply::Ack(1)
             }
         };
-        if invalidate && mis.never_ack_invalidate {
+        if invalidate && !spare && mis.never_ack_invalidate {
             continue;
         }
         shared.send_reply(stream, &hdr, reply)?;

@@ -16,6 +16,9 @@ use super::super::stats::BridgeCounters;
 use super::super::wire::{IotlbMsg, IotlbPerm};
 use super::{invalidate_args, BridgeState, IotlbBridge, Planned};
 
+/// `invalidate_args(IovaRange::FULL)`: the whole IOVA space without a wrap.
+pub(super) const FULL_INVALIDATE: (u64, u64) = (0, u64::MAX);
+
 /// Most UPDATEs pushed to restore one vring area (one per extent).
 const MAX_RING_UPDATES: usize = 64;
 
@@ -121,6 +124,38 @@ impl IotlbBridge {
         Ok(())
     }
 
+    /// The INVALIDATE a connection starts with: the whole IOVA space, sent
+    /// as `(0, u64::MAX)` so that `iova + size` does not wrap (DPDK) and
+    /// still removes every entry (UPDATEs never include the last byte). The
+    /// record is empty once it is acked. A refusal closes the socket: the
+    /// back end would keep translations the guest may have removed.
+    pub(super) fn connect_invalidate_locked(
+        &self,
+        st: &mut BridgeState,
+    ) -> Result<(), ChannelError> {
+        // Not in the stall history: no ring is programmed yet, so it
+        // cannot be what stopped a queue.
+        let (iova, size) = FULL_INVALIDATE;
+        match self
+            .channel
+            .send_iotlb(&IotlbMsg::invalidate(iova, size), true)
+        {
+            Ok(()) => {
+                st.installed.clear();
+                BridgeCounters::bump(&self.counters.connect_invalidations);
+                Ok(())
+            }
+            Err(e) => {
+                BridgeCounters::bump(&self.counters.invalidation_failures);
+                if matches!(e, ChannelError::Nack(_)) {
+                    self.channel.close();
+                }
+                log::warn!("vhost-user: the full-range INVALIDATE at connection failed: {e}");
+                Err(e)
+            }
+        }
+    }
+
     /// Invalidate everything (the record is full) and restore the vrings.
     fn flush_all_locked(&self, st: &mut BridgeState) -> Result<(), NotifyError> {
         log::debug!("vhost-user: IOTLB record full; invalidating everything");
@@ -164,7 +199,7 @@ impl IotlbBridge {
             }
             // The back end hung up (or its socket was already closed after an
             // earlier failure): a disconnected back end must stop and drop
-            // its IOTLB (a new connection starts empty at SET_FEATURES), so
+            // its IOTLB (a new connection starts with a full INVALIDATE), so
             // it holds nothing left to invalidate.
             Err(ChannelError::Disconnected | ChannelError::Broken) => {
                 st.installed.clear();

@@ -89,7 +89,10 @@ fn rig(policy: IotlbPolicy) -> Rig {
         Arc::new(move |rid, iova, perm| f.lock().unwrap().push((rid, iova, perm)));
     bridge.set_translation(stub.clone(), RID, Some(hook));
     let mem = mem();
-    bridge.start(mem.clone());
+    bridge.start(mem.clone()).unwrap();
+    // The connection starts with one full-range, non-wrapping INVALIDATE;
+    // the tests below look at what follows it.
+    assert_eq!(chan.take_sent(), vec![connect_inv()]);
     Rig {
         chan,
         stub,
@@ -97,6 +100,11 @@ fn rig(policy: IotlbPolicy) -> Rig {
         faults,
         mem,
     }
+}
+
+/// The INVALIDATE every connection starts with.
+fn connect_inv() -> (IotlbMsg, bool) {
+    (IotlbMsg::invalidate(0, u64::MAX), true)
 }
 
 impl Rig {
@@ -187,12 +195,13 @@ fn miss_while_stopped_or_unconfigured_is_refused_without_fault() {
         Err(MissError::DeviceStopped { iova: 0x10 })
     );
     let fresh = IotlbBridge::new(r.chan.clone(), IotlbPolicy::MissDriven);
-    fresh.start(r.mem.clone());
+    fresh.start(r.mem.clone()).unwrap();
     assert_eq!(
         fresh.answer_miss(0x10, IotlbPerm::Ro, r.chan.as_ref()),
         Err(MissError::NoTranslation { iova: 0x10 })
     );
-    assert!(r.chan.sent().is_empty());
+    // Only the fresh bridge's connection INVALIDATE.
+    assert_eq!(r.chan.sent(), vec![connect_inv()]);
     assert!(r.faults.lock().unwrap().is_empty());
 }
 

@@ -317,10 +317,12 @@ fn unmaps_of_ranges_the_back_end_never_received_need_no_round_trip() {
     // A new connection (start) forgets everything the old back end held.
     r.stub.map(0x1000, 0x2000, 0, RW);
     r.hold(0x1000);
-    r.bridge.start(r.mem.clone());
+    // It starts with one full-range INVALIDATE, after which the old
+    // range needs none.
+    r.bridge.start(r.mem.clone()).unwrap();
     r.stub.clear();
     r.unmap_event(0x1000, 0x2fff);
-    assert_eq!(r.invalidates().len(), 1);
+    assert_eq!(r.invalidates(), vec![inv(0x1000, 0x2000), inv(0, u64::MAX)]);
 }
 
 #[test]
@@ -395,7 +397,7 @@ fn an_update_in_flight_is_acked_before_a_concurrent_invalidate_is_sent() {
     });
     let bridge = Arc::new(IotlbBridge::new(chan.clone(), IotlbPolicy::MissDriven));
     bridge.set_translation(stub, RID, None);
-    bridge.start(mem());
+    bridge.start(mem()).unwrap();
     let b = bridge.clone();
     let c = chan.clone();
     let miss = std::thread::spawn(move || b.answer_miss(0x1000, IotlbPerm::Ro, c.as_ref()));
@@ -404,7 +406,8 @@ fn an_update_in_flight_is_acked_before_a_concurrent_invalidate_is_sent() {
     bridge
         .notify(&IommuEvent::Unmap { rid: RID, range })
         .unwrap();
-    // notify could only re-check and send after the UPDATE was acked.
+    // The connection's INVALIDATE, then the UPDATE: notify could only
+    // re-check and send after the UPDATE was acked.
     let kinds: Vec<_> = chan
         .sent
         .lock()
@@ -412,6 +415,75 @@ fn an_update_in_flight_is_acked_before_a_concurrent_invalidate_is_sent() {
         .iter()
         .map(|m| m.msg_type)
         .collect();
-    assert_eq!(kinds, vec![2, 3]);
+    assert_eq!(kinds, vec![3, 2, 3]);
     miss.join().unwrap().unwrap();
+}
+
+#[test]
+fn the_connection_invalidate_covers_the_whole_space_without_wrapping() {
+    assert_eq!(
+        invalidate_args(IovaRange::FULL),
+        Some(super::super::invalidate::FULL_INVALIDATE)
+    );
+    let (iova, size) = super::super::invalidate::FULL_INVALIDATE;
+    assert!(iova.checked_add(size).is_some());
+    let r = rig(IotlbPolicy::MissDriven);
+    let s = r.bridge.stats();
+    assert_eq!((s.connect_invalidations, s.invalidations), (1, 0));
+}
+
+/// A back end that keeps its IOTLB across the reconnection: what it held
+/// before is invalidated by the first message of the new connection, and
+/// the unmap that happened while it was gone sends nothing.
+#[test]
+fn a_new_connection_starts_with_a_full_invalidate_before_any_other_iotlb_message() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub.map(0x1000, 0x1000, 0, RW);
+    r.hold(0x1000);
+    r.bridge.link_down();
+    // The guest remaps the IOVA while the back end is gone.
+    r.stub.clear();
+    r.unmap_event(0x1000, 0x1fff);
+    r.stub.map(0x1000, 0x1000, 0x8000, RW);
+    let n = r.chan.sent().len();
+    assert_eq!(
+        r.miss(0x1000, IotlbPerm::Ro),
+        Err(MissError::DeviceStopped { iova: 0x1000 })
+    );
+    assert_eq!(r.sent_after(n), vec![]);
+    r.bridge.start(r.mem.clone()).unwrap();
+    let fresh = r.hold(0x1000);
+    assert_eq!(fresh.uaddr, host(&r.mem, 0x8000));
+    assert_eq!(r.sent_after(n), vec![connect_inv(), (fresh, true)]);
+    let s = r.bridge.stats();
+    assert_eq!(s.connect_invalidations, 2);
+    assert_eq!(r.bridge.installed_ranges(), 1);
+}
+
+#[test]
+fn a_refused_or_lost_connection_invalidate_fails_the_start() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub.map(0x1000, 0x1000, 0, RW);
+    r.chan.script(&[MockReply::Disconnected]);
+    assert!(matches!(
+        r.bridge.start(r.mem.clone()),
+        Err(ChannelError::Disconnected)
+    ));
+    assert!(!r.bridge.is_running());
+    assert!(!r.chan.is_closed());
+    r.chan.script(&[MockReply::Nack(1)]);
+    assert!(matches!(
+        r.bridge.start(r.mem.clone()),
+        Err(ChannelError::Nack(1))
+    ));
+    // A back end refusing to drop its translations is not used any more.
+    assert!(r.chan.is_closed());
+    assert!(!r.bridge.is_running());
+    assert_eq!(
+        r.miss(0x1000, IotlbPerm::Ro),
+        Err(MissError::DeviceStopped { iova: 0x1000 })
+    );
+    assert_eq!(r.chan.sent(), vec![connect_inv(), connect_inv()]);
+    let s = r.bridge.stats();
+    assert_eq!((s.connect_invalidations, s.invalidation_failures), (1, 2));
 }

@@ -91,7 +91,7 @@ fn nothing_is_checked_while_stopped_or_where_the_ring_is_unmapped() {
     r.bridge.stop();
     assert_eq!(r.bridge.check_stalls(t0 + Duration::from_secs(120)), 0);
     // Stopping forgot the watched rings: a restarted device watches afresh.
-    r.bridge.start(r.mem.clone());
+    r.bridge.start(r.mem.clone()).unwrap();
     assert_eq!(r.bridge.check_stalls(t0 + Duration::from_secs(180)), 0);
     assert_eq!(r.bridge.stats().stall_reports, 0);
 }
