@@ -74,35 +74,50 @@ impl VhostUserInfo {
     /// The counters as one flat JSON object (what `iovmm --print-counters`
     /// prints at exit).
     pub fn counters_json(&self) -> serde_json::Value {
-        let s = self.stats();
-        let (b, t) = (s.bridge, s.iotlb);
-        serde_json::json!({
-            "socket": self.socket,
-            "bdf": self.bdf.to_string(),
-            "iommu": self.iommu,
-            "activations": s.activations,
-            "broken": s.broken,
-            "updates": t.updates,
-            "invalidations": t.invalidations,
-            "nacks": t.nacks,
-            "failures": t.failures,
-            "misses": b.misses,
-            "misses_served": b.misses_served,
-            "misses_refused": b.misses_refused,
-            "faults": b.faults,
-            "access_fails": b.access_fails,
-            "prefetches": b.prefetches,
-            "invalidations_acked": b.invalidations,
-            "invalidation_failures": b.invalidation_failures,
-            "invalidations_skipped": b.invalidations_skipped,
-            "devtlb_notifications": b.devtlb_notifications,
-            "miss_p50_ns": b.miss_latency.p50_ns,
-            "miss_p99_ns": b.miss_latency.p99_ns,
-            "invalidate_p50_ns": b.invalidate_latency.p50_ns,
-            "invalidate_p99_ns": b.invalidate_latency.p99_ns,
-            "reconnects": s.reconnect.reconnects,
-        })
+        counters_json(&self.socket, self.bdf, self.iommu, &self.stats())
     }
+}
+
+/// One device's counters as a flat JSON object.
+fn counters_json(
+    socket: &std::path::Path,
+    bdf: PciBdf,
+    iommu: bool,
+    s: &VhostUserStats,
+) -> serde_json::Value {
+    let (b, t) = (s.bridge, s.iotlb);
+    serde_json::json!({
+        "socket": socket,
+        "bdf": bdf.to_string(),
+        "iommu": iommu,
+        "activations": s.activations,
+        "broken": s.broken,
+        "updates": t.updates,
+        "invalidations": t.invalidations,
+        "nacks": t.nacks,
+        "failures": t.failures,
+        "misses": b.misses,
+        "misses_served": b.misses_served,
+        "misses_refused": b.misses_refused,
+        "faults": b.faults,
+        "access_fails": b.access_fails,
+        "prefetches": b.prefetches,
+        "invalidations_acked": b.invalidations,
+        "invalidation_failures": b.invalidation_failures,
+        "invalidations_skipped": b.invalidations_skipped,
+        "invalidations_unchanged": b.invalidations_unchanged,
+        "connect_invalidations": b.connect_invalidations,
+        "devtlb_notifications": b.devtlb_notifications,
+        "ring_invalidations": b.ring_invalidations,
+        "ring_updates": b.ring_updates,
+        "rings_unmapped": b.rings_unmapped,
+        "stall_reports": b.stall_reports,
+        "miss_p50_ns": b.miss_latency.p50_ns,
+        "miss_p99_ns": b.miss_latency.p99_ns,
+        "invalidate_p50_ns": b.invalidate_latency.p50_ns,
+        "invalidate_p99_ns": b.invalidate_latency.p99_ns,
+        "reconnects": s.reconnect.reconnects,
+    })
 }
 
 fn device_config(cfg: &VhostUserConfig, policy: IotlbPolicyConfig) -> DeviceConfig {
@@ -182,3 +197,40 @@ type AtsHandler = Box<dyn Fn(bool) + Send + Sync>;
 
 /// The bridge type registered as an IOMMU notifier consumer.
 pub type Consumer = Arc<devices::vhost_user::IotlbBridge>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::vhost_user::stats::BridgeStats;
+
+    #[test]
+    fn counters_json_prints_every_bridge_counter() {
+        let stats = VhostUserStats {
+            bridge: BridgeStats {
+                invalidations_unchanged: 3,
+                ring_invalidations: 5,
+                ring_updates: 7,
+                rings_unmapped: 11,
+                stall_reports: 13,
+                connect_invalidations: 17,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let bdf = PciBdf::new(0, 0, 3, 0);
+        let v = counters_json(std::path::Path::new("/tmp/vu.sock"), bdf, true, &stats);
+        for (key, want) in [
+            ("invalidations_unchanged", 3),
+            ("ring_invalidations", 5),
+            ("ring_updates", 7),
+            ("rings_unmapped", 11),
+            ("stall_reports", 13),
+            ("connect_invalidations", 17),
+            ("invalidations_acked", 0),
+        ] {
+            assert_eq!(v[key].as_u64(), Some(want), "{key} in {v}");
+        }
+        assert_eq!(v["socket"].as_str(), Some("/tmp/vu.sock"));
+        assert_eq!(v["iommu"].as_bool(), Some(true));
+    }
+}
