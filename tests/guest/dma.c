@@ -204,6 +204,23 @@ void dma_unmap(struct dma_ctx *ctx, u64 dma_addr, u64 len, enum dma_dir dir)
     ctx->unmap_cycles += rdtsc() - t0;
 }
 
+const char *dma_unmap_to_end(struct dma_ctx *ctx, u64 dma_addr, u64 len)
+{
+    if (ctx->mode != IOMMU_STRICT || ctx->drv != &virtio_iommu_driver) {
+        dma_fail(ctx, "iovmm.unmap_to_end needs virtio-iommu in strict mode");
+        return ctx->error;
+    }
+    u64 off = dma_addr & (ctx->gran - 1), iova = dma_addr - off, size = ALIGN_UP(off + len, ctx->gran);
+    /* A size of 2^64 - iova: the UNMAP's virt_end = iova + size - 1 is u64 max (unsigned wrap). */
+    const char *err = ctx->drv->unmap_sync(ctx, iova, 0 - iova);
+    if (err)
+        dma_fail(ctx, err);
+    else if (!iova_free(ctx->iova, iova, size))
+        dma_fail(ctx, "IOVA free failed (double unmap or allocator full)");
+    ctx->unmaps++;
+    return ctx->error;
+}
+
 void dma_flush(struct dma_ctx *ctx)
 {
     if (ctx->mode == IOMMU_LAZY)

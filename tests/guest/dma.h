@@ -91,6 +91,10 @@ const char *dma_init(struct dma_ctx *ctx, const struct pci_dev *pci, enum iommu_
 /* Device address for [va, va + len), or DMA_MAPPING_ERROR (ctx->error says why). */
 u64 dma_map(struct dma_ctx *ctx, const void *va, u64 len, enum dma_dir dir);
 void dma_unmap(struct dma_ctx *ctx, u64 dma_addr, u64 len, enum dma_dir dir);
+/* Strict virtio-iommu only: one UNMAP [iova, u64 max] where iova is dma_addr's page, which removes
+ * every mapping fully inside it (the spec allows it), then frees the buffer's IOVAs. Returns
+ * ctx->error (NULL on success). */
+const char *dma_unmap_to_end(struct dma_ctx *ctx, u64 dma_addr, u64 len);
 /* An IOVA range of `size` bytes taken from the allocator and never mapped (strict/lazy only, else
  * DMA_MAPPING_ERROR): device access there must fault. */
 u64 dma_guard_iova(struct dma_ctx *ctx, u64 size);

@@ -24,7 +24,8 @@
  * vIOMMU reports the IOVA) and, with a back end that completes faulted chains, the descriptor
  * completes and iovmm.after more frames go out normally. iovmm.expect_stall=1 (DPDK: a refused miss
  * leaves its pending entry forever, so the queue stops) accepts a stale descriptor that never
- * completes within iovmm.stale_wait_ms (2000) and then sends nothing more.
+ * completes within iovmm.stale_wait_ms (2000) and then sends nothing more. iovmm.unmap_to_end=1
+ * (virtio-iommu) unmaps frame 0 with one UNMAP [its IOVA, u64 max] instead of its exact range.
  */
 #include "net.h"
 #include "env.h"
@@ -39,7 +40,7 @@
 #define SUM_OFF 12
 
 struct rx_params {
-    u64 frames, size, queue, timeout_ms, reset, loopback, after, stale_wait_ms, expect_stall;
+    u64 frames, size, queue, timeout_ms, reset, loopback, after, stale_wait_ms, expect_stall, unmap_to_end;
     enum iommu_mode iommu;
     enum dma_dir rx_dir;
 };
@@ -63,7 +64,8 @@ static const char *read_rx_params(struct rx_params *p)
         cmdline_u64("iovmm.queue", 256, &p->queue) || cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) ||
         cmdline_u64("iovmm.reset", 1, &p->reset) || cmdline_u64("iovmm.loopback", 0, &p->loopback) ||
         cmdline_u64("iovmm.after", 4, &p->after) || cmdline_u64("iovmm.stale_wait_ms", 2000, &p->stale_wait_ms) ||
-        cmdline_u64("iovmm.expect_stall", 0, &p->expect_stall))
+        cmdline_u64("iovmm.expect_stall", 0, &p->expect_stall) ||
+        cmdline_u64("iovmm.unmap_to_end", 0, &p->unmap_to_end))
         return "a numeric iovmm.* parameter is malformed";
     if (p->size < 60 || p->size > 9000)
         return "iovmm.size must be 60..9000 bytes";
@@ -401,7 +403,10 @@ static const char *post_stale(struct rx_dev *n, const struct rx_params *p, u64 *
         cpu_relax();
     }
     n->completed++;
-    dma_unmap(&n->dma, addr, NET_HDR_LEN + p->size, DMA_TO_DEVICE); /* strict: invalidation done */
+    if (p->unmap_to_end)
+        dma_unmap_to_end(&n->dma, addr, NET_HDR_LEN + p->size);
+    else
+        dma_unmap(&n->dma, addr, NET_HDR_LEN + p->size, DMA_TO_DEVICE); /* strict: invalidation done */
     if (n->dma.error)
         return n->dma.error;
     fill_marker(buf, n->mac, p->size);
@@ -440,6 +445,7 @@ static void stale_report(struct rx_dev *n, const struct rx_params *p, const char
     result_str(&r, "iommu", iommu_mode_name(p->iommu));
     result_hex(&r, "stale_iova", stale);
     result_u64(&r, "stale_completed", done);
+    result_u64(&r, "unmap_to_end", p->unmap_to_end);
     result_u64(&r, "sent", n->sent);
     result_u64(&r, "completed", n->completed);
     result_u64(&r, "size", p->size);
