@@ -49,7 +49,7 @@ pub fn boot_times(runs: usize) -> Vec<Duration> {
         .collect()
 }
 
-/// A sibling binary of the running one (target/<profile>/NAME).
+/// A sibling binary of the running one (`target/<profile>/NAME`).
 pub fn sibling_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;

@@ -35,9 +35,13 @@ pub struct Cli {
     #[arg(long, value_name = "MODE")]
     pub serial: Option<SerialMode>,
     /// vIOMMU: virtio or vtd[,caching_mode=on][,device_iotlb=on][,intremap=on][,aw=39|48][,iotlb=miss|prefetch].
+    // The brackets are clap's `--help` text for optional parts, not intra-doc links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long, value_name = "KIND[,OPTS]")]
     pub iommu: Option<IommuConfig>,
     /// vhost-user device: net|blk,socket=PATH[,iommu=on][,ats=on][,reconnect=SECS]; repeat for more devices.
+    // The brackets are clap's `--help` text for optional parts, not intra-doc links.
+    #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long = "vhost-user", value_name = "KIND,socket=PATH[,OPTS]")]
     pub vhost_user: Vec<VhostUserConfig>,
     /// JSON configuration file with the same fields; command-line options override it.

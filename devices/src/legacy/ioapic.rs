@@ -95,7 +95,7 @@ pub type RouteListener = Box<dyn FnMut(usize, Option<MsiMessage>) + Send>;
 /// this is the usual `destination << 12` (plus KVM's extended destination
 /// ID, entry bits 55:49, in address bits 11:5). For a remappable-format
 /// entry (bit 48 set, VT-d interrupt remapping) it is the remappable MSI
-/// address: handle[14:0] in bits 19:5, format in bit 4, handle[15] in bit 2.
+/// address: `handle[14:0]` in bits 19:5, format in bit 4, `handle[15]` in bit 2.
 pub fn redirection_to_msi(entry: u64) -> MsiMessage {
     let dest_field = (entry >> DEST_FIELD_SHIFT) & DEST_FIELD_MASK;
     let mut address = MSI_ADDRESS_BASE | (dest_field << MSI_DEST_FIELD_SHIFT);

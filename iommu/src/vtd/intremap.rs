@@ -7,7 +7,7 @@
 //! * the address must be `0xFEEx_xxxx` with a zero high dword, else fault 0x20;
 //! * compatibility format (address bit 4 = 0) passes only if CFIS is set, else fault 0x25;
 //! * remappable format: handle = address bits 19:5 | bit 2 << 15; with SHV (bit 3) the index is
-//!   handle + data[15:0] and data[31:16] must be 0 (else 0x20); without SHV the data is ignored
+//!   handle + `data[15:0]` and `data[31:16]` must be 0 (else 0x20); without SHV the data is ignored
 //!   (an IOAPIC puts the pin there);
 //! * index ≥ table size → 0x21; unreadable entry → 0x23; P = 0 → 0x22; reserved bits, posted
 //!   mode (no CAP.PI), reserved delivery modes, SVT = 11 or, in xAPIC mode (EIME = 0),
@@ -56,7 +56,7 @@ pub enum InterruptFormat {
     Compatibility,
     /// Remappable format: an IRTE handle, plus the data's subhandle if `shv`.
     Remappable {
-        /// handle[15:0].
+        /// `handle[15:0]`.
         handle: u16,
         /// Subhandle valid: the index is `handle + data[15:0]`.
         shv: bool,
@@ -104,9 +104,9 @@ pub enum SourceValidation {
     },
     /// SVT = 10: the requester's bus lies in `first..=last`.
     BusRange {
-        /// SID[15:8].
+        /// `SID[15:8]`.
         first: u8,
-        /// SID[7:0].
+        /// `SID[7:0]`.
         last: u8,
     },
 }
