@@ -9,6 +9,7 @@
 //! | [`ThreadKind::VirtioIommu`] | `iovmm_viommu` | first thing on the thread (device thread hook) |
 //! | [`ThreadKind::VhostUserReq`] | `vhost-user-req` | first thing, before reading the back-end channel |
 //! | [`ThreadKind::VhostUserCall`] | `vhost-user-call` | first thing on the thread |
+//! | [`ThreadKind::VhostUserReconnect`] | `vhost-user-reconnect` | once the VMM set its thread hook, before it handles any disconnect |
 //! | [`ThreadKind::Api`] | the CLI's main thread | by the CLI after [`crate::Vmm::start`] |
 //!
 //! A library caller's own thread is never filtered: [`crate::Vmm::start`] builds the VM there

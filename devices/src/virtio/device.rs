@@ -77,8 +77,11 @@ pub struct ActivateContext {
     /// are IOVAs and the device must translate them).
     pub mem: GuestMemoryMmap,
     /// The queues the driver enabled, as `(queue index, queue, kick eventfd)`.
-    /// Every queue is valid for `mem` (`Queue::is_valid`), already sized, and
-    /// has event-idx set as negotiated. The kick eventfd is written (by KVM
+    /// Every queue is already sized, has aligned ring addresses and event-idx
+    /// set as negotiated. Without `VIRTIO_F_ACCESS_PLATFORM` it is also valid
+    /// for `mem` (`Queue::is_valid`); with it the ring addresses are IOVAs,
+    /// which the transport cannot check, and the device must translate (and
+    /// so check) them itself. The kick eventfd is written (by KVM
     /// ioeventfd or by the transport) each time the driver notifies the queue.
     pub queues: Vec<(usize, Queue, EventFd)>,
     /// Interrupt delivery for this device.
