@@ -1,5 +1,6 @@
 //! Measurements behind `iovmm-bench`: guest boot time, VMM RSS, per-cell DMA
-//! throughput and IOTLB traffic, and the QEMU 7.2 reference runs.
+//! throughput and IOTLB traffic (TX here, RX and loop-back in [`rx`]), and the
+//! QEMU 7.2 reference runs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +10,12 @@ use vmm::{SerialMode, VmConfig, VmExit, Vmm};
 
 use crate::backend::latency::LatencyStats;
 use crate::guest::{test_guest_path, IommuMode, Scenario};
-use crate::matrix::{run_dpdk, run_own_backend, Cell, Outcome, Viommu};
+use crate::matrix::{
+    run_dpdk, run_dpdk_loopback, run_own_backend, run_own_backend_rx, Cell, Outcome, Traffic,
+    Viommu,
+};
+
+pub mod rx;
 
 /// The host TSC rate in kHz (the guest's RDTSC runs at the same rate).
 pub fn host_tsc_khz() -> u64 {
@@ -133,9 +139,14 @@ pub fn run_cell(cell: Cell, backend: BenchBackend) -> Result<CellResult, String>
 /// Like [`run_cell`], with the whole failure message (the guest's serial
 /// output included), which tells a stall from other failures.
 pub fn run_cell_full(cell: Cell, backend: BenchBackend) -> Result<CellResult, String> {
-    let run = std::panic::AssertUnwindSafe(|| match backend {
-        BenchBackend::Own => run_own_backend(&cell),
-        BenchBackend::Dpdk => run_dpdk(&cell),
+    if (backend, cell.traffic) == (BenchBackend::Dpdk, Traffic::Rx) {
+        return Err("no testpmd RX-only cell: testpmd loops back (Traffic::Loopback)".into());
+    }
+    let run = std::panic::AssertUnwindSafe(|| match (backend, cell.traffic) {
+        (BenchBackend::Own, Traffic::Tx) => run_own_backend(&cell),
+        (BenchBackend::Own, Traffic::Rx | Traffic::Loopback) => run_own_backend_rx(&cell),
+        (BenchBackend::Dpdk, Traffic::Tx) => run_dpdk(&cell),
+        (BenchBackend::Dpdk, Traffic::Rx | Traffic::Loopback) => run_dpdk_loopback(&cell),
     });
     match std::panic::catch_unwind(run) {
         Ok(outcome) => Ok(CellResult {
@@ -148,6 +159,16 @@ pub fn run_cell_full(cell: Cell, backend: BenchBackend) -> Result<CellResult, St
             .cloned()
             .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "cell failed".into())),
+    }
+}
+
+/// The name of a vIOMMU in the tables (what `--only` matches).
+pub fn viommu_name(v: Viommu) -> &'static str {
+    match v {
+        Viommu::None => "none",
+        Viommu::Virtio => "virtio-iommu",
+        Viommu::Vtd { dt: true, .. } => "vt-d+dt/ats",
+        Viommu::Vtd { dt: false, .. } => "vt-d",
     }
 }
 

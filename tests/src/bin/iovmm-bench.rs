@@ -1,7 +1,7 @@
 //! `iovmm-bench`: prints the project's performance table.
 //!
 //! ```text
-//! cargo run --release -p integration-tests --bin iovmm-bench [-- --frames N --no-qemu --no-dpdk]
+//! cargo run --release -p integration-tests --bin iovmm-bench [-- --frames N --no-qemu --no-dpdk --no-rx --no-blk]
 //! cargo run --release -p integration-tests --bin iovmm-bench -- --no-qemu --soak 20 --frames 20000 --load
 //! ```
 //!
@@ -15,13 +15,16 @@
 //! rate, IOTLB messages per frame and miss service latency (as the backend
 //! sees it: MISS sent → UPDATE received). Then the same protocol-level
 //! metrics for QEMU 7.2 (TCG, Linux guest, same own backend) and the ratios.
+//! The RX and loop-back rows (`--no-rx` skips them) and the virtio-blk rows
+//! (`--no-blk`) follow the TX cells; `--only` filters every table.
 
 use std::time::Duration;
 
 use clap::Parser;
 use integration_tests::bench::{
     bench_cells, boot_times, cli_rss, fmt_latency, host_tsc_khz, percentiles, run_cell,
-    sibling_binary, soak, soak_cells, us, BenchBackend, CellResult, CpuLoad, SoakCell, SoakRun,
+    sibling_binary, soak, soak_cells, us, viommu_name, BenchBackend, CellResult, CpuLoad, SoakCell,
+    SoakRun,
 };
 use integration_tests::guest::IommuMode;
 use integration_tests::matrix::{Cell, Viommu};
@@ -48,6 +51,10 @@ struct Args {
     /// Skip the virtio-blk rows (own backend, qemu-storage-daemon).
     #[arg(long)]
     no_blk: bool,
+    /// Skip the RX and loop-back rows (own backend's generator and loop-back,
+    /// testpmd macswap loop-back unless --no-dpdk).
+    #[arg(long)]
+    no_rx: bool,
     /// Only cells whose vIOMMU name contains this (none, virtio-iommu, vt-d).
     #[arg(long)]
     only: Option<String>,
@@ -74,15 +81,6 @@ const SOAK_FRAMES: u64 = 20_000;
 
 /// Upper bound of the soak's competing load, whatever happens to the bench.
 const LOAD_LIMIT: Duration = Duration::from_secs(6 * 3600);
-
-fn viommu_name(v: Viommu) -> &'static str {
-    match v {
-        Viommu::None => "none",
-        Viommu::Virtio => "virtio-iommu",
-        Viommu::Vtd { dt: true, .. } => "vt-d+dt/ats",
-        Viommu::Vtd { dt: false, .. } => "vt-d",
-    }
-}
 
 fn mode_name(c: &integration_tests::matrix::Cell) -> String {
     format!(
@@ -416,6 +414,15 @@ fn main() {
         }
     }
     print_cells(&results, tsc_khz);
+    if !args.no_rx {
+        failures.extend(integration_tests::bench::rx::rx_bench(
+            args.frames.unwrap_or(FRAMES),
+            args.size,
+            tsc_khz,
+            !args.no_dpdk,
+            args.only.as_deref(),
+        ));
+    }
     if !args.no_blk {
         failures.extend(integration_tests::blk::bench::blk_bench(
             tsc_khz,
