@@ -141,7 +141,7 @@ pub fn iotlb_perm_of(perm: Permissions) -> IotlbPerm {
 /// removes nothing. A range reaching `u64::MAX` is sent as
 /// `(start, u64::MAX - start)`: that still removes every entry ending after
 /// `start`, because UPDATEs never include the last byte of the space (see
-/// [`update_for`]). For the full space that is `(0, u64::MAX)`.
+/// `update_for`). For the full space that is `(0, u64::MAX)`.
 pub fn invalidate_args(range: IovaRange) -> Option<(u64, u64)> {
     let (start, end) = (range.start(), range.end());
     if end < u64::MAX {
