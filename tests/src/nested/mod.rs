@@ -261,6 +261,13 @@ impl SuiteResult {
                 ""
             }
         ));
+        s.push_str("\nLinux driver lines seen:\n");
+        for r in self.reports.iter().filter(|r| !r.driver_lines.is_empty()) {
+            s.push_str(&format!("  {}:\n", r.name));
+            for l in &r.driver_lines {
+                s.push_str(&format!("    {l}\n"));
+            }
+        }
         if self.transcript.find(L1_READY).is_none() {
             s.push_str(&format!(
                 "L1 never became ready; its console:\n{}",

@@ -559,6 +559,7 @@ mod tests {
                 "NESTED-BEGIN rx-vtd-strict-own",
                 "NESTED-VM-START rx-vtd-strict-own",
                 "iovmm-init: dmesg: DMAR: IOMMU enabled",
+                "iovmm-init: dmesg: DMAR: dmar0: Using Queued invalidation",
                 "iovmm-init: dmesg: pci 0000:00:01.0: Adding to iommu group 1",
                 bench,
                 "IOVMM-GUEST-READY",

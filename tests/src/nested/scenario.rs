@@ -176,9 +176,14 @@ const VIRTIO_IOMMU_LINES: &[&str] = &[
     "virtio_iommu virtio0: input address",
     "Adding to iommu group",
 ];
-const VTD_LINES: &[&str] = &["DMAR: IOMMU enabled", "Adding to iommu group"];
+const VTD_LINES: &[&str] = &[
+    "DMAR: IOMMU enabled",
+    "Using Queued invalidation",
+    "Adding to iommu group",
+];
 const VTD_QI_IR_LINES: &[&str] = &[
     "DMAR: IOMMU enabled",
+    "Using Queued invalidation",
     "DMAR-IR: Enabled IRQ remapping",
     "Adding to iommu group",
 ];
