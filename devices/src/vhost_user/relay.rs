@@ -108,35 +108,39 @@ fn relay_loop(calls: &[(u16, EventFd)], interrupt: &dyn VirtioInterrupt, stop: &
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
+    use std::sync::mpsc;
+    use std::time::Duration;
 
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<VirtioInterruptType>>);
+    /// Sends every interrupt it is asked for to the test.
+    struct Recorder(mpsc::Sender<VirtioInterruptType>);
 
     impl VirtioInterrupt for Recorder {
         fn trigger(&self, t: VirtioInterruptType) -> std::io::Result<()> {
-            self.0.lock().unwrap().push(t);
+            self.0.send(t).unwrap();
             Ok(())
         }
     }
 
     #[test]
     fn call_signals_become_queue_interrupts_until_stopped() {
-        let rec = Arc::new(Recorder::default());
+        let (tx, rx) = mpsc::channel();
+        let rec = Arc::new(Recorder(tx));
         let a = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let b = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
         let relay = CallRelay::spawn(vec![(0, a), (1, b)], rec.clone(), "relay-test").unwrap();
+        let next = || rx.recv_timeout(Duration::from_secs(10)).unwrap();
         b2.write(1).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while rec.0.lock().unwrap().is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        assert_eq!(*rec.0.lock().unwrap(), vec![VirtioInterruptType::Queue(1)]);
-        relay.stop();
+        assert_eq!(next(), VirtioInterruptType::Queue(1));
         a2.write(1).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(rec.0.lock().unwrap().len(), 1);
+        assert_eq!(next(), VirtioInterruptType::Queue(0));
+        relay.stop();
+        // `stop` joined the thread: it let go of the interrupt, so a signal
+        // now stays unread and nothing can raise an interrupt any more.
+        assert_eq!(Arc::strong_count(&rec), 1, "the relay thread is gone");
+        a2.write(1).unwrap();
+        assert_eq!(a2.read().unwrap(), 1, "nobody read the signal");
+        drop(rec);
+        assert_eq!(rx.recv(), Err(mpsc::RecvError), "no other interrupt");
     }
 }
