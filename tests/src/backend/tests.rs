@@ -142,6 +142,19 @@ impl Rig {
     }
 }
 
+/// Whether `fd` becomes readable within `timeout`.
+fn readable_within(fd: &EventFd, timeout: Duration) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: polls one valid pollfd for at most `ms` milliseconds.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
 fn kick_and_call() -> (EventFd, EventFd) {
     (
         EventFd::new(0).unwrap(),
@@ -410,6 +423,9 @@ fn tx_frame_is_moved_through_the_iotlb() {
     r.start_queue(1, IOVA_OFF, &kick, &call);
     kick.write(1).unwrap();
     assert!(r.be.wait_for(Duration::from_secs(5), |c| c.tx_frames == 1));
+    // The frame is counted when consumed, then its chain goes to the used
+    // ring and only then is the call fd signalled: wait for the signal.
+    assert!(readable_within(&call, Duration::from_secs(5)), "no call");
     assert_eq!(r.be.counters().tx_bytes, 17);
     assert_eq!(
         r.be.counters().tx_checksum,
