@@ -117,16 +117,8 @@ static const char *alloc_slots(struct blk *b, const struct blk_params *p)
 
 static const char *blk_setup(struct blk *b, const struct pci_dev *pci, const struct blk_params *p)
 {
-    const char *err = dma_init(&b->dma, pci, p->iommu);
-    if (!err)
-        err = virtio_pci_init(&b->vd, pci, &b->dma);
-    if (!err)
-        err = virtio_negotiate(&b->vd, VIRTIO_F_ACCESS_PLATFORM | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE,
-                               VIRTIO_F_VERSION_1);
-    if (!err && p->iommu != IOMMU_OFF && !(b->vd.features & VIRTIO_F_ACCESS_PLATFORM)) {
-        b->dma.unsupported = true;
-        err = "the virtio-blk device does not offer VIRTIO_F_ACCESS_PLATFORM, so the vIOMMU does not apply to it";
-    }
+    const char *err = virtio_dma_open(&b->vd, &b->dma, pci, p->iommu, VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_BLK_SIZE,
+                                      "virtio-blk");
     if (!err && !b->vd.device_cfg)
         err = "the virtio-blk device has no device configuration window";
     if (!err)

@@ -64,16 +64,7 @@ static const char *read_params(struct net_params *p)
 
 static const char *net_setup(struct net_tx *n, const struct pci_dev *pci, const struct net_params *p)
 {
-    const char *err = dma_init(&n->dma, pci, p->iommu);
-    if (!err)
-        err = virtio_pci_init(&n->vd, pci, &n->dma);
-    if (!err)
-        err = virtio_negotiate(&n->vd, VIRTIO_F_ACCESS_PLATFORM | VIRTIO_NET_F_MAC, VIRTIO_F_VERSION_1);
-    if (!err && p->iommu != IOMMU_OFF && !(n->vd.features & VIRTIO_F_ACCESS_PLATFORM)) {
-        /* Linux would bypass the DMA API for it; a test that asked for a vIOMMU mode wants to know. */
-        n->dma.unsupported = true;
-        err = "the virtio-net device does not offer VIRTIO_F_ACCESS_PLATFORM, so the vIOMMU does not apply to it";
-    }
+    const char *err = virtio_dma_open(&n->vd, &n->dma, pci, p->iommu, VIRTIO_NET_F_MAC, "virtio-net");
     /* Both queues of the pair are set up (vhost-user backends start only then); rx stays empty. */
     if (!err)
         err = virtio_setup_queue(&n->vd, &n->rxq, RX_QUEUE, 64);

@@ -98,15 +98,7 @@ static const char *alloc_bufs(struct rx_dev *n, const struct rx_params *p)
 
 static const char *rx_setup(struct rx_dev *n, const struct pci_dev *pci, const struct rx_params *p)
 {
-    const char *err = dma_init(&n->dma, pci, p->iommu);
-    if (!err)
-        err = virtio_pci_init(&n->vd, pci, &n->dma);
-    if (!err)
-        err = virtio_negotiate(&n->vd, VIRTIO_F_ACCESS_PLATFORM | VIRTIO_NET_F_MAC, VIRTIO_F_VERSION_1);
-    if (!err && p->iommu != IOMMU_OFF && !(n->vd.features & VIRTIO_F_ACCESS_PLATFORM)) {
-        n->dma.unsupported = true;
-        err = "the virtio-net device does not offer VIRTIO_F_ACCESS_PLATFORM, so the vIOMMU does not apply to it";
-    }
+    const char *err = virtio_dma_open(&n->vd, &n->dma, pci, p->iommu, VIRTIO_NET_F_MAC, "virtio-net");
     if (!err)
         err = virtio_setup_queue(&n->vd, &n->rxq, RX_QUEUE, (u16)p->queue);
     if (!err)

@@ -237,3 +237,21 @@ bool virtq_get_used(struct virtq *vq, u32 *id, u32 *len)
     *len = e.len;
     return true;
 }
+
+const char *virtio_dma_open(struct virtio_dev *vd, struct dma_ctx *dma, const struct pci_dev *pci,
+                            enum iommu_mode iommu, u64 wanted, const char *what)
+{
+    static char msg[160];
+    const char *err = dma_init(dma, pci, iommu);
+    if (!err)
+        err = virtio_pci_init(vd, pci, dma);
+    if (!err)
+        err = virtio_negotiate(vd, VIRTIO_F_ACCESS_PLATFORM | wanted, VIRTIO_F_VERSION_1);
+    if (!err && iommu != IOMMU_OFF && !(vd->features & VIRTIO_F_ACCESS_PLATFORM)) {
+        dma->unsupported = true;
+        snprintf(msg, sizeof(msg),
+                 "the %s device does not offer VIRTIO_F_ACCESS_PLATFORM, so the vIOMMU does not apply to it", what);
+        err = msg;
+    }
+    return err;
+}

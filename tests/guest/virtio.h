@@ -82,6 +82,12 @@ struct vq_buf {
 const char *virtio_pci_init(struct virtio_dev *vd, const struct pci_dev *pci, struct dma_ctx *dma);
 /* Reset, ACKNOWLEDGE, DRIVER, features (offered & wanted, must include `required`), FEATURES_OK. */
 const char *virtio_negotiate(struct virtio_dev *vd, u64 wanted, u64 required);
+/* DMA for `iommu`, the virtio-pci transport and the features (`wanted` plus ACCESS_PLATFORM,
+ * VERSION_1 required). A vIOMMU mode on a device without ACCESS_PLATFORM fails as unsupported:
+ * Linux would bypass the DMA API for it, and a test that asked for a vIOMMU mode wants to know.
+ * `what` names the device in that message ("virtio-net"). */
+const char *virtio_dma_open(struct virtio_dev *vd, struct dma_ctx *dma, const struct pci_dev *pci,
+                            enum iommu_mode iommu, u64 wanted, const char *what);
 /* Sets up and enables queue `index` with at most `max_size` entries (rings DMA-mapped once). */
 const char *virtio_setup_queue(struct virtio_dev *vd, struct virtq *vq, u16 index, u16 max_size);
 void virtio_driver_ok(struct virtio_dev *vd);
