@@ -254,11 +254,19 @@ impl ScenarioReport {
         }
     }
 
+    /// Field `key` of the guest's `IOVMM-BENCH` record.
+    fn bench_field(&self, key: &str) -> Option<&serde_json::Value> {
+        self.bench.as_ref()?.get(key)
+    }
+
+    fn bench_u64(&self, key: &str) -> Option<u64> {
+        self.bench_field(key)?.as_u64()
+    }
+
     /// Every generated frame reached the guest's socket intact.
     fn check_received(&mut self, sc: &Scenario) {
         let want = u64::from(sc.frames);
-        let field = |k: &str| self.bench.as_ref().and_then(|b| b.get(k)?.as_u64());
-        let (got, bad) = (field("received"), field("bad"));
+        let (got, bad) = (self.bench_u64("received"), self.bench_u64("bad"));
         if got != Some(want) || bad != Some(0) {
             self.failures.push(format!(
                 "guest received {got:?} good and {bad:?} bad of {want} frames"
@@ -274,7 +282,9 @@ impl ScenarioReport {
 
     /// The guest read back what it wrote, and the backend served both.
     fn check_blk(&mut self) {
-        let matched = self.bench.as_ref().and_then(|b| b.get("match")?.as_bool());
+        let matched = self
+            .bench_field("match")
+            .and_then(serde_json::Value::as_bool);
         if matched != Some(true) {
             self.failures.push(format!(
                 "the guest read back other data than it wrote: {matched:?}"
@@ -329,10 +339,7 @@ impl ScenarioReport {
             return self.check_received(sc);
         }
         let want = u64::from(sc.frames);
-        let guest = self
-            .bench
-            .as_ref()
-            .and_then(|b| b.get("tx_packets")?.as_u64());
+        let guest = self.bench_u64("tx_packets");
         if sc.qdisc == "fq_codel" {
             self.check_aqm_accounting(want, guest);
         } else if guest != Some(want) {
@@ -356,11 +363,10 @@ impl ScenarioReport {
     /// Every frame the socket accepted was either completed by the device or
     /// dropped by the guest's qdisc.
     fn check_aqm_accounting(&mut self, want: u64, guest: Option<u64>) {
-        let b = &self.bench;
-        let (kind, drops) = (
-            b.as_ref().and_then(|b| b.get("qdisc")?.as_str()),
-            b.as_ref().and_then(|b| b.get("qdisc_drops")?.as_u64()),
-        );
+        let kind = self
+            .bench_field("qdisc")
+            .and_then(serde_json::Value::as_str);
+        let drops = self.bench_u64("qdisc_drops");
         let accounted = guest.zip(drops).map(|(g, d)| g + d);
         if kind != Some("fq_codel") || accounted != Some(want) {
             self.failures.push(format!(
@@ -397,23 +403,18 @@ pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (sc, r) in scs.iter().zip(reports) {
         let frames = if sc.blk {
-            let b = |k: &str| r.bench.as_ref().and_then(|b| b.get(k).cloned());
-            let mib = b("bytes").and_then(|v| v.as_u64()).map_or(0, |v| v >> 20);
-            match b("match").and_then(|v| v.as_bool()) {
+            let mib = r.bench_u64("bytes").map_or(0, |v| v >> 20);
+            match r.bench_field("match").and_then(serde_json::Value::as_bool) {
                 Some(true) => format!("blk {mib} MiB read back"),
                 other => format!("blk {mib} MiB match {other:?}"),
             }
         } else if sc.frames > 0 {
             // TX: completed by the guest's device / received by the backend;
             // RX: delivered by the backend / received intact by the guest.
-            let (key, backend) = match (sc.rx, sc.backend) {
-                (false, _) => ("tx_packets", r.backend_frames),
-                (true, Backend::Testpmd) => ("", r.testpmd_tx),
-                (true, _) => ("received", r.backend_rx_frames),
-            };
-            let g = match key {
-                "" => r.guest_netdev_rx,
-                k => r.bench.as_ref().and_then(|b| b.get(k)?.as_u64()),
+            let (g, backend) = match (sc.rx, sc.backend) {
+                (false, _) => (r.bench_u64("tx_packets"), r.backend_frames),
+                (true, Backend::Testpmd) => (r.guest_netdev_rx, r.testpmd_tx),
+                (true, _) => (r.bench_u64("received"), r.backend_rx_frames),
             };
             let show = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
             match sc.rx {
