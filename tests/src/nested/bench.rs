@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::scenario::{acceptance, Scenario};
+use super::scenario::Scenario;
 use super::{run_suite, NestedError, NestedImage, RunOptions};
 
 /// Boot times of the runs that passed, and how many failed.
@@ -19,15 +19,8 @@ pub struct BootFigure {
 }
 
 fn boots(n: usize) -> Vec<Scenario> {
-    let base = acceptance()
-        .into_iter()
-        .find(|s| s.name == "boot-1cpu")
-        .unwrap_or_else(|| unreachable!("the acceptance list has boot-1cpu"));
     (0..n)
-        .map(|i| Scenario {
-            name: format!("bench-boot-{i}"),
-            ..base.clone()
-        })
+        .map(|i| Scenario::boot(&format!("bench-boot-{i}")))
         .collect()
 }
 

@@ -93,7 +93,7 @@ pub const FRAME_SIZE: u32 = 256;
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 rdinit=/init quiet";
 
 impl Scenario {
-    fn base(name: &'static str) -> Self {
+    fn base(name: &str) -> Self {
         Scenario {
             name: name.to_string(),
             cpus: 1,
@@ -111,6 +111,14 @@ impl Scenario {
             expect_misses: false,
             expect_devtlb: false,
             expect_rw_refusal: false,
+        }
+    }
+
+    /// A plain 1-vCPU boot to init and power-off, no devices.
+    pub fn boot(name: &str) -> Self {
+        Scenario {
+            expect_lines: &["cpus online: 0 "],
+            ..Self::base(name)
         }
     }
 
@@ -199,10 +207,7 @@ fn with_lines(mut s: Scenario, lines: &'static [&'static str]) -> Scenario {
 
 fn boots() -> Vec<Scenario> {
     vec![
-        Scenario {
-            expect_lines: &["cpus online: 0 "],
-            ..Scenario::base("boot-1cpu")
-        },
+        Scenario::boot("boot-1cpu"),
         Scenario {
             cpus: 2,
             expect_lines: &["cpus online: 0-1 processors: 2"],
