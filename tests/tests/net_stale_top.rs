@@ -10,11 +10,12 @@
 //! end does not wrap: our back end records its exact `(iova, size)`, and live
 //! testpmd must never receive the marker (its refused miss is a fault).
 
-use devices::vhost_user::wire::{IotlbMsg, IotlbType, VHOST_USER_IOTLB_MSG};
-use integration_tests::backend::{BackendConfig, BackendHandle, TestBackend};
+use devices::vhost_user::wire::{IotlbMsg, IotlbType};
+use integration_tests::backend::{BackendConfig, TestBackend};
 use integration_tests::dpdk::Testpmd;
 use integration_tests::guest::{GuestResult, IommuMode, Scenario, EXIT_OK};
 use integration_tests::matrix::{run_scenario, socket, Cell, Viommu, ONE_CELL};
+use integration_tests::rig::iotlb_msgs;
 use vmm::{VhostUserStats, VmExit};
 
 const SIZE: u64 = 200;
@@ -37,17 +38,6 @@ fn assert_unmap_to_end_and_fault(r: &GuestResult, stats: &VhostUserStats) -> u64
     let stale = r.u64("stale_iova").expect("stale_iova");
     assert_eq!(r.u64("fault_addr"), Some(stale), "{r:?}");
     stale
-}
-
-/// The IOTLB messages our back end received, in order.
-fn iotlb_msgs(backend: &BackendHandle) -> Vec<IotlbMsg> {
-    backend
-        .records()
-        .iter()
-        .filter(|m| m.request == VHOST_USER_IOTLB_MSG)
-        .map(|m| IotlbMsg::decode(m.request, &m.payload))
-        .collect::<Result<_, _>>()
-        .expect("well-formed IOTLB messages from iovmm")
 }
 
 fn is(m: &IotlbMsg, t: IotlbType) -> bool {
@@ -82,7 +72,7 @@ fn own_backend_records_a_non_wrapping_invalidate_of_the_stale_iova() {
     );
     let _ = std::fs::remove_file(&sink);
 
-    let msgs = iotlb_msgs(&backend);
+    let msgs: Vec<IotlbMsg> = iotlb_msgs(&backend).into_iter().map(|(_, m)| m).collect();
     for m in msgs.iter().filter(|m| is(m, IotlbType::Invalidate)) {
         assert!(
             m.size > 0 && m.iova.checked_add(m.size).is_some(),
