@@ -275,7 +275,10 @@ impl SuiteResult {
             ));
         }
         for r in self.reports.iter().filter(|r| !r.retries.is_empty()) {
-            s.push_str(&format!("\n--- {} crashed and ran again:\n", r.name));
+            s.push_str(&format!(
+                "\n--- {} crashed or hung and ran again:\n",
+                r.name
+            ));
             for crash in &r.retries {
                 s.push_str(&format!("{crash}\n"));
             }

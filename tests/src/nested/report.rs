@@ -143,13 +143,16 @@ impl ScenarioReport {
                 in_log = true;
             } else if marker_rest(line, "NESTED-LOG-END", &sc.name).is_some() {
                 in_log = false;
-            } else if marker_rest(line, "NESTED-RETRY", &sc.name).is_some() {
-                // Keep the crash for the report; judge the second attempt.
-                let crash: Vec<_> = r
-                    .vm_log
-                    .iter()
-                    .filter(|l| l.starts_with("iovmm:") || l.starts_with("  "))
-                    .cloned()
+            } else if let Some(rest) = marker_rest(line, "NESTED-RETRY", &sc.name) {
+                // Keep the crash (or hang: killed by timeout) for the report;
+                // judge the second attempt.
+                let crash: Vec<_> = std::iter::once(format!("iovmm exit {rest}"))
+                    .chain(
+                        r.vm_log
+                            .iter()
+                            .filter(|l| l.starts_with("iovmm:") || l.starts_with("  "))
+                            .cloned(),
+                    )
                     .collect();
                 r.retries.push(crash.join("\n"));
                 r.vm_log.clear();
@@ -432,7 +435,7 @@ pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
             sc.backend.label(),
             match (r.passed(), r.retries.len()) {
                 (true, 0) => "PASS",
-                (true, _) => "PASS (retried after a guest crash)",
+                (true, _) => "PASS (retried after a guest crash or hang)",
                 (false, _) => "FAIL",
             },
             secs(r.wall),
@@ -615,7 +618,7 @@ mod tests {
             "iovmm: guest crashed (triple fault) on vCPU 0",
             "  exit history (oldest first, 16 exits):",
             "NESTED-VM-EXIT boot-1cpu rc=4",
-            "NESTED-RETRY boot-1cpu",
+            "NESTED-RETRY boot-1cpu rc=4",
             "NESTED-VM-START boot-1cpu",
             "iovmm-init: started at uptime 1.0 s",
             "iovmm-init: cpus online: 0 processors: 1",
@@ -631,7 +634,7 @@ mod tests {
         assert!(!r.vm_log.iter().any(|l| l.contains("triple")));
         let table = table(std::slice::from_ref(&sc), std::slice::from_ref(&r));
         assert!(
-            table.contains("PASS (retried after a guest crash)"),
+            table.contains("PASS (retried after a guest crash or hang)"),
             "{table}"
         );
     }
