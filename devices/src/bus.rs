@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
+use iommu::sync::{lock, read, write};
 use thiserror::Error;
 
 /// A device reachable through a [`Bus`].
@@ -64,7 +65,7 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = read(&self.ranges);
         f.debug_list()
             .entries(ranges.iter().map(|(b, e)| (*b, e.len)))
             .finish()
@@ -83,7 +84,7 @@ impl Bus {
             .checked_add(len)
             .filter(|_| len != 0)
             .ok_or(BusError::InvalidRange { base, len })?;
-        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = write(&self.ranges);
         let before = ranges.range(..end).next_back();
         if let Some((b, e)) = before {
             if b + e.len > base {
@@ -96,7 +97,7 @@ impl Bus {
 
     /// Removes the device registered at exactly `base`.
     pub fn remove(&self, base: u64) -> Result<SharedBusDevice, BusError> {
-        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let mut ranges = write(&self.ranges);
         ranges
             .remove(&base)
             .map(|e| e.device)
@@ -106,7 +107,7 @@ impl Bus {
     /// Moves the device registered at `old_base` to `new_base` (same length).
     pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
         let len = {
-            let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+            let ranges = read(&self.ranges);
             ranges
                 .get(&old_base)
                 .ok_or(BusError::NotFound(old_base))?
@@ -126,7 +127,7 @@ impl Bus {
     /// those reference cycles so devices, their threads and fds are dropped.
     pub fn clear(&self) {
         let drained: Vec<Entry> = {
-            let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+            let mut ranges = write(&self.ranges);
             std::mem::take(&mut *ranges).into_values().collect()
         };
         // Devices are dropped here, outside the range lock.
@@ -134,7 +135,7 @@ impl Bus {
     }
 
     fn resolve(&self, addr: u64) -> Option<(u64, SharedBusDevice)> {
-        let ranges = self.ranges.read().unwrap_or_else(|e| e.into_inner());
+        let ranges = read(&self.ranges);
         let (base, entry) = ranges.range(..=addr).next_back()?;
         (addr - base < entry.len).then(|| (*base, entry.device.clone()))
     }
@@ -144,9 +145,7 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr) {
             Some((base, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(base, addr - base, data);
+                lock(&dev).read(base, addr - base, data);
                 true
             }
             None => false,
@@ -157,9 +156,7 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr) {
             Some((base, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(base, addr - base, data);
+                lock(&dev).write(base, addr - base, data);
                 true
             }
             None => false,

@@ -185,7 +185,7 @@ impl<T: DmaTranslate> DmaTranslate for RwLock<T> {
     ) -> Result<Translation, TranslateError> {
         // A poisoned lock means a writer panicked; the model's maps are still consistent
         // (every mutation validates before it changes anything), so keep translating.
-        let guard = self.read().unwrap_or_else(|e| e.into_inner());
+        let guard = crate::sync::read(self);
         guard.translate(rid, iova, len, access)
     }
 }
@@ -198,7 +198,7 @@ impl<T: DmaTranslate> DmaTranslate for Mutex<T> {
         len: u64,
         access: Access,
     ) -> Result<Translation, TranslateError> {
-        let guard = self.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = crate::sync::lock(self);
         guard.translate(rid, iova, len, access)
     }
 }

@@ -24,6 +24,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use iommu::sync::lock;
 use thiserror::Error;
 
 use crate::bus::BusDevice;
@@ -340,7 +341,7 @@ impl IoapicPin {
 
 impl IrqLine for IoapicPin {
     fn set_level(&self, high: bool) {
-        let mut ioapic = self.ioapic.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ioapic = lock(&self.ioapic);
         if let Err(e) = ioapic.set_pin_level(self.pin, high) {
             log::warn!("ioapic: {e}");
         }

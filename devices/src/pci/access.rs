@@ -3,10 +3,11 @@
 
 use std::sync::{Arc, Mutex};
 
+use iommu::sync::lock;
 use log::debug;
 
 use super::configuration::{extract_partial, merge_partial};
-use super::root::{lock, PciRoot};
+use super::root::PciRoot;
 use crate::bus::BusDevice;
 
 /// First port of the configuration mechanism #1 (CONFIG_ADDRESS).

@@ -419,6 +419,7 @@ pub(crate) mod test_utils {
     use std::sync::Mutex;
 
     use super::*;
+    use iommu::sync::lock;
 
     /// An [`MsiSink`] that records every message.
     #[derive(Default)]
@@ -428,16 +429,13 @@ pub(crate) mod test_utils {
 
     impl RecordingSink {
         pub fn take(&self) -> Vec<MsiMessage> {
-            std::mem::take(&mut *self.messages.lock().unwrap_or_else(|e| e.into_inner()))
+            std::mem::take(&mut *lock(&self.messages))
         }
     }
 
     impl MsiSink for RecordingSink {
         fn signal_msi(&self, msg: MsiMessage) -> io::Result<()> {
-            self.messages
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(msg);
+            lock(&self.messages).push(msg);
             Ok(())
         }
     }
@@ -459,19 +457,16 @@ pub(crate) mod test_utils {
 
     impl RecordingRouter {
         pub fn take(&self) -> Vec<RouterCall> {
-            std::mem::take(&mut *self.calls.lock().unwrap_or_else(|e| e.into_inner()))
+            std::mem::take(&mut *lock(&self.calls))
         }
         fn record(&self, call: RouterCall) {
-            self.calls
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(call);
+            lock(&self.calls).push(call);
         }
     }
 
     impl IrqfdRouter for RecordingRouter {
         fn allocate_gsi(&self) -> io::Result<u32> {
-            let mut next = self.next_gsi.lock().unwrap_or_else(|e| e.into_inner());
+            let mut next = lock(&self.next_gsi);
             *next += 1;
             Ok(23 + *next)
         }

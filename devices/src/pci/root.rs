@@ -240,16 +240,23 @@ impl PciRoot {
     /// the addresses it reports now are taken as where the VMM maps it.
     /// BARs at address 0 are treated as unmapped and are never relocated.
     pub fn add_device(&mut self, device: SharedPciDevice) -> Result<PciBdf, PciRootError> {
-        let slot = (1..self.slots.len())
-            .find(|&i| self.slots[i].is_none())
-            .ok_or(PciRootError::NoFreeSlot)?;
+        let bdf = self.next_free_bdf().ok_or(PciRootError::NoFreeSlot)?;
+        let slot = usize::from(bdf.device());
         let mapped = lock(&device)
             .bars()
             .into_iter()
             .filter(|b| b.addr != 0)
             .collect();
         self.slots[slot] = Some(PciSlot { device, mapped });
-        Ok(PciBdf::new(0, 0, slot as u8, 0))
+        Ok(bdf)
+    }
+
+    /// Where [`PciRoot::add_device`] will plug the next device (its
+    /// requester id is needed before the device exists, e.g. for its ATS
+    /// listener); `None` when the bus is full.
+    pub fn next_free_bdf(&self) -> Option<PciBdf> {
+        let slot = (1..self.slots.len()).find(|&i| self.slots[i].is_none())?;
+        Some(PciBdf::new(0, 0, slot as u8, 0))
     }
 
     /// The device at `bdf`, if any.
@@ -357,12 +364,8 @@ fn usable_bar_range(bar: &PciBarInfo) -> bool {
     bar.addr != 0 && end <= limit && (bar.size >= 1 << 32 || end % (1 << 32) != 0)
 }
 
-/// Locks a mutex, recovering the data of a poisoned one: device state stays
-/// usable after a panicking thread, which is better than failing every
-/// later guest access.
-pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+// Still imported from here by `virtio/iommu/mod.rs`; everything else uses `iommu::sync`.
+pub(crate) use iommu::sync::lock;
 
 #[cfg(test)]
 pub(crate) mod test_utils {

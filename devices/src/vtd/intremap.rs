@@ -26,11 +26,12 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use iommu::sync::{lock, read, write};
 use iommu::vtd::intremap::IrFault;
 use iommu::RequesterId;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{lock, VtdUnit};
+use super::VtdUnit;
 use crate::interrupt::{IrqfdRouter, MsiMessage, MsiSink};
 
 /// Counters of the remapping layer.
@@ -87,9 +88,7 @@ fn from_model(m: iommu::vtd::MsiMessage) -> MsiMessage {
 impl VtdUnit {
     /// Remaps `msg` of requester `rid` without recording a fault (route set-up).
     pub fn remap_msi(&self, rid: RequesterId, msg: MsiMessage) -> Result<MsiMessage, IrFault> {
-        self.model
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        read(&self.model)
             .remap_msi(rid.bdf(), to_model(msg))
             .map(from_model)
     }
@@ -101,11 +100,7 @@ impl VtdUnit {
         rid: RequesterId,
         msg: MsiMessage,
     ) -> Result<MsiMessage, IrFault> {
-        let (result, actions) = self
-            .model
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remap_msi_and_record(rid.bdf(), to_model(msg));
+        let (result, actions) = write(&self.model).remap_msi_and_record(rid.bdf(), to_model(msg));
         self.run(actions);
         result.map(from_model)
     }

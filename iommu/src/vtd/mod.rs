@@ -286,7 +286,7 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
 
     fn caches(&self) -> MutexGuard<'_, Caches> {
         // The caches hold no invariants a panicking holder could break.
-        self.caches.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.caches)
     }
 
     fn flush_caches(&self) {

@@ -5,10 +5,10 @@ use std::io;
 use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use iommu::sync::lock;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::pci::msix::{MsixConfig, MsixIrqfds};
-use crate::pci::root::lock;
 use crate::virtio::device::{VirtioInterrupt, VirtioInterruptType};
 
 /// The "no vector assigned" value of the vector registers.

@@ -23,6 +23,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+use iommu::sync::lock;
 use log::{debug, warn};
 use thiserror::Error;
 use virtio_bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
@@ -42,7 +43,7 @@ use crate::pci::configuration::{
 use crate::pci::msix::{
     msix_cap_body, msix_cap_writable_mask, MsixConfig, MsixError, MsixIrqfds, MSIX_CAP_ID,
 };
-use crate::pci::root::{lock, PciDevice};
+use crate::pci::root::PciDevice;
 use crate::virtio::device::{
     ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterruptType,
 };

@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use iommu::sync::lock;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap as Mmap};
@@ -14,7 +15,7 @@ use crate::bus::BusDevice;
 use crate::interrupt::{IrqfdRouter, MsiMessage};
 use crate::pci::allocator::{allocate_bars, BarAllocator};
 use crate::pci::msix::test_utils::RecordingSink;
-use crate::pci::root::{lock, PciDevice};
+use crate::pci::root::PciDevice;
 use crate::virtio::device::{ActivateContext, VirtioDevice, VirtioDeviceError, VirtioInterrupt};
 
 pub(crate) const FEATURE_X: u64 = 1 << 3;
