@@ -10,6 +10,7 @@ pub mod bus;
 pub mod interrupt;
 pub mod legacy;
 pub mod pci;
+pub mod sys;
 pub mod thread;
 pub mod vhost_user;
 pub mod virtio;

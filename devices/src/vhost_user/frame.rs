@@ -3,12 +3,12 @@
 //! request channel server.
 
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use super::channel::ChannelError;
 use super::wire::{Header, HEADER_SIZE};
+use crate::sys::{poll_fds, PollFd};
 
 /// Wait until `stream` is readable or `deadline` passes (`None`: forever).
 ///
@@ -17,37 +17,19 @@ pub(crate) fn wait_readable(
     stream: &UnixStream,
     deadline: Option<Instant>,
 ) -> Result<bool, ChannelError> {
-    loop {
-        let timeout_ms: libc::c_int = match deadline {
-            None => -1,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Ok(false);
-                }
-                // Round up so a sub-millisecond remainder still waits.
-                let ms = left.as_millis().saturating_add(1);
-                libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
+    let timeout = match deadline {
+        None => None,
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
             }
-        };
-        let mut pfd = libc::pollfd {
-            fd: stream.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is a valid pollfd for the duration of the call and
-        // the count passed is 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(ChannelError::Io(err));
+            Some(left)
         }
-        // POLLHUP/POLLERR also mean "a read will not block".
-        return Ok(rc > 0);
-    }
+    };
+    // POLLHUP/POLLERR also mean "a read will not block".
+    let n = poll_fds(&mut [PollFd::readable(stream)], timeout).map_err(ChannelError::Io)?;
+    Ok(n > 0)
 }
 
 /// Fill `buf` completely, waiting at most until `deadline` (`None`: forever).

@@ -30,9 +30,6 @@
 //! on Unix sockets) as soon as one is set, and before it handles any
 //! disconnect: the first iteration after the hook appears installs it.
 
-use std::os::fd::AsRawFd;
-
-use crate::thread::{self, ThreadKind};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,10 +37,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use iommu::sync::lock;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::channel::IotlbChannel;
 use super::session::{negotiate, Link, Negotiated};
+use crate::sys::{poll_fds, PollFd};
+use crate::thread::{self, ThreadKind};
 
 /// Longest wait between two checks of a healthy connection.
 const TICK: Duration = Duration::from_secs(1);
@@ -196,20 +196,10 @@ struct State {
     log: LogLimiter,
 }
 
-fn pollfd(fd: i32, events: i16) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    }
-}
-
 /// Whether a watched socket hung up (without reading it).
 fn hung_up(s: &UnixStream) -> bool {
-    let mut p = [pollfd(s.as_raw_fd(), libc::POLLRDHUP)];
-    // SAFETY: `p` is a valid array of one pollfd for the duration of the call.
-    let n = unsafe { libc::poll(p.as_mut_ptr(), 1, 0) };
-    n > 0 && p[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    let mut p = [PollFd::new(s, libc::POLLRDHUP)];
+    poll_fds(&mut p, Some(Duration::ZERO)).is_ok_and(|n| n > 0) && p[0].hung_up()
 }
 
 impl State {
@@ -218,7 +208,7 @@ impl State {
         if *entered {
             return true;
         }
-        let hook = self.cfg.link.hook.lock().ok().and_then(|h| h.clone());
+        let hook = lock(&self.cfg.link.hook).clone();
         let Some(hook) = hook else {
             return true;
         };
@@ -258,20 +248,18 @@ impl State {
             Some(t) => t.saturating_duration_since(Instant::now()).min(TICK),
             None => TICK,
         };
-        let mut fds = vec![pollfd(self.wake.as_raw_fd(), libc::POLLIN)];
+        let mut fds = vec![PollFd::readable(&*self.wake)];
         if let Some(e) = self.cfg.link.main.broken_event() {
-            fds.push(pollfd(e.as_raw_fd(), libc::POLLIN));
+            fds.push(PollFd::readable(e));
         }
         if self.next_attempt.is_none() {
             self.refresh_req();
             for s in self.watch.iter().chain(self.req.iter()) {
-                fds.push(pollfd(s.as_raw_fd(), libc::POLLRDHUP));
+                fds.push(PollFd::new(s, libc::POLLRDHUP));
             }
         }
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
-        // SAFETY: `fds` is a valid array of `nfds` pollfds for the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), nfds, ms) };
+        // A failed poll is a spurious wake-up: the loop re-checks everything.
+        let _ = poll_fds(&mut fds, Some(timeout));
         let _ = self.wake.read();
         if let Some(e) = self.cfg.link.main.broken_event() {
             let _ = e.read();

@@ -3,12 +3,12 @@
 //! assigned no MSI-X vector). With irqfds the back end signals KVM directly
 //! and this thread does not exist.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::sys::{poll_fds, PollFd};
 use crate::thread::{self, ThreadHook, ThreadKind};
 use crate::virtio::{VirtioInterrupt, VirtioInterruptType};
 
@@ -71,31 +71,20 @@ impl Drop for CallRelay {
 }
 
 fn relay_loop(calls: &[(u16, EventFd)], interrupt: &dyn VirtioInterrupt, stop: &EventFd) {
-    let mut fds: Vec<libc::pollfd> = std::iter::once(stop.as_raw_fd())
-        .chain(calls.iter().map(|c| c.1.as_raw_fd()))
-        .map(|fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
+    let mut fds: Vec<PollFd> = std::iter::once(stop)
+        .chain(calls.iter().map(|c| &c.1))
+        .map(PollFd::readable)
         .collect();
     loop {
-        // SAFETY: `fds` is a valid pollfd array of the given length, and
-        // every fd stays open for the lifetime of this loop.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
+        if let Err(e) = poll_fds(&mut fds, None) {
             log::error!("vhost-user call relay: poll failed, stopping: {e}");
             return;
         }
-        if fds[0].revents != 0 {
+        if fds[0].fired() {
             return;
         }
         for (p, (queue, fd)) in fds[1..].iter().zip(calls) {
-            if p.revents & libc::POLLIN != 0 && fd.read().is_ok() {
+            if p.is_readable() && fd.read().is_ok() {
                 if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(*queue)) {
                     log::warn!("vhost-user call relay: interrupt for queue {queue} failed: {e}");
                 }
