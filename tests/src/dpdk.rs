@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use iommu::sync::lock;
+
 /// The testpmd binary (Debian package dpdk-dev).
 pub const TESTPMD: &str = "dpdk-testpmd";
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -80,7 +82,7 @@ fn spawn_reader(mut out: impl Read + Send + 'static, buf: Arc<Mutex<String>>) {
             if n == 0 {
                 break;
             }
-            let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+            let mut b = lock(&buf);
             b.push_str(&String::from_utf8_lossy(&chunk[..n]));
         }
     });
@@ -166,10 +168,7 @@ impl Testpmd {
 
     /// Everything testpmd printed so far.
     pub fn output(&self) -> String {
-        self.output
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.output).clone()
     }
 
     /// Sends one interactive command.

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use iommu::sync::lock;
 use vmm::{SerialMode, VhostUserStats, VmConfig, VmExit, Vmm};
 
 use crate::backend::latency::LatencyStats;
@@ -241,7 +242,7 @@ fn sink_byte_sum(path: &std::path::Path) -> u64 {
 
 /// Runs `cell` against our own backend.
 pub fn run_own_backend(cell: &Cell) -> Outcome {
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let sock = socket(&cell.tag("own"));
     let sink = sock.with_extension("frames");
     let _ = std::fs::remove_file(&sink);
@@ -281,7 +282,7 @@ pub fn run_own_backend(cell: &Cell) -> Outcome {
 
 /// Runs `cell` against DPDK testpmd.
 pub fn run_dpdk(cell: &Cell) -> Outcome {
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let sock = socket(&cell.tag("dpdk"));
     let mut pmd = Testpmd::start(&sock, true).expect("testpmd starts");
     let (result, stats) = run_guest(cell, &sock);

@@ -22,6 +22,7 @@ use devices::virtio::{
     ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterrupt,
     VirtioInterruptType,
 };
+use iommu::sync::lock;
 use iommu::{
     DmaTranslate, Extent, IommuEvent, IommuNotifier, Iova, IovaRange, NotifyError, Permissions,
     RequesterId, TranslateError, Translation,
@@ -444,8 +445,4 @@ impl Drop for Rig {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -12,6 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use devices::sys::{poll_fds, PollFd};
 use devices::vhost_user::backend_req::{FRAME_TIMEOUT, MAX_BAD_REQUESTS_PER_SEC};
 use devices::vhost_user::wire::{
     decode_ack, encode_iotlb_frame, Header, IotlbMsg, IotlbPerm, HEADER_SIZE,
@@ -24,6 +25,7 @@ use integration_tests::guest::{test_guest_path, GuestResult, IommuMode, Scenario
 use integration_tests::rig::{
     backend_err, connect_invalidate, covering, Faults, Rig, BUF, IOVA_OFF, MEM,
 };
+use iommu::sync::lock;
 use iommu::IovaRange;
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
 
@@ -46,7 +48,7 @@ impl Hostile {
     /// INVALIDATE; `connection_invalidate_that_fails_fails_the_activation` covers it) and
     /// misbehaves from the next one on.
     fn new(misbehave: Misbehaviour) -> Hostile {
-        let one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+        let one = lock(&ONE);
         let config = BackendConfig {
             miss_timeout: Duration::from_secs(2),
             misbehave: Misbehaviour {
@@ -102,16 +104,8 @@ fn miss_frame(iova: u64, need_reply: bool) -> [u8; 44] {
 /// Waits until `chan` is readable (data or EOF) or `deadline` passes, without touching the
 /// socket's flags (the back end shares it).
 fn readable(chan: &UnixStream, deadline: Instant) -> bool {
-    use std::os::fd::AsRawFd;
     let left = deadline.saturating_duration_since(Instant::now());
-    let mut pfd = libc::pollfd {
-        fd: chan.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+    poll_fds(&mut [PollFd::readable(chan)], Some(left)).is_ok_and(|n| n > 0)
 }
 
 /// Reads into `buf` until it is full or the peer closed; returns the bytes read.
@@ -380,7 +374,7 @@ fn guest_survives_a_backend_that_disconnects_mid_run() {
 /// serves nothing.
 #[test]
 fn connection_invalidate_that_fails_fails_the_activation() {
-    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE);
     for misbehave in [
         Misbehaviour {
             nack_iotlb: true,

@@ -10,6 +10,7 @@ use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, Tes
 use integration_tests::dpdk::Testpmd;
 use integration_tests::guest::{IommuMode, Scenario, EXIT_FAILED, EXIT_OK};
 use integration_tests::matrix::{run_scenario, socket, Cell, Traffic, Viommu, ONE_CELL};
+use iommu::sync::lock;
 use vmm::VmExit;
 
 const VIOMMUS: [Viommu; 2] = [
@@ -72,7 +73,7 @@ fn assert_guest_fault(
 fn write_miss_on_a_read_only_tx_buffer_is_refused_and_faults() {
     for viommu in VIOMMUS {
         for perm in [IotlbPerm::Wo, IotlbPerm::Rw] {
-            let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+            let _one = lock(&ONE_CELL);
             let cell = Cell::new(viommu, IommuMode::Strict);
             let (sock, backend) = widening_backend(&cell, perm, None);
             let (exit, r, out, stats) = run_scenario(&cell, Scenario::net_tx(FRAMES, 200), &sock);
@@ -91,7 +92,7 @@ fn write_miss_on_a_read_only_tx_buffer_is_refused_and_faults() {
 #[test]
 fn read_miss_on_a_write_only_rx_buffer_is_refused_and_the_descriptor_errors() {
     for viommu in VIOMMUS {
-        let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&ONE_CELL);
         let cell = Cell::with_traffic(viommu, IommuMode::Strict, Traffic::Rx);
         let gen = RxGen {
             frames: FRAMES,
@@ -133,7 +134,7 @@ fn dpdk_asks_read_write_for_rx_and_a_write_only_buffer_is_refused() {
     // refused miss stays pending in DPDK (MISS has no ack), so its RX queue
     // stops: DPDK's behaviour, documented in docs/design/guest.md.
     for viommu in VIOMMUS {
-        let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&ONE_CELL);
         let cell = Cell::with_traffic(viommu, IommuMode::Strict, Traffic::Loopback);
         let sock = socket(&cell.tag("dpdk-perm"));
         let mut pmd = Testpmd::start_forwarding(&sock, true, "macswap").expect("testpmd starts");

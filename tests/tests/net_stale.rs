@@ -11,6 +11,7 @@ use integration_tests::backend::{BackendConfig, TestBackend};
 use integration_tests::dpdk::Testpmd;
 use integration_tests::guest::{GuestResult, IommuMode, Scenario, EXIT_OK};
 use integration_tests::matrix::{run_scenario, socket, Cell, Viommu, ONE_CELL};
+use iommu::sync::lock;
 use vmm::{VhostUserStats, VmExit};
 
 const SIZE: u64 = 200;
@@ -54,7 +55,7 @@ fn sink_has_marker(sink: &Path) -> bool {
 #[test]
 fn own_backend_never_transfers_a_descriptor_at_an_unmapped_iova() {
     for (viommu, name) in VIOMMUS {
-        let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&ONE_CELL);
         let cell = Cell::new(viommu, IommuMode::Strict);
         let sock = socket(&cell.tag(&format!("stale-{name}")));
         let sink = sock.with_extension("frames");
@@ -82,7 +83,7 @@ fn own_backend_never_transfers_a_descriptor_at_an_unmapped_iova() {
 #[test]
 fn dpdk_never_transfers_a_descriptor_at_an_unmapped_iova() {
     for (viommu, name) in VIOMMUS {
-        let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = lock(&ONE_CELL);
         let cell = Cell::new(viommu, IommuMode::Strict);
         let sock = socket(&cell.tag(&format!("dpdk-stale-{name}")));
         let mut pmd = Testpmd::start(&sock, true).expect("testpmd starts");

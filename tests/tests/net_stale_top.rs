@@ -16,6 +16,7 @@ use integration_tests::dpdk::Testpmd;
 use integration_tests::guest::{GuestResult, IommuMode, Scenario, EXIT_OK};
 use integration_tests::matrix::{run_scenario, socket, Cell, Viommu, ONE_CELL};
 use integration_tests::rig::iotlb_msgs;
+use iommu::sync::lock;
 use vmm::{VhostUserStats, VmExit};
 
 const SIZE: u64 = 200;
@@ -46,7 +47,7 @@ fn is(m: &IotlbMsg, t: IotlbType) -> bool {
 
 #[test]
 fn own_backend_records_a_non_wrapping_invalidate_of_the_stale_iova() {
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let cell = Cell::new(Viommu::Virtio, IommuMode::Strict);
     let sock = socket(&cell.tag("stale-top"));
     let sink = sock.with_extension("frames");
@@ -106,7 +107,7 @@ fn own_backend_records_a_non_wrapping_invalidate_of_the_stale_iova() {
 
 #[test]
 fn dpdk_never_transmits_after_an_unmap_to_the_top() {
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let cell = Cell::new(Viommu::Virtio, IommuMode::Strict);
     let sock = socket(&cell.tag("dpdk-stale-top"));
     let mut pmd = Testpmd::start(&sock, true).expect("testpmd starts");

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::backend::{BackendConfig, TestBackend};
 use integration_tests::guest::{test_guest_path, IommuMode, Scenario, ViommuKind};
+use iommu::sync::lock;
 use vmm::seccomp::{SeccompFilters, SeccompLevel, ThreadKind};
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
 
@@ -236,7 +237,7 @@ const VM_THREADS: [&str; 4] = ["iovmm_main", "iovmm_vcpu", "iovmm_viommu", "vhos
 /// Runs the transmitting guest until all of iovmm's thread kinds exist and the back end saw
 /// misses, and returns those threads' seccomp state.
 fn running_vm_threads(tag: &str, seccomp: SeccompLevel) -> Vec<(String, u32, u32)> {
-    let _one = VM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&VM_LOCK);
     let sock: PathBuf =
         std::env::temp_dir().join(format!("iovmm-seccomp-{}-{tag}.sock", std::process::id()));
     let backend = TestBackend::listen(&sock, BackendConfig::default()).expect("backend listens");

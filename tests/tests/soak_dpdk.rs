@@ -19,6 +19,7 @@ use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
 use integration_tests::bench::{host_tsc_khz, soak, soak_cells, CpuLoad, SoakRun};
 use integration_tests::guest::{test_guest_path, IommuMode, Scenario, EXIT_FAILED};
 use integration_tests::matrix::{socket, ONE_CELL};
+use iommu::sync::lock;
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
 
 /// Runs per cell.
@@ -79,7 +80,7 @@ const GUEST_TIMEOUT_MS: u64 = 8000;
 fn iovmm_reports_a_queue_its_back_end_stopped_serving() {
     // RUST_LOG=warn shows the fault warnings and the stall report.
     let _ = env_logger::builder().is_test(true).try_init();
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let sock = socket("stall-detector");
     let config = BackendConfig {
         misbehave: Misbehaviour {

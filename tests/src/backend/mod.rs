@@ -317,10 +317,8 @@ pub(crate) struct Shared {
     pub(crate) blk: Option<blk::BlkDevice>,
 }
 
-/// Lock a mutex, recovering the data if a panicking thread poisoned it.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+// Still imported from here by `blk.rs`; the rest of the back end uses `iommu::sync`.
+pub(crate) use iommu::sync::lock;
 
 impl Shared {
     fn new(config: BackendConfig) -> Result<Self, BackendError> {

@@ -2,11 +2,11 @@
 //! misses), split-virtqueue processing for RX (queue 0) and TX (queue 1).
 
 use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::sys::{poll_fds, PollFd};
 use devices::vhost_user::wire::{
     decode_ack, encode_iotlb_frame, Header, IotlbMsg, IotlbPerm, HEADER_SIZE, U64_PAYLOAD_SIZE,
     VHOST_USER_BACKEND_IOTLB_MSG, VHOST_USER_F_PROTOCOL_FEATURES,
@@ -534,16 +534,11 @@ fn service(shared: &Shared, index: usize) {
 pub(crate) fn datapath_loop(shared: &Shared) {
     while !shared.stop.load(Ordering::Acquire) {
         let kicks: Vec<_> = shared.vrings.iter().map(|v| lock(v).kick.clone()).collect();
-        let mut fds: Vec<libc::pollfd> = kicks
+        let mut fds: Vec<PollFd> = kicks
             .iter()
             .flatten()
-            .map(|k| k.as_raw_fd())
-            .chain(std::iter::once(shared.wake.as_raw_fd()))
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
+            .map(PollFd::readable)
+            .chain(std::iter::once(PollFd::readable(&shared.wake)))
             .collect();
         // A yielded queue is retried soon, kicked or not.
         let timeout_ms = if shared.retry.load(Ordering::Acquire) {
@@ -551,14 +546,14 @@ pub(crate) fn datapath_loop(shared: &Shared) {
         } else {
             100
         };
-        // SAFETY: `fds` is a valid array of pollfd for its length.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        // A failed poll is a spurious wake-up: every queue is checked below anyway.
+        let _ = poll_fds(&mut fds, Some(Duration::from_millis(timeout_ms)));
         let woken = shared.wake.read().is_ok() | shared.retry.swap(false, Ordering::AcqRel);
         let mut fired = fds.iter();
         for (i, k) in kicks.iter().enumerate() {
             let mut kicked = false;
             if let Some(k) = k {
-                kicked = fired.next().is_some_and(|p| p.revents & libc::POLLIN != 0);
+                kicked = fired.next().is_some_and(PollFd::is_readable);
                 if kicked {
                     let mut b = [0u8; 8];
                     let mut f = k.as_ref();

@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use devices::sys::{poll_fds, PollFd};
 use devices::vhost_user::backend_req::{BackendReqServer, BackendReqThread};
 use devices::vhost_user::channel::{ChannelError, IotlbChannel, MainSocket};
 use devices::vhost_user::miss::{MissError, MissHandler};
@@ -144,15 +145,7 @@ impl Rig {
 
 /// Whether `fd` becomes readable within `timeout`.
 fn readable_within(fd: &EventFd, timeout: Duration) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: polls one valid pollfd for at most `ms` milliseconds.
-    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+    poll_fds(&mut [PollFd::readable(fd)], Some(timeout)).is_ok_and(|n| n == 1)
 }
 
 fn kick_and_call() -> (EventFd, EventFd) {

@@ -8,6 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use iommu::sync::lock;
 use vmm::{VhostUserStats, VmExit, Vmm};
 
 use super::{report, run_guest, socket, Cell, Outcome, Viommu, MISS_TIMEOUT, ONE_CELL};
@@ -79,7 +80,7 @@ pub fn run_scenario(
 /// Runs an RX or loop-back `cell` against our own backend.
 pub fn run_own_backend_rx(cell: &Cell) -> Outcome {
     assert_ne!(cell.traffic, Traffic::Tx, "use run_own_backend");
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let sock = socket(&cell.tag("own"));
     let size = usize::try_from(cell.size).expect("frame size");
     let config = BackendConfig {
@@ -122,7 +123,7 @@ pub fn run_own_backend_rx(cell: &Cell) -> Outcome {
 /// every frame in and out, the guest verifies every payload that comes back.
 pub fn run_dpdk_loopback(cell: &Cell) -> Outcome {
     assert_eq!(cell.traffic, Traffic::Loopback);
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let sock = socket(&cell.tag("dpdk"));
     let mut pmd = Testpmd::start_forwarding(&sock, true, "macswap").expect("testpmd starts");
     // The vhost PMD drops a frame whose RX buffer misses (the enqueue does

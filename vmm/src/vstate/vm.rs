@@ -10,6 +10,7 @@ use std::io;
 use std::sync::Mutex;
 
 use devices::interrupt::{IrqfdRouter, MsiMessage, MsiSink};
+use iommu::sync::lock;
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region, KvmIrqRouting,
     KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI,
@@ -186,7 +187,7 @@ impl MsiSink for Vm {
 
 impl IrqfdRouter for Vm {
     fn allocate_gsi(&self) -> io::Result<u32> {
-        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = lock(&self.routes);
         if r.next_gsi > MAX_GSI {
             return Err(io::Error::other("out of GSIs for MSI routes"));
         }
@@ -195,7 +196,7 @@ impl IrqfdRouter for Vm {
     }
 
     fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> io::Result<()> {
-        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = lock(&self.routes);
         let changed = match msg {
             Some(m) => r.msi.insert(gsi, m) != Some(m),
             None => r.msi.remove(&gsi).is_some(),
