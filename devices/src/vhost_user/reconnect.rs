@@ -37,7 +37,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use iommu::ratelimit::RateLimit;
 use iommu::sync::lock;
+use iommu::warn_limited;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::channel::IotlbChannel;
@@ -130,7 +132,7 @@ impl Supervisor {
             watch: None,
             req: None,
             next_attempt: None,
-            log: LogLimiter::default(),
+            log: RateLimit::new(1, LOG_EVERY),
         };
         state.watch = state.cfg.link.main.watch_handle().ok();
         let join = std::thread::Builder::new()
@@ -160,29 +162,6 @@ impl Drop for Supervisor {
     }
 }
 
-/// One log line per [`LOG_EVERY`] at most.
-#[derive(Default)]
-struct LogLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
-        if self.last.is_some_and(|t| t.elapsed() < LOG_EVERY) {
-            self.suppressed += 1;
-            return;
-        }
-        let n = std::mem::take(&mut self.suppressed);
-        if n > 0 {
-            log::warn!("{msg} ({n} similar messages suppressed)");
-        } else {
-            log::warn!("{msg}");
-        }
-        self.last = Some(Instant::now());
-    }
-}
-
 struct State {
     cfg: SupervisorConfig,
     wake: Arc<EventFd>,
@@ -193,7 +172,7 @@ struct State {
     req: Option<UnixStream>,
     /// `Some` while disconnected: when to try next.
     next_attempt: Option<Instant>,
-    log: LogLimiter,
+    log: RateLimit,
 }
 
 /// Whether a watched socket hung up (without reading it).
@@ -315,26 +294,26 @@ impl State {
         let stream = match UnixStream::connect(&self.cfg.socket) {
             Ok(s) => s,
             Err(e) => {
-                self.log.warn(format_args!(
+                warn_limited!(
+                    self.log,
                     "vhost-user: back end on {:?} not reachable yet: {e}",
                     self.cfg.socket
-                ));
+                );
                 return false;
             }
         };
         if let Err(e) = link.main.replace(stream) {
-            self.log.warn(format_args!(
-                "vhost-user: cannot use the new connection: {e}"
-            ));
+            warn_limited!(self.log, "vhost-user: cannot use the new connection: {e}");
             return false;
         }
         let neg = match negotiate(&link.main, link.kind, link.iommu, Some(self.cfg.prior)) {
             Ok(n) => n,
             Err(e) => {
-                self.log.warn(format_args!(
+                warn_limited!(
+                    self.log,
                     "vhost-user: refusing the back end on {:?}: {e}; will retry",
                     self.cfg.socket
-                ));
+                );
                 link.main.close();
                 return false;
             }
@@ -352,9 +331,10 @@ impl State {
         let want = s.want.clone();
         if let Some(act) = want {
             if let Err(e) = link.program(&mut s, &act, true) {
-                self.log.warn(format_args!(
+                warn_limited!(
+                    self.log,
                     "vhost-user: restoring the device on the new back end failed: {e}; will retry"
-                ));
+                );
                 s.up = false;
                 s.started.clear();
                 link.stop_server(&mut s);
@@ -374,7 +354,7 @@ impl State {
         log::info!("vhost-user: reconnected to {:?}", self.cfg.socket);
         self.watch = link.main.watch_handle().ok();
         self.next_attempt = None;
-        self.log = LogLimiter::default();
+        self.log = RateLimit::new(1, LOG_EVERY);
         true
     }
 }
@@ -382,21 +362,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_limiter_suppresses_within_the_interval() {
-        let mut l = LogLimiter::default();
-        l.warn(format_args!("first"));
-        let first = l.last;
-        l.warn(format_args!("second"));
-        l.warn(format_args!("third"));
-        assert_eq!(l.suppressed, 2);
-        assert_eq!(l.last, first);
-        l.last = Some(Instant::now() - LOG_EVERY);
-        l.warn(format_args!("fourth"));
-        assert_eq!(l.suppressed, 0);
-        assert_ne!(l.last, first);
-    }
 
     #[test]
     fn hang_up_is_seen_without_reading() {

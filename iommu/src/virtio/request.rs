@@ -7,6 +7,8 @@
 //! (the used length is `reply.len()`; 0 means "returned unwritten", which the driver treats as a
 //! failure).
 
+use std::sync::Mutex;
+
 use vm_memory::GuestAddress;
 use zerocopy::byteorder::little_endian::{U16, U64};
 use zerocopy::{FromBytes, IntoBytes};
@@ -16,10 +18,16 @@ use super::VirtioIommuSettings;
 use crate::address_space::{AddressSpaceError, Mapping};
 use crate::domain::{DomainError, Domains};
 use crate::notifier::IommuEvent;
+use crate::ratelimit::RateLimit;
+use crate::sync::lock;
 use crate::types::{permissions, DomainId, IovaRange, RequesterId, ReservedKind};
+use crate::{debug_limited, warn_limited};
 
 const TAIL_LEN: usize = std::mem::size_of::<VirtioIommuReqTail>();
 const RESV_MEM_LEN: usize = std::mem::size_of::<VirtioIommuProbeResvMem>();
+
+/// Most log lines per second about the driver's requests (bad requests can come in a loop).
+static LOG_BUDGET: Mutex<RateLimit> = Mutex::new(RateLimit::per_second(10));
 
 /// Why a request could not be parsed. The buffer is then returned unwritten (used length 0):
 /// without a parsed request the device cannot know where a status would go.
@@ -199,7 +207,10 @@ pub fn handle(
     match Request::parse(readable) {
         Ok(req) => execute(domains, settings, acked_features, &req, writable_len),
         Err(e) => {
-            log::debug!("virtio-iommu: returning request unwritten: {e}");
+            debug_limited!(
+                lock(&LOG_BUDGET),
+                "virtio-iommu: returning request unwritten: {e}"
+            );
             Response::unwritten()
         }
     }
@@ -214,7 +225,10 @@ pub fn execute(
     writable_len: usize,
 ) -> Response {
     if writable_len < TAIL_LEN {
-        log::debug!("virtio-iommu: writable part of {writable_len} bytes has no room for the tail");
+        debug_limited!(
+            lock(&LOG_BUDGET),
+            "virtio-iommu: writable part of {writable_len} bytes has no room for the tail"
+        );
         return Response::unwritten();
     }
     let ctx = Ctx {
@@ -378,7 +392,10 @@ fn execute_probe(
     let mut offset = 0;
     for region in domains.reserved_regions(endpoint) {
         if offset + RESV_MEM_LEN > probe_size {
-            log::warn!("virtio-iommu: probe_size {probe_size} too small for all reserved regions");
+            warn_limited!(
+                lock(&LOG_BUDGET),
+                "virtio-iommu: probe_size {probe_size} too small for all reserved regions"
+            );
             break;
         }
         let prop = resv_mem_property(region.range, region.kind);

@@ -15,7 +15,6 @@
 //! A wait descriptor becomes [`VtdAction::WaitDone`] after a [`VtdAction::Notify`] with every
 //! event of the descriptors before it, so the adapter can deliver and only then complete it.
 
-use log::warn;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::descriptor::{
@@ -28,6 +27,7 @@ use super::tables::{lookup_context, Context, TranslationType};
 use super::{Vtd, VtdAction, WaitCompletion};
 use crate::notifier::IommuEvent;
 use crate::types::{IovaRange, Permissions, RequesterId, X86_MSI_END, X86_MSI_START};
+use crate::warn_limited;
 
 /// At most this many page walks per caching-mode range scan.
 pub const MAX_MAP_SCAN_STEPS: usize = 4096;
@@ -286,26 +286,36 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
         batch: &mut Vec<IommuEvent>,
         out: &mut Vec<VtdAction>,
     ) {
-        match desc {
+        let folded = match desc {
             Descriptor::ContextCache(scope) => add_bounded(batch, self.invalidate_context(scope)),
             Descriptor::Iotlb(scope) => add_bounded(batch, self.invalidate_iotlb(scope)),
             Descriptor::DeviceTlb { sid, range, .. } => {
                 let rid = self.rid(sid);
-                add_bounded(batch, vec![IommuEvent::DevIotlbUnmap { rid, range }]);
+                add_bounded(batch, vec![IommuEvent::DevIotlbUnmap { rid, range }])
             }
             Descriptor::InterruptEntryCache(selector) => {
                 flush(batch, out);
                 out.push(VtdAction::InterruptCacheInvalidated(selector));
+                false
             }
             Descriptor::Wait(wait) => {
                 flush(batch, out);
                 out.push(VtdAction::WaitDone(wait));
+                false
             }
+        };
+        if folded {
+            warn_limited!(
+                self.log_budget(),
+                "VT-d: invalidations before the next wait produced over {MAX_BATCH_EVENTS} \
+                 notifications; telling every consumer to drop all translations instead"
+            );
         }
     }
 
     fn queue_error(&mut self, out: &mut Vec<VtdAction>, error: InvalidationError) {
-        warn!(
+        warn_limited!(
+            self.log_budget(),
             "VT-d invalidation queue error at head {}: {error}",
             self.qi.head
         );
@@ -322,7 +332,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
                 .write_obj(data.to_le(), GuestAddress(addr))
                 .is_err()
             {
-                warn!("VT-d wait descriptor status write to {addr:#x} failed: not guest RAM");
+                warn_limited!(
+                    self.log_budget(),
+                    "VT-d wait descriptor status write to {addr:#x} failed: not guest RAM"
+                );
             }
         }
         if !wait.interrupt || self.regs.ics & ICS_IWC != 0 {
@@ -363,20 +376,19 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
 }
 
 /// Adds `events` to `batch`, folding the batch into one `Reset` past [`MAX_BATCH_EVENTS`]
-/// (a `Reset` already covers every later invalidation of the batch).
-fn add_bounded(batch: &mut Vec<IommuEvent>, events: Vec<IommuEvent>) {
+/// (a `Reset` already covers every later invalidation of the batch). Returns whether this
+/// call folded it.
+fn add_bounded(batch: &mut Vec<IommuEvent>, events: Vec<IommuEvent>) -> bool {
     if batch.as_slice() == [IommuEvent::Reset] {
-        return;
+        return false;
     }
     batch.extend(events);
     if batch.len() > MAX_BATCH_EVENTS {
-        warn!(
-            "VT-d: invalidations before the next wait produced over {MAX_BATCH_EVENTS} \
-             notifications; telling every consumer to drop all translations instead"
-        );
         batch.clear();
         batch.push(IommuEvent::Reset);
+        return true;
     }
+    false
 }
 
 fn flush(batch: &mut Vec<IommuEvent>, out: &mut Vec<VtdAction>) {

@@ -7,7 +7,6 @@
 //! misaligned accesses read 0 and are ignored. Reserved bits read 0; read-only registers
 //! ignore writes. GSTS changes synchronously with the GCMD write.
 
-use log::{debug, warn};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::descriptor::{context_scope, iotlb_scope, IotlbScope};
@@ -15,6 +14,7 @@ use super::invalidation::InvalidationError;
 use super::regs::*;
 use super::{Vtd, VtdAction};
 use crate::notifier::IommuEvent;
+use crate::{debug_limited, warn_limited};
 
 impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
     /// Reads `data.len()` (4 or 8) bytes of the register file at `offset`.
@@ -23,7 +23,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             4 if offset.is_multiple_of(4) => u64::from(self.read32(offset)),
             8 if offset.is_multiple_of(8) => self.read64(offset),
             len => {
-                debug!("VT-d: ignoring {len}-byte read at {offset:#x}");
+                debug_limited!(
+                    self.log_budget(),
+                    "VT-d: ignoring {len}-byte read at {offset:#x}"
+                );
                 0
             }
         };
@@ -55,7 +58,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
                 }
             }
             (len, _, _) => {
-                debug!("VT-d: ignoring {len}-byte write at {offset:#x}");
+                debug_limited!(
+                    self.log_budget(),
+                    "VT-d: ignoring {len}-byte write at {offset:#x}"
+                );
                 Vec::new()
             }
         }
@@ -109,7 +115,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             }
             _ => {
                 if !self.regs.write32_plain(offset, value) {
-                    debug!("VT-d: write {value:#x} to read-only or unknown register {offset:#x}");
+                    debug_limited!(
+                        self.log_budget(),
+                        "VT-d: write {value:#x} to read-only or unknown register {offset:#x}"
+                    );
                 }
                 Vec::new()
             }
@@ -133,7 +142,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             }
             _ => {
                 if !self.regs.write64_plain(offset, value, mask) {
-                    debug!("VT-d: write {value:#x} to read-only or unknown register {offset:#x}");
+                    debug_limited!(
+                        self.log_budget(),
+                        "VT-d: write {value:#x} to read-only or unknown register {offset:#x}"
+                    );
                 }
                 Vec::new()
             }
@@ -220,7 +232,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
         let (caig, events) = match scope {
             Ok(scope) => (g, self.invalidate_context(scope)),
             Err(e) => {
-                warn!("VT-d register context invalidation refused: {e}");
+                warn_limited!(
+                    self.log_budget(),
+                    "VT-d register context invalidation refused: {e}"
+                );
                 (0, Vec::new())
             }
         };
@@ -245,7 +260,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             Ok(scope) => Some((scope, g)),
             Err(InvalidationError::MaskTooLarge { .. }) => Some((IotlbScope::Domain(did), 2)),
             Err(e) => {
-                warn!("VT-d register IOTLB invalidation refused: {e}");
+                warn_limited!(
+                    self.log_budget(),
+                    "VT-d register IOTLB invalidation refused: {e}"
+                );
                 None
             }
         };

@@ -32,6 +32,7 @@ use std::sync::{Mutex, MutexGuard};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::notifier::{IommuEvent, NotifierFlags};
+use crate::ratelimit::RateLimit;
 use crate::translate::{
     identity, identity_with_extent, request_range, DmaTranslate, Extent, TranslateError,
     Translation,
@@ -193,7 +194,12 @@ pub struct Vtd<M> {
     root_table: Option<u64>,
     irt: Option<u64>,
     caches: Mutex<Caches>,
+    /// Budget of the log lines the guest can trigger (bad registers, queue errors, ...).
+    log: Mutex<RateLimit>,
 }
+
+/// Most guest-triggered VT-d log lines per second (per unit); the rest are counted.
+pub const MAX_LOG_LINES_PER_SEC: u32 = 10;
 
 fn msi_window() -> IovaRange {
     IovaRange::new(X86_MSI_START, X86_MSI_END).unwrap_or(IovaRange::FULL)
@@ -218,6 +224,7 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
                 context: ContextCache::default(),
                 iotlb: Iotlb::new(config.iotlb_capacity),
             }),
+            log: Mutex::new(RateLimit::per_second(MAX_LOG_LINES_PER_SEC)),
             config,
             mem,
         })
@@ -282,6 +289,11 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             return None;
         }
         self.caches().context.get(rid.bdf()).map(|c| c.did)
+    }
+
+    /// The budget of guest-triggered log lines, for `warn_limited!` and friends.
+    pub(crate) fn log_budget(&self) -> MutexGuard<'_, RateLimit> {
+        crate::sync::lock(&self.log)
     }
 
     fn caches(&self) -> MutexGuard<'_, Caches> {
