@@ -13,5 +13,6 @@ pub mod pci;
 pub mod sys;
 pub mod thread;
 pub mod vhost_user;
+pub mod viommu;
 pub mod virtio;
 pub mod vtd;

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 
 use devices::vhost_user::backend_req::BackendReqServer;
 use devices::vhost_user::channel::{IotlbChannel, MockIotlbChannel};
-use devices::vhost_user::miss::MissError;
+use devices::vhost_user::miss::{MissError, TranslatingHandler};
 use devices::vhost_user::wire::*;
 
 fn proptest_config(cases: u32) -> ProptestConfig {
@@ -136,7 +136,7 @@ proptest! {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         let mock = Arc::new(MockIotlbChannel::new());
         let main: Arc<dyn IotlbChannel> = mock.clone();
-        let server = BackendReqServer::new(ours, Arc::new(translate), main);
+        let server = BackendReqServer::new(ours, Arc::new(TranslatingHandler::new(translate, main)));
         let stats = server.stats();
         for f in &frames {
             // The server may already have closed the channel on a malformed frame.

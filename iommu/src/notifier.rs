@@ -98,22 +98,52 @@ impl IommuEvent {
     }
 }
 
+/// The error a consumer's failure carries (shared, so that delivery failures stay `Clone`).
+pub type ConsumerError = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A consumer failed to act on an event.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("IOMMU notifier consumer failed: {reason}")]
-pub struct NotifyError {
-    /// What went wrong, for the log.
-    pub reason: String,
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NotifyError {
+    /// The consumer's device is disconnected and could not be told.
+    #[error("the consumer's device is disconnected")]
+    Disconnected,
+    /// The consumer could not drop its translations of `[first, last]`; it was cut off from
+    /// its device so that it cannot use them.
+    #[error(
+        "the consumer could not drop its translations of IOVA {first:#x}..={last:#x}; it was cut off from its device"
+    )]
+    Invalidate {
+        /// First IOVA of the range.
+        first: u64,
+        /// Last IOVA of the range.
+        last: u64,
+        /// What the consumer's transport reported.
+        #[source]
+        source: ConsumerError,
+    },
+    /// The consumer could not install the new mapping at `iova` (prefetching consumers).
+    #[error("the consumer could not install the mapping at IOVA {iova:#x}")]
+    Install {
+        /// IOVA of the mapping.
+        iova: u64,
+        /// What the consumer's transport reported.
+        #[source]
+        source: ConsumerError,
+    },
 }
 
-impl NotifyError {
-    /// Builds an error from any message.
-    pub fn new(reason: impl Into<String>) -> Self {
-        Self {
-            reason: reason.into(),
-        }
+impl PartialEq for NotifyError {
+    /// Same kind and range; sources compare by their message.
+    fn eq(&self, other: &Self) -> bool {
+        use std::error::Error;
+        let src = |e: &Self| e.source().map(|s| s.to_string());
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+            && src(self) == src(other)
     }
 }
+
+impl Eq for NotifyError {}
 
 /// A consumer of IOMMU events. See the module documentation for the contract.
 pub trait IommuNotifier: Send + Sync {
@@ -303,11 +333,23 @@ impl NotifierSet {
         extra: NotifierFlags,
         consumer: Arc<dyn IommuNotifier>,
     ) -> Result<(NotifierHandle, UnmapKind), NotifierError> {
+        self.register_preferring(rid, UnmapKind::DevIotlb, extra, consumer)
+    }
+
+    /// Registers `consumer` for `preferred` unmaps (plus `extra`, minus any other unmap flag);
+    /// if the vIOMMU rejects a device-TLB registration, registers plain `UNMAP` instead.
+    /// Returns the kind used. The one registration path of every vIOMMU.
+    pub fn register_preferring(
+        &mut self,
+        rid: RequesterId,
+        preferred: UnmapKind,
+        extra: NotifierFlags,
+        consumer: Arc<dyn IommuNotifier>,
+    ) -> Result<(NotifierHandle, UnmapKind), NotifierError> {
         let base = extra.difference(NotifierFlags::UNMAP | NotifierFlags::DEVIOTLB_UNMAP);
-        let dev = base | NotifierFlags::DEVIOTLB_UNMAP;
-        match self.register(rid, dev, Arc::clone(&consumer)) {
-            Ok(handle) => Ok((handle, UnmapKind::DevIotlb)),
-            Err(NotifierError::Rejected { .. }) => {
+        match self.register(rid, base | preferred.flag(), Arc::clone(&consumer)) {
+            Ok(handle) => Ok((handle, preferred)),
+            Err(NotifierError::Rejected { .. }) if preferred == UnmapKind::DevIotlb => {
                 let handle = self.register(rid, base | NotifierFlags::UNMAP, consumer)?;
                 Ok((handle, UnmapKind::Iotlb))
             }
@@ -486,7 +528,7 @@ mod tests {
         fn notify(&self, ev: &IommuEvent) -> Result<(), NotifyError> {
             self.seen.lock().unwrap().push(ev.clone());
             if self.fail {
-                Err(NotifyError::new("backend gone"))
+                Err(NotifyError::Disconnected)
             } else {
                 Ok(())
             }

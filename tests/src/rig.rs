@@ -12,12 +12,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use devices::vhost_user::wire::{
-    IotlbMsg, IotlbPerm, FLAG_NEED_REPLY, FLAG_VERSION, VHOST_USER_IOTLB_MSG,
-};
+use devices::vhost_user::wire::{IotlbMsg, FLAG_NEED_REPLY, FLAG_VERSION, VHOST_USER_IOTLB_MSG};
 use devices::vhost_user::{
-    FaultHook, VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind, VhostUserStats,
+    VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind, VhostUserStats,
 };
+use devices::viommu::{ConsumerRegistration, Viommu, ViommuError};
 use devices::virtio::{
     ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterrupt,
     VirtioInterruptType,
@@ -134,10 +133,11 @@ pub fn socket_path(group: &str, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
 
-/// A `DmaTranslate` over a list of mappings: IOVA range -> (GPA, permission). A translation's
-/// extent is the whole mapping it falls in.
+/// A vIOMMU over a list of mappings: IOVA range -> (GPA, permission). A translation's extent
+/// is the whole mapping it falls in. It records the faults the device reports; consumers are
+/// not registered with it (the rig notifies the device's bridge itself, see [`Rig::unmap`]).
 #[derive(Default)]
-pub struct MapTranslation(Mutex<Vec<(IovaRange, u64, Permissions)>>);
+pub struct MapTranslation(Mutex<Vec<(IovaRange, u64, Permissions)>>, Faults);
 
 impl MapTranslation {
     /// All guest RAM at `IOVA_OFF`, read-write, as one mapping.
@@ -207,8 +207,30 @@ impl DmaTranslate for MapTranslation {
     }
 }
 
-/// Faults reported through the device's fault hook: (requester, IOVA, access).
-pub type Faults = Arc<Mutex<Vec<(RequesterId, u64, IotlbPerm)>>>;
+/// Faults the device reported to its vIOMMU: (requester, IOVA, access).
+pub type Faults = Arc<Mutex<Vec<(RequesterId, u64, Permissions)>>>;
+
+impl Viommu for MapTranslation {
+    fn add_endpoint(&self, _rid: RequesterId) -> Result<(), ViommuError> {
+        Ok(())
+    }
+
+    fn register_consumer(
+        &self,
+        rid: RequesterId,
+        _consumer: Arc<dyn IommuNotifier>,
+        _maps: bool,
+    ) -> Result<ConsumerRegistration, ViommuError> {
+        let source = iommu::NotifierError::NoFlags;
+        Err(ViommuError::Consumer { rid, source })
+    }
+
+    fn unregister_consumer(&self, _handle: iommu::NotifierHandle) {}
+
+    fn report_fault(&self, rid: RequesterId, iova: Iova, access: Permissions) {
+        lock(&self.1).push((rid, iova.0, access));
+    }
+}
 
 /// Records interrupts; optionally hands out per-queue irqfds.
 #[derive(Default)]
@@ -301,14 +323,12 @@ impl Rig {
         self.socket.as_deref().expect("a rig made by Rig::listen")
     }
 
-    /// Installs `MapTranslation::all_ram` with a fault hook recording into the returned list.
+    /// Installs `MapTranslation::all_ram`; the returned list records the faults the device reports.
     pub fn translate_all_ram(&self) -> (Arc<MapTranslation>, Faults) {
         let stub = Arc::new(MapTranslation::all_ram());
-        let faults: Faults = Arc::default();
-        let f = faults.clone();
-        let hook: FaultHook = Arc::new(move |rid, iova, perm| lock(&f).push((rid, iova, perm)));
+        let faults = stub.1.clone();
         self.dev
-            .set_translation(stub.clone(), RID, Some(hook))
+            .set_translation(stub.clone(), RID)
             .expect("set_translation");
         *lock(&self.translation) = Some(stub.clone());
         (stub, faults)
@@ -414,7 +434,7 @@ impl Rig {
     /// Installs `stub` as the device's translation (no fault hook); [`Rig::unmap`] edits it.
     pub fn use_translation(&self, stub: Arc<MapTranslation>) {
         self.dev
-            .set_translation(stub.clone(), RID, None)
+            .set_translation(stub.clone(), RID)
             .expect("set_translation");
         *lock(&self.translation) = Some(stub);
     }

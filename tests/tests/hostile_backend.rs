@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use devices::sys::{poll_fds, PollFd};
 use devices::vhost_user::backend_req::{FRAME_TIMEOUT, MAX_BAD_REQUESTS_PER_SEC};
+use devices::vhost_user::channel::ChannelError;
 use devices::vhost_user::wire::{
     decode_ack, encode_iotlb_frame, Header, IotlbMsg, IotlbPerm, HEADER_SIZE,
     VHOST_USER_BACKEND_IOTLB_MSG,
@@ -26,7 +27,7 @@ use integration_tests::rig::{
     backend_err, connect_invalidate, covering, Faults, Rig, BUF, IOVA_OFF, MEM,
 };
 use iommu::sync::lock;
-use iommu::IovaRange;
+use iommu::{IovaRange, NotifyError};
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
 
 /// The front end's channel timeout in these tests.
@@ -252,7 +253,11 @@ fn never_acked_invalidate_fails_after_the_channel_timeout() {
         .unwrap_err();
     let took = start.elapsed();
     assert!(took >= TIMEOUT && took < TIMEOUT * 4, "took {took:?}");
-    assert!(err.to_string().contains("vhost-user"), "{err}");
+    let NotifyError::Invalidate { source, .. } = &err else {
+        panic!("not an INVALIDATE failure: {err:?}");
+    };
+    let cause = source.downcast_ref::<ChannelError>();
+    assert!(matches!(cause, Some(ChannelError::Timeout)), "{err:?}");
     assert!(r.dev.is_broken());
     assert!(r.dev.stats().broken);
     // Later notifications fail at once instead of waiting again.

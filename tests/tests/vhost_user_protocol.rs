@@ -15,6 +15,7 @@ use devices::vhost_user::wire::{
 use devices::vhost_user::{
     IotlbBridge, VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind,
 };
+use devices::viommu::{ConsumerRegistration, Viommu, ViommuError};
 use devices::virtio::{ActivateContext, VirtioDevice, VirtioInterruptType};
 use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
 use integration_tests::rig::{
@@ -23,8 +24,9 @@ use integration_tests::rig::{
 };
 use iommu::address_space::Mapping;
 use iommu::{
-    DomainId, Domains, DomainsConfig, IommuEvent, IovaRange, NotifierFlags, NotifierSet,
-    Permissions, UnmapKind,
+    DmaTranslate, DomainId, Domains, DomainsConfig, IommuEvent, IommuNotifier, Iova, IovaRange,
+    NotifierFlags, NotifierHandle, NotifierSet, Permissions, RequesterId, TranslateError,
+    Translation, UnmapKind,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -243,7 +245,10 @@ fn unmapped_miss_gets_no_update_a_nonzero_ack_and_a_fault() {
     // nothing else, and nothing outside RAM.
     let in_ram = |m: &IotlbMsg| m.iova >= IOVA_OFF && m.iova + m.size <= IOVA_OFF + MEM;
     assert!(msgs.iter().all(|(_, m)| in_ram(m)), "{msgs:x?}");
-    assert_eq!(*faults.lock().unwrap(), vec![(RID, outside, IotlbPerm::Ro)]);
+    assert_eq!(
+        *faults.lock().unwrap(),
+        vec![(RID, outside, Permissions::Read)]
+    );
     assert_eq!(r.dev.stats().bridge.faults, 1);
 }
 
@@ -311,14 +316,67 @@ impl NotifyUnmap for IotlbBridge {
     }
 }
 
+/// The `iommu` crate's domain model and notifier set behind the device seam, driven directly by
+/// the test (map and unmap without a guest).
+struct ModelViommu {
+    domains: RwLock<Domains>,
+    set: RwLock<NotifierSet>,
+    faults: std::sync::Mutex<Vec<u64>>,
+}
+
+impl DmaTranslate for ModelViommu {
+    fn translate(
+        &self,
+        rid: RequesterId,
+        iova: Iova,
+        len: u64,
+        access: Permissions,
+    ) -> Result<Translation, TranslateError> {
+        self.domains.translate(rid, iova, len, access)
+    }
+}
+
+impl Viommu for ModelViommu {
+    fn add_endpoint(&self, rid: RequesterId) -> Result<(), ViommuError> {
+        let added = self.domains.write().unwrap().add_endpoint(rid);
+        added.map_err(|source| ViommuError::Endpoint { rid, source })
+    }
+
+    fn register_consumer(
+        &self,
+        rid: RequesterId,
+        consumer: Arc<dyn IommuNotifier>,
+        _maps: bool,
+    ) -> Result<ConsumerRegistration, ViommuError> {
+        let mut set = self.set.write().unwrap();
+        let (handle, kind) = set
+            .register_with_fallback(rid, NotifierFlags::NONE, consumer)
+            .map_err(|source| ViommuError::Consumer { rid, source })?;
+        Ok(ConsumerRegistration { handle, kind })
+    }
+
+    fn unregister_consumer(&self, handle: NotifierHandle) {
+        self.set.write().unwrap().unregister(handle).unwrap();
+    }
+
+    fn report_fault(&self, rid: RequesterId, iova: Iova, access: Permissions) {
+        assert_eq!((rid, access), (RID, Permissions::Read));
+        self.faults.lock().unwrap().push(iova.0);
+    }
+}
+
 #[test]
 fn probe_fails_right_after_a_guest_unmap_was_notified() {
     let mut r = rig(BackendConfig::default(), true);
-    let domains = Arc::new(RwLock::new(Domains::new(DomainsConfig::default())));
+    let viommu = Arc::new(ModelViommu {
+        domains: RwLock::new(Domains::new(DomainsConfig::default())),
+        set: RwLock::new(NotifierSet::new(NotifierFlags::MAP | NotifierFlags::UNMAP)),
+        faults: Default::default(),
+    });
     let dom = DomainId(1);
+    viommu.add_endpoint(RID).unwrap();
     {
-        let mut d = domains.write().unwrap();
-        d.add_endpoint(RID).unwrap();
+        let mut d = viommu.domains.write().unwrap();
         d.attach(RID, dom, false).unwrap();
         for page in 0..(MEM / 0x1000) {
             let range = IovaRange::from_start_len(IOVA_OFF + page * 0x1000, 0x1000).unwrap();
@@ -326,12 +384,11 @@ fn probe_fails_right_after_a_guest_unmap_was_notified() {
             d.map(dom, m.unwrap()).unwrap();
         }
     }
-    r.dev.set_translation(domains.clone(), RID, None).unwrap();
-    let mut set = NotifierSet::new(NotifierFlags::MAP | NotifierFlags::UNMAP);
-    let (_h, kind) = set
-        .register_with_fallback(RID, NotifierFlags::NONE, r.dev.bridge().unwrap())
+    r.dev.set_translation(viommu.clone(), RID).unwrap();
+    let reg = viommu
+        .register_consumer(RID, r.dev.bridge().unwrap(), false)
         .unwrap();
-    assert_eq!(kind, UnmapKind::Iotlb);
+    assert_eq!(reg.kind, UnmapKind::Iotlb);
     r.activate().unwrap();
     for page in [0x40u64, 0x41, 0x90] {
         let iova = IOVA_OFF + page * 0x1000;
@@ -339,8 +396,8 @@ fn probe_fails_right_after_a_guest_unmap_was_notified() {
         assert!(r.be.probe(iova, 8));
         let range = IovaRange::from_start_len(iova, 0x1000).unwrap();
         // The model's lock is released before the events are delivered.
-        let events = domains.write().unwrap().unmap(dom, range).unwrap();
-        set.dispatch_all(&events).unwrap();
+        let events = viommu.domains.write().unwrap().unmap(dom, range).unwrap();
+        viommu.set.read().unwrap().dispatch_all(&events).unwrap();
         assert!(
             !r.be.probe(iova, 1),
             "page {page:#x} still usable after unmap"
@@ -348,6 +405,12 @@ fn probe_fails_right_after_a_guest_unmap_was_notified() {
         assert!(r.be.read(iova, 1).is_err());
     }
     assert!(r.dev.stats().bridge.invalidations >= 3);
+    // Each read after its unmap was a refused miss, reported as a fault.
+    let pages: Vec<u64> = [0x40u64, 0x41, 0x90]
+        .iter()
+        .map(|p| IOVA_OFF + p * 0x1000)
+        .collect();
+    assert_eq!(*viommu.faults.lock().unwrap(), pages);
 }
 
 #[test]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vhost::vhost_user::message::BackendReq;
 
-use super::channel::{ChannelError, IotlbChannel};
+use super::channel::ChannelError;
 use super::frame::{read_frame, wait_readable, write_frame};
 use super::miss::{MissError, MissHandler};
 use super::wire::{backend_request, encode_ack, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
@@ -195,7 +195,6 @@ pub fn refusal_log(label: &str, iova: u64, perm: IotlbPerm, e: &MissError) -> (l
 pub struct BackendReqServer {
     stream: UnixStream,
     handler: Arc<dyn MissHandler>,
-    main: Arc<dyn IotlbChannel>,
     stats: Arc<BackendReqStats>,
     throttle: Throttle,
     /// Names the device in log lines.
@@ -203,17 +202,12 @@ pub struct BackendReqServer {
 }
 
 impl BackendReqServer {
-    /// Serve `stream`, answering misses with `handler` and sending the
-    /// UPDATEs through `main`.
-    pub fn new(
-        stream: UnixStream,
-        handler: Arc<dyn MissHandler>,
-        main: Arc<dyn IotlbChannel>,
-    ) -> Self {
+    /// Serve `stream`, answering misses with `handler` (which sends the
+    /// UPDATEs on the device's main socket).
+    pub fn new(stream: UnixStream, handler: Arc<dyn MissHandler>) -> Self {
         BackendReqServer {
             stream,
             handler,
-            main,
             stats: Arc::new(BackendReqStats::default()),
             throttle: Throttle::new(),
             label: "vhost-user device".into(),
@@ -303,7 +297,7 @@ impl BackendReqServer {
     /// Answer a miss: UPDATE on the main socket (acked) before returning true.
     fn miss(&mut self, iova: u64, perm: IotlbPerm) -> bool {
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let res = self.handler.answer_miss(iova, perm, self.main.as_ref());
+        let res = self.handler.answer_miss(iova, perm);
         let counter = match &res {
             Ok(_) => &self.stats.misses_served,
             Err(e) => {
@@ -410,7 +404,7 @@ impl BackendReqThread {
 mod tests {
     use super::*;
     use crate::vhost_user::channel::{MainSocket, MockIotlbChannel, MockReply};
-    use crate::vhost_user::miss::MissError;
+    use crate::vhost_user::miss::{MissError, TranslatingHandler};
     use crate::vhost_user::wire::{
         decode_ack, encode_iotlb_frame, IOTLB_MSG_SIZE, VHOST_USER_BACKEND_IOTLB_MSG,
     };
@@ -431,11 +425,8 @@ mod tests {
 
     fn server(mock: &Arc<MockIotlbChannel>) -> (BackendReqServer, UnixStream) {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        let main: Arc<dyn IotlbChannel> = Arc::clone(mock) as Arc<dyn IotlbChannel>;
-        (
-            BackendReqServer::new(ours, Arc::new(translate), main),
-            theirs,
-        )
+        let handler = TranslatingHandler::new(translate, mock.clone());
+        (BackendReqServer::new(ours, Arc::new(handler)), theirs)
     }
 
     fn send_miss(peer: &UnixStream, iova: u64, perm: IotlbPerm, need_reply: bool) {
@@ -494,7 +485,8 @@ mod tests {
         let (ours, peer) = UnixStream::pair().unwrap();
         let bad =
             |_iova: u64, _p: IotlbPerm| Ok(IotlbMsg::update(0x9000, 0x1000, UADDR, IotlbPerm::Rw));
-        let mut srv = BackendReqServer::new(ours, Arc::new(bad), mock.clone());
+        let handler = TranslatingHandler::new(bad, mock.clone());
+        let mut srv = BackendReqServer::new(ours, Arc::new(handler));
         send_miss(&peer, 0x1000, IotlbPerm::Ro, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
         assert_eq!(read_ack(&peer, 1), 1);
@@ -626,7 +618,8 @@ mod tests {
         let (main_ours, main_peer) = UnixStream::pair().unwrap();
         let main = Arc::new(MainSocket::new(main_ours, 2, Duration::from_secs(2)).unwrap());
         let (req_ours, req_peer) = UnixStream::pair().unwrap();
-        let srv = BackendReqServer::new(req_ours, Arc::new(translate), main.clone());
+        let handler = TranslatingHandler::new(translate, main.clone());
+        let srv = BackendReqServer::new(req_ours, Arc::new(handler));
         let thread = srv.spawn("test-backend-req").unwrap();
 
         send_miss(&req_peer, 0x7abc, IotlbPerm::Ro, true);
@@ -749,7 +742,7 @@ mod tests {
     struct Ticks(std::sync::Mutex<std::sync::mpsc::Sender<()>>);
 
     impl MissHandler for Ticks {
-        fn on_miss(&self, iova: u64, _perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
+        fn answer_miss(&self, iova: u64, _perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
             Err(MissError::Unmapped { iova })
         }
 
@@ -762,9 +755,8 @@ mod tests {
     fn an_idle_server_ticks_its_handler() {
         let (tx, rx) = std::sync::mpsc::channel();
         let (ours, peer) = UnixStream::pair().unwrap();
-        let mock: Arc<dyn IotlbChannel> = Arc::new(MockIotlbChannel::new());
         let handler = Arc::new(Ticks(std::sync::Mutex::new(tx)));
-        let thread = BackendReqServer::new(ours, handler, mock)
+        let thread = BackendReqServer::new(ours, handler)
             .spawn("test-ticks")
             .unwrap();
         // No request at all: the ticks still come, one per TICK.

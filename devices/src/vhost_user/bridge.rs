@@ -17,16 +17,16 @@
 //!   so the vIOMMU must deliver events **after releasing** the lock its
 //!   `translate` takes (the `iommu` crate's models return events for exactly
 //!   that reason);
-//! * the fault hook is called **without** the bridge lock held, so it may
-//!   take the vIOMMU's locks.
+//! * [`Viommu::report_fault`] is called **without** the bridge lock held, so
+//!   it may take the vIOMMU's locks.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use iommu::{
-    DmaTranslate, IommuEvent, IommuNotifier, Iova, IovaRange, NotifyError, Permissions,
-    RequesterId, TranslateError,
+    IommuEvent, IommuNotifier, Iova, IovaRange, NotifyError, Permissions, RequesterId,
+    TranslateError,
 };
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -37,12 +37,8 @@ use super::recheck::VringArea;
 use super::stall::{QueueWatch, WatchedRing, STALL_THRESHOLD};
 use super::stats::{BridgeCounters, BridgeStats};
 use super::wire::{IotlbMsg, IotlbPerm};
+use crate::viommu::Viommu;
 use crate::virtio::GuestMemoryMmap;
-
-/// Called when a miss hits an unmapped IOVA or lacks permission, with the
-/// requester, the IOVA and the access the back end wanted, so the vIOMMU can
-/// record a guest-visible fault. Called without any bridge lock held.
-pub type FaultHook = Arc<dyn Fn(RequesterId, u64, IotlbPerm) + Send + Sync>;
 
 /// UPDATEs start at the missed IOVA rounded down to this (the 4 KiB page).
 const UPDATE_START_ALIGN: u64 = 4096;
@@ -61,9 +57,8 @@ pub enum IotlbPolicy {
 
 /// The device's view of the IOMMU, set by the VMM once the PCI address is known.
 struct Translator {
-    translate: Arc<dyn DmaTranslate>,
+    viommu: Arc<dyn Viommu>,
     rid: RequesterId,
-    fault: Option<FaultHook>,
 }
 
 #[derive(Default)]
@@ -221,19 +216,11 @@ impl IotlbBridge {
         }
     }
 
-    /// Set (or replace) the IOMMU this device's DMA goes through: its
-    /// translation, the device's requester id and an optional fault hook.
-    pub fn set_translation(
-        &self,
-        translate: Arc<dyn DmaTranslate>,
-        rid: RequesterId,
-        fault: Option<FaultHook>,
-    ) {
-        lock(&self.state).translator = Some(Translator {
-            translate,
-            rid,
-            fault,
-        });
+    /// Set (or replace) the vIOMMU this device's DMA goes through (it
+    /// translates misses and gets the faults of refused ones) and the
+    /// device's requester id.
+    pub fn set_translation(&self, viommu: Arc<dyn Viommu>, rid: RequesterId) {
+        lock(&self.state).translator = Some(Translator { viommu, rid });
     }
 
     /// The requester id set with [`IotlbBridge::set_translation`].
@@ -333,7 +320,7 @@ impl IotlbBridge {
         let st = lock(&self.state);
         let tr = st.translator.as_ref()?;
         let t = tr
-            .translate
+            .viommu
             .translate(tr.rid, Iova(iova), len, Permissions::Read)
             .ok()?;
         t.extent.gpa_of(iova).map(|g| g.raw_value())
@@ -349,11 +336,6 @@ impl IotlbBridge {
         self.counters.snapshot()
     }
 
-    /// Compute the UPDATE answering a miss (bridge lock held by the caller).
-    fn compute(&self, st: &BridgeState, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
-        self.plan(st, iova, perm).map(|p| p.msg)
-    }
-
     /// The UPDATE answering a miss and what it maps to.
     fn plan(&self, st: &BridgeState, iova: u64, perm: IotlbPerm) -> Result<Planned, MissError> {
         if !st.running {
@@ -366,7 +348,7 @@ impl IotlbBridge {
             return Err(MissError::NoTranslation { iova });
         };
         let t = tr
-            .translate
+            .viommu
             .translate(tr.rid, Iova(iova), 1, access_of(perm))
             .map_err(|e| miss_error(iova, perm, e))?;
         let ext = t.extent;
@@ -405,20 +387,15 @@ impl IotlbBridge {
         st.history.miss(iova, perm, plan.is_ok());
         let planned = plan.map_err(|e| {
             let fault = match e {
-                MissError::Unmapped { .. } | MissError::PermissionDenied { .. } => st
-                    .translator
-                    .as_ref()
-                    .and_then(|t| t.fault.clone().map(|hook| (hook, t.rid))),
+                MissError::Unmapped { .. } | MissError::PermissionDenied { .. } => {
+                    st.translator.as_ref().map(|t| (t.viommu.clone(), t.rid))
+                }
                 _ => None,
             };
             (e, fault)
         })?;
-        let failed = |e: &dyn std::fmt::Display| {
-            let reason = e.to_string();
-            (MissError::UpdateFailed { iova, reason }, None)
-        };
         self.send_update_locked(&mut st, &planned)
-            .map_err(|e| failed(&e))?;
+            .map_err(|source| (MissError::UpdateFailed { iova, source }, None))?;
         Ok(planned.msg)
     }
 
@@ -444,9 +421,7 @@ impl IotlbBridge {
             };
             if let Some(msg) = update_for(mem, iova, g, span, perm) {
                 let planned = Planned { msg, gpa: g, perm };
-                self.send_update_locked(st, &planned).map_err(|e| {
-                    NotifyError::new(format!("vhost-user prefetch UPDATE failed: {e}"))
-                })?;
+                self.send_update_locked(st, &planned)?;
                 BridgeCounters::bump(&self.counters.prefetches);
             }
             match (off + span).checked_add(1) {
@@ -458,7 +433,8 @@ impl IotlbBridge {
     }
 }
 
-type Fault = (FaultHook, RequesterId);
+/// Where a refused miss is reported as a DMA fault.
+type Fault = (Arc<dyn Viommu>, RequesterId);
 
 /// An UPDATE and the GPA and permission it installs (for the record).
 #[derive(Debug, Clone, Copy)]
@@ -469,20 +445,9 @@ struct Planned {
 }
 
 impl MissHandler for IotlbBridge {
-    fn on_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
-        let st = lock(&self.state);
-        self.compute(&st, iova, perm)
-    }
-
-    /// Translate and send the UPDATE under the bridge lock. The UPDATE goes
-    /// through the bridge's own channel (the same main socket the server's
-    /// `main` refers to), so `_main` is not used.
-    fn answer_miss(
-        &self,
-        iova: u64,
-        perm: IotlbPerm,
-        _main: &dyn IotlbChannel,
-    ) -> Result<IotlbMsg, MissError> {
+    /// Translate and send the UPDATE through the bridge's channel, under
+    /// the bridge lock.
+    fn answer_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
         let start = Instant::now();
         BridgeCounters::bump(&self.counters.misses);
         self.serving_miss.store(true, Ordering::Relaxed);
@@ -496,9 +461,9 @@ impl MissHandler for IotlbBridge {
             }
             Err((e, fault)) => {
                 BridgeCounters::bump(&self.counters.misses_refused);
-                if let Some((hook, rid)) = fault {
+                if let Some((viommu, rid)) = fault {
                     BridgeCounters::bump(&self.counters.faults);
-                    hook(rid, iova, perm);
+                    viommu.report_fault(rid, Iova(iova), access_of(perm));
                 }
                 Err(e)
             }

@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use iommu::{DmaTranslate, RequesterId};
+use iommu::RequesterId;
 use thiserror::Error;
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::bridge::{FaultHook, IotlbBridge, IotlbPolicy};
+use super::bridge::{IotlbBridge, IotlbPolicy};
 use super::channel::{ChannelError, IotlbChannel, MainSocket, DEFAULT_ACK_TIMEOUT};
 use super::kind::VhostUserKind;
 use super::reconnect::{ReconnectCounters, Supervisor, SupervisorConfig};
@@ -35,6 +35,7 @@ use super::wire::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
 use crate::thread::ThreadHook;
+use crate::viommu::Viommu;
 use crate::virtio::{ActivateContext, VirtioDevice, VirtioDeviceError, VirtioInterruptType};
 
 /// Default size of every queue.
@@ -405,12 +406,11 @@ impl VhostUserDevice {
     /// [`IotlbBridge::set_translation`]).
     pub fn set_translation(
         &self,
-        translate: Arc<dyn DmaTranslate>,
+        viommu: Arc<dyn Viommu>,
         rid: RequesterId,
-        fault: Option<FaultHook>,
     ) -> Result<(), VhostUserError> {
         let bridge = self.bridge.as_ref().ok_or(VhostUserError::NotBehindIommu)?;
-        bridge.set_translation(translate, rid, fault);
+        bridge.set_translation(viommu, rid);
         Ok(())
     }
 

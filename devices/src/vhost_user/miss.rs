@@ -1,6 +1,9 @@
 //! The seam between the back-end request channel and the IOMMU: who answers
 //! an IOTLB miss.
 
+use std::sync::Arc;
+
+use iommu::NotifyError;
 use thiserror::Error;
 
 use super::channel::IotlbChannel;
@@ -49,12 +52,13 @@ pub enum MissError {
         iova: u64,
     },
     /// The UPDATE could not be delivered (socket failure or back-end nack).
-    #[error("UPDATE for the IOTLB miss at IOVA {iova:#x} failed: {reason}")]
+    #[error("the UPDATE answering the IOTLB miss at IOVA {iova:#x} was not delivered")]
     UpdateFailed {
         /// The IOVA asked for.
         iova: u64,
-        /// What the main socket reported.
-        reason: String,
+        /// What the bridge's channel reported.
+        #[source]
+        source: NotifyError,
     },
     /// The handler produced an UPDATE that does not answer the miss.
     #[error("translation for IOVA {iova:#x} is not a valid UPDATE covering it with {wanted:?}: {update:?}")]
@@ -68,38 +72,20 @@ pub enum MissError {
     },
 }
 
-/// Answers IOTLB misses from a back end.
+/// Answers IOTLB misses from a back end: the one way a miss is answered.
 ///
-/// Called on the back-end channel thread. Implementations translate through
-/// the guest IOMMU and return the UPDATE to send (uaddr = VMM virtual
-/// address, size clipped to the memory region, perm = the mapping's real
-/// permission). They must not send anything on the main socket themselves.
+/// Called on the back-end channel thread. An implementation translates
+/// through the guest IOMMU, sends the UPDATE (uaddr = VMM virtual address,
+/// size clipped to the memory region, perm = the mapping's real permission)
+/// on the device's main socket with NEED_REPLY, and returns once it is
+/// acked, so the back end never sees the miss's ack before its UPDATE. The
+/// IOTLB bridge ([`super::IotlbBridge`]) is the production implementation;
+/// it holds its lock across translating and installing, so an UPDATE cannot
+/// overtake an unmap's INVALIDATE.
 pub trait MissHandler: Send + Sync {
-    /// Translate `iova` for an access of kind `perm`.
-    fn on_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError>;
-
-    /// Answer a miss completely: translate, send the UPDATE through `main`
-    /// with NEED_REPLY and wait for its ack. Returns the UPDATE sent.
-    ///
-    /// The default runs [`MissHandler::on_miss`], checks the result with
-    /// [`check_update`] and sends it. Handlers that must serialise
-    /// translating and installing against invalidations (the IOTLB bridge)
-    /// override this and hold their lock across both steps.
-    fn answer_miss(
-        &self,
-        iova: u64,
-        perm: IotlbPerm,
-        main: &dyn IotlbChannel,
-    ) -> Result<IotlbMsg, MissError> {
-        let update = self.on_miss(iova, perm)?;
-        check_update(iova, perm, &update)?;
-        main.send_iotlb(&update, true)
-            .map_err(|e| MissError::UpdateFailed {
-                iova,
-                reason: e.to_string(),
-            })?;
-        Ok(update)
-    }
+    /// Answer the miss of `iova` for an access of kind `perm`; returns the
+    /// UPDATE sent.
+    fn answer_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError>;
 
     /// An ACCESS_FAIL report from the back end. Informational; logged.
     fn on_access_fail(&self, iova: u64, perm: IotlbPerm) {
@@ -111,6 +97,45 @@ pub trait MissHandler: Send + Sync {
     /// due, never while a miss is being answered (the IOTLB bridge checks
     /// for stalled queues here). Default: nothing.
     fn tick(&self) {}
+}
+
+/// A [`MissHandler`] made of a translation function and the channel its
+/// UPDATEs go through, for tests, fuzzing and simple embedders without
+/// invalidations: the function's UPDATE is checked with [`check_update`]
+/// and sent acked.
+pub struct TranslatingHandler<F> {
+    translate: F,
+    channel: Arc<dyn IotlbChannel>,
+}
+
+impl<F> TranslatingHandler<F>
+where
+    F: Fn(u64, IotlbPerm) -> Result<IotlbMsg, MissError> + Send + Sync,
+{
+    /// Answers misses with `translate`, sending the UPDATEs on `channel`.
+    pub fn new(translate: F, channel: Arc<dyn IotlbChannel>) -> Self {
+        TranslatingHandler { translate, channel }
+    }
+}
+
+impl<F> MissHandler for TranslatingHandler<F>
+where
+    F: Fn(u64, IotlbPerm) -> Result<IotlbMsg, MissError> + Send + Sync,
+{
+    fn answer_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
+        let update = (self.translate)(iova, perm)?;
+        check_update(iova, perm, &update)?;
+        self.channel
+            .send_iotlb(&update, true)
+            .map_err(|e| MissError::UpdateFailed {
+                iova,
+                source: NotifyError::Install {
+                    iova: update.iova,
+                    source: Arc::new(e),
+                },
+            })?;
+        Ok(update)
+    }
 }
 
 impl MissError {
@@ -126,15 +151,6 @@ impl MissError {
                 | MissError::Unrepresentable { .. }
                 | MissError::BadUpdate { .. }
         )
-    }
-}
-
-impl<F> MissHandler for F
-where
-    F: Fn(u64, IotlbPerm) -> Result<IotlbMsg, MissError> + Send + Sync,
-{
-    fn on_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
-        self(iova, perm)
     }
 }
 
@@ -192,13 +208,24 @@ mod tests {
     }
 
     #[test]
-    fn closures_are_miss_handlers() {
-        let h = |iova: u64, _p: IotlbPerm| -> Result<IotlbMsg, MissError> {
-            Err(MissError::Unmapped { iova })
-        };
+    fn translating_handler_checks_and_sends_the_update_acked() {
+        use crate::vhost_user::channel::MockIotlbChannel;
+        let chan = Arc::new(MockIotlbChannel::new());
+        let h = TranslatingHandler::new(
+            |iova: u64, p: IotlbPerm| -> Result<IotlbMsg, MissError> {
+                match iova {
+                    0x1000 => Ok(IotlbMsg::update(0x1000, 0x1000, 0x5000, p)),
+                    _ => Err(MissError::Unmapped { iova }),
+                }
+            },
+            chan.clone(),
+        );
+        let sent = h.answer_miss(0x1000, IotlbPerm::Ro).unwrap();
+        assert_eq!(chan.take_sent(), vec![(sent, true)]);
         assert_eq!(
-            h.on_miss(7, IotlbPerm::Ro),
+            h.answer_miss(7, IotlbPerm::Ro),
             Err(MissError::Unmapped { iova: 7 })
         );
+        assert!(chan.take_sent().is_empty(), "nothing sent for a refusal");
     }
 }

@@ -17,9 +17,9 @@
 //! let stats = dev.stats_handle();                           // keep for the library API
 //! // 2. Behind a vIOMMU, once the PCI address (requester id) is known:
 //! let bridge = dev.bridge().expect("iommu=on");             // Arc<IotlbBridge>
-//! bridge.set_translation(viommu_translate /* Arc<dyn DmaTranslate> */, rid,
-//!                        Some(fault_hook) /* FaultHook */);
-//! notifier_set.register_with_fallback(rid, NotifierFlags::NONE, bridge.clone())?;
+//! viommu.add_endpoint(rid)?;                                // viommu: Arc<dyn devices::viommu::Viommu>
+//! bridge.set_translation(viommu.clone(), rid);              // misses translate, refusals fault
+//! let reg = viommu.register_consumer(rid, bridge.clone(), false)?; // unmaps -> INVALIDATE
 //! // 3. Wrap `dev` in the virtio-pci transport. The transport drives
 //! //    activate/reset; stats.snapshot() reads the counters at any time.
 //! ```
@@ -52,8 +52,8 @@
 //! acked before that unmap's INVALIDATE is sent). The vIOMMU must therefore
 //! deliver events (`NotifierSet::dispatch*`) *after* releasing the lock its
 //! `translate` takes, exactly as the `iommu` crate's models return events
-//! instead of delivering them. The fault hook is called with no bridge lock
-//! held. `notify` for unmap-type events returns only after the back end
+//! instead of delivering them. `Viommu::report_fault` is called with no
+//! bridge lock held. `notify` for unmap-type events returns only after the back end
 //! acked the INVALIDATE; a nack closes the back end's socket and returns an
 //! error.
 //!
@@ -120,7 +120,7 @@ pub mod stall;
 pub mod stats;
 pub mod wire;
 
-pub use bridge::{FaultHook, IotlbBridge, IotlbPolicy};
+pub use bridge::{IotlbBridge, IotlbPolicy};
 pub use frontend::{VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserStatsHandle};
 pub use kind::VhostUserKind;
 pub use reconnect::ReconnectStats;

@@ -302,13 +302,12 @@ impl Link {
                 .open_backend_channel()
                 .map_err(step("SET_BACKEND_REQ_FD"))?;
             let watch = ours.try_clone().map_err(VhostUserError::Resource)?;
-            let main: Arc<dyn IotlbChannel> = self.main.clone();
             let label = format!(
                 "{} {}",
                 self.kind.name(),
                 bridge.rid().map(|r| r.to_string()).unwrap_or_default()
             );
-            let server = BackendReqServer::new(ours, bridge.clone(), main).with_label(label);
+            let server = BackendReqServer::new(ours, bridge.clone()).with_label(label);
             let hook = self.hook.lock().ok().and_then(|h| h.clone());
             s.server = Some(
                 server

@@ -128,7 +128,7 @@ pub struct BridgeStats {
     pub misses_served: u64,
     /// Misses refused (unmapped, forbidden, stopped, send failure).
     pub misses_refused: u64,
-    /// Refused misses reported to the vIOMMU's fault hook.
+    /// Refused misses reported to the vIOMMU as DMA faults.
     pub faults: u64,
     /// ACCESS_FAIL reports from the back end.
     pub access_fails: u64,

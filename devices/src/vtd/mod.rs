@@ -18,19 +18,18 @@
 //! the hypervisor's MSI delivery; interrupt-entry-cache invalidations and
 //! SIRTP/IRE/CFI changes refresh its routes in order with the other actions.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use iommu::vtd::{Vtd, VtdAction, VtdConfig, VtdError};
-use iommu::{
-    Access, DmaTranslate, IommuNotifier, Iova, NotifierError, NotifierFlags, NotifierHandle,
-    NotifierSet, RequesterId, TranslateError, Translation, UnmapKind,
-};
+use iommu::{Access, DmaTranslate, Iova, NotifierSet, RequesterId, TranslateError, Translation};
 
 use crate::bus::BusDevice;
 use crate::interrupt::{MsiMessage, MsiSink};
 use crate::virtio::GuestMemoryMmap;
 
 pub mod intremap;
+mod seam;
 
 pub use intremap::{InterruptRemapper, IrSource, IrStats};
 
@@ -61,6 +60,8 @@ pub struct VtdUnit {
     msi: Arc<dyn MsiSink>,
     stats: Mutex<VtdStats>,
     interrupt_remapper: Mutex<Option<Weak<InterruptRemapper>>>,
+    /// Functions whose ATS Enable the guest set ([`seam`]).
+    ats_enabled: Mutex<BTreeSet<RequesterId>>,
 }
 
 impl std::fmt::Debug for VtdUnit {
@@ -89,6 +90,7 @@ impl VtdUnit {
             msi,
             stats: Mutex::new(VtdStats::default()),
             interrupt_remapper: Mutex::new(None),
+            ats_enabled: Mutex::new(BTreeSet::new()),
         }))
     }
 
@@ -104,84 +106,6 @@ impl VtdUnit {
     /// Counters.
     pub fn stats(&self) -> VtdStats {
         *lock(&self.stats)
-    }
-
-    /// Registers an IOTLB consumer of `rid` with `kind` unmaps (device-TLB
-    /// only when the unit supports it; see [`VtdUnit::set_ats_enabled`]).
-    /// With `maps` it also hears new mappings, which only a caching-mode unit
-    /// can report (the guest invalidates after mapping); otherwise MAP is
-    /// dropped from the request.
-    pub fn register_consumer(
-        &self,
-        rid: RequesterId,
-        kind: UnmapKind,
-        maps: bool,
-        consumer: Arc<dyn IommuNotifier>,
-    ) -> Result<NotifierHandle, NotifierError> {
-        let mut set = self.notifiers.write().unwrap_or_else(|e| e.into_inner());
-        let map = if maps && self.config().caching_mode {
-            NotifierFlags::MAP
-        } else {
-            NotifierFlags::NONE
-        };
-        let flags = match kind {
-            UnmapKind::Iotlb => NotifierFlags::UNMAP,
-            UnmapKind::DevIotlb => NotifierFlags::DEVIOTLB_UNMAP,
-        };
-        match set.register(rid, flags | map, consumer.clone()) {
-            Ok(h) => Ok(h),
-            // The unit rejects device-TLB notifiers without ECAP.DT: fall back.
-            Err(_) if kind == UnmapKind::DevIotlb => {
-                set.register(rid, NotifierFlags::UNMAP | map, consumer)
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Unregisters a consumer (e.g. at shutdown).
-    pub fn unregister_consumer(&self, handle: NotifierHandle) {
-        let mut set = self.notifiers.write().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = set.unregister(handle) {
-            log::debug!("vtd: unregistering a consumer: {e}");
-        }
-    }
-
-    /// Follows the guest's ATS Enable bit of `rid`: device-TLB notifications
-    /// while ATS is on and the unit has device-TLB support, IOTLB ones
-    /// otherwise (a guest that never enables ATS sends no device-TLB
-    /// invalidations, so a device-TLB consumer would keep stale entries).
-    pub fn set_ats_enabled(&self, rid: RequesterId, enabled: bool) -> UnmapKind {
-        let _serial = lock(&self.inval);
-        let dt = self.config().device_iotlb;
-        let kind = if enabled && dt {
-            UnmapKind::DevIotlb
-        } else {
-            UnmapKind::Iotlb
-        };
-        let mut set = self.notifiers.write().unwrap_or_else(|e| e.into_inner());
-        match set.switch_endpoint_unmap_kind(rid, kind) {
-            Ok(n) => {
-                log::info!("vtd: {rid} ATS {enabled}: {n} consumer(s) now take {kind:?} unmaps")
-            }
-            Err(e) => log::warn!("vtd: cannot switch {rid} to {kind:?} unmaps: {e}"),
-        }
-        kind
-    }
-
-    /// Records a DMA fault of `rid` at `iova` (e.g. an IOTLB miss that found
-    /// no valid translation) and raises the fault event if the guest wants it.
-    ///
-    /// Does not take the invalidation lock: the caller may be a backend
-    /// thread whose backend is needed to finish a running invalidation.
-    pub fn record_fault(&self, rid: RequesterId, iova: u64, access: Access) {
-        let (result, actions) = {
-            let mut m = self.model.write().unwrap_or_else(|e| e.into_inner());
-            m.translate_and_record(rid, Iova(iova), 1, access)
-        };
-        if result.is_ok() {
-            log::debug!("vtd: {rid} {iova:#x} translates now; no fault recorded");
-        }
-        self.run(actions);
     }
 
     fn send_msi(&self, msg: iommu::vtd::MsiMessage) {
@@ -291,7 +215,8 @@ impl BusDevice for VtdDevice {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use iommu::{IommuEvent, NotifyError};
+    use crate::viommu::Viommu;
+    use iommu::{IommuEvent, IommuNotifier, NotifyError, UnmapKind};
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::time::Duration;
     use vm_memory::{Bytes, GuestAddress};
@@ -365,8 +290,7 @@ mod tests {
             status_seen: AtomicU32::new(u32::MAX),
             events: Mutex::new(Vec::new()),
         });
-        unit.register_consumer(RID, UnmapKind::Iotlb, false, slow.clone())
-            .unwrap();
+        Viommu::register_consumer(unit.as_ref(), RID, slow.clone(), false).unwrap();
         // Global IOTLB invalidation, then a wait with a status write.
         mem.write_obj(0x2u64 | (1 << 4), GuestAddress(QUEUE))
             .unwrap();
@@ -395,9 +319,8 @@ mod tests {
             status_seen: AtomicU32::new(0),
             events: Mutex::new(Vec::new()),
         });
-        unit.register_consumer(RID, UnmapKind::Iotlb, false, slow.clone())
-            .unwrap();
-        assert_eq!(unit.set_ats_enabled(RID, true), UnmapKind::DevIotlb);
+        Viommu::register_consumer(unit.as_ref(), RID, slow.clone(), false).unwrap();
+        assert_eq!(unit.follow_ats(RID, true), UnmapKind::DevIotlb);
         // An IOTLB invalidation no longer reaches a device-TLB consumer...
         mem.write_obj(0x2u64 | (1 << 4), GuestAddress(QUEUE))
             .unwrap();
@@ -417,7 +340,7 @@ mod tests {
             "{evs:?}"
         );
         // ATS off again: plain IOTLB invalidations reach it.
-        assert_eq!(unit.set_ats_enabled(RID, false), UnmapKind::Iotlb);
+        assert_eq!(unit.follow_ats(RID, false), UnmapKind::Iotlb);
         mem.write_obj(0x2u64 | (1 << 4), GuestAddress(QUEUE + 32))
             .unwrap();
         w64(&mut dev, 0x88, 3 << 4);

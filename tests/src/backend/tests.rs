@@ -11,8 +11,9 @@ use std::time::Duration;
 use devices::sys::{poll_fds, PollFd};
 use devices::vhost_user::backend_req::{BackendReqServer, BackendReqThread};
 use devices::vhost_user::channel::{ChannelError, IotlbChannel, MainSocket};
-use devices::vhost_user::miss::{MissError, MissHandler};
+use devices::vhost_user::miss::{MissError, MissHandler, TranslatingHandler};
 use devices::vhost_user::wire::*;
+use iommu::NotifyError;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -65,11 +66,18 @@ fn translate(iova: u64, _perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
 impl Rig {
     /// Features, protocol features, owner, memory table, back-end channel.
     fn negotiate(&mut self, features: u64) {
-        self.negotiate_with(features, Arc::new(translate));
+        self.negotiate_with(features, |main| {
+            Arc::new(TranslatingHandler::new(translate, main))
+        });
     }
 
-    /// `negotiate` with the front end answering misses through `handler`.
-    fn negotiate_with(&mut self, features: u64, handler: Arc<dyn MissHandler>) {
+    /// `negotiate` with the front end answering misses through the handler `make` builds
+    /// over the main socket.
+    fn negotiate_with(
+        &mut self,
+        features: u64,
+        make: impl FnOnce(Arc<dyn IotlbChannel>) -> Arc<dyn MissHandler>,
+    ) {
         let features = features | VHOST_USER_F_PROTOCOL_FEATURES;
         let mem_fd = self.mem.as_raw_fd();
         self.main
@@ -93,8 +101,7 @@ impl Rig {
             })
             .unwrap();
         let chan = self.main.open_backend_channel().unwrap();
-        let main: Arc<dyn IotlbChannel> = self.main.clone();
-        let srv = BackendReqServer::new(chan, handler, main);
+        let srv = BackendReqServer::new(chan, make(self.main.clone()));
         self.req = Some(srv.spawn("test-frontend-req").unwrap());
     }
 
@@ -286,25 +293,23 @@ fn answered_miss_is_timed_until_its_update() {
 /// Answers every page's first miss with an UPDATE immediately followed by an
 /// INVALIDATE of it (a full flush racing with the answer); later misses are
 /// answered normally.
-struct WipeFirstAnswer(std::sync::Mutex<std::collections::HashSet<u64>>);
+struct WipeFirstAnswer {
+    seen: std::sync::Mutex<std::collections::HashSet<u64>>,
+    main: Arc<dyn IotlbChannel>,
+}
 
 impl MissHandler for WipeFirstAnswer {
-    fn on_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
-        translate(iova, perm)
-    }
-
-    fn answer_miss(
-        &self,
-        iova: u64,
-        perm: IotlbPerm,
-        main: &dyn IotlbChannel,
-    ) -> Result<IotlbMsg, MissError> {
+    fn answer_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
         let update = translate(iova, perm)?;
         let failed = |e: ChannelError| MissError::UpdateFailed {
             iova,
-            reason: e.to_string(),
+            source: NotifyError::Install {
+                iova: update.iova,
+                source: Arc::new(e),
+            },
         };
-        let first = self.0.lock().unwrap().insert(update.iova);
+        let main = &self.main;
+        let first = self.seen.lock().unwrap().insert(update.iova);
         // Without waiting for the UPDATE's ack, so that the INVALIDATE is
         // already queued behind it and usually wins the race.
         main.send_iotlb(&update, !first).map_err(failed)?;
@@ -322,8 +327,12 @@ fn miss_is_sent_again_when_its_answer_was_invalidated_before_use() {
         miss_timeout: Duration::from_millis(300),
         ..Default::default()
     });
-    let handler = Arc::new(WipeFirstAnswer(Default::default()));
-    r.negotiate_with(VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM, handler);
+    r.negotiate_with(VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM, |main| {
+        Arc::new(WipeFirstAnswer {
+            seen: Default::default(),
+            main,
+        })
+    });
     // Whether the data path looks before or after the INVALIDATE is a race;
     // over 10 pages it loses at least once without the re-send.
     for page in 0..10u64 {
@@ -353,10 +362,9 @@ fn queue_waiting_for_a_miss_yields_to_a_vring_message_and_retries() {
         }
         translate(iova, perm)
     };
-    r.negotiate_with(
-        VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM,
-        Arc::new(handler),
-    );
+    r.negotiate_with(VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM, |main| {
+        Arc::new(TranslatingHandler::new(handler, main))
+    });
     let (kick, call) = kick_and_call();
     let mut frame = vec![0u8; 12];
     frame.extend_from_slice(b"held up");

@@ -9,22 +9,14 @@ use std::sync::{Arc, Mutex};
 use devices::interrupt::IrqfdRouter;
 use devices::legacy::ioapic::Ioapic;
 use devices::pci::PciBdf;
-use devices::vhost_user::wire::IotlbPerm;
-use devices::vhost_user::FaultHook;
+use devices::viommu::{Viommu as ViommuSeam, ViommuError};
 use devices::virtio::iommu::{IommuState, VirtioIommuDevice, VirtioIommuDeviceError};
 use devices::virtio::GuestMemoryMmap;
 use devices::vtd::{InterruptRemapper, VtdDevice, VtdUnit, VTD_REGS_SIZE};
-use iommu::virtio::protocol::{
-    VIRTIO_IOMMU_FAULT_F_ADDRESS, VIRTIO_IOMMU_FAULT_F_READ, VIRTIO_IOMMU_FAULT_F_WRITE,
-    VIRTIO_IOMMU_FAULT_R_MAPPING,
-};
 use iommu::virtio::VirtioIommuSettings;
 use iommu::vtd::dmar::{DmarConfig, IoapicScope};
 use iommu::vtd::VtdConfig;
-use iommu::{
-    Access, DmaTranslate, DomainsConfig, IommuNotifier, Iova, NotifierFlags, NotifierHandle,
-    RequesterId, UnmapKind,
-};
+use iommu::{DomainsConfig, IommuNotifier, NotifierHandle, RequesterId};
 use thiserror::Error;
 
 use super::{DeviceManager, DeviceManagerError};
@@ -38,9 +30,6 @@ pub enum IommuSetupError {
     /// The virtio-iommu state could not be created.
     #[error("cannot create the virtio-iommu")]
     Virtio(#[source] VirtioIommuDeviceError),
-    /// An endpoint could not be registered.
-    #[error("cannot register endpoint {0} with the vIOMMU")]
-    Endpoint(PciBdf),
     /// The VIOT table could not be built.
     #[error("cannot build the ACPI VIOT table")]
     Viot(#[source] viot::ViotError),
@@ -52,60 +41,35 @@ pub enum IommuSetupError {
     Dmar(#[source] iommu::vtd::dmar::DmarError),
 }
 
-/// The VM's vIOMMU.
-pub enum Viommu {
-    /// virtio-iommu.
-    Virtio {
-        /// Shared model state (translation, notifier set, faults).
-        state: Arc<IommuState>,
-        /// Where the virtio-iommu sits.
-        bdf: PciBdf,
-        /// Endpoints registered behind it, in BDF order.
-        endpoints: Vec<PciBdf>,
-        /// Registered IOTLB consumers (unregistered on drop).
-        consumers: Vec<NotifierHandle>,
-    },
-    /// Intel VT-d remapping unit at [`VTD_START`].
-    Vtd {
-        /// The unit (translation, notifier set, faults, ATS tracking).
-        unit: Arc<VtdUnit>,
-        /// Endpoints behind it (all PCI devices are: INCLUDE_PCI_ALL).
-        endpoints: Vec<PciBdf>,
-        /// Registered IOTLB consumers (unregistered on drop).
-        consumers: Vec<NotifierHandle>,
-    },
+/// The VM's vIOMMU: the devices behind it see only the [`ViommuSeam`];
+/// what differs by kind is how the firmware describes it.
+pub struct Viommu {
+    /// The model behind the seam.
+    seam: Arc<dyn ViommuSeam>,
+    /// The kind, for the ACPI table and the counters.
+    kind: Kind,
+    /// Endpoints registered behind it, in BDF order.
+    endpoints: Vec<PciBdf>,
+    /// Registered IOTLB consumers (unregistered on drop).
+    consumers: Vec<NotifierHandle>,
+}
+
+/// What only the firmware description and the counters need to know.
+enum Kind {
+    /// virtio-iommu at `bdf` (VIOT).
+    Virtio { state: Arc<IommuState>, bdf: PciBdf },
+    /// Intel VT-d at [`VTD_START`] (DMAR).
+    Vtd { unit: Arc<VtdUnit> },
 }
 
 impl Drop for Viommu {
     /// Unregisters the IOTLB consumers: a consumer holds the vIOMMU (its
-    /// translation and fault hook) and the vIOMMU's notifier set holds the
-    /// consumer, so without this neither (nor the backend socket) is freed.
+    /// translation and fault reporting) and the vIOMMU's notifier set holds
+    /// the consumer, so without this neither (nor the backend socket) is freed.
     fn drop(&mut self) {
-        match self {
-            Viommu::Virtio {
-                state, consumers, ..
-            } => {
-                for h in consumers.drain(..) {
-                    let _ = state.unregister_notifier(h);
-                }
-            }
-            Viommu::Vtd {
-                unit, consumers, ..
-            } => {
-                for h in consumers.drain(..) {
-                    unit.unregister_consumer(h);
-                }
-            }
+        for h in self.consumers.drain(..) {
+            self.seam.unregister_consumer(h);
         }
-    }
-}
-
-/// Turns an IOTLB permission into the access it asks for.
-fn access_of(perm: IotlbPerm) -> Access {
-    match perm {
-        IotlbPerm::Wo => Access::Write,
-        IotlbPerm::Rw => Access::ReadWrite,
-        _ => Access::Read,
     }
 }
 
@@ -117,7 +81,7 @@ impl Viommu {
         mem: &GuestMemoryMmap,
         ram_end: u64,
     ) -> Result<Self, DeviceManagerError> {
-        match cfg.kind {
+        let (seam, kind): (Arc<dyn ViommuSeam>, Kind) = match cfg.kind {
             IommuKind::Virtio => {
                 let domains = DomainsConfig {
                     boot_bypass: true,
@@ -128,164 +92,117 @@ impl Viommu {
                     .map_err(IommuSetupError::Virtio)?;
                 let device = VirtioIommuDevice::new(state.clone());
                 let bdf = dm.add_virtio_pci(mem.clone(), Box::new(device))?;
-                Ok(Viommu::Virtio {
-                    state,
-                    bdf,
-                    endpoints: Vec::new(),
-                    consumers: Vec::new(),
-                })
+                (state.clone(), Kind::Virtio { state, bdf })
             }
             IommuKind::Vtd => {
-                let vcfg = VtdConfig {
-                    address_width: cfg.address_width,
-                    caching_mode: cfg.caching_mode,
-                    device_iotlb: cfg.device_iotlb,
-                    interrupt_remapping: cfg.interrupt_remapping,
-                    identity_limit: ram_end,
-                    ..VtdConfig::default()
-                };
-                let unit =
-                    VtdUnit::new(vcfg, mem.clone(), dm.msi()).map_err(IommuSetupError::Vtd)?;
-                if cfg.interrupt_remapping {
-                    dm.enable_interrupt_remapping(&unit);
-                }
-                let dev = Arc::new(Mutex::new(VtdDevice(unit.clone())));
-                dm.mmio
-                    .insert(dev, VTD_START, VTD_REGS_SIZE)
-                    .map_err(|source| DeviceManagerError::Bus {
-                        name: "VT-d",
-                        source,
-                    })?;
-                Ok(Viommu::Vtd {
-                    unit,
-                    endpoints: Vec::new(),
-                    consumers: Vec::new(),
-                })
+                let unit = create_vtd(cfg, dm, mem, ram_end)?;
+                (unit.clone(), Kind::Vtd { unit })
             }
-        }
+        };
+        Ok(Viommu {
+            seam,
+            kind,
+            endpoints: Vec::new(),
+            consumers: Vec::new(),
+        })
     }
 
-    /// The handler of the guest's ATS Enable changes for `rid`, where the
-    /// vIOMMU cares (VT-d device-TLB notifications).
-    pub fn ats_handler(&self, rid: RequesterId) -> Option<Box<dyn Fn(bool) + Send + Sync>> {
-        match self {
-            Viommu::Virtio { .. } => None,
-            Viommu::Vtd { unit, .. } => {
-                let unit = unit.clone();
-                Some(Box::new(move |on| {
-                    unit.set_ats_enabled(rid, on);
-                }))
-            }
-        }
+    /// What devices behind the vIOMMU talk to.
+    pub fn seam(&self) -> Arc<dyn ViommuSeam> {
+        self.seam.clone()
     }
 
-    /// Registers a PCI function as an endpoint behind the vIOMMU.
-    pub fn add_endpoint(&mut self, bdf: PciBdf) -> Result<(), DeviceManagerError> {
-        match self {
-            Viommu::Virtio {
-                state, endpoints, ..
-            } => {
-                state
-                    .add_endpoint(requester_id(bdf))
-                    .map_err(|_| IommuSetupError::Endpoint(bdf))?;
-                endpoints.push(bdf);
-            }
-            Viommu::Vtd { endpoints, .. } => endpoints.push(bdf),
-        }
+    /// Puts a PCI function behind the vIOMMU and registers `consumer` for
+    /// its unmaps (device-TLB kind while its ATS is on, where the vIOMMU
+    /// has one), and for new mappings too when `maps` (prefetch policy).
+    pub fn attach(
+        &mut self,
+        bdf: PciBdf,
+        consumer: Arc<dyn IommuNotifier>,
+        maps: bool,
+    ) -> Result<(), ViommuError> {
+        let rid = requester_id(bdf);
+        self.seam.add_endpoint(rid)?;
+        self.endpoints.push(bdf);
+        let reg = self.seam.register_consumer(rid, consumer, maps)?;
+        self.consumers.push(reg.handle);
         Ok(())
     }
 
-    /// What an IOTLB bridge calls when a backend's miss hits no valid
-    /// translation: a guest-visible fault where the vIOMMU has one.
-    pub fn fault_hook(&self) -> FaultHook {
-        match self {
-            Viommu::Virtio { state, .. } => {
-                let state = state.clone();
-                Arc::new(move |rid, iova, perm| {
-                    let flags = match perm {
-                        IotlbPerm::Wo => VIRTIO_IOMMU_FAULT_F_WRITE,
-                        IotlbPerm::Rw => VIRTIO_IOMMU_FAULT_F_READ | VIRTIO_IOMMU_FAULT_F_WRITE,
-                        _ => VIRTIO_IOMMU_FAULT_F_READ,
-                    } | VIRTIO_IOMMU_FAULT_F_ADDRESS;
-                    let r = state.report_fault(
-                        rid,
-                        Some(Iova(iova)),
-                        VIRTIO_IOMMU_FAULT_R_MAPPING,
-                        flags,
-                    );
-                    log::debug!("viommu: fault for {rid} at {iova:#x}: {r:?}");
+    /// The vIOMMU's own counters, as one flat JSON object.
+    pub fn counters_json(&self) -> serde_json::Value {
+        match &self.kind {
+            Kind::Virtio { state, .. } => {
+                let s = state.stats();
+                serde_json::json!({
+                    "kind": "virtio-iommu",
+                    "notifier_failures": s.notifier_failures(),
+                    "faults_reported": s.faults_reported(),
+                    "faults_dropped": s.faults_dropped(),
                 })
             }
-            Viommu::Vtd { unit, .. } => {
-                let unit = unit.clone();
-                Arc::new(move |rid, iova, perm| unit.record_fault(rid, iova, access_of(perm)))
+            Kind::Vtd { unit } => {
+                let s = unit.stats();
+                serde_json::json!({
+                    "kind": "vtd",
+                    "notify_batches": s.notify_batches,
+                    "events": s.events,
+                    "notify_failures": s.notify_failures,
+                    "waits": s.waits,
+                    "fault_events": s.fault_events,
+                })
             }
-        }
-    }
-
-    /// Registers an IOTLB consumer for `rid`'s unmaps (device-IOTLB kind when
-    /// the vIOMMU accepts it, plain UNMAP otherwise), and for new mappings
-    /// too when `maps` (prefetch policy).
-    pub fn register_consumer(
-        &mut self,
-        rid: RequesterId,
-        consumer: Arc<dyn IommuNotifier>,
-        maps: bool,
-    ) -> Result<(), String> {
-        let extra = if maps {
-            NotifierFlags::MAP
-        } else {
-            NotifierFlags::NONE
-        };
-        match self {
-            Viommu::Virtio {
-                state, consumers, ..
-            } => {
-                let (h, kind) = state
-                    .register_notifier_with_fallback(rid, extra, consumer)
-                    .map_err(|e| e.to_string())?;
-                log::info!("viommu: IOTLB consumer for {rid} registered as {kind:?}");
-                consumers.push(h);
-                Ok(())
-            }
-            Viommu::Vtd {
-                unit, consumers, ..
-            } => {
-                // ATS is off at boot: IOTLB invalidations until the guest enables it.
-                let h = unit
-                    .register_consumer(rid, UnmapKind::Iotlb, maps, consumer)
-                    .map_err(|e| e.to_string())?;
-                consumers.push(h);
-                Ok(())
-            }
-        }
-    }
-
-    /// Translation through the vIOMMU, for IOTLB misses.
-    pub fn translate(&self) -> Arc<dyn DmaTranslate> {
-        match self {
-            Viommu::Virtio { state, .. } => state.clone(),
-            Viommu::Vtd { unit, .. } => unit.clone(),
         }
     }
 
     /// The ACPI table describing the vIOMMU (VIOT or DMAR), if it has endpoints.
     pub fn acpi_table(&self) -> Result<Option<Vec<u8>>, DeviceManagerError> {
-        match self {
-            Viommu::Virtio { bdf, endpoints, .. } => {
-                let (Some(first), Some(last)) = (endpoints.first(), endpoints.last()) else {
+        match &self.kind {
+            Kind::Virtio { bdf, .. } => {
+                let (Some(first), Some(last)) = (self.endpoints.first(), self.endpoints.last())
+                else {
                     return Ok(None);
                 };
                 let t = viot::build(*bdf, *first, *last).map_err(IommuSetupError::Viot)?;
                 Ok(Some(t))
             }
-            Viommu::Vtd { unit, .. } => {
+            Kind::Vtd { unit } => {
                 let dmar = DmarConfig::for_unit(&unit.config(), VTD_START, Some(IOAPIC_SCOPE));
                 let t = dmar.build().map_err(IommuSetupError::Dmar)?;
                 Ok(Some(t))
             }
         }
     }
+}
+
+/// Creates the VT-d unit, puts its registers on the MMIO bus and, when
+/// configured, its interrupt remapper in front of KVM.
+fn create_vtd(
+    cfg: &IommuConfig,
+    dm: &mut DeviceManager,
+    mem: &GuestMemoryMmap,
+    ram_end: u64,
+) -> Result<Arc<VtdUnit>, DeviceManagerError> {
+    let vcfg = VtdConfig {
+        address_width: cfg.address_width,
+        caching_mode: cfg.caching_mode,
+        device_iotlb: cfg.device_iotlb,
+        interrupt_remapping: cfg.interrupt_remapping,
+        identity_limit: ram_end,
+        ..VtdConfig::default()
+    };
+    let unit = VtdUnit::new(vcfg, mem.clone(), dm.msi()).map_err(IommuSetupError::Vtd)?;
+    if cfg.interrupt_remapping {
+        dm.enable_interrupt_remapping(&unit);
+    }
+    let dev = Arc::new(Mutex::new(VtdDevice(unit.clone())));
+    dm.mmio
+        .insert(dev, VTD_START, VTD_REGS_SIZE)
+        .map_err(|source| DeviceManagerError::Bus {
+            name: "VT-d",
+            source,
+        })?;
+    Ok(unit)
 }
 
 /// The IOAPIC's pseudo requester id, 0xFF:00.0 as on QEMU's q35: the SID its

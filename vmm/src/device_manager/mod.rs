@@ -207,6 +207,15 @@ impl DeviceManager {
         })
     }
 
+    /// Where the next PCI function will be plugged.
+    pub fn next_bdf(&self) -> Result<PciBdf, DeviceManagerError> {
+        let root = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        let bdf = root.next_free_bdf();
+        bdf.ok_or(DeviceManagerError::Pci(pci::PciSetupError::Root(
+            devices::pci::PciRootError::NoFreeSlot,
+        )))
+    }
+
     /// Adds a virtio device behind a virtio-pci transport on bus 0.
     pub fn add_virtio_pci(
         &mut self,

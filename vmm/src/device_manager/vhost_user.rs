@@ -3,16 +3,17 @@
 //! (translation for misses, a fault hook, unmap notifications).
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use devices::pci::ats::AtsListener;
-
 use devices::pci::PciBdf;
 use devices::vhost_user::{
     IotlbPolicy, VhostUserConfig as DeviceConfig, VhostUserDevice, VhostUserError,
     VhostUserKind as DeviceKind, VhostUserStats, VhostUserStatsHandle,
 };
+use devices::viommu::{Viommu as ViommuSeam, ViommuError};
 use devices::virtio::GuestMemoryMmap;
+use iommu::RequesterId;
 use thiserror::Error;
 
 use super::iommu::{requester_id, Viommu};
@@ -34,12 +35,13 @@ pub enum VhostUserSetupError {
         source: VhostUserError,
     },
     /// Hooking the device to the vIOMMU failed.
-    #[error("cannot attach vhost-user device {socket:?} to the vIOMMU: {reason}")]
+    #[error("cannot attach vhost-user device {socket:?} to the vIOMMU")]
     Iommu {
         /// Socket.
         socket: PathBuf,
         /// What failed.
-        reason: String,
+        #[source]
+        source: ViommuError,
     },
 }
 
@@ -151,31 +153,23 @@ pub fn add_vhost_user(
     let device = VhostUserDevice::connect(device_config(cfg, policy)).map_err(dev_err)?;
     let stats = device.stats_handle();
     let bridge = device.bridge();
-    // The ATS listener exists before the device's address (and so its
-    // requester id) is known; the vIOMMU's handler is plugged in afterwards.
-    let ats_slot: Arc<OnceLock<AtsHandler>> = Arc::new(OnceLock::new());
-    let listener: Option<AtsListener> = cfg.ats.then(|| {
-        let slot = ats_slot.clone();
-        Arc::new(move |on: bool| {
-            if let Some(h) = slot.get() {
-                h(on)
-            }
-        }) as AtsListener
-    });
-    let bdf = dm.add_virtio_pci_with(mem.clone(), Box::new(device), listener)?;
-    if let (true, Some(viommu), Some(bridge)) = (cfg.iommu, viommu, bridge) {
-        viommu.add_endpoint(bdf)?;
-        let rid = requester_id(bdf);
-        if let Some(h) = viommu.ats_handler(rid) {
-            let _ = ats_slot.set(h);
-        }
-        bridge.set_translation(viommu.translate(), rid, Some(viommu.fault_hook()));
-        viommu
-            .register_consumer(rid, bridge, policy == IotlbPolicyConfig::Prefetch)
-            .map_err(|reason| VhostUserSetupError::Iommu {
-                socket: cfg.socket.clone(),
-                reason,
-            })?;
+    let viommu = viommu.filter(|_| cfg.iommu);
+    // The requester id is known before the device exists, so its ATS
+    // listener can name it.
+    let bdf = dm.next_bdf()?;
+    let listener = cfg
+        .ats
+        .then(|| ats_listener(viommu.as_ref().map(|v| v.seam()), requester_id(bdf)));
+    let plugged = dm.add_virtio_pci_with(mem.clone(), Box::new(device), listener)?;
+    debug_assert_eq!(plugged, bdf, "the device went where next_bdf said");
+    if let (Some(viommu), Some(bridge)) = (viommu, bridge) {
+        let iommu_err = |source| VhostUserSetupError::Iommu {
+            socket: cfg.socket.clone(),
+            source,
+        };
+        bridge.set_translation(viommu.seam(), requester_id(bdf));
+        let maps = policy == IotlbPolicyConfig::Prefetch;
+        viommu.attach(bdf, bridge, maps).map_err(iommu_err)?;
     }
     log::info!("vhost-user: {:?} {:?} at {bdf}", cfg.kind, cfg.socket);
     Ok(VhostUserInfo {
@@ -192,8 +186,16 @@ impl From<VhostUserSetupError> for DeviceManagerError {
     }
 }
 
-/// What handles a device's ATS Enable changes.
-type AtsHandler = Box<dyn Fn(bool) + Send + Sync>;
+/// The listener of a function's ATS Enable bit: the vIOMMU follows it
+/// (VT-d switches the function's consumers between IOTLB and device-TLB
+/// unmaps); without a vIOMMU the bit changes nothing.
+fn ats_listener(seam: Option<Arc<dyn ViommuSeam>>, rid: RequesterId) -> AtsListener {
+    Arc::new(move |on: bool| {
+        if let Some(v) = &seam {
+            v.set_ats_enabled(rid, on);
+        }
+    })
+}
 
 /// The bridge type registered as an IOMMU notifier consumer.
 pub type Consumer = Arc<devices::vhost_user::IotlbBridge>;

@@ -5,6 +5,7 @@
 //! held, so every INVALIDATE is acked before `notify` returns.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use iommu::{Extent, Iova, IovaRange, NotifyError, Permissions, TranslateError};
@@ -71,20 +72,19 @@ impl IotlbBridge {
             self.flush_all_locked(st)?;
         }
         self.push_update_locked(st, p)
+            .map_err(|e| NotifyError::Install {
+                iova: p.msg.iova,
+                source: Arc::new(e),
+            })
     }
 
-    fn push_update_locked(&self, st: &mut BridgeState, p: &Planned) -> Result<(), NotifyError> {
+    fn push_update_locked(&self, st: &mut BridgeState, p: &Planned) -> Result<(), ChannelError> {
         let m = p.msg;
         // Recorded before sending: a send that fails half-way may still
         // have installed the entry.
         st.installed
             .add(m.iova, m.iova + (m.size - 1), p.gpa, p.perm);
-        self.channel.send_iotlb(&m, true).map_err(|e| {
-            NotifyError::new(format!(
-                "vhost-user UPDATE of IOVA {:#x}+{:#x} failed: {e}",
-                m.iova, m.size
-            ))
-        })
+        self.channel.send_iotlb(&m, true)
     }
 
     /// An unmap notification for `range`: invalidate what the back end
@@ -214,10 +214,11 @@ impl IotlbBridge {
                 if matches!(e, ChannelError::Nack(_)) {
                     self.channel.close();
                 }
-                Err(NotifyError::new(format!(
-                    "vhost-user INVALIDATE of IOVA {iova:#x}+{size:#x} failed ({e}); \
-                     the back end was disconnected"
-                )))
+                Err(NotifyError::Invalidate {
+                    first,
+                    last,
+                    source: Arc::new(e),
+                })
             }
         }
     }
@@ -295,7 +296,7 @@ fn now(st: &BridgeState, iova: u64) -> Result<Extent, TranslateError> {
             len: 0,
         });
     };
-    tr.translate
+    tr.viommu
         .translate(tr.rid, Iova(iova), 1, Permissions::No)
         .map(|t| t.extent)
 }

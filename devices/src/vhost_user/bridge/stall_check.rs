@@ -98,7 +98,7 @@ impl History {
 fn read_u16(st: &BridgeState, iova: u64) -> Option<u16> {
     let (tr, mem) = (st.translator.as_ref()?, st.mem.as_ref()?);
     let t = tr
-        .translate
+        .viommu
         .translate(tr.rid, Iova(iova), 2, Permissions::Read)
         .ok()?;
     let gpa = t.extent.gpa_of(iova)?;

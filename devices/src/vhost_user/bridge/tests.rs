@@ -5,27 +5,57 @@ mod stall;
 
 use super::*;
 use crate::vhost_user::channel::MockIotlbChannel;
-use iommu::{Extent, Translation};
+use crate::viommu::{ConsumerRegistration, Viommu, ViommuError};
+use iommu::{DmaTranslate, Extent, NotifierError, NotifierHandle, Translation};
 
 const RID: RequesterId = RequesterId::from_bdf(0, 0x18);
 
 /// IOVA range -> (GPA, permission); extents are whole mappings.
 #[derive(Default)]
-struct Stub(Mutex<Vec<(IovaRange, u64, Permissions)>>);
+struct Stub {
+    maps: Mutex<Vec<(IovaRange, u64, Permissions)>>,
+    /// The faults the bridge reported.
+    faults: Mutex<Vec<(RequesterId, u64, Permissions)>>,
+}
 
 impl Stub {
     fn map(&self, iova: u64, len: u64, gpa: u64, perm: Permissions) {
         let r = IovaRange::from_start_len(iova, len).unwrap();
-        self.0.lock().unwrap().push((r, gpa, perm));
+        self.maps.lock().unwrap().push((r, gpa, perm));
     }
 
     /// Remove the mapping containing `iova` (the guest unmapped it).
     fn unmap(&self, iova: u64) {
-        self.0.lock().unwrap().retain(|(r, ..)| !r.contains(iova));
+        self.maps
+            .lock()
+            .unwrap()
+            .retain(|(r, ..)| !r.contains(iova));
     }
 
     fn clear(&self) {
-        self.0.lock().unwrap().clear();
+        self.maps.lock().unwrap().clear();
+    }
+}
+
+impl Viommu for Stub {
+    fn add_endpoint(&self, _rid: RequesterId) -> Result<(), ViommuError> {
+        Ok(())
+    }
+
+    fn register_consumer(
+        &self,
+        rid: RequesterId,
+        _consumer: Arc<dyn IommuNotifier>,
+        _maps: bool,
+    ) -> Result<ConsumerRegistration, ViommuError> {
+        let source = NotifierError::NoFlags;
+        Err(ViommuError::Consumer { rid, source })
+    }
+
+    fn unregister_consumer(&self, _handle: NotifierHandle) {}
+
+    fn report_fault(&self, rid: RequesterId, iova: Iova, access: Permissions) {
+        self.faults.lock().unwrap().push((rid, iova.0, access));
     }
 }
 
@@ -37,7 +67,7 @@ impl DmaTranslate for Stub {
         len: u64,
         access: Permissions,
     ) -> Result<Translation, TranslateError> {
-        let maps = self.0.lock().unwrap();
+        let maps = self.maps.lock().unwrap();
         let (r, gpa, perm) = *maps
             .iter()
             .find(|(r, ..)| r.contains(iova.0))
@@ -75,7 +105,6 @@ struct Rig {
     chan: Arc<MockIotlbChannel>,
     stub: Arc<Stub>,
     bridge: Arc<IotlbBridge>,
-    faults: Arc<Mutex<Vec<(RequesterId, u64, IotlbPerm)>>>,
     mem: GuestMemoryMmap,
 }
 
@@ -83,11 +112,7 @@ fn rig(policy: IotlbPolicy) -> Rig {
     let chan = Arc::new(MockIotlbChannel::new());
     let stub = Arc::new(Stub::default());
     let bridge = Arc::new(IotlbBridge::new(chan.clone(), policy));
-    let faults = Arc::new(Mutex::new(Vec::new()));
-    let f = faults.clone();
-    let hook: FaultHook =
-        Arc::new(move |rid, iova, perm| f.lock().unwrap().push((rid, iova, perm)));
-    bridge.set_translation(stub.clone(), RID, Some(hook));
+    bridge.set_translation(stub.clone(), RID);
     let mem = mem();
     bridge.start(mem.clone()).unwrap();
     // The connection starts with one full-range, non-wrapping INVALIDATE;
@@ -97,7 +122,6 @@ fn rig(policy: IotlbPolicy) -> Rig {
         chan,
         stub,
         bridge,
-        faults,
         mem,
     }
 }
@@ -109,7 +133,7 @@ fn connect_inv() -> (IotlbMsg, bool) {
 
 impl Rig {
     fn miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
-        self.bridge.answer_miss(iova, perm, self.chan.as_ref())
+        self.bridge.answer_miss(iova, perm)
     }
 }
 
@@ -151,7 +175,7 @@ fn misses_after_a_mapping_grew_never_repeat_an_update_start() {
     assert_eq!((first.iova, first.size), (0x3000_0000, 0x1000));
     // The translation extent now also covers the next page (a contiguous
     // neighbour mapped while the first stays mapped, merged by the model).
-    r.stub.0.lock().unwrap().clear();
+    r.stub.maps.lock().unwrap().clear();
     r.stub
         .map(0x3000_0000, 0x2000, 0x4000, Permissions::ReadWrite);
     let second = r.miss(0x3000_1010, IotlbPerm::Ro).unwrap();
@@ -175,10 +199,10 @@ fn unmapped_or_forbidden_miss_sends_nothing_and_reports_a_fault() {
     );
     assert!(r.chan.sent().is_empty());
     assert_eq!(
-        *r.faults.lock().unwrap(),
+        *r.stub.faults.lock().unwrap(),
         vec![
-            (RID, 0x2000_0010, IotlbPerm::Wo),
-            (RID, 0x3000_0000, IotlbPerm::Ro)
+            (RID, 0x2000_0010, Permissions::Write),
+            (RID, 0x3000_0000, Permissions::Read)
         ]
     );
     let s = r.bridge.stats();
@@ -197,12 +221,12 @@ fn miss_while_stopped_or_unconfigured_is_refused_without_fault() {
     let fresh = IotlbBridge::new(r.chan.clone(), IotlbPolicy::MissDriven);
     fresh.start(r.mem.clone()).unwrap();
     assert_eq!(
-        fresh.answer_miss(0x10, IotlbPerm::Ro, r.chan.as_ref()),
+        fresh.answer_miss(0x10, IotlbPerm::Ro),
         Err(MissError::NoTranslation { iova: 0x10 })
     );
     // Only the fresh bridge's connection INVALIDATE.
     assert_eq!(r.chan.sent(), vec![connect_inv()]);
-    assert!(r.faults.lock().unwrap().is_empty());
+    assert!(r.stub.faults.lock().unwrap().is_empty());
 }
 
 #[test]

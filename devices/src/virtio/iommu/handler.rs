@@ -383,7 +383,7 @@ mod tests {
             let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
             self.seen.lock().unwrap().push((ev.clone(), idx));
             if self.fail {
-                Err(NotifyError::new("back end disconnected"))
+                Err(NotifyError::Disconnected)
             } else {
                 Ok(())
             }

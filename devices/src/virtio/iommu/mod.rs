@@ -35,6 +35,7 @@ mod chain;
 mod device;
 mod event;
 mod handler;
+mod seam;
 #[cfg(test)]
 mod test_utils;
 

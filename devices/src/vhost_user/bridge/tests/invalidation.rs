@@ -396,11 +396,10 @@ fn an_update_in_flight_is_acked_before_a_concurrent_invalidate_is_sent() {
         stub: stub.clone(),
     });
     let bridge = Arc::new(IotlbBridge::new(chan.clone(), IotlbPolicy::MissDriven));
-    bridge.set_translation(stub, RID, None);
+    bridge.set_translation(stub, RID);
     bridge.start(mem()).unwrap();
     let b = bridge.clone();
-    let c = chan.clone();
-    let miss = std::thread::spawn(move || b.answer_miss(0x1000, IotlbPerm::Ro, c.as_ref()));
+    let miss = std::thread::spawn(move || b.answer_miss(0x1000, IotlbPerm::Ro));
     rx.recv().unwrap();
     let range = IovaRange::new(0x1000, 0x1fff).unwrap();
     bridge
