@@ -53,12 +53,14 @@
 //! * [`address_space`]: one domain's mapping table.
 //! * [`domain`]: domains, endpoints, bypass policy; `DmaTranslate` for all of it.
 //! * [`virtio`]: the virtio-iommu wire format, config space and request execution.
+//! * [`error`]: [`error::chain`], an error with its causes for messages and logs.
 //! * [`ratelimit`]: rate-limited logging for lines a guest or a back end can trigger.
 //! * [`sync`]: poison-tolerant `lock` / `read` / `write`, used by every crate of the workspace.
 #![warn(missing_docs)]
 
 pub mod address_space;
 pub mod domain;
+pub mod error;
 pub mod notifier;
 pub mod ratelimit;
 pub mod sync;

@@ -23,7 +23,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum TestpmdError {
     /// testpmd could not be started.
-    #[error("cannot run {TESTPMD}: {0}; install it with `sudo sh resources/install-deps.sh` (package dpdk-dev)")]
+    #[error("cannot run {TESTPMD}; install it with `sudo sh resources/install-deps.sh` (package dpdk-dev)")]
     Spawn(#[source] std::io::Error),
     /// testpmd did not become ready.
     #[error(
@@ -31,7 +31,7 @@ pub enum TestpmdError {
     )]
     NotReady(String),
     /// A command could not be sent.
-    #[error("cannot talk to {TESTPMD}: {0}")]
+    #[error("cannot talk to {TESTPMD}")]
     Io(#[source] std::io::Error),
     /// The statistics output was not understood.
     #[error("cannot parse {TESTPMD} port statistics from:\n{0}")]

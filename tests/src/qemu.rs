@@ -37,7 +37,7 @@ pub enum QemuError {
     #[error("{0} is missing: run `resources/fetch-qemu72.sh` and `resources/build-linux-guest.sh` first")]
     Missing(PathBuf),
     /// A file or process operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
@@ -46,10 +46,10 @@ pub enum QemuError {
         source: std::io::Error,
     },
     /// The own test back end failed to start.
-    #[error("test back end: {0}")]
+    #[error("test back end")]
     Backend(#[from] BackendError),
     /// testpmd failed.
-    #[error("testpmd: {0}")]
+    #[error("testpmd")]
     Testpmd(#[from] TestpmdError),
     /// The guest did not power off in time.
     #[error("QEMU still running after {0:?} (killed); back end: {2}; serial log tail:\n{1}")]

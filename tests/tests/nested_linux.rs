@@ -8,15 +8,17 @@
 //! piece, without them.
 
 use integration_tests::nested::{acceptance, run_suite, NestedImage, RunOptions};
+use iommu::error::chain;
 
 #[test]
 fn linux_drives_iovmm_devices_on_nested_kvm() {
-    let img = NestedImage::locate().unwrap_or_else(|e| panic!("{e}"));
+    let img = NestedImage::locate().unwrap_or_else(|e| panic!("{e}", e = chain(&e)));
     let opts = RunOptions {
         verbose: std::env::var_os("IOVMM_NESTED_VERBOSE").is_some(),
         ..RunOptions::default()
     };
-    let suite = run_suite(&img, acceptance(), &opts).unwrap_or_else(|e| panic!("{e}"));
+    let suite =
+        run_suite(&img, acceptance(), &opts).unwrap_or_else(|e| panic!("{e}", e = chain(&e)));
     let summary = suite.summary();
     eprintln!("{summary}");
     assert!(suite.passed(), "nested acceptance suite failed:\n{summary}");

@@ -4,6 +4,7 @@
 //! after `resources/fetch-qemu72.sh` and `resources/build-linux-guest.sh`.
 
 use integration_tests::qemu::{self, GuestMode, QemuBackend, QemuConfig, QemuIommu, QemuRun};
+use iommu::error::chain;
 
 const FRAMES: u64 = 2000;
 
@@ -63,7 +64,7 @@ fn run(iommu: QemuIommu, mode: GuestMode, backend: QemuBackend) -> QemuRun {
 fn run_with(mut c: QemuConfig) -> QemuRun {
     c.frames = FRAMES;
     c.timeout = std::time::Duration::from_secs(120);
-    let r = qemu::run(&c).unwrap_or_else(|e| panic!("QEMU run failed: {e}"));
+    let r = qemu::run(&c).unwrap_or_else(|e| panic!("QEMU run failed: {e}", e = chain(&e)));
     report(&r);
     assert_eq!(r.guest.frames, FRAMES, "guest could not send every frame");
     assert_eq!(

@@ -14,6 +14,7 @@ use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use iommu::error::chain;
 use log::debug;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -338,7 +339,9 @@ fn update_bar_mappings(
             }
             Err(e) => debug!(
                 "pci: cannot move BAR {} from {old:#x} to {:#x}: {e}",
-                bar.index, bar.addr
+                bar.index,
+                bar.addr,
+                e = chain(&e)
             ),
         }
     }

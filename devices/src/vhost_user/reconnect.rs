@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use iommu::error::chain;
 use iommu::ratelimit::RateLimit;
 use iommu::sync::lock;
 use iommu::warn_limited;
@@ -303,7 +304,11 @@ impl State {
             }
         };
         if let Err(e) = link.main.replace(stream) {
-            warn_limited!(self.log, "vhost-user: cannot use the new connection: {e}");
+            warn_limited!(
+                self.log,
+                "vhost-user: cannot use the new connection: {e}",
+                e = chain(&e)
+            );
             return false;
         }
         let neg = match negotiate(&link.main, link.kind, link.iommu, Some(self.cfg.prior)) {
@@ -312,7 +317,8 @@ impl State {
                 warn_limited!(
                     self.log,
                     "vhost-user: refusing the back end on {:?}: {e}; will retry",
-                    self.cfg.socket
+                    self.cfg.socket,
+                    e = chain(&e)
                 );
                 link.main.close();
                 return false;
@@ -333,7 +339,8 @@ impl State {
             if let Err(e) = link.program(&mut s, &act, true) {
                 warn_limited!(
                     self.log,
-                    "vhost-user: restoring the device on the new back end failed: {e}; will retry"
+                    "vhost-user: restoring the device on the new back end failed: {e}; will retry",
+                    e = chain(&e)
                 );
                 s.up = false;
                 s.started.clear();

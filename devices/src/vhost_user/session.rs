@@ -7,6 +7,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use iommu::error::chain;
+use iommu::sync::lock;
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -308,7 +310,7 @@ impl Link {
                 bridge.rid().map(|r| r.to_string()).unwrap_or_default()
             );
             let server = BackendReqServer::new(ours, bridge.clone()).with_label(label);
-            let hook = self.hook.lock().ok().and_then(|h| h.clone());
+            let hook = lock(&self.hook).clone();
             s.server = Some(
                 server
                     .spawn_with_hook("vhost-user-req", hook)
@@ -417,14 +419,20 @@ impl Link {
                 if let Err(e) =
                     self.request("SET_VRING_ENABLE", |fe| fe.set_vring_enable(index, false))
                 {
-                    log::warn!("vhost-user: disabling queue {index} failed: {e}");
+                    log::warn!(
+                        "vhost-user: disabling queue {index} failed: {e}",
+                        e = chain(&e)
+                    );
                     ok = false;
                 }
             }
             match self.request("GET_VRING_BASE", |fe| fe.get_vring_base(index)) {
                 Ok(base) => log::debug!("vhost-user: queue {index} stopped at {base}"),
                 Err(e) => {
-                    log::warn!("vhost-user: stopping queue {index} failed: {e}");
+                    log::warn!(
+                        "vhost-user: stopping queue {index} failed: {e}",
+                        e = chain(&e)
+                    );
                     ok = false;
                 }
             }
@@ -437,7 +445,10 @@ impl Link {
         s.req_watch = None;
         if let Some(srv) = s.server.take() {
             if let Some(reason) = srv.stop() {
-                log::debug!("vhost-user back-end channel thread ended: {reason}");
+                log::debug!(
+                    "vhost-user back-end channel thread ended: {reason}",
+                    reason = chain(&reason)
+                );
             }
         }
     }

@@ -44,10 +44,10 @@ pub enum BackendError {
     #[error("bad vhost-user message: {0}")]
     BadMessage(String),
     /// A frame violates the wire format.
-    #[error("vhost-user framing error: {0}")]
+    #[error("vhost-user framing error")]
     Wire(#[from] WireError),
     /// A socket or file operation failed.
-    #[error("I/O error: {0}")]
+    #[error("I/O error")]
     Io(#[from] std::io::Error),
     /// The front end closed the connection.
     #[error("front end disconnected")]

@@ -11,6 +11,7 @@ use devices::vhost_user::wire::{
     decode_ack, encode_iotlb_frame, Header, IotlbMsg, IotlbPerm, HEADER_SIZE, U64_PAYLOAD_SIZE,
     VHOST_USER_BACKEND_IOTLB_MSG, VHOST_USER_F_PROTOCOL_FEATURES,
 };
+use iommu::error::chain;
 
 use super::memory::MemTable;
 use super::{lock, BackendError, Counters, Shared, VringState};
@@ -240,7 +241,7 @@ fn send_miss(shared: &Shared, iova: u64, perm: IotlbPerm) -> MissAck {
                 return MissAck::Refused;
             }
             Err(e) => {
-                log::warn!("no ack for the miss at {iova:#x}: {e}");
+                log::warn!("no ack for the miss at {iova:#x}: {e}", e = chain(&e));
                 Counters::bump(&shared.counters.miss_nacks);
             }
         }
@@ -426,7 +427,10 @@ fn process_tx(shared: &Shared, q: &mut Queue<'_>) -> Result<usize, BackendError>
             Ok(buf) if buf.len() >= NET_HDR_LEN => consume_tx(shared, &buf[NET_HDR_LEN..]),
             Ok(_) => {}
             Err(e) if faulted(shared, &e) => {
-                log::info!("TX chain {head} faulted, completed without transfer: {e}");
+                log::info!(
+                    "TX chain {head} faulted, completed without transfer: {e}",
+                    e = iommu::error::chain(&e)
+                );
                 Counters::bump(&shared.counters.tx_faulted);
             }
             Err(e) => return Err(e),
@@ -473,7 +477,10 @@ fn process_rx(shared: &Shared, q: &mut Queue<'_>) -> Result<usize, BackendError>
             Ok(()) => {}
             Err(e) if faulted(shared, &e) => {
                 // The guest sees used length 0 on this descriptor.
-                log::info!("RX chain {head} faulted, completed empty: {e}");
+                log::info!(
+                    "RX chain {head} faulted, completed empty: {e}",
+                    e = iommu::error::chain(&e)
+                );
                 Counters::bump(&shared.counters.rx_faulted);
                 q.push_used(head, 0)?;
                 continue;
@@ -522,7 +529,7 @@ fn service(shared: &Shared, index: usize) {
         }
         Err(e) => {
             // Stop the queue as a real device would on a fatal ring error.
-            log::warn!("queue {index} stopped: {e}");
+            log::warn!("queue {index} stopped: {e}", e = chain(&e));
             q.v.started = false;
         }
     }

@@ -11,6 +11,7 @@ use devices::vhost_user::wire::{
     PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK, VHOST_USER_F_PROTOCOL_FEATURES, VHOST_USER_IOTLB_MSG,
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
+use iommu::error::chain;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::iotlb::IotlbEntry;
@@ -461,7 +462,7 @@ pub(crate) fn serve_connection(shared: &Shared, stream: UnixStream) -> Result<()
             Ok(())
         }
         Err(e) => {
-            log::warn!("connection closed: {e}");
+            log::warn!("connection closed: {e}", e = chain(&e));
             res
         }
     }
@@ -495,7 +496,7 @@ fn serve_inner(shared: &Shared, stream: &UnixStream) -> Result<(), BackendError>
         let reply = match shared.dispatch(m) {
             Ok(r) => r,
             Err(e) => {
-                log::warn!("refusing request {}: {e}", hdr.request);
+                log::warn!("refusing request {}: {e}", hdr.request, e = chain(&e));
                 Counters::bump(&shared.counters.bad_messages);
                 Reply::Ack(1)
             }

@@ -29,6 +29,7 @@ use integration_tests::bench::{
 use integration_tests::guest::IommuMode;
 use integration_tests::matrix::{Cell, Viommu};
 use integration_tests::qemu::{self, GuestMode, QemuBackend, QemuConfig, QemuIommu, QemuRun};
+use iommu::error::chain;
 
 #[derive(Debug, Parser)]
 #[command(about = "iovmm benchmark: boot, RSS, DMA rate, IOTLB traffic, QEMU 7.2 ratios")]
@@ -219,7 +220,7 @@ fn print_nested_boot(n: usize) {
                 println!("  FAILED {fail}");
             }
         }
-        Err(e) => println!("  skipped: {e}"),
+        Err(e) => println!("  skipped: {e}", e = chain(&e)),
     }
 }
 
@@ -276,7 +277,7 @@ fn qemu_runs(frames: u64) -> Vec<QemuRun> {
         cfg.timeout = Duration::from_secs(600);
         match qemu::run(&cfg) {
             Ok(r) => runs.push(r),
-            Err(e) => println!("  QEMU {iommu:?} {mode:?}: {e}"),
+            Err(e) => println!("  QEMU {iommu:?} {mode:?}: {e}", e = chain(&e)),
         }
     }
     runs

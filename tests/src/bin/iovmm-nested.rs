@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use integration_tests::nested::{acceptance, run_suite, NestedImage, RunOptions, Scenario};
+use iommu::error::chain;
 
 /// Nested Linux acceptance runner.
 #[derive(Debug, Parser)]
@@ -64,7 +65,7 @@ fn main() -> std::process::ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("iovmm-nested: {e}");
+            eprintln!("iovmm-nested: {e}", e = chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -13,6 +13,7 @@ use devices::vhost_user::wire::IotlbPerm;
 use integration_tests::backend::blk::BlkConfig;
 use integration_tests::backend::rxgen::RxGen;
 use integration_tests::backend::{BackendConfig, Misbehaviour, TestBackend};
+use iommu::error::chain;
 
 /// IOTLB-aware vhost-user virtio-net test back end.
 #[derive(Debug, Parser)]
@@ -147,7 +148,8 @@ fn main() {
         Err(e) => {
             eprintln!(
                 "iovmm-test-backend: cannot listen on {}: {e}",
-                args.socket.display()
+                args.socket.display(),
+                e = chain(&e)
             );
             std::process::exit(1);
         }

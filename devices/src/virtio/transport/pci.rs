@@ -23,6 +23,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
+use iommu::error::chain;
 use iommu::sync::lock;
 use log::{debug, warn};
 use thiserror::Error;
@@ -361,7 +362,8 @@ impl VirtioPciDevice {
     fn fail_activation(&mut self, err: &VirtioPciError) {
         debug!(
             "virtio-pci: activation of device type {} failed: {err}",
-            self.device.device_type()
+            self.device.device_type(),
+            err = chain(&err)
         );
         self.common.set_needs_reset();
         if let Err(e) = crate::virtio::VirtioInterrupt::trigger(

@@ -47,7 +47,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// The kernel is neither a usable ELF nor a bzImage.
-    #[error("kernel image is not a loadable 64-bit ELF or bzImage: {0}; pass a vmlinux, a bzImage or the test guest ELF")]
+    #[error("kernel image is not a loadable 64-bit ELF or bzImage (pass a vmlinux, a bzImage or the test guest ELF)")]
     Kernel(#[source] LoaderError),
     /// The initramfs does not fit below the kernel's limit.
     #[error("initramfs of {size} bytes does not fit in guest RAM below {limit:#x}; give the guest more memory")]
