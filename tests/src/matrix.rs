@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use iommu::sync::lock;
-use vmm::{SerialMode, VhostUserStats, VmConfig, VmExit, Vmm};
+use vmm::{SerialMode, VhostUserInfo, VhostUserStats, VmConfig, VmExit, Vmm};
 
 use crate::backend::latency::LatencyStats;
 use crate::backend::{BackendConfig, BackendHandle, CountersSnapshot, RecordedMsg, TestBackend};
@@ -186,7 +186,9 @@ pub(crate) fn run_guest(cell: &Cell, sock: &std::path::Path) -> (GuestResult, Vh
     );
     let result = GuestResult::from_output(&serial).expect("result line");
     cell.traffic.assert_guest_done(cell, &result, &serial);
-    (result, vmm.vhost_user_devices()[0].stats())
+    let device = &vmm.vhost_user_devices()[0];
+    assert_nothing_stale_held(cell, device);
+    (result, device.stats())
 }
 
 fn iotlb_msgs(records: &[RecordedMsg]) -> Vec<(u8, u64, u64)> {
@@ -200,6 +202,22 @@ fn iotlb_msgs(records: &[RecordedMsg]) -> Vec<(u8, u64, u64)> {
         .filter(|r| r.request == VHOST_USER_IOTLB_MSG && r.payload.len() >= 26)
         .filter_map(|r| Some((r.payload[25], u(&r.payload, 0)?, u(&r.payload, 8)?)))
         .collect()
+}
+
+/// iovmm's side of the security invariant, for every back end (DPDK's IOTLB
+/// cannot be probed): once the guest stopped, nothing the device's back end
+/// may hold (every UPDATE sent and not invalidated since) differs from what
+/// the vIOMMU translates.
+pub fn assert_nothing_stale_held(cell: &Cell, device: &VhostUserInfo) {
+    let stale = device.stale_translations();
+    eprintln!(
+        "{cell:?}: {} IOVA segment(s) held, audited",
+        device.held_ranges()
+    );
+    assert!(
+        stale.is_empty(),
+        "{cell:?}: the back end may still hold translations the guest removed: {stale:x?}"
+    );
 }
 
 /// Every invalidated range that no later UPDATE re-mapped is gone from the

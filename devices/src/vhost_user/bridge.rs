@@ -314,6 +314,19 @@ impl IotlbBridge {
         lock(&self.state).installed.len()
     }
 
+    /// The recorded translations (UPDATEs sent and not invalidated since)
+    /// that the vIOMMU no longer translates the same way, as inclusive IOVA
+    /// ranges. The back end holds at most what the record holds, so an
+    /// empty answer means no back end (DPDK included, whose IOTLB cannot be
+    /// probed) holds a stale translation. Exact once the guest is stopped;
+    /// while it runs, an unmap between its model change and its
+    /// notification shows up here for that moment.
+    pub fn stale_translations(&self) -> Vec<(u64, u64)> {
+        let st = lock(&self.state);
+        let segs = st.installed.overlapping(0, u64::MAX);
+        super::recheck::stale_parts(&segs, |iova| invalidate::now(&st, iova))
+    }
+
     /// Translate `[iova, iova + len)` for a read by the device (no fault is
     /// reported): the GPA of `iova`, if the whole range is mapped readable.
     pub fn device_gpa(&self, iova: u64, len: u64) -> Option<u64> {

@@ -141,6 +141,34 @@ pub fn changed_runs(
     collapse(out.runs)
 }
 
+/// The parts of `segs` that no longer translate as recorded, every one of
+/// them (no lookup cap, no collapsing): the audit behind
+/// `IotlbBridge::stale_translations`.
+pub fn stale_parts(
+    segs: &[Segment],
+    mut now: impl FnMut(u64) -> Result<Extent, TranslateError>,
+) -> Vec<(u64, u64)> {
+    let mut stale: Vec<(u64, u64)> = Vec::new();
+    for seg in segs {
+        let mut iova = seg.start;
+        loop {
+            let (last, changed) = classify(seg, iova, now(iova));
+            let last = last.clamp(iova, seg.end);
+            if changed {
+                match stale.last_mut() {
+                    Some(run) if run.1.checked_add(1) == Some(iova) => run.1 = last,
+                    _ => stale.push((iova, last)),
+                }
+            }
+            if last == seg.end {
+                break;
+            }
+            iova = last + 1;
+        }
+    }
+    stale
+}
+
 /// At most [`MAX_RUNS`] runs: beyond that one run spans them all.
 fn collapse(runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     match (runs.first(), runs.last()) {

@@ -73,7 +73,9 @@ pub fn run_scenario(
         .expect("VMM stops");
     let serial = vmm.serial_output().unwrap_or_default();
     let r = GuestResult::from_output(&serial).unwrap_or_else(|e| panic!("{e}; serial:\n{serial}"));
-    let stats = vmm.vhost_user_devices()[0].stats();
+    let device = &vmm.vhost_user_devices()[0];
+    super::assert_nothing_stale_held(cell, device);
+    let stats = device.stats();
     (exit, r, serial, stats)
 }
 

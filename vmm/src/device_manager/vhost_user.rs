@@ -55,6 +55,7 @@ pub struct VhostUserInfo {
     /// Behind the vIOMMU.
     pub iommu: bool,
     stats: VhostUserStatsHandle,
+    bridge: Option<Consumer>,
 }
 
 impl std::fmt::Debug for VhostUserInfo {
@@ -71,6 +72,24 @@ impl VhostUserInfo {
     /// Current counters (IOTLB messages, misses, invalidations, latencies).
     pub fn stats(&self) -> VhostUserStats {
         self.stats.snapshot()
+    }
+
+    /// Translations this device's back end may still hold although the
+    /// vIOMMU no longer maps them that way (inclusive IOVA ranges; see
+    /// [`devices::vhost_user::IotlbBridge::stale_translations`]). Empty
+    /// after the guest stopped means the security invariant held for this
+    /// device, whatever the back end (DPDK's IOTLB cannot be probed).
+    pub fn stale_translations(&self) -> Vec<(u64, u64)> {
+        self.bridge
+            .as_ref()
+            .map(|b| b.stale_translations())
+            .unwrap_or_default()
+    }
+
+    /// How many IOVA segments the back end may hold (UPDATEs sent and not
+    /// invalidated since): what [`VhostUserInfo::stale_translations`] audits.
+    pub fn held_ranges(&self) -> usize {
+        self.bridge.as_ref().map_or(0, |b| b.installed_ranges())
     }
 
     /// The counters as one flat JSON object (what `iovmm --print-counters`
@@ -153,6 +172,7 @@ pub fn add_vhost_user(
     let device = VhostUserDevice::connect(device_config(cfg, policy)).map_err(dev_err)?;
     let stats = device.stats_handle();
     let bridge = device.bridge();
+    let audited = bridge.clone().filter(|_| cfg.iommu);
     let viommu = viommu.filter(|_| cfg.iommu);
     // The requester id is known before the device exists, so its ATS
     // listener can name it.
@@ -177,6 +197,7 @@ pub fn add_vhost_user(
         bdf,
         iommu: cfg.iommu,
         stats,
+        bridge: audited,
     })
 }
 

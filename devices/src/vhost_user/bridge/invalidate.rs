@@ -289,7 +289,7 @@ impl IotlbBridge {
 }
 
 /// The vIOMMU's current extent at `iova` for the bridge's requester.
-fn now(st: &BridgeState, iova: u64) -> Result<Extent, TranslateError> {
+pub(super) fn now(st: &BridgeState, iova: u64) -> Result<Extent, TranslateError> {
     let Some(tr) = &st.translator else {
         return Err(TranslateError::BadRange {
             iova: Iova(iova),

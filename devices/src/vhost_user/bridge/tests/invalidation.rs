@@ -486,3 +486,33 @@ fn a_refused_or_lost_connection_invalidate_fails_the_start() {
     let s = r.bridge.stats();
     assert_eq!((s.connect_invalidations, s.invalidation_failures), (1, 2));
 }
+
+/// The audit behind the matrix's check for back ends that cannot be probed
+/// (DPDK): a translation is stale from the model change until the unmap is
+/// notified, and gone from the record once its INVALIDATE was acked.
+#[test]
+fn stale_translations_lists_what_changed_until_the_unmap_is_notified() {
+    let r = rig(IotlbPolicy::MissDriven);
+    r.stub
+        .map(0x4000_0000, 0x2000, 0x1000, Permissions::ReadWrite);
+    r.stub.map(0x5000_0000, 0x1000, 0x8000, Permissions::Read);
+    r.hold(0x4000_0000);
+    r.hold(0x5000_0000);
+    assert!(r.bridge.stale_translations().is_empty());
+    // Moved elsewhere (same IOVA, other GPA): stale although still mapped.
+    r.stub.unmap(0x4000_0000);
+    r.stub
+        .map(0x4000_0000, 0x2000, 0x3000, Permissions::ReadWrite);
+    r.stub.unmap(0x5000_0000);
+    assert_eq!(
+        r.bridge.stale_translations(),
+        vec![(0x4000_0000, 0x4000_1fff), (0x5000_0000, 0x5000_0fff)]
+    );
+    r.unmap_event(0x4000_0000, 0x4000_1fff);
+    assert_eq!(
+        r.bridge.stale_translations(),
+        vec![(0x5000_0000, 0x5000_0fff)]
+    );
+    r.unmap_event(0x5000_0000, 0x5000_0fff);
+    assert!(r.bridge.stale_translations().is_empty());
+}
