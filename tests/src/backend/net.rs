@@ -12,6 +12,7 @@ use devices::vhost_user::wire::{
     VHOST_USER_BACKEND_IOTLB_MSG, VHOST_USER_F_PROTOCOL_FEATURES,
 };
 use iommu::error::chain;
+use iommu::sync::wait_timeout;
 
 use super::memory::MemTable;
 use super::{lock, BackendError, Counters, Shared, VringState};
@@ -132,10 +133,7 @@ impl<'a> Access<'a> {
                 tlb = lock(&self.shared.iotlb);
                 continue;
             }
-            tlb = match self.shared.iotlb_cv.wait_timeout(tlb, left) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
+            tlb = wait_timeout(&self.shared.iotlb_cv, tlb, left);
         }
     }
 
