@@ -175,6 +175,10 @@ fn miss_flood_for_unmapped_and_out_of_range_iovas_is_refused_and_throttled() {
         faults <= MAX_BAD_REQUESTS_PER_SEC * seconds,
         "{faults} faults in {seconds} s"
     );
+    // Every miss was either answered (refused) or throttled, and the device counts both.
+    let b = r.dev.stats().bridge;
+    assert!(b.throttled_requests >= 1, "{b:?}");
+    assert!(b.misses + b.throttled_requests >= flood + 1, "{b:?}");
     // No UPDATE for any of them (the connection's full-range INVALIDATE covers all but the
     // last byte of the space).
     for iova in bad {

@@ -14,7 +14,6 @@
 
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use vhost::vhost_user::message::BackendReq;
 
 use super::channel::ChannelError;
 use super::frame::{read_frame, wait_readable, write_frame};
-use super::miss::{MissError, MissHandler};
+use super::miss::{MissError, MissHandler, RefusedRequest};
 use super::wire::{backend_request, encode_ack, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
 use crate::thread::{self, ThreadHook, ThreadKind};
 
@@ -67,23 +66,6 @@ impl From<ChannelError> for BackendReqError {
             other => BackendReqError::Channel(other),
         }
     }
-}
-
-/// Counters of one back-end request channel.
-#[derive(Debug, Default)]
-pub struct BackendReqStats {
-    /// MISS requests received.
-    pub misses: AtomicU64,
-    /// Misses answered with an UPDATE that the back end acked.
-    pub misses_served: AtomicU64,
-    /// Misses refused (no translation, bad UPDATE, or UPDATE send failed).
-    pub misses_refused: AtomicU64,
-    /// ACCESS_FAIL reports received.
-    pub access_fails: AtomicU64,
-    /// Requests that were unknown or not supported.
-    pub unsupported: AtomicU64,
-    /// Requests refused unprocessed because of [`MAX_BAD_REQUESTS_PER_SEC`].
-    pub throttled: AtomicU64,
 }
 
 /// What [`BackendReqServer::serve_one`] did with one request.
@@ -195,7 +177,6 @@ pub fn refusal_log(label: &str, iova: u64, perm: IotlbPerm, e: &MissError) -> (l
 pub struct BackendReqServer {
     stream: UnixStream,
     handler: Arc<dyn MissHandler>,
-    stats: Arc<BackendReqStats>,
     throttle: Throttle,
     /// Names the device in log lines.
     label: String,
@@ -208,7 +189,6 @@ impl BackendReqServer {
         BackendReqServer {
             stream,
             handler,
-            stats: Arc::new(BackendReqStats::default()),
             throttle: Throttle::new(),
             label: "vhost-user device".into(),
         }
@@ -218,11 +198,6 @@ impl BackendReqServer {
     pub fn with_label(mut self, label: impl Into<String>) -> Self {
         self.label = label.into();
         self
-    }
-
-    /// The channel's counters (shared; they keep updating).
-    pub fn stats(&self) -> Arc<BackendReqStats> {
-        Arc::clone(&self.stats)
     }
 
     /// Block for one request, handle it and reply if asked to.
@@ -235,7 +210,7 @@ impl BackendReqServer {
         }
         let (served, value) = match backend_request(hdr.request) {
             _ if self.throttle.exhausted(&self.label) => {
-                self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                self.handler.on_refused_request(RefusedRequest::Throttled);
                 (Served::Throttled, 1)
             }
             Ok(BackendReq::IOTLB_MSG) => self.iotlb(&hdr, &payload)?,
@@ -248,8 +223,9 @@ impl BackendReqServer {
                 (Served::Unsupported(hdr.request), 1)
             }
         };
-        if let Served::Unsupported(_) = served {
-            self.stats.unsupported.fetch_add(1, Ordering::Relaxed);
+        if let Served::Unsupported(code) = served {
+            self.handler
+                .on_refused_request(RefusedRequest::Unsupported(code));
         }
         if matches!(
             served,
@@ -283,7 +259,6 @@ impl BackendReqServer {
                 Ok((Served::Miss { ok }, u64::from(!ok)))
             }
             Ok(IotlbType::AccessFail) => {
-                self.stats.access_fails.fetch_add(1, Ordering::Relaxed);
                 self.handler.on_access_fail(msg.iova, perm);
                 Ok((Served::AccessFail, 0))
             }
@@ -296,16 +271,10 @@ impl BackendReqServer {
 
     /// Answer a miss: UPDATE on the main socket (acked) before returning true.
     fn miss(&mut self, iova: u64, perm: IotlbPerm) -> bool {
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
         let res = self.handler.answer_miss(iova, perm);
-        let counter = match &res {
-            Ok(_) => &self.stats.misses_served,
-            Err(e) => {
-                self.log_refused(iova, perm, e);
-                &self.stats.misses_refused
-            }
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = &res {
+            self.log_refused(iova, perm, e);
+        }
         res.is_ok()
     }
 
@@ -452,7 +421,6 @@ mod tests {
         assert_eq!(read_ack(&peer, 1), 0);
         let update = IotlbMsg::update(0x3000, 0x1000, UADDR + 0x3000, IotlbPerm::Ro);
         assert_eq!(mock.sent(), vec![(update, true)]);
-        assert_eq!(srv.stats().misses_served.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -466,7 +434,6 @@ mod tests {
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
         assert_eq!(read_ack(&peer, 1), 1);
         assert!(mock.sent().is_empty());
-        assert_eq!(srv.stats().misses_refused.load(Ordering::Relaxed), 2);
     }
 
     #[test]
@@ -545,7 +512,6 @@ mod tests {
         write_frame(&peer, &frame).unwrap();
         assert_eq!(srv.serve_one().unwrap(), Served::AccessFail);
         assert_eq!(read_ack(&peer, 1), 0);
-        assert_eq!(srv.stats().access_fails.load(Ordering::Relaxed), 1);
     }
 
     fn assert_closes(bytes: &[u8]) -> BackendReqError {
@@ -680,9 +646,6 @@ mod tests {
         send_miss(&peer, 0x3000, IotlbPerm::Ro, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Throttled);
         assert_eq!(read_ack(&peer, 1), 1);
-        let stats = srv.stats();
-        assert_eq!(stats.misses_refused.load(Ordering::Relaxed), budget);
-        assert_eq!(stats.throttled.load(Ordering::Relaxed), 1);
         assert!(mock.sent().is_empty());
         // A new second brings a new budget.
         srv.throttle.window -= Duration::from_secs(1);

@@ -32,7 +32,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::channel::{ChannelError, IotlbChannel};
 use super::installed::Installed;
-use super::miss::{check_update, MissError, MissHandler};
+use super::miss::{check_update, MissError, MissHandler, RefusedRequest};
 use super::recheck::VringArea;
 use super::stall::{QueueWatch, WatchedRing, STALL_THRESHOLD};
 use super::stats::{BridgeCounters, BridgeStats};
@@ -435,7 +435,7 @@ impl IotlbBridge {
             if let Some(msg) = update_for(mem, iova, g, span, perm) {
                 let planned = Planned { msg, gpa: g, perm };
                 self.send_update_locked(st, &planned)?;
-                BridgeCounters::bump(&self.counters.prefetches);
+                self.counters.prefetches.bump();
             }
             match (off + span).checked_add(1) {
                 Some(next) if next <= total => off = next,
@@ -462,20 +462,20 @@ impl MissHandler for IotlbBridge {
     /// the bridge lock.
     fn answer_miss(&self, iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
         let start = Instant::now();
-        BridgeCounters::bump(&self.counters.misses);
+        self.counters.misses.bump();
         self.serving_miss.store(true, Ordering::Relaxed);
         let served = self.serve_locked(iova, perm);
         self.serving_miss.store(false, Ordering::Relaxed);
         match served {
             Ok(update) => {
-                BridgeCounters::bump(&self.counters.misses_served);
+                self.counters.misses_served.bump();
                 self.counters.miss_latency.record(start.elapsed());
                 Ok(update)
             }
             Err((e, fault)) => {
-                BridgeCounters::bump(&self.counters.misses_refused);
+                self.counters.misses_refused.bump();
                 if let Some((viommu, rid)) = fault {
-                    BridgeCounters::bump(&self.counters.faults);
+                    self.counters.faults.bump();
                     viommu.report_fault(rid, Iova(iova), access_of(perm));
                 }
                 Err(e)
@@ -484,8 +484,15 @@ impl MissHandler for IotlbBridge {
     }
 
     fn on_access_fail(&self, iova: u64, perm: IotlbPerm) {
-        BridgeCounters::bump(&self.counters.access_fails);
+        self.counters.access_fails.bump();
         log::warn!("vhost-user back end reports a failed access at IOVA {iova:#x} ({perm:?})");
+    }
+
+    fn on_refused_request(&self, request: RefusedRequest) {
+        match request {
+            RefusedRequest::Unsupported(_) => self.counters.unsupported_requests.bump(),
+            RefusedRequest::Throttled => self.counters.throttled_requests.bump(),
+        }
     }
 
     fn tick(&self) {
@@ -512,7 +519,7 @@ impl IommuNotifier for IotlbBridge {
             },
             IommuEvent::Unmap { range, .. } => self.unmapped_locked(&mut st, *range, start),
             IommuEvent::DevIotlbUnmap { range, .. } => {
-                BridgeCounters::bump(&self.counters.devtlb_notifications);
+                self.counters.devtlb_notifications.bump();
                 self.unmapped_locked(&mut st, *range, start)
             }
             IommuEvent::DetachEndpoint { .. } | IommuEvent::Reset => {

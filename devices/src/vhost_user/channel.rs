@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::frame::{read_frame, write_frame};
+use super::stats::counters;
 use super::wire::{
     decode_ack, encode_iotlb_frame, IotlbMsg, IotlbType, WireError, VHOST_USER_IOTLB_MSG,
 };
@@ -63,66 +64,44 @@ pub trait IotlbChannel: Send + Sync {
     fn close(&self) {}
 }
 
-/// Counters of the IOTLB traffic on one main socket.
-#[derive(Debug, Default)]
-pub struct IotlbStats {
-    updates: AtomicU64,
-    invalidations: AtomicU64,
-    nacks: AtomicU64,
-    failures: AtomicU64,
-    acked: AtomicU64,
-    rtt_total_ns: AtomicU64,
-    rtt_max_ns: AtomicU64,
-}
-
-/// A copy of [`IotlbStats`] at one point in time.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct IotlbStatsSnapshot {
-    /// UPDATE messages written.
-    pub updates: u64,
-    /// INVALIDATE messages written.
-    pub invalidations: u64,
-    /// Non-zero acks received.
-    pub nacks: u64,
-    /// Timeouts, disconnects and protocol errors.
-    pub failures: u64,
-    /// Messages whose ack arrived (zero or not).
-    pub acked: u64,
-    /// Sum of ack round-trip times in nanoseconds.
-    pub rtt_total_ns: u64,
-    /// Largest ack round-trip time in nanoseconds.
-    pub rtt_max_ns: u64,
+counters! {
+    /// Counters of the IOTLB traffic on one main socket.
+    IotlbStats =>
+    /// A copy of [`IotlbStats`] at one point in time.
+    IotlbStatsSnapshot {
+        /// UPDATE messages written.
+        updates,
+        /// INVALIDATE messages written.
+        invalidations,
+        /// Non-zero acks received.
+        nacks,
+        /// Timeouts, disconnects and protocol errors.
+        failures,
+        /// Messages whose ack arrived (zero or not).
+        acked,
+        /// Sum of ack round-trip times in nanoseconds.
+        rtt_total_ns,
+        /// Largest ack round-trip time in nanoseconds.
+        rtt_max_ns,
+    }
 }
 
 impl IotlbStats {
     fn count_sent(&self, msg: &IotlbMsg) {
         match msg.kind() {
-            Ok(IotlbType::Update) => self.updates.fetch_add(1, Ordering::Relaxed),
-            Ok(IotlbType::Invalidate) => self.invalidations.fetch_add(1, Ordering::Relaxed),
-            _ => 0,
-        };
+            Ok(IotlbType::Update) => self.updates.bump(),
+            Ok(IotlbType::Invalidate) => self.invalidations.bump(),
+            _ => {}
+        }
     }
 
     fn count_ack(&self, rtt: Duration, value: u64) {
         let ns = u64::try_from(rtt.as_nanos()).unwrap_or(u64::MAX);
-        self.acked.fetch_add(1, Ordering::Relaxed);
-        self.rtt_total_ns.fetch_add(ns, Ordering::Relaxed);
-        self.rtt_max_ns.fetch_max(ns, Ordering::Relaxed);
+        self.acked.bump();
+        self.rtt_total_ns.add(ns);
+        self.rtt_max_ns.max(ns);
         if value != 0 {
-            self.nacks.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Read all counters.
-    pub fn snapshot(&self) -> IotlbStatsSnapshot {
-        IotlbStatsSnapshot {
-            updates: self.updates.load(Ordering::Relaxed),
-            invalidations: self.invalidations.load(Ordering::Relaxed),
-            nacks: self.nacks.load(Ordering::Relaxed),
-            failures: self.failures.load(Ordering::Relaxed),
-            acked: self.acked.load(Ordering::Relaxed),
-            rtt_total_ns: self.rtt_total_ns.load(Ordering::Relaxed),
-            rtt_max_ns: self.rtt_max_ns.load(Ordering::Relaxed),
+            self.nacks.bump();
         }
     }
 }
@@ -222,7 +201,7 @@ impl MainSocket {
 
     fn mark_broken(&self, inner: &MainInner) {
         self.broken.store(true, Ordering::Release);
-        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        self.stats.failures.bump();
         // Wake any peer and make the stream unusable; errors do not matter.
         let _ = inner.raw.shutdown(std::net::Shutdown::Both);
         if let Some(e) = &self.broken_event {

@@ -92,11 +92,26 @@ pub trait MissHandler: Send + Sync {
         log::warn!("vhost-user back end reports a failed access at IOVA {iova:#x} ({perm:?})");
     }
 
+    /// A back-end request the server refused without asking the handler
+    /// (counted by the IOTLB bridge). Default: nothing.
+    fn on_refused_request(&self, request: RefusedRequest) {
+        let _ = request;
+    }
+
     /// Called by the back-end request thread every
     /// [`super::backend_req::TICK`] and between requests once a tick is
     /// due, never while a miss is being answered (the IOTLB bridge checks
     /// for stalled queues here). Default: nothing.
     fn tick(&self) {}
+}
+
+/// A back-end request refused before any translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusedRequest {
+    /// A request code or IOTLB message type this front end does not serve.
+    Unsupported(u32),
+    /// Refused unprocessed: the back end sent too many bad requests this second.
+    Throttled,
 }
 
 /// A [`MissHandler`] made of a translation function and the channel its

@@ -8,6 +8,71 @@ use std::time::Duration;
 use super::channel::IotlbStatsSnapshot;
 use super::reconnect::ReconnectStats;
 
+/// One event counter (relaxed: counters order nothing).
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Count one event.
+    pub fn bump(&self) {
+        self.add(1);
+    }
+
+    /// Count `n` (e.g. nanoseconds).
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Keep the larger of the value and `n`.
+    pub fn max(&self, n: u64) {
+        self.0.fetch_max(n, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The one stats model of the vhost-user code: a live struct of
+/// [`Counter`]s (and [`LatencyHistogram`]s) updated lock-free where events
+/// happen, and a plain `Copy` snapshot of it with the documented fields,
+/// read through `snapshot()` and aggregated into [`VhostUserStats`].
+macro_rules! counters {
+    (
+        $(#[$lmeta:meta])* $live:ident =>
+        $(#[$smeta:meta])* $snap:ident {
+            $( $(#[$fmeta:meta])* $field:ident, )*
+        }
+        $( latencies { $( $(#[$hmeta:meta])* $hist:ident, )* } )?
+    ) => {
+        $(#[$lmeta])*
+        #[derive(Debug, Default)]
+        pub struct $live {
+            $( pub(crate) $field: $crate::vhost_user::stats::Counter, )*
+            $( $( pub(crate) $hist: $crate::vhost_user::stats::LatencyHistogram, )* )?
+        }
+
+        $(#[$smeta])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct $snap {
+            $( $(#[$fmeta])* pub $field: u64, )*
+            $( $( $(#[$hmeta])* pub $hist: $crate::vhost_user::stats::LatencySummary, )* )?
+        }
+
+        impl $live {
+            /// Read every counter.
+            pub fn snapshot(&self) -> $snap {
+                $snap {
+                    $( $field: self.$field.get(), )*
+                    $( $( $hist: self.$hist.summary(), )* )?
+                }
+            }
+        }
+    };
+}
+pub(crate) use counters;
+
 /// Number of histogram buckets: bucket `i` holds samples below `2^i` µs
 /// (and at least `2^(i-1)` µs); the last one everything larger (~35 min).
 pub const LATENCY_BUCKETS: usize = 32;
@@ -96,110 +161,68 @@ impl LatencyHistogram {
     }
 }
 
-/// Counters of one [`super::bridge::IotlbBridge`].
-#[derive(Debug, Default)]
-pub struct BridgeCounters {
-    pub(crate) misses: AtomicU64,
-    pub(crate) misses_served: AtomicU64,
-    pub(crate) misses_refused: AtomicU64,
-    pub(crate) faults: AtomicU64,
-    pub(crate) access_fails: AtomicU64,
-    pub(crate) prefetches: AtomicU64,
-    pub(crate) invalidations: AtomicU64,
-    pub(crate) invalidation_failures: AtomicU64,
-    pub(crate) invalidations_skipped: AtomicU64,
-    pub(crate) devtlb_notifications: AtomicU64,
-    pub(crate) invalidations_unchanged: AtomicU64,
-    pub(crate) ring_invalidations: AtomicU64,
-    pub(crate) ring_updates: AtomicU64,
-    pub(crate) rings_unmapped: AtomicU64,
-    pub(crate) stall_reports: AtomicU64,
-    pub(crate) connect_invalidations: AtomicU64,
-    pub(crate) miss_latency: LatencyHistogram,
-    pub(crate) invalidate_latency: LatencyHistogram,
-}
+counters! {
+    /// Counters of one [`super::bridge::IotlbBridge`].
+    BridgeCounters =>
+    /// A copy of the bridge counters.
+    BridgeStats {
 
-/// A copy of the bridge counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BridgeStats {
     /// MISS requests received from the back end.
-    pub misses: u64,
+    misses,
     /// Misses answered with an acked UPDATE.
-    pub misses_served: u64,
+    misses_served,
     /// Misses refused (unmapped, forbidden, stopped, send failure).
-    pub misses_refused: u64,
+    misses_refused,
     /// Refused misses reported to the vIOMMU as DMA faults.
-    pub faults: u64,
+    faults,
     /// ACCESS_FAIL reports from the back end.
-    pub access_fails: u64,
+    access_fails,
     /// UPDATEs pushed for MAP events (prefetch policy).
-    pub prefetches: u64,
+    prefetches,
     /// INVALIDATEs acked by the back end (one per changed run of a
     /// notification; a notification that changed nothing sends none).
-    pub invalidations: u64,
+    invalidations,
     /// Notifications whose INVALIDATE failed.
-    pub invalidation_failures: u64,
+    invalidation_failures,
     /// Unmap notifications that needed no INVALIDATE: the back end was
     /// never sent anything in their range (since its last invalidation).
-    pub invalidations_skipped: u64,
+    invalidations_skipped,
     /// Unmap notifications that came from device-TLB invalidations (the
     /// guest enabled ATS and the vIOMMU delivered DEVIOTLB_UNMAP events),
     /// whether or not they needed an INVALIDATE.
-    pub devtlb_notifications: u64,
+    devtlb_notifications,
     /// Unmap notifications that needed no INVALIDATE because everything the
     /// back end held in their range still translates the same way (e.g. the
     /// unchanged neighbours in a widened VT-d invalidation block).
-    pub invalidations_unchanged: u64,
+    invalidations_unchanged,
     /// INVALIDATEs that overlapped a running vring (DPDK then disables the
     /// queue until an UPDATE covers the ring again).
-    pub ring_invalidations: u64,
+    ring_invalidations,
     /// UPDATEs pushed right after such an INVALIDATE to restore the ring.
-    pub ring_updates: u64,
+    ring_updates,
     /// Rings found unmapped while the device runs (the guest removed them).
-    pub rings_unmapped: u64,
+    rings_unmapped,
     /// Stalled queues found by the detector (`super::stall`): the back end
     /// held descriptors without completing any for longer than the
     /// threshold with no IOTLB miss outstanding. One per stall episode.
-    pub stall_reports: u64,
+    stall_reports,
     /// Full-range INVALIDATEs acked at (re)connection: one each time the
     /// device starts on a connection (first activation, every reconnect),
     /// before any other IOTLB message, whatever the back end did with its
     /// IOTLB at SET_FEATURES. Not counted in `invalidations`.
-    pub connect_invalidations: u64,
-    /// From MISS receipt to the UPDATE's ack (served misses only).
-    pub miss_latency: LatencySummary,
-    /// From the start of `notify` to the last INVALIDATE ack.
-    pub invalidate_latency: LatencySummary,
-}
-
-impl BridgeCounters {
-    pub(crate) fn bump(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+    connect_invalidations,
+    /// Back-end requests refused as unknown or unsupported (the back-end
+    /// request server reports them; see `MissHandler::on_refused_request`).
+    unsupported_requests,
+    /// Back-end requests refused unprocessed because the back end sent too
+    /// many bad requests in one second.
+    throttled_requests,
     }
-
-    /// Read every counter.
-    pub fn snapshot(&self) -> BridgeStats {
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        BridgeStats {
-            misses: l(&self.misses),
-            misses_served: l(&self.misses_served),
-            misses_refused: l(&self.misses_refused),
-            faults: l(&self.faults),
-            access_fails: l(&self.access_fails),
-            prefetches: l(&self.prefetches),
-            invalidations: l(&self.invalidations),
-            invalidation_failures: l(&self.invalidation_failures),
-            invalidations_skipped: l(&self.invalidations_skipped),
-            devtlb_notifications: l(&self.devtlb_notifications),
-            invalidations_unchanged: l(&self.invalidations_unchanged),
-            ring_invalidations: l(&self.ring_invalidations),
-            ring_updates: l(&self.ring_updates),
-            rings_unmapped: l(&self.rings_unmapped),
-            stall_reports: l(&self.stall_reports),
-            connect_invalidations: l(&self.connect_invalidations),
-            miss_latency: self.miss_latency.summary(),
-            invalidate_latency: self.invalidate_latency.summary(),
-        }
+    latencies {
+    /// From MISS receipt to the UPDATE's ack (served misses only).
+    miss_latency,
+    /// From the start of `notify` to the last INVALIDATE ack.
+    invalidate_latency,
     }
 }
 

@@ -133,6 +133,8 @@ fn counters_json(
         "ring_updates": b.ring_updates,
         "rings_unmapped": b.rings_unmapped,
         "stall_reports": b.stall_reports,
+        "unsupported_requests": b.unsupported_requests,
+        "throttled_requests": b.throttled_requests,
         "miss_p50_ns": b.miss_latency.p50_ns,
         "miss_p99_ns": b.miss_latency.p99_ns,
         "invalidate_p50_ns": b.invalidate_latency.p50_ns,

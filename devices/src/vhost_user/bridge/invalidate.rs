@@ -13,7 +13,6 @@ use iommu::{Extent, Iova, IovaRange, NotifyError, Permissions, TranslateError};
 use super::super::channel::ChannelError;
 use super::super::miss::MissError;
 use super::super::recheck::{changed_runs, VringArea};
-use super::super::stats::BridgeCounters;
 use super::super::wire::{IotlbMsg, IotlbPerm};
 use super::{invalidate_args, BridgeState, IotlbBridge, Planned};
 
@@ -103,12 +102,12 @@ impl IotlbBridge {
         if st.link_down || segs.is_empty() {
             // No back end to tell (the next connection starts empty), or
             // nothing of the range was sent since its last invalidation.
-            BridgeCounters::bump(&self.counters.invalidations_skipped);
+            self.counters.invalidations_skipped.bump();
             return Ok(());
         }
         let runs = changed_runs(&segs, &st.rings, |iova| now(st, iova));
         if runs.is_empty() {
-            BridgeCounters::bump(&self.counters.invalidations_unchanged);
+            self.counters.invalidations_unchanged.bump();
             return Ok(());
         }
         let mut sent = Vec::with_capacity(runs.len());
@@ -142,11 +141,11 @@ impl IotlbBridge {
         {
             Ok(()) => {
                 st.installed.clear();
-                BridgeCounters::bump(&self.counters.connect_invalidations);
+                self.counters.connect_invalidations.bump();
                 Ok(())
             }
             Err(e) => {
-                BridgeCounters::bump(&self.counters.invalidation_failures);
+                self.counters.invalidation_failures.bump();
                 if matches!(e, ChannelError::Nack(_)) {
                     self.channel.close();
                 }
@@ -181,7 +180,7 @@ impl IotlbBridge {
         let hit = st.rings.iter().find(|r| r.overlaps(first, last)).copied();
         st.history.invalidate(first, last, hit.map(|r| r.queue));
         if let Some(ring) = hit {
-            BridgeCounters::bump(&self.counters.ring_invalidations);
+            self.counters.ring_invalidations.bump();
             log::debug!(
                 "vhost-user: INVALIDATE {iova:#x}+{size:#x} overlaps queue {}'s ring at {:#x}",
                 ring.queue,
@@ -194,7 +193,7 @@ impl IotlbBridge {
         {
             Ok(()) => {
                 st.installed.remove(first, last);
-                BridgeCounters::bump(&self.counters.invalidations);
+                self.counters.invalidations.bump();
                 Ok(Sent::Acked)
             }
             // The back end hung up (or its socket was already closed after an
@@ -203,14 +202,14 @@ impl IotlbBridge {
             // it holds nothing left to invalidate.
             Err(ChannelError::Disconnected | ChannelError::Broken) => {
                 st.installed.clear();
-                BridgeCounters::bump(&self.counters.invalidations_skipped);
+                self.counters.invalidations_skipped.bump();
                 log::debug!(
                     "vhost-user: back end gone; IOVA {iova:#x}+{size:#x} needs no INVALIDATE"
                 );
                 Ok(Sent::Gone)
             }
             Err(e) => {
-                BridgeCounters::bump(&self.counters.invalidation_failures);
+                self.counters.invalidation_failures.bump();
                 if matches!(e, ChannelError::Nack(_)) {
                     self.channel.close();
                 }
@@ -263,7 +262,7 @@ impl IotlbBridge {
                 log::warn!("vhost-user: restoring queue {} failed: {e}", area.queue);
                 return false;
             }
-            BridgeCounters::bump(&self.counters.ring_updates);
+            self.counters.ring_updates.bump();
             // UPDATEs never include the last byte of the space: no wrap.
             iova = planned.msg.iova + planned.msg.size;
             if iova > area.end {
@@ -274,7 +273,7 @@ impl IotlbBridge {
     }
 
     fn ring_lost(&self, st: &mut BridgeState, area: VringArea, e: &MissError) {
-        BridgeCounters::bump(&self.counters.rings_unmapped);
+        self.counters.rings_unmapped.bump();
         if let Some(suppressed) = st.ring_log.allow() {
             log::error!(
                 "vhost-user: queue {} ring at IOVA {:#x}..={:#x} is no longer translated ({e}) \

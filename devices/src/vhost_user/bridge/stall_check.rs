@@ -11,7 +11,6 @@ use iommu::{Iova, Permissions};
 use vm_memory::Bytes;
 
 use super::super::stall::{observe, RingIndices, Verdict, WatchedRing};
-use super::super::stats::BridgeCounters;
 use super::super::wire::IotlbPerm;
 use super::{lock, BridgeState, IotlbBridge};
 
@@ -137,7 +136,7 @@ impl IotlbBridge {
                 observe(&mut st.watched[i].1, idx, in_flight, now, threshold)
             {
                 reports += 1;
-                BridgeCounters::bump(&self.counters.stall_reports);
+                self.counters.stall_reports.bump();
                 self.report_stall(&mut st, ring.queue, idx, stuck, now);
             }
         }
