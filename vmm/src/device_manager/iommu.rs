@@ -14,14 +14,14 @@ use devices::virtio::iommu::{IommuState, VirtioIommuDevice, VirtioIommuDeviceErr
 use devices::virtio::GuestMemoryMmap;
 use devices::vtd::{InterruptRemapper, VtdDevice, VtdUnit, VTD_REGS_SIZE};
 use iommu::virtio::VirtioIommuSettings;
-use iommu::vtd::dmar::{DmarConfig, IoapicScope};
+use iommu::vtd::dmar::{DmarDescription, IoapicScope};
 use iommu::vtd::VtdConfig;
 use iommu::{DomainsConfig, IommuNotifier, NotifierHandle, RequesterId};
 use thiserror::Error;
 
 use super::{DeviceManager, DeviceManagerError};
 use crate::arch::x86_64::layout::VTD_START;
-use crate::arch::x86_64::viot;
+use crate::arch::x86_64::{dmar, viot};
 use crate::config::{IommuConfig, IommuKind};
 
 /// vIOMMU setup errors.
@@ -38,7 +38,7 @@ pub enum IommuSetupError {
     Vtd(#[source] iommu::vtd::VtdError),
     /// The DMAR table could not be built.
     #[error("cannot build the ACPI DMAR table")]
-    Dmar(#[source] iommu::vtd::dmar::DmarError),
+    Dmar(#[source] dmar::DmarError),
 }
 
 /// The VM's vIOMMU: the devices behind it see only the [`ViommuSeam`];
@@ -167,8 +167,8 @@ impl Viommu {
                 Ok(Some(t))
             }
             Kind::Vtd { unit } => {
-                let dmar = DmarConfig::for_unit(&unit.config(), VTD_START, Some(IOAPIC_SCOPE));
-                let t = dmar.build().map_err(IommuSetupError::Dmar)?;
+                let desc = DmarDescription::for_unit(&unit.config(), VTD_START, Some(IOAPIC_SCOPE));
+                let t = dmar::build(&desc).map_err(IommuSetupError::Dmar)?;
                 Ok(Some(t))
             }
         }
@@ -248,22 +248,25 @@ pub fn requester_id(bdf: PciBdf) -> RequesterId {
 mod tests {
     use super::*;
 
-    fn dmar(interrupt_remapping: bool) -> Vec<u8> {
+    fn dmar_bytes(interrupt_remapping: bool) -> Vec<u8> {
         let config = VtdConfig {
             interrupt_remapping,
             ..VtdConfig::default()
         };
-        DmarConfig::for_unit(&config, VTD_START, Some(IOAPIC_SCOPE))
-            .build()
-            .unwrap()
+        dmar::build(&DmarDescription::for_unit(
+            &config,
+            VTD_START,
+            Some(IOAPIC_SCOPE),
+        ))
+        .unwrap()
     }
 
     #[test]
     fn dmar_publishes_the_ioapic_scope_only_with_interrupt_remapping() {
         let without = VtdConfig::default();
-        let plain = DmarConfig::for_unit(&without, VTD_START, None).build();
-        assert_eq!(dmar(false), plain.unwrap(), "non-IR table unchanged");
-        let t = dmar(true);
+        let plain = dmar::build(&DmarDescription::for_unit(&without, VTD_START, None));
+        assert_eq!(dmar_bytes(false), plain.unwrap(), "non-IR table unchanged");
+        let t = dmar_bytes(true);
         assert_eq!(t[37] & 1, 1, "INTR_REMAP");
         // IOAPIC device scope: type 3, length 8, enumeration id 0, bus 0xFF, path 00.0.
         let scope = [3u8, 8, 0, 0, 0, 0xff, 0, 0];

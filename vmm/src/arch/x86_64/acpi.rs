@@ -1,5 +1,6 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT, DSDT and MCFG, plus
-//! whatever extra tables the IOMMU models contribute (VIOT, DMAR).
+//! whatever extra tables the vIOMMU contributes (VIOT from [`super::viot`], DMAR from
+//! [`super::dmar`], both with the same header fields).
 //!
 //! Tables are laid out one after another from [`ACPI_START`]; the RSDP comes
 //! first so that both `boot_params.acpi_rsdp_addr` and a legacy BIOS-area
@@ -32,6 +33,8 @@ use crate::vstate::memory::GuestMemoryMmap;
 pub const OEM_ID: [u8; 6] = *b"IOVMM ";
 /// OEM table id written into every table.
 pub const OEM_TABLE_ID: [u8; 8] = *b"IOVMMVM ";
+/// OEM revision written into every table.
+pub const OEM_REVISION: u32 = 1;
 
 /// ACPI errors.
 #[derive(Debug, Error)]
@@ -74,7 +77,7 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
 }
 
 fn dsdt() -> Vec<u8> {
-    let mut sdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, 1);
+    let mut sdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
     let cfg_io = aml::IO::new(PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT, 1, 8);
     let io_lo = aml::AddressSpace::new_io(0u16, PCI_CONFIG_IO_PORT - 1, None);
@@ -162,7 +165,7 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
             port,
         )
     };
-    let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
+    let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton)
@@ -179,7 +182,7 @@ fn madt(cpus: u8) -> Vec<u8> {
     let mut m = MADT::new(
         OEM_ID,
         OEM_TABLE_ID,
-        1,
+        OEM_REVISION,
         LocalInterruptController::Address(APIC_START as u32),
     );
     for id in 0..cpus {
@@ -190,7 +193,7 @@ fn madt(cpus: u8) -> Vec<u8> {
 }
 
 fn mcfg() -> Vec<u8> {
-    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, 1);
+    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     m.add_ecam(PCI_ECAM_START, 0, 0, 0);
     to_bytes(&m)
 }
@@ -212,7 +215,7 @@ pub fn build(cfg: &AcpiConfig) -> Result<AcpiLayout, AcpiError> {
         addr
     };
     let dsdt_addr = place(dsdt(), &mut placed);
-    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(place(fadt(dsdt_addr), &mut placed));
     xsdt.add_entry(place(madt(cfg.cpus), &mut placed));
     xsdt.add_entry(place(mcfg(), &mut placed));
@@ -397,7 +400,7 @@ mod tests {
 
     #[test]
     fn extra_tables_are_linked_and_oversize_is_rejected() {
-        let mut extra = Sdt::new(*b"VIOT", 48, 0, OEM_ID, OEM_TABLE_ID, 1);
+        let mut extra = Sdt::new(*b"VIOT", 48, 0, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
         extra.update_checksum();
         let l = build(&AcpiConfig {
             cpus: 1,

@@ -2,6 +2,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod dmar;
 pub mod layout;
 pub mod regs;
 pub mod viot;

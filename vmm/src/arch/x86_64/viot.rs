@@ -6,19 +6,23 @@
 //! its first BDF, so a device's endpoint id equals its BDF (segment 0), matching the
 //! `RequesterId::endpoint_id` the model uses. Linux never translates the IOMMU function itself
 //! even when the range covers it.
+//!
+//! The ACPI header is acpi_tables' [`Sdt`], as for the other tables of [`super::acpi`]; the body
+//! (node count and offset, the nodes and the range's reference to the IOMMU node) is encoded by
+//! acpi_tables' [`VIOT`] builder. Its own header is not used: it writes revision 1, while ACPI
+//! 6.4 and later define VIOT revision 0 (what QEMU writes).
 
+use acpi_tables::sdt::Sdt;
 use acpi_tables::viot::{PciDevice, PciRange, VirtIoPciIommu, VIOT};
 use acpi_tables::Aml;
 use devices::pci::PciBdf;
 use thiserror::Error;
 
-use super::acpi::{OEM_ID, OEM_TABLE_ID};
+use super::acpi::{OEM_ID, OEM_REVISION, OEM_TABLE_ID};
 
-/// Offset of the revision byte in an ACPI header.
-const REVISION_OFFSET: usize = 8;
-/// Offset of the checksum byte in an ACPI header.
-const CHECKSUM_OFFSET: usize = 9;
-/// VIOT revision defined by ACPI 6.4 (the crate writes 1).
+/// Length of the common ACPI table header.
+const ACPI_HEADER_LEN: usize = 36;
+/// VIOT revision defined by ACPI 6.4.
 const VIOT_REVISION: u8 = 0;
 
 /// Errors building a VIOT table.
@@ -53,16 +57,21 @@ pub fn build(iommu: PciBdf, first: PciBdf, last: PciBdf) -> Result<Vec<u8>, Viot
     if first.requester_id() > last.requester_id() {
         return Err(ViotError::EmptyRange { first, last });
     }
-    let mut viot = VIOT::new(OEM_ID, OEM_TABLE_ID, 1);
-    let handle = viot.add_virtio_pci_iommu(VirtIoPciIommu::new(device(iommu)));
-    viot.add_pci_range(PciRange::new(device(first), device(last), &handle));
-    let mut bytes = Vec::new();
-    viot.to_aml_bytes(&mut bytes);
-    bytes[REVISION_OFFSET] = VIOT_REVISION;
-    bytes[CHECKSUM_OFFSET] = 0;
-    let sum = bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
-    bytes[CHECKSUM_OFFSET] = sum.wrapping_neg();
-    Ok(bytes)
+    let mut nodes = VIOT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let handle = nodes.add_virtio_pci_iommu(VirtIoPciIommu::new(device(iommu)));
+    nodes.add_pci_range(PciRange::new(device(first), device(last), &handle));
+    let mut encoded = Vec::new();
+    nodes.to_aml_bytes(&mut encoded);
+    let mut sdt = Sdt::new(
+        *b"VIOT",
+        ACPI_HEADER_LEN as u32,
+        VIOT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    sdt.append_slice(encoded.get(ACPI_HEADER_LEN..).unwrap_or_default());
+    Ok(sdt.as_slice().to_vec())
 }
 
 #[cfg(test)]
@@ -81,6 +90,7 @@ mod tests {
         assert_eq!(&t[10..16], b"IOVMM ");
         assert_eq!(&t[16..24], b"IOVMMVM ");
         assert_eq!(&t[24..28], &1u32.to_le_bytes());
+        assert_eq!(&t[28..36], b"RVAT\0\0\0\x01", "creator: acpi_tables");
         assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
         // Node count 2, node offset 48, 8 reserved bytes.
         assert_eq!(&t[36..48], &[2, 0, 48, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
@@ -121,5 +131,67 @@ mod tests {
         let s1 = PciBdf::new(1, 0, 1, 0);
         assert_eq!(build(a, s1, s1), Err(ViotError::Segment(s1)));
         assert_eq!(build(s1, b, a), Err(ViotError::Segment(s1)));
+    }
+
+    /// `(type, bytes)` of every node, checked against the header's count and offset.
+    fn nodes(t: &[u8]) -> Vec<(u8, &[u8])> {
+        let count = u16::from_le_bytes([t[36], t[37]]);
+        let mut off = usize::from(u16::from_le_bytes([t[38], t[39]]));
+        let mut out = Vec::new();
+        while off < t.len() {
+            let len = usize::from(u16::from_le_bytes([t[off + 2], t[off + 3]]));
+            out.push((t[off], &t[off..off + len]));
+            off += len;
+        }
+        assert_eq!(off, t.len(), "nodes fill the table exactly");
+        assert_eq!(out.len(), usize::from(count));
+        out
+    }
+
+    #[test]
+    fn parsed_range_points_at_the_iommu_node() {
+        let iommu = PciBdf::new(0, 0, 1, 0);
+        let t = build(iommu, PciBdf::new(0, 0, 2, 0), PciBdf::new(0, 0, 4, 0)).unwrap();
+        assert_eq!(&t[0..4], b"VIOT");
+        assert_eq!(
+            u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+            t.len()
+        );
+        assert_eq!(t[8], VIOT_REVISION);
+        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0, "checksum");
+        let n = nodes(&t);
+        assert_eq!(n.iter().map(|(ty, _)| *ty).collect::<Vec<_>>(), [3, 1]);
+        assert_eq!(&n[0].1[6..8], &0x0008u16.to_le_bytes(), "IOMMU at 00:01.0");
+        let range = n[1].1;
+        assert_eq!(&range[12..14], &0x0010u16.to_le_bytes(), "first 00:02.0");
+        assert_eq!(&range[14..16], &0x0020u16.to_le_bytes(), "last 00:04.0");
+        assert_eq!(
+            &range[16..18],
+            &48u16.to_le_bytes(),
+            "output node = IOMMU node"
+        );
+    }
+
+    #[test]
+    fn header_matches_the_other_acpi_tables() {
+        use crate::arch::x86_64::acpi::{self, AcpiConfig};
+        let t = build(
+            PciBdf::new(0, 0, 1, 0),
+            PciBdf::new(0, 0, 2, 0),
+            PciBdf::new(0, 0, 2, 0),
+        )
+        .unwrap();
+        let layout = acpi::build(&AcpiConfig {
+            cpus: 1,
+            extra_tables: vec![t.clone()],
+        })
+        .unwrap();
+        let madt = &layout.tables.iter().find(|t| &t.1 == b"APIC").unwrap().2;
+        // OEM id, OEM table id, OEM revision, creator id and revision.
+        assert_eq!(&t[10..36], &madt[10..36]);
+        assert!(layout
+            .tables
+            .iter()
+            .any(|(_, sig, b)| sig == b"VIOT" && *b == t));
     }
 }
