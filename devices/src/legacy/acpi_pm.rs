@@ -8,9 +8,17 @@
 //! `(S5_SLEEP_TYPE << SLP_TYP_SHIFT) | SLP_EN` on power-off. That write
 //! signals the exit [`EventFd`]; other sleep types are logged and ignored.
 
+use std::sync::Mutex;
+
+use iommu::ratelimit::RateLimit;
+use iommu::sync::lock;
+use iommu::warn_limited;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+
+/// Most log lines per second about what the guest does wrong here (it can do it in a loop).
+static LOG_BUDGET: Mutex<RateLimit> = Mutex::new(RateLimit::per_second(10));
 
 /// I/O port of SLEEP_CONTROL_REG.
 pub const SLEEP_CONTROL_PORT: u64 = 0x3C0;
@@ -59,7 +67,10 @@ impl AcpiSleepRegs {
         }
         let sleep_type = (value & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
         if sleep_type != S5_SLEEP_TYPE {
-            log::warn!("acpi: ignoring sleep request of type {sleep_type}: only S5 (type {S5_SLEEP_TYPE}, power off) is supported");
+            warn_limited!(
+                lock(&LOG_BUDGET),
+                "acpi: ignoring sleep request of type {sleep_type}: only S5 (type {S5_SLEEP_TYPE}, power off) is supported"
+            );
             return;
         }
         log::info!("acpi: guest requested S5, powering off");

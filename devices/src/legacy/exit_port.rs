@@ -4,9 +4,17 @@
 //! endian, zero-extended to `u32`) to [`EXIT_PORT`]; the device records the
 //! code and signals the exit [`EventFd`]. Reads return ones.
 
+use std::sync::Mutex;
+
+use iommu::ratelimit::RateLimit;
+use iommu::sync::lock;
+use iommu::warn_limited;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+
+/// Most log lines per second about what the guest does wrong here (it can do it in a loop).
+static LOG_BUDGET: Mutex<RateLimit> = Mutex::new(RateLimit::per_second(10));
 
 /// I/O port of the exit device.
 pub const EXIT_PORT: u64 = 0xF4;
@@ -42,7 +50,8 @@ impl BusDevice for ExitPort {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if offset != 0 || data.is_empty() || data.len() > 4 {
-            log::warn!(
+            warn_limited!(
+                lock(&LOG_BUDGET),
                 "exit port: ignoring {}-byte write at offset {offset}: write 1 to 4 bytes at the port base",
                 data.len()
             );

@@ -24,12 +24,17 @@
 
 use std::sync::{Arc, Mutex};
 
+use iommu::ratelimit::RateLimit;
 use iommu::sync::lock;
+use iommu::warn_limited;
 use thiserror::Error;
 
 use crate::bus::BusDevice;
 use crate::interrupt::{MsiMessage, MsiSink};
 use crate::legacy::IrqLine;
+
+/// Most log lines per second about what the guest does wrong here (it can do it in a loop).
+static LOG_BUDGET: Mutex<RateLimit> = Mutex::new(RateLimit::per_second(10));
 
 /// Guest physical base of the IOAPIC's MMIO window.
 pub const IOAPIC_BASE: u64 = 0xFEC0_0000;
@@ -215,7 +220,10 @@ impl Ioapic {
         match self.msi.signal_msi(redirection_to_msi(entry)) {
             Ok(()) if level => self.redirection[pin] |= REMOTE_IRR,
             Ok(()) => {}
-            Err(e) => log::warn!("ioapic: delivering pin {pin} (entry {entry:#x}) failed: {e}"),
+            Err(e) => warn_limited!(
+                lock(&LOG_BUDGET),
+                "ioapic: delivering pin {pin} (entry {entry:#x}) failed: {e}"
+            ),
         }
     }
 

@@ -13,13 +13,19 @@
 //! vector is masked are dropped by KVM, not latched in the PBA.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use iommu::ratelimit::RateLimit;
+use iommu::sync::lock;
+use iommu::warn_limited;
 use log::{debug, warn};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::interrupt::{IrqfdRouter, MsiMessage, MsiSink};
+
+/// Most log lines per second about what the guest does wrong here (it can do it in a loop).
+static LOG_BUDGET: Mutex<RateLimit> = Mutex::new(RateLimit::per_second(10));
 
 /// Capability ID of MSI-X.
 pub const MSIX_CAP_ID: u8 = 0x11;
@@ -130,7 +136,10 @@ impl MsixIrqfds {
     fn set_route(&self, vector: usize, msg: Option<MsiMessage>) {
         if let Some((gsi, _)) = self.vectors.get(vector) {
             if let Err(e) = self.router.set_msi_route(*gsi, msg) {
-                warn!("msix: failed to update the route of GSI {gsi}: {e}");
+                warn_limited!(
+                    lock(&LOG_BUDGET),
+                    "msix: failed to update the route of GSI {gsi}: {e}"
+                );
             }
         }
     }
@@ -408,7 +417,10 @@ impl MsixConfig {
         if deliverable && self.pba[v / 64] & bit != 0 {
             self.pba[v / 64] &= !bit;
             if let Err(e) = self.sink.signal_msi(msg) {
-                warn!("msix: failed to deliver pending vector {v}: {e}");
+                warn_limited!(
+                    lock(&LOG_BUDGET),
+                    "msix: failed to deliver pending vector {v}: {e}"
+                );
             }
         }
     }
@@ -419,7 +431,6 @@ pub(crate) mod test_utils {
     use std::sync::Mutex;
 
     use super::*;
-    use iommu::sync::lock;
 
     /// An [`MsiSink`] that records every message.
     #[derive(Default)]

@@ -26,13 +26,18 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
+use iommu::ratelimit::RateLimit;
 use iommu::sync::{lock, read, write};
 use iommu::vtd::intremap::IrFault;
+use iommu::warn_limited;
 use iommu::RequesterId;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::VtdUnit;
 use crate::interrupt::{IrqfdRouter, MsiMessage, MsiSink};
+
+/// Most log lines per second about what the guest does wrong here (it can do it in a loop).
+static LOG_BUDGET: Mutex<RateLimit> = Mutex::new(RateLimit::per_second(10));
 
 /// Counters of the remapping layer.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -232,7 +237,10 @@ impl InterruptRemapper {
             }
             route.installed = installed;
             if let Err(e) = self.router.set_msi_route(*gsi, installed) {
-                log::warn!("vtd: cannot update the remapped route of GSI {gsi}: {e}");
+                warn_limited!(
+                    lock(&LOG_BUDGET),
+                    "vtd: cannot update the remapped route of GSI {gsi}: {e}"
+                );
             }
         }
     }
