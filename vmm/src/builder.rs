@@ -6,7 +6,6 @@
 //! the vCPU threads and the event loop thread.
 
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,9 @@ use crate::device_manager::{DeviceManager, SerialSink};
 use crate::event_loop::{run_until_exit, ExitHandler, VmmEventManager};
 use crate::seccomp::{install_sigsys_reporter, SeccompFilters, SeccompLevel, ThreadKind};
 use crate::vstate::memory::{create_guest_memory, GuestMemoryMmap};
-use crate::vstate::vcpu::{install_kick_handler, ExitState, VcpuHandle, VcpuRunner, VmExit};
+use crate::vstate::vcpu::{
+    install_kick_handler, ExitState, VcpuControl, VcpuHandle, VcpuRunner, VmExit,
+};
 use crate::vstate::vm::{open_kvm, Vm};
 use crate::{VmmError, VmmResult};
 
@@ -44,10 +45,12 @@ pub struct Machine {
     pub em: VmmEventManager,
     /// Stop reasons.
     pub exit: Arc<ExitState>,
-    /// The vIOMMU, if configured.
-    pub viommu: Option<Viommu>,
+    /// The vIOMMU, if configured (shared read-only with the control API's counters).
+    pub viommu: Option<Arc<Viommu>>,
     /// The vhost-user devices.
     pub vhost_user: Vec<VhostUserInfo>,
+    /// Stop, pause and resume of the vCPUs.
+    pub vcpu_control: Arc<VcpuControl>,
     vcpus: Vec<VcpuRunner>,
     seccomp: Arc<SeccompFilters>,
 }
@@ -126,8 +129,8 @@ fn create_vcpus(
     exit: &Arc<ExitState>,
     entry: u64,
     seccomp: &Arc<SeccompFilters>,
-) -> VmmResult<Vec<VcpuRunner>> {
-    let stop = Arc::new(AtomicBool::new(false));
+) -> VmmResult<(Vec<VcpuRunner>, Arc<VcpuControl>)> {
+    let control = Arc::new(VcpuControl::new(config.cpus));
     let mut runners = Vec::with_capacity(config.cpus as usize);
     for index in 0..config.cpus {
         let fd = vm
@@ -146,11 +149,11 @@ fn create_vcpus(
             mmio: devices.mmio.clone(),
             eoi: devices.eoi_handler(),
             exit: exit.clone(),
-            stop: stop.clone(),
+            control: control.clone(),
             seccomp: seccomp.clone(),
         });
     }
-    Ok(runners)
+    Ok((runners, control))
 }
 
 /// Creates the vIOMMU and the PCI devices. Devices behind the vIOMMU are
@@ -208,7 +211,7 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
     })?;
     acpi::write(&mem, &tables)?;
     let entry = load_guest(config, &mem, tables.rsdp_addr())?;
-    let vcpus = create_vcpus(&kvm, config, &vm, &devices, &exit, entry, &seccomp)?;
+    let (vcpus, vcpu_control) = create_vcpus(&kvm, config, &vm, &devices, &exit, entry, &seccomp)?;
     let mut em = VmmEventManager::new().map_err(VmmError::EventManager)?;
     let mut handler = ExitHandler::new(exit.clone());
     devices.register_exit_sources(&mut handler)?;
@@ -220,8 +223,9 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
             devices,
             em,
             exit,
-            viommu,
+            viommu: viommu.map(Arc::new),
             vhost_user,
+            vcpu_control,
             vcpus,
             seccomp,
         },
@@ -230,6 +234,11 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
 }
 
 impl Machine {
+    /// The compiled seccomp filters of this VM's threads.
+    pub fn seccomp(&self) -> Arc<SeccompFilters> {
+        self.seccomp.clone()
+    }
+
     /// Starts vCPU threads; the caller's thread becomes the event loop by
     /// calling [`Machine::run`].
     pub fn start_vcpus(&mut self) -> VmmResult<Vec<VcpuHandle>> {
@@ -248,8 +257,9 @@ impl Machine {
     }
 
     /// Runs the event loop until the VM stops, then stops the vCPUs. The event loop's
-    /// seccomp filter is installed first.
-    pub fn run(mut self, vcpus: Vec<VcpuHandle>, started: Instant) -> VmExit {
+    /// seccomp filter is installed first. The caller drops the machine afterwards (which
+    /// frees the devices, their threads and sockets).
+    pub fn run(&mut self, vcpus: Vec<VcpuHandle>, started: Instant) -> VmExit {
         if let Err(e) = self.seccomp.apply(ThreadKind::EventLoop) {
             log::error!("vmm: {e}; stopping the VM");
             self.exit.request(VmExit::Stopped);

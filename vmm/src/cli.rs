@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::config::{
-    ByteSize, ConfigError, IommuConfig, SerialMode, VhostUserConfig, VmConfig, DEFAULT_CMDLINE,
+    ByteSize, ConfigError, IommuConfig, MetricsConfig, SerialMode, VhostUserConfig, VmConfig,
+    DEFAULT_CMDLINE,
 };
 use crate::seccomp::{self, SeccompLevel};
 use crate::{CrashReport, VmExit, Vmm};
@@ -51,6 +52,16 @@ pub struct Cli {
     /// (the kernel logs it) or false. Default true.
     #[arg(long, value_name = "true|log|false")]
     pub seccomp: Option<SeccompLevel>,
+    /// Serve the HTTP/1.1 + JSON control API (info, counters, metrics, pause, resume,
+    /// shutdown) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Write one JSON line of every counter every SECS seconds (default 60) and when the VM
+    /// stops, to a file (appended) or a FIFO.
+    // The brackets are clap's `--help` text for optional parts, not intra-doc links.
+    #[allow(rustdoc::broken_intra_doc_links)]
+    #[arg(long, value_name = "PATH[,interval=SECS]")]
+    pub metrics: Option<MetricsConfig>,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     pub log_level: String,
@@ -92,6 +103,12 @@ impl Cli {
         cfg.vhost_user.extend(self.vhost_user.iter().cloned());
         if let Some(s) = self.seccomp {
             cfg.seccomp = s;
+        }
+        if let Some(p) = &self.api_socket {
+            cfg.api_socket = Some(p.clone());
+        }
+        if let Some(m) = &self.metrics {
+            cfg.metrics = Some(m.clone());
         }
         if cfg.cmdline.is_empty() {
             cfg.cmdline = DEFAULT_CMDLINE.into();
@@ -276,6 +293,25 @@ mod tests {
             SeccompLevel::Trap
         );
         assert!(parse(&["--kernel", "/k", "--seccomp", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn api_socket_and_metrics_options_reach_the_config() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--api-socket",
+            "/run/iovmm.sock",
+            "--metrics",
+            "/run/iovmm.metrics,interval=7",
+        ])
+        .unwrap()
+        .to_config()
+        .unwrap();
+        assert_eq!(c.api_socket, Some("/run/iovmm.sock".into()));
+        let m = c.metrics.unwrap();
+        assert_eq!((m.path, m.interval), ("/run/iovmm.metrics".into(), 7));
+        assert!(parse(&["--kernel", "/k", "--metrics", "/m,interval=soon"]).is_err());
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //!
 //! The crate is a library first; the `iovmm` binary is a thin CLI over it.
 //! An embedding tool builds a [`VmConfig`], calls [`Vmm::start`] and then
-//! [`Vmm::wait`] (or [`Vmm::stop`]). Nothing is process-global except the
+//! [`Vmm::wait`] (or [`Vmm::stop`]); in between it may [`Vmm::pause`],
+//! [`Vmm::resume`], read [`Vmm::info`] and [`Vmm::counters`], the same
+//! operations the HTTP control API ([`api`], `--api-socket`) offers.
+//! Nothing is process-global except the
 //! no-op handler of the signal used to kick vCPU threads out of `KVM_RUN`
 //! and, with seccomp on, a `SIGSYS` reporter (only if the process has no
 //! `SIGSYS` handler of its own). The caller's thread is never filtered;
@@ -19,6 +22,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod cli;
@@ -29,21 +33,22 @@ pub mod seccomp;
 pub mod vstate;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
 
-pub use config::{ByteSize, ConfigError, SerialMode, VmConfig};
+pub use api::{VmApi, VmControl, VmCounters, VmInfo, VmState};
+pub use config::{ByteSize, ConfigError, MetricsConfig, SerialMode, VmConfig};
 pub use device_manager::vhost_user::VhostUserInfo;
 pub use devices::vhost_user::VhostUserStats;
 pub use seccomp::SeccompLevel;
 pub use vstate::vcpu::{
-    Access, CrashReport, ExitKind, ExitRecord, GuestState, PendingException, VmExit,
+    Access, CrashReport, ExitKind, ExitRecord, GuestState, PendingException, VcpuControlError,
+    VcpuRunState, VmExit,
 };
-
-use vstate::vcpu::ExitState;
 
 /// Errors of building or running a VM.
 #[derive(Debug, Error)]
@@ -102,6 +107,12 @@ pub enum VmmError {
     /// A thread could not be spawned.
     #[error("cannot spawn a VMM thread")]
     SpawnThread(#[source] std::io::Error),
+    /// The control API socket, the metrics file or the API thread could not be set up.
+    #[error(transparent)]
+    Api(#[from] api::ApiSetupError),
+    /// A pause or resume failed.
+    #[error(transparent)]
+    Control(#[from] VcpuControlError),
     /// The VMM thread panicked.
     #[error("the VMM event loop thread panicked; this is a bug, please report it with the log")]
     Panicked,
@@ -110,66 +121,204 @@ pub enum VmmError {
 /// Result alias of this crate.
 pub type VmmResult<T> = Result<T, VmmError>;
 
+/// Set by the event loop thread when the VM has stopped and its machine is dropped.
+#[derive(Debug, Default)]
+struct Done {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Done {
+    fn set(&self) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until set or `deadline`; whether it was set.
+    fn wait_until(&self, deadline: Instant) -> bool {
+        let guard = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let (done, _) = self
+            .cv
+            .wait_timeout_while(guard, timeout, |done| !*done)
+            .unwrap_or_else(|e| e.into_inner());
+        *done
+    }
+}
+
+/// The `iovmm_api` thread and what ends it.
+#[derive(Debug)]
+struct ApiThread {
+    thread: JoinHandle<()>,
+    stop: EventFd,
+    socket: Option<PathBuf>,
+}
+
+impl ApiThread {
+    /// Binds the socket and opens the metrics file (here, on the caller's thread), then starts
+    /// the thread; `None` when neither is configured.
+    fn start(
+        config: &VmConfig,
+        control: &Arc<VmControl>,
+        machine: &builder::Machine,
+    ) -> VmmResult<Option<Self>> {
+        if config.api_socket.is_none() && config.metrics.is_none() {
+            return Ok(None);
+        }
+        let metrics = config
+            .metrics
+            .as_ref()
+            .map(api::metrics::MetricsSink::open)
+            .transpose()?;
+        let listener = config
+            .api_socket
+            .as_deref()
+            .map(api::server::bind)
+            .transpose()?;
+        let stop = EventFd::new(libc::EFD_NONBLOCK)
+            .and_then(|e| Ok((e.try_clone()?, e)))
+            .map_err(|e| VmmError::Api(api::ApiSetupError::Thread(e)));
+        let socket = config.api_socket.clone();
+        let (stop, theirs) = match stop {
+            Ok(pair) => pair,
+            Err(e) => {
+                remove_socket(socket.as_deref());
+                return Err(e);
+            }
+        };
+        let server = api::ApiServer::new(listener, metrics, control.clone(), theirs);
+        match server.spawn(machine.seccomp()) {
+            Ok(thread) => Ok(Some(ApiThread {
+                thread,
+                stop,
+                socket,
+            })),
+            Err(e) => {
+                remove_socket(socket.as_deref());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stops the thread (it writes a last metrics line), joins it and removes the socket.
+    fn finish(self) {
+        if let Err(e) = self.stop.write(1) {
+            log::error!("vmm: cannot stop the API thread: {e}");
+        }
+        if self.thread.join().is_err() {
+            log::error!("vmm: the API thread panicked");
+        }
+        remove_socket(self.socket.as_deref());
+    }
+}
+
+fn remove_socket(path: Option<&std::path::Path>) {
+    if let Some(p) = path {
+        if let Err(e) = std::fs::remove_file(p) {
+            log::warn!("vmm: cannot remove the API socket {p:?}: {e}");
+        }
+    }
+}
+
 /// A running VM.
 #[derive(Debug)]
 pub struct Vmm {
     thread: Option<JoinHandle<VmExit>>,
-    exit: Arc<ExitState>,
+    control: Arc<VmControl>,
     serial: Option<Arc<Mutex<Vec<u8>>>>,
-    started: Instant,
-    vhost_user: Vec<VhostUserInfo>,
+    done: Arc<Done>,
+    api: Option<ApiThread>,
 }
 
 impl Vmm {
-    /// Builds the VM described by `config` and starts it.
+    /// Builds the VM described by `config` and starts it (and, when configured, the API
+    /// socket and the metrics line).
     pub fn start(config: &VmConfig) -> VmmResult<Self> {
         let started = Instant::now();
         let (mut machine, serial) = builder::build(config)?;
-        let exit = machine.exit.clone();
-        let vhost_user = machine.vhost_user.clone();
+        let control = Arc::new(VmControl::new(config, started, &machine));
         let vcpus = machine.start_vcpus()?;
+        let done = Arc::new(Done::default());
+        let api = ApiThread::start(config, &control, &machine);
+        let (ctl, d) = (control.clone(), done.clone());
         let thread = std::thread::Builder::new()
             .name("iovmm_main".into())
-            .spawn(move || machine.run(vcpus, started));
-        let thread = match thread {
-            Ok(t) => t,
-            Err(e) => return Err(VmmError::SpawnThread(e)),
-        };
-        Ok(Vmm {
+            .spawn(move || {
+                let reason = machine.run(vcpus, started);
+                ctl.freeze_counters();
+                drop(machine);
+                d.set();
+                reason
+            })
+            .map_err(VmmError::SpawnThread)?;
+        let mut vmm = Vmm {
             thread: Some(thread),
-            exit,
+            control,
             serial,
-            started,
-            vhost_user,
-        })
+            done,
+            api: None,
+        };
+        // On error, dropping `vmm` stops the VM.
+        vmm.api = api?;
+        Ok(vmm)
     }
 
     /// Asks the VM to stop; [`Vmm::wait`] then returns [`VmExit::Stopped`].
     pub fn stop(&self) {
-        self.exit.request(VmExit::Stopped);
+        self.control.shutdown();
+    }
+
+    /// Stops the VM as `PUT /api/v1/vm.shutdown` does. The guest is not asked first: the
+    /// machine has no ACPI power button yet (see `docs/design/api.md`), so this is
+    /// [`Vmm::stop`].
+    pub fn shutdown(&self) {
+        self.control.shutdown();
+    }
+
+    /// Parks every vCPU outside the guest; returns once all of them are parked. Device
+    /// threads and vhost-user back ends keep running.
+    pub fn pause(&self) -> VmmResult<()> {
+        Ok(self.control.pause()?)
+    }
+
+    /// Lets the vCPUs of a paused VM run again; returns once all of them left the parked state.
+    pub fn resume(&self) -> VmmResult<()> {
+        Ok(self.control.resume()?)
+    }
+
+    /// State, uptime, vCPU states and configuration (`GET /api/v1/vm.info`).
+    pub fn info(&self) -> VmInfo {
+        self.control.info()
+    }
+
+    /// Device and vIOMMU counters (`GET /api/v1/vm.counters`).
+    pub fn counters(&self) -> VmCounters {
+        self.control.counters()
     }
 
     /// Waits until the VM stops (threads joined, devices dropped) and returns
     /// why. The handle stays usable, e.g. for [`Vmm::serial_output`].
     pub fn wait(&mut self) -> VmmResult<VmExit> {
-        match self.thread.take() {
-            Some(t) => t.join().map_err(|_| VmmError::Panicked),
-            None => Ok(self.exit.reason().unwrap_or(VmExit::Stopped)),
+        let joined = self.thread.take().map(|t| t.join());
+        if let Some(api) = self.api.take() {
+            api.finish();
+        }
+        match joined {
+            Some(Ok(exit)) => Ok(exit),
+            Some(Err(_)) => Err(VmmError::Panicked),
+            None => Ok(self.control.exit_reason().unwrap_or(VmExit::Stopped)),
         }
     }
 
     /// Whether the VM has stopped (or is stopping).
     pub fn has_exited(&self) -> bool {
-        self.exit.reason().is_some()
+        self.control.state() == VmState::Stopped
     }
 
     /// Waits at most `timeout`; stops the VM when it is still running then.
     pub fn wait_timeout(&mut self, timeout: Duration) -> VmmResult<VmExit> {
         let deadline = Instant::now() + timeout;
-        while self.exit.reason().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if self.exit.reason().is_none() {
+        if !self.done.wait_until(deadline) && !self.has_exited() {
             log::warn!("vmm: guest still running after {timeout:?}; stopping it");
             self.stop();
         }
@@ -178,12 +327,12 @@ impl Vmm {
 
     /// The vhost-user devices, in PCI order, with their live counters.
     pub fn vhost_user_devices(&self) -> &[VhostUserInfo] {
-        &self.vhost_user
+        self.control.vhost_user_devices()
     }
 
     /// Time since [`Vmm::start`] was called.
     pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
+        self.control.uptime()
     }
 
     /// Serial output so far, when the config asked for [`SerialMode::Capture`].
@@ -196,9 +345,9 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
+        if self.thread.is_some() || self.api.is_some() {
             self.stop();
-            let _ = t.join();
+            let _ = self.wait();
         }
     }
 }

@@ -11,6 +11,7 @@
 //! | [`ThreadKind::VhostUserCall`] | `vhost-user-call` | first thing on the thread |
 //! | [`ThreadKind::VhostUserReconnect`] | `vhost-user-reconnect` | once the VMM set its thread hook, before it handles any disconnect |
 //! | [`ThreadKind::Api`] | the CLI's main thread | by the CLI after [`crate::Vmm::start`] |
+//! | [`ThreadKind::ApiServer`] | `iovmm_api` (`--api-socket`, `--metrics`) | first thing on the thread, before it accepts a connection |
 //!
 //! A library caller's own thread is never filtered: [`crate::Vmm::start`] builds the VM there
 //! (opening files, KVM, the vhost-user sockets and their feature negotiation) and the caller
@@ -130,8 +131,10 @@ impl fmt::Display for SeccompLevel {
 /// The kinds of threads iovmm runs, each with its own allow-list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ThreadKind {
-    /// The CLI's main thread once the VM runs: waits, prints, exits.
+    /// The CLI's main thread once the VM runs: waits, prints, removes the API socket, exits.
     Api,
+    /// `iovmm_api`: the HTTP control API server and the metrics line writer.
+    ApiServer,
     /// `iovmm_main`: the event loop; stops the vCPUs and drops the machine.
     EventLoop,
     /// `iovmm_vcpuN`: KVM_RUN, PIO/MMIO dispatch, virtio activation (starts device threads).
@@ -148,8 +151,9 @@ pub enum ThreadKind {
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Api,
+        ThreadKind::ApiServer,
         ThreadKind::EventLoop,
         ThreadKind::Vcpu,
         ThreadKind::VirtioIommu,
@@ -162,6 +166,7 @@ impl ThreadKind {
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Api => "api",
+            ThreadKind::ApiServer => "api server",
             ThreadKind::EventLoop => "event loop",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::VirtioIommu => "virtio-iommu worker",
@@ -398,8 +403,20 @@ fn reconnect_rules(r: &mut Rules) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// The API server: accept connections on the socket bound before, non-blocking socket I/O,
+/// `poll`; pause and resume kick vCPU threads (`tgkill`, in the base list). No `bind`,
+/// `socket`, `connect`, `open` or thread creation.
+fn api_server_rules(r: &mut Rules) -> Result<(), BackendError> {
+    allow(r, SOCKET_IO);
+    allow(r, &[libc::SYS_accept4]);
+    r.insert(libc::SYS_ioctl, ioctls(&[libc::FIONBIO, libc::FIOCLEX])?);
+    Ok(())
+}
+
 fn vcpu_rules(r: &mut Rules) -> Result<(), BackendError> {
     allow(r, EPOLL_WAIT);
+    // Takes the pending kick signal after KVM_RUN returned EINTR (never blocks).
+    allow(r, &[libc::SYS_rt_sigtimedwait]);
     allow(r, SOCKET_IO);
     thread_start_rules(r)?;
     let mut io = device_ioctls();
@@ -425,7 +442,8 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
     let build = || -> Result<Rules, BackendError> {
         let mut r = base_rules()?;
         match kind {
-            ThreadKind::Api => {}
+            ThreadKind::Api => allow(&mut r, &[libc::SYS_unlink, libc::SYS_unlinkat]),
+            ThreadKind::ApiServer => api_server_rules(&mut r)?,
             ThreadKind::EventLoop => {
                 allow(&mut r, EPOLL_WAIT);
                 allow(&mut r, SOCKET_IO);
@@ -648,6 +666,16 @@ mod tests {
             for nr in [libc::SYS_socket, libc::SYS_connect] {
                 assert_eq!(r.contains_key(&nr), kind == reconnect, "{kind} {nr}");
             }
+            // Only the API server accepts connections, on the socket bound before it starts;
+            // only the CLI thread removes that socket at exit.
+            let api_server = kind == ThreadKind::ApiServer;
+            assert_eq!(r.contains_key(&libc::SYS_accept4), api_server, "{kind}");
+            assert!(!r.contains_key(&libc::SYS_accept), "{kind}");
+            assert_eq!(
+                r.contains_key(&libc::SYS_unlink),
+                kind == ThreadKind::Api,
+                "{kind}"
+            );
             let spawns = r.contains_key(&libc::SYS_clone);
             let spawner = kind == ThreadKind::Vcpu || kind == reconnect;
             assert_eq!(spawns, spawner, "{kind}");

@@ -15,8 +15,13 @@ use thiserror::Error;
 use crate::arch::x86_64::layout::CMDLINE_MAX_SIZE;
 use crate::seccomp::SeccompLevel;
 
+mod api;
 mod devices;
 
+pub use api::{
+    validate_api_socket, MetricsConfig, DEFAULT_METRICS_INTERVAL, MAX_METRICS_INTERVAL,
+    MAX_SOCKET_PATH,
+};
 pub use devices::{IommuConfig, IommuKind, IotlbPolicyConfig, VhostUserConfig, VhostUserKind};
 
 /// Most vhost-user devices per VM (PCI bus 0 has 31 free slots).
@@ -66,6 +71,16 @@ pub enum ConfigError {
     DeviceOption {
         /// The option as given.
         option: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A non-device option string could not be parsed.
+    #[error("invalid {name} option {value:?}: {reason}")]
+    Option {
+        /// The option (e.g. `--metrics`).
+        name: &'static str,
+        /// The value as given.
+        value: String,
         /// What is wrong.
         reason: String,
     },
@@ -229,6 +244,12 @@ pub struct VmConfig {
     /// Seccomp filters on iovmm's threads (`true`, `"log"` or `false`; default `true`).
     #[serde(default)]
     pub seccomp: SeccompLevel,
+    /// Unix socket of the HTTP control API (`--api-socket`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
+    /// Periodic JSON metrics line (`--metrics`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
 }
 
 impl VmConfig {
@@ -244,6 +265,8 @@ impl VmConfig {
             iommu: None,
             vhost_user: Vec::new(),
             seccomp: SeccompLevel::default(),
+            api_socket: None,
+            metrics: None,
         }
     }
 
@@ -270,6 +293,7 @@ impl VmConfig {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
         }
         self.validate_devices()?;
+        self.validate_api()?;
         check_file("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
             check_file("initramfs", initramfs)?;
@@ -279,6 +303,21 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        if let Some(sock) = &self.api_socket {
+            validate_api_socket(sock)?;
+        }
+        if let Some(m) = &self.metrics {
+            m.validate()?;
+            if self.api_socket.as_ref() == Some(&m.path) {
+                return Err(ConfigError::Combination(
+                    "the metrics path and the API socket are the same file".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_devices(&self) -> Result<(), ConfigError> {
         if let Some(iommu) = &self.iommu {
             iommu.validate()?;
@@ -450,6 +489,25 @@ mod tests {
         )
         .unwrap();
         assert!(from_json.iommu.unwrap().caching_mode && from_json.vhost_user[0].iommu);
+    }
+
+    #[test]
+    fn api_socket_and_metrics_are_validated_and_serialized() {
+        let k = kernel_file();
+        let mut c = VmConfig::new(&k.0);
+        c.api_socket = Some("/tmp/iovmm-api.sock".into());
+        c.metrics = Some("/tmp/iovmm-api.sock".parse().unwrap());
+        assert!(c.validate().unwrap_err().to_string().contains("same file"));
+        c.metrics = Some("/tmp/iovmm-metrics,interval=2".parse().unwrap());
+        c.validate().unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(
+            json.contains(r#""api_socket":"/tmp/iovmm-api.sock""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
+        c.api_socket = Some("/nonexistent-dir/api.sock".into());
+        assert!(matches!(c.validate(), Err(ConfigError::File { .. })));
     }
 
     #[test]

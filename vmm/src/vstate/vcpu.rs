@@ -1,10 +1,10 @@
 //! vCPU threads and their exit handling.
 //!
 //! Each vCPU runs `KVM_RUN` on its own thread and dispatches port I/O and MMIO
-//! exits through the shared buses. A vCPU is stopped by setting the shared
-//! stop flag and kicking its thread with [`VCPU_KICK_SIGNAL`], which makes
-//! `KVM_RUN` return `EINTR`; [`VcpuHandle::stop`] repeats the kick until the
-//! thread has left its loop, so a kick racing with the flag check is harmless.
+//! exits through the shared buses. vCPUs are stopped, paused and resumed
+//! through their [`VcpuControl`]: it sets a flag and kicks each thread once with
+//! [`VCPU_KICK_SIGNAL`], which the thread blocks except inside `KVM_RUN`, so the
+//! kick makes `KVM_RUN` return `EINTR` whenever it lands (see [`control`]).
 //!
 //! Every vCPU keeps an [`ExitHistory`] of its last exits. With `KVM_CAP_SYNC_REGS`
 //! KVM copies regs, sregs and events into `kvm_run` at each exit, so each record
@@ -14,7 +14,6 @@
 //! `KVM_GET_*` after the exit (which AMD SVM has already reset after a shutdown).
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,9 +26,11 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::seccomp::{SeccompFilters, ThreadKind};
 
+pub mod control;
 mod crash;
 mod history;
 
+pub use control::{VcpuControl, VcpuControlError, VcpuRunState};
 pub use crash::CrashReport;
 pub use history::{
     Access, ExitHistory, ExitKind, ExitRecord, GuestState, PendingException, EXIT_HISTORY_LEN,
@@ -156,8 +157,8 @@ pub struct VcpuRunner {
     pub eoi: Arc<dyn Fn(u8) + Send + Sync>,
     /// Where stop reasons go.
     pub exit: Arc<ExitState>,
-    /// Set to stop all vCPUs.
-    pub stop: Arc<AtomicBool>,
+    /// Stop, pause and resume of all vCPUs.
+    pub control: Arc<VcpuControl>,
     /// Seccomp filters; the vCPU one is installed before the first KVM_RUN.
     pub seccomp: Arc<SeccompFilters>,
 }
@@ -171,8 +172,10 @@ impl VcpuRunner {
             self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
             self.fd.set_sync_valid_reg(SyncReg::VcpuEvents);
         }
-        let stop = self.stop.clone();
-        let name = format!("iovmm_vcpu{}", self.index);
+        control::set_run_signal_mask(&self.fd)?;
+        let control = self.control.clone();
+        let index = self.index;
+        let name = format!("iovmm_vcpu{index}");
         let vcpu = VcpuLoop {
             r: self,
             history: ExitHistory::default(),
@@ -181,7 +184,12 @@ impl VcpuRunner {
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || vcpu.run())?;
-        Ok(VcpuHandle { thread, stop })
+        control.register(index, thread.as_pthread_t());
+        Ok(VcpuHandle {
+            thread,
+            control,
+            index,
+        })
     }
 }
 
@@ -289,6 +297,7 @@ impl VcpuLoop {
         let (kind, access, stop) = match r.fd.run() {
             Ok(exit) => dispatch(exit, &r.pio, &r.mmio, &*r.eoi, r.index),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                control::take_pending_kicks();
                 r.fd.set_kvm_immediate_exit(0);
                 (ExitKind::Interrupted, None, None)
             }
@@ -365,18 +374,40 @@ impl VcpuLoop {
 
     fn run(mut self) {
         let index = self.r.index;
-        if let Err(e) = self.r.seccomp.apply(ThreadKind::Vcpu) {
+        let control = self.r.control.clone();
+        // Reports Exited however the loop ends, a panic included.
+        let _exited = ExitedGuard(control.clone(), index);
+        if let Err(e) = self.enter() {
             log::error!("vcpu{index}: {e}; stopping the VM");
             self.r.exit.request(VmExit::Stopped);
-            return;
-        }
-        while !self.r.stop.load(Ordering::Acquire) {
-            if let Some(reason) = self.handle_exit() {
-                log::debug!("vcpu{index}: stopping: {reason:?}");
-                self.r.exit.request(reason);
-                break;
+        } else {
+            control.report(index, VcpuRunState::Running);
+            while control.checkpoint(index) {
+                if let Some(reason) = self.handle_exit() {
+                    log::debug!("vcpu{index}: stopping: {reason:?}");
+                    self.r.exit.request(reason);
+                    break;
+                }
             }
         }
+    }
+
+    /// Blocks the kick signal outside KVM_RUN and installs the vCPU seccomp filter.
+    fn enter(&self) -> Result<(), String> {
+        control::block_kick_signal().map_err(|e| format!("cannot block the kick signal: {e}"))?;
+        self.r
+            .seccomp
+            .apply(ThreadKind::Vcpu)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Reports [`VcpuRunState::Exited`] for a vCPU when dropped.
+struct ExitedGuard(Arc<VcpuControl>, u8);
+
+impl Drop for ExitedGuard {
+    fn drop(&mut self) {
+        self.0.report(self.1, VcpuRunState::Exited);
     }
 }
 
@@ -384,23 +415,21 @@ impl VcpuLoop {
 #[derive(Debug)]
 pub struct VcpuHandle {
     thread: JoinHandle<()>,
-    stop: Arc<AtomicBool>,
+    control: Arc<VcpuControl>,
+    index: u8,
 }
 
 impl VcpuHandle {
-    /// Stops the thread and joins it; gives up (and leaks the thread) after `timeout`.
+    /// Stops every vCPU of the VM (one kick each, see [`control`]), waits for this one's
+    /// thread to leave its loop and joins it; gives up (and leaks the thread) after `timeout`.
     pub fn stop(self, timeout: Duration) -> bool {
-        self.stop.store(true, Ordering::Release);
-        let deadline = Instant::now() + timeout;
-        while !self.thread.is_finished() {
-            if Instant::now() > deadline {
-                log::error!("vmm: a vCPU thread did not stop within {timeout:?}");
-                return false;
-            }
-            // SAFETY: the pthread_t belongs to a thread we own and have not joined;
-            // the signal has a no-op handler installed by install_kick_handler.
-            unsafe { libc::pthread_kill(self.thread.as_pthread_t(), VCPU_KICK_SIGNAL()) };
-            std::thread::sleep(Duration::from_millis(1));
+        self.control.request_stop();
+        if !self
+            .control
+            .wait_exited(self.index, Instant::now() + timeout)
+        {
+            log::error!("vmm: vCPU {} did not stop within {timeout:?}", self.index);
+            return false;
         }
         self.thread.join().is_ok()
     }

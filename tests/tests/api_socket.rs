@@ -1,0 +1,478 @@
+//! The control API against running KVM guests, driven with `curl --unix-socket` (and raw
+//! sockets where curl cannot send what is needed): every endpoint, pause and resume around a
+//! frame the guest is waiting for, malformed and hostile requests, concurrent clients, the
+//! connection limit, shutdown, the metrics line and the CLI's seccomp-filtered API thread.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use devices::sys::{poll_fds, PollFd};
+use integration_tests::backend::rxgen::seq_frame;
+use integration_tests::backend::{BackendConfig, BackendHandle, TestBackend};
+use integration_tests::guest::{test_guest_path, GuestResult, IommuMode, Scenario};
+use serde_json::Value;
+use vmm::api::server::MAX_CONNECTIONS;
+use vmm::{SerialMode, VmConfig, VmExit, Vmm};
+
+/// One VM at a time: the guests poll in ring 3 and the machine has two cores.
+static ONE_VM: Mutex<()> = Mutex::new(());
+const WAIT: Duration = Duration::from_secs(60);
+
+fn temp_path(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("iovmm-apitest-{}-{tag}", std::process::id()))
+}
+
+/// A curl answer: the status code and the body.
+struct Answer {
+    status: u16,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+/// `curl --unix-socket sock -X method http://localhost<path>` plus `extra` arguments.
+fn curl(sock: &Path, method: &str, path: &str, extra: &[&str]) -> Answer {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "30", "--unix-socket"])
+        .arg(sock)
+        .args(["-X", method, "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl runs (resources/install-deps.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let status = code.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "curl {method} {path}: no status in {text:?}; stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    Answer {
+        status,
+        body: body.to_string(),
+    }
+}
+
+fn get(sock: &Path, path: &str) -> Answer {
+    curl(sock, "GET", path, &[])
+}
+
+fn put(sock: &Path, path: &str) -> Answer {
+    curl(sock, "PUT", path, &[])
+}
+
+fn state(sock: &Path) -> String {
+    let a = get(sock, "/api/v1/vm.info");
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.json()["state"].as_str().unwrap_or_default().to_string()
+}
+
+/// A guest that loops for minutes (only a stop ends it), with the API socket.
+fn looping_vm(tag: &str) -> (Vmm, PathBuf) {
+    let sock = temp_path(&format!("{tag}.sock"));
+    let mut cfg = VmConfig::new(test_guest_path());
+    cfg.cmdline = Scenario::tsc()
+        .iterations(1u64 << 40)
+        .cmdline()
+        .expect("cmdline");
+    cfg.serial = SerialMode::Capture;
+    cfg.api_socket = Some(sock.clone());
+    (Vmm::start(&cfg).expect("VM starts"), sock)
+}
+
+/// `net-rx` behind virtio-iommu (strict) with our back end; the test injects the frames.
+struct RxVm {
+    vmm: Vmm,
+    backend: BackendHandle,
+    sock: PathBuf,
+    frames: u64,
+    size: usize,
+}
+
+impl RxVm {
+    fn start(tag: &str, frames: u64, metrics: Option<&Path>) -> Self {
+        let size = 256usize;
+        let vu = temp_path(&format!("{tag}-vu.sock"));
+        let sock = temp_path(&format!("{tag}.sock"));
+        let backend = TestBackend::listen(&vu, BackendConfig::default()).expect("backend");
+        let scenario = Scenario::net_rx(frames, size as u64)
+            .iommu(IommuMode::Strict)
+            .timeout_ms(600_000);
+        let mut cfg = VmConfig::new(test_guest_path());
+        cfg.cmdline = scenario.cmdline().expect("cmdline");
+        cfg.serial = SerialMode::Capture;
+        cfg.cpus = 2;
+        cfg.iommu = Some("virtio".parse().expect("iommu"));
+        let dev = format!("net,socket={},iommu=on", vu.display());
+        cfg.vhost_user.push(dev.parse().expect("device"));
+        cfg.api_socket = Some(sock.clone());
+        cfg.metrics = metrics.map(|p| vmm::MetricsConfig {
+            path: p.to_path_buf(),
+            interval: 1,
+        });
+        let vmm = Vmm::start(&cfg).expect("VM starts");
+        RxVm {
+            vmm,
+            backend,
+            sock,
+            frames,
+            size,
+        }
+    }
+
+    /// Injects frames `from..to` and waits until the back end put them into guest buffers.
+    fn deliver(&self, from: u64, to: u64) {
+        for seq in from..to {
+            self.backend.inject_rx(seq_frame(seq, self.size));
+        }
+        let done = self.backend.wait_for(WAIT, |c| c.rx_frames == to);
+        assert!(
+            done,
+            "frames {from}..{to} not delivered: {:?}",
+            self.backend.counters()
+        );
+    }
+
+    fn finish(mut self) -> GuestResult {
+        let exit = self.vmm.wait_timeout(WAIT).expect("VMM stops");
+        let serial = self.vmm.serial_output().unwrap_or_default();
+        assert_eq!(exit, VmExit::ExitPort(0), "serial:\n{serial}");
+        let r = GuestResult::from_output(&serial).expect("result line");
+        assert_eq!(r.u64("received"), Some(self.frames), "{serial}");
+        assert!(!self.sock.exists(), "the API socket is removed at exit");
+        r
+    }
+}
+
+#[test]
+fn read_endpoints_report_the_running_vm_over_curl() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let vm = RxVm::start("read", 8, None);
+    vm.deliver(0, 4);
+    let ping = get(&vm.sock, "/api/v1/vm.ping");
+    assert_eq!(ping.status, 200);
+    assert_eq!(ping.json()["version"], env!("CARGO_PKG_VERSION"));
+    let info = get(&vm.sock, "/api/v1/vm.info").json();
+    assert_eq!(info["state"], "running");
+    assert_eq!(info["vcpus"], serde_json::json!(["running", "running"]));
+    assert_eq!(info["config"]["api_socket"], vm.sock.to_str().unwrap());
+    assert_eq!(info["config"]["iommu"]["kind"], "virtio");
+    assert!(info["uptime_ms"].as_u64().is_some());
+    let c = get(&vm.sock, "/api/v1/vm.counters").json();
+    let dev = &c["vhost_user"][0];
+    // Strict mode behind virtio-iommu: the back end missed on the RX buffers it wrote.
+    assert!(dev["misses"].as_u64() > Some(0), "{dev}");
+    assert!(dev["misses_served"].as_u64() > Some(0), "{dev}");
+    assert_eq!(dev["connected"], true);
+    assert!(dev["miss_p99_ns"].as_u64() > Some(0), "{dev}");
+    assert_eq!(c["viommu"]["kind"], "virtio-iommu");
+    let misses = dev["misses"].as_u64().unwrap_or_default();
+    for path in ["/metrics", "/api/v1/metrics"] {
+        let m = get(&vm.sock, path);
+        assert_eq!(m.status, 200);
+        assert!(
+            m.body.contains("iovmm_vm_state{state=\"running\"} 1\n"),
+            "{}",
+            m.body
+        );
+        let line = m
+            .body
+            .lines()
+            .find(|l| l.starts_with("iovmm_vhost_user_misses_total{device=\"0\""))
+            .unwrap_or_else(|| panic!("no misses series: {}", m.body));
+        let value: u64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        assert!(value >= misses, "{line} (JSON said {misses})");
+    }
+    vm.deliver(4, 8);
+    vm.finish();
+}
+
+#[test]
+fn a_paused_guest_does_not_take_a_delivered_frame_until_resumed() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let frames = 6;
+    let vm = RxVm::start("pause", frames, None);
+    vm.deliver(0, frames - 1);
+    assert_eq!(put(&vm.sock, "/api/v1/vm.pause").status, 204);
+    let info = get(&vm.sock, "/api/v1/vm.info").json();
+    assert_eq!(info["state"], "paused");
+    assert_eq!(info["vcpus"], serde_json::json!(["paused", "paused"]));
+    let again = put(&vm.sock, "/api/v1/vm.pause");
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["error"], "the VM is already paused");
+    let serial_before = vm.vmm.serial_output().unwrap_or_default();
+    // The barrier: the last frame the guest waits for is in its buffer, the used ring says so
+    // and the interrupt is sent. A running guest polls that ring and prints its result at once.
+    vm.deliver(frames - 1, frames);
+    // Two more round trips through the API while the guest holds everything it needs.
+    assert_eq!(get(&vm.sock, "/api/v1/vm.counters").status, 200);
+    assert_eq!(state(&vm.sock), "paused");
+    assert_eq!(vm.vmm.serial_output().unwrap_or_default(), serial_before);
+    assert!(!vm.vmm.has_exited());
+    assert_eq!(put(&vm.sock, "/api/v1/vm.resume").status, 204);
+    assert_eq!(put(&vm.sock, "/api/v1/vm.resume").status, 409);
+    let r = vm.finish();
+    assert!(r.is_ok(), "{r:?}");
+}
+
+#[test]
+fn library_api_pauses_resumes_and_reports() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut vmm, sock) = looping_vm("lib");
+    vmm.pause().expect("pause");
+    assert_eq!(vmm.info().state, vmm::VmState::Paused);
+    assert_eq!(vmm.info().vcpus, vec![vmm::VcpuRunState::Paused]);
+    assert_eq!(state(&sock), "paused", "the API sees the library's pause");
+    assert!(matches!(
+        vmm.pause(),
+        Err(vmm::VmmError::Control(vmm::VcpuControlError::AlreadyPaused))
+    ));
+    vmm.resume().expect("resume");
+    assert_eq!(vmm.info().vcpus, vec![vmm::VcpuRunState::Running]);
+    assert!(vmm.counters().vhost_user.is_empty());
+    // A paused VM stops too: the parked vCPU is released.
+    vmm.pause().expect("pause");
+    vmm.shutdown();
+    assert_eq!(vmm.wait().expect("stops"), VmExit::Stopped);
+    assert_eq!(vmm.info().state, vmm::VmState::Stopped);
+    assert!(!sock.exists());
+}
+
+/// Writes `raw` on a new connection and returns the status line of the answer.
+fn raw_exchange(sock: &Path, raw: &[u8]) -> String {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    // The server may answer (and close) before it read everything: a failed write is fine.
+    let _ = s.write_all(raw);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    assert!(
+        text.contains("\r\n\r\n{\"error\":"),
+        "no JSON error body: {text:?}"
+    );
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn malformed_requests_get_4xx_and_the_vm_keeps_running() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut vmm, sock) = looping_vm("malformed");
+    // Held open with half a request while everything else is served.
+    let mut slow = UnixStream::connect(&sock).expect("connect");
+    slow.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHo")
+        .expect("write");
+    let status = |a: Answer| (a.status, a.json()["error"].is_string());
+    assert_eq!(status(get(&sock, "/api/v1/nothing")), (404, true));
+    assert_eq!(status(get(&sock, "/api/v2/vm.info")), (404, true));
+    assert_eq!(status(get(&sock, "/api/v1/vm.shutdown")), (405, true));
+    assert_eq!(
+        status(curl(&sock, "DELETE", "/api/v1/vm.info", &[])),
+        (405, true)
+    );
+    assert_eq!(
+        status(curl(&sock, "POST", "/api/v1/vm.pause", &[])),
+        (405, true)
+    );
+    let big = temp_path("big-body");
+    std::fs::write(&big, vec![b'x'; 64 * 1024]).expect("write body");
+    let data = format!("@{}", big.display());
+    let oversized = curl(&sock, "PUT", "/api/v1/vm.pause", &["--data-binary", &data]);
+    assert_eq!(status(oversized), (413, true));
+    std::fs::remove_file(&big).expect("remove");
+    let chunked = ["-H", "Transfer-Encoding: chunked", "--data-binary", "{}"];
+    assert_eq!(
+        status(curl(&sock, "PUT", "/api/v1/vm.pause", &chunked)),
+        (411, true)
+    );
+    let long_header = format!("X-Junk: {}", "y".repeat(16 * 1024));
+    assert_eq!(
+        status(curl(&sock, "GET", "/api/v1/vm.ping", &["-H", &long_header])),
+        (431, true)
+    );
+    assert!(
+        raw_exchange(&sock, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").starts_with("HTTP/1.1 400 ")
+    );
+    assert!(raw_exchange(&sock, b"GET /\x01 HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 400 "));
+    let bad_len = b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: -1\r\n\r\n";
+    assert!(raw_exchange(&sock, bad_len).starts_with("HTTP/1.1 400 "));
+    // Nothing of that paused or stopped the VM, and the slow client did not stall the server.
+    assert_eq!(state(&sock), "running");
+    assert!(!vmm.has_exited());
+    slow.write_all(b"st: x\r\n\r\n")
+        .expect("finish the slow request");
+    let mut head = [0u8; 12];
+    slow.read_exact(&mut head)
+        .expect("answer to the slow request");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    vmm.stop();
+    assert_eq!(vmm.wait().expect("stops"), VmExit::Stopped);
+}
+
+#[test]
+fn concurrent_clients_are_all_answered_and_the_connection_limit_holds() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut vmm, sock) = looping_vm("concurrent");
+    let paths = [
+        "/api/v1/vm.ping",
+        "/api/v1/vm.info",
+        "/api/v1/vm.counters",
+        "/metrics",
+    ];
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..6)
+            .map(|w| {
+                let sock = &sock;
+                s.spawn(move || {
+                    for i in 0..10 {
+                        let path = paths[(w + i) % paths.len()];
+                        let a = get(sock, path);
+                        assert_eq!(a.status, 200, "{path}: {}", a.body);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("client thread");
+        }
+    });
+    // Fill every slot with an idle keep-alive connection (each answered once, so accepted).
+    let mut held: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+        .map(|_| {
+            let mut c = UnixStream::connect(&sock).expect("connect");
+            c.write_all(b"GET /api/v1/vm.ping HTTP/1.1\r\n\r\n")
+                .expect("write");
+            let mut head = [0u8; 12];
+            c.read_exact(&mut head).expect("answer");
+            assert_eq!(&head, b"HTTP/1.1 200");
+            c
+        })
+        .collect();
+    let over = get(&sock, "/api/v1/vm.ping");
+    assert_eq!(over.status, 503);
+    assert!(over.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("too many"));
+    held.pop();
+    assert_eq!(
+        get(&sock, "/api/v1/vm.ping").status,
+        200,
+        "a freed slot is reused"
+    );
+    drop(held);
+    vmm.stop();
+    assert_eq!(vmm.wait().expect("stops"), VmExit::Stopped);
+}
+
+#[test]
+fn shutdown_stops_the_vm_and_the_metrics_file_gets_a_last_line() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let metrics = temp_path("metrics.json");
+    let _ = std::fs::remove_file(&metrics);
+    let mut vm = RxVm::start("shutdown", 4, Some(&metrics));
+    vm.deliver(0, 2);
+    assert_eq!(put(&vm.sock, "/api/v1/vm.shutdown").status, 204);
+    assert_eq!(vm.vmm.wait().expect("stops"), VmExit::Stopped);
+    assert!(!vm.sock.exists(), "the API socket is removed at exit");
+    let text = std::fs::read_to_string(&metrics).expect("metrics file");
+    let last: Value = text
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("no JSON line in {text:?}"));
+    assert_eq!(last["state"], "stopped");
+    assert_eq!(
+        last["viommu"]["kind"], "virtio-iommu",
+        "frozen at stop: {last}"
+    );
+    assert!(last["vhost_user"][0]["misses"].as_u64() > Some(0), "{last}");
+    assert!(last["utc_timestamp_ms"].as_u64() > Some(0));
+    std::fs::remove_file(&metrics).expect("remove");
+}
+
+/// Reads the first line the VMM writes into the FIFO at `path`, waiting at most [`WAIT`].
+fn first_fifo_line(path: &Path) -> Value {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking open: it must not wait for a writer that may never come.
+    let mut fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .expect("open the FIFO");
+    let mut line = Vec::new();
+    while !line.contains(&b'\n') {
+        let mut fds = [PollFd::readable(&fifo)];
+        let n = poll_fds(&mut fds, Some(WAIT)).expect("poll");
+        assert_eq!(n, 1, "no metrics line within {WAIT:?}");
+        let mut buf = [0u8; 4096];
+        match fifo.read(&mut buf) {
+            Ok(n) => line.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("read the FIFO: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&line);
+    let first = text.lines().next().unwrap_or_default();
+    serde_json::from_str(first).unwrap_or_else(|e| panic!("{e}: {first:?}"))
+}
+
+#[test]
+fn cli_serves_the_api_under_its_seccomp_filter_and_exits_on_shutdown() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let sock = temp_path("cli.sock");
+    let fifo = temp_path("cli.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let guest = test_guest_path();
+    let cmdline = Scenario::tsc()
+        .iterations(1u64 << 40)
+        .cmdline()
+        .expect("cmdline");
+    let metrics = format!("{},interval=1", fifo.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_iovmm-cli"))
+        .args(["--kernel".as_ref(), guest.as_os_str()])
+        .args([
+            "--cmdline",
+            &cmdline,
+            "--serial",
+            "off",
+            "--seccomp",
+            "true",
+        ])
+        .args(["--api-socket".as_ref(), sock.as_os_str()])
+        .args(["--metrics", &metrics])
+        .spawn()
+        .expect("iovmm runs");
+    // The first periodic line comes from the API thread, so the socket is bound by then.
+    let line = first_fifo_line(&fifo);
+    assert_eq!(line["state"], "running", "{line}");
+    let a = get(&sock, "/api/v1/vm.info");
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["state"], "running");
+    assert_eq!(put(&sock, "/api/v1/vm.pause").status, 204);
+    assert_eq!(state(&sock), "paused");
+    assert_eq!(put(&sock, "/api/v1/vm.resume").status, 204);
+    assert_eq!(get(&sock, "/metrics").status, 200);
+    assert_eq!(put(&sock, "/api/v1/vm.shutdown").status, 204);
+    let status = child.wait().expect("iovmm exits");
+    assert_eq!(status.code(), Some(3), "VM stopped by request");
+    assert!(!sock.exists(), "the CLI removed the API socket");
+    std::fs::remove_file(&fifo).expect("remove the FIFO");
+}
