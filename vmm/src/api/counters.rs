@@ -47,7 +47,7 @@ fn link_up(s: &VhostUserStats) -> bool {
     }
 }
 
-/// Device `index`'s counters: [`VhostUserInfo::counters_json`] plus [`extras`] and `device`.
+/// Device `index`'s counters: [`VhostUserInfo::counters_json`] plus the extra fields (module docs) and `device`.
 pub fn device_counters(index: usize, info: &VhostUserInfo) -> Value {
     merge(index, info.counters_json(), &info.stats())
 }

@@ -1,12 +1,12 @@
 //! Run control of the vCPU threads: stop, pause and resume.
 //!
 //! Every vCPU thread blocks [`super::VCPU_KICK_SIGNAL`] for itself; KVM unblocks it only inside
-//! `KVM_RUN` (`KVM_SET_SIGNAL_MASK` with an empty set, see [`set_run_signal_mask`]). A kick
+//! `KVM_RUN` (`KVM_SET_SIGNAL_MASK` with an empty set, see `set_run_signal_mask`). A kick
 //! therefore never interrupts a system call of device emulation on the vCPU thread, and a kick
 //! that arrives while the thread is outside `KVM_RUN` stays pending until the next entry, which
 //! then returns `EINTR` at once. One kick is enough: whatever the thread is doing when the flag
 //! is set, it reaches the top of its loop without entering the guest again. After an `EINTR`
-//! the thread takes the pending kicks ([`take_pending_kicks`]; KVM restores the blocking mask
+//! the thread takes the pending kicks (`take_pending_kicks`; KVM restores the blocking mask
 //! before returning, so the signal is still pending), as QEMU does with its IPI signal.
 //!
 //! At the top of its loop a vCPU thread looks at the pause and stop flags. Paused, it parks on
