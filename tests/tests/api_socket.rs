@@ -476,3 +476,24 @@ fn cli_serves_the_api_under_its_seccomp_filter_and_exits_on_shutdown() {
     assert!(!sock.exists(), "the CLI removed the API socket");
     std::fs::remove_file(&fifo).expect("remove the FIFO");
 }
+
+#[test]
+fn an_unusable_api_socket_fails_the_start_before_the_guest_runs() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let file = temp_path("not-a-socket");
+    std::fs::write(&file, b"keep me").expect("write");
+    let mut cfg = VmConfig::new(test_guest_path());
+    cfg.cmdline = Scenario::hello().cmdline().expect("cmdline");
+    cfg.serial = SerialMode::Capture;
+    cfg.api_socket = Some(file.clone());
+    let e = Vmm::start(&cfg).expect_err("a regular file is not replaced");
+    assert!(
+        matches!(
+            e,
+            vmm::VmmError::Api(vmm::api::ApiSetupError::NotASocket(_))
+        ),
+        "{e:?}"
+    );
+    assert_eq!(std::fs::read(&file).expect("still there"), b"keep me");
+    std::fs::remove_file(&file).expect("remove");
+}

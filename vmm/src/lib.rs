@@ -232,34 +232,33 @@ pub struct Vmm {
 
 impl Vmm {
     /// Builds the VM described by `config` and starts it (and, when configured, the API
-    /// socket and the metrics line).
+    /// socket and the metrics line: both are set up before the guest runs).
     pub fn start(config: &VmConfig) -> VmmResult<Self> {
         let started = Instant::now();
         let (mut machine, serial) = builder::build(config)?;
         let control = Arc::new(VmControl::new(config, started, &machine));
+        let api = ApiThread::start(config, &control, &machine)?;
+        // From here on, dropping `vmm` on an error stops what was started.
+        let mut vmm = Vmm {
+            thread: None,
+            control,
+            serial,
+            done: Arc::new(Done::default()),
+            api,
+        };
         let vcpus = machine.start_vcpus()?;
-        let done = Arc::new(Done::default());
-        let api = ApiThread::start(config, &control, &machine);
-        let (ctl, d) = (control.clone(), done.clone());
+        let (control, done) = (vmm.control.clone(), vmm.done.clone());
         let thread = std::thread::Builder::new()
             .name("iovmm_main".into())
             .spawn(move || {
                 let reason = machine.run(vcpus, started);
-                ctl.freeze_counters();
+                control.freeze_counters();
                 drop(machine);
-                d.set();
+                done.set();
                 reason
             })
             .map_err(VmmError::SpawnThread)?;
-        let mut vmm = Vmm {
-            thread: Some(thread),
-            control,
-            serial,
-            done,
-            api: None,
-        };
-        // On error, dropping `vmm` stops the VM.
-        vmm.api = api?;
+        vmm.thread = Some(thread);
         Ok(vmm)
     }
 
