@@ -1,14 +1,19 @@
-//! A minimal i8042 keyboard controller: just enough for the guest's reset
-//! path (`reboot=k`: command 0xFE on port 0x64) and harmless probing.
+//! The i8042 keyboard controller as far as the guest's reset path needs it, on rust-vmm's
+//! `vm_superio::I8042Device`.
 //!
-//! Insert the same device at [`I8042_DATA_PORT`] and [`I8042_COMMAND_PORT`]
-//! (1 port each); it tells them apart by `base + offset`. There is no
-//! keyboard behind it and it raises no interrupts. A CPU reset request
-//! (0xFE, any other pulse command that pulses output line 0, or a write to
-//! the output port that clears the reset line) signals the reset [`EventFd`].
+//! Linux's `reboot=k` (also its fallback after ACPI) waits until the status register at
+//! [`I8042_COMMAND_PORT`] shows an empty input buffer (bit 1 clear), then writes
+//! [`I8042_CMD_RESET`] there; the controller signals the reset [`EventFd`]. The status and data
+//! registers read 0 (nothing to read, ready for input). There is no keyboard behind it and it
+//! raises no interrupts; the FADT tells Linux that no 8042 exists, so its i8042 driver does not
+//! probe it (`vmm::arch::x86_64::acpi`).
+//!
+//! The vmm may insert one device over `0x60..=0x64`: it tells the two ports apart by
+//! `base + offset`, and the ports between them read as ones (no device).
 
-use std::collections::VecDeque;
+use std::io;
 
+use vm_superio::{I8042Device, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
@@ -20,192 +25,57 @@ pub const I8042_COMMAND_PORT: u64 = 0x64;
 /// Controller command that pulses the CPU reset line.
 pub const I8042_CMD_RESET: u8 = 0xFE;
 
-// Status register bits.
-const STATUS_OUTPUT_FULL: u8 = 0x01;
-const STATUS_SYSTEM_FLAG: u8 = 0x04;
-const STATUS_LAST_WAS_COMMAND: u8 = 0x08;
+/// The reset [`EventFd`] as the [`Trigger`] vm-superio signals.
+#[derive(Debug)]
+struct ResetTrigger(EventFd);
 
-// Controller commands.
-const CMD_READ_CONFIG: u8 = 0x20;
-const CMD_WRITE_CONFIG: u8 = 0x60;
-const CMD_DISABLE_AUX: u8 = 0xA7;
-const CMD_ENABLE_AUX: u8 = 0xA8;
-const CMD_TEST_AUX: u8 = 0xA9;
-const CMD_SELF_TEST: u8 = 0xAA;
-const CMD_TEST_KBD: u8 = 0xAB;
-const CMD_DISABLE_KBD: u8 = 0xAD;
-const CMD_ENABLE_KBD: u8 = 0xAE;
-const CMD_READ_OUTPUT_PORT: u8 = 0xD0;
-const CMD_WRITE_OUTPUT_PORT: u8 = 0xD1;
-const CMD_WRITE_KBD_BUFFER: u8 = 0xD2;
-const CMD_WRITE_AUX_BUFFER: u8 = 0xD3;
-const CMD_WRITE_AUX: u8 = 0xD4;
-const CMD_PULSE_FIRST: u8 = 0xF0;
+impl Trigger for ResetTrigger {
+    type E = io::Error;
 
-// Configuration byte bits.
-const CONFIG_SYSTEM_FLAG: u8 = 0x04;
-const CONFIG_KBD_DISABLED: u8 = 0x10;
-const CONFIG_AUX_DISABLED: u8 = 0x20;
-const DEFAULT_CONFIG: u8 = 0x45;
-
-/// Output port bit 0: the CPU reset line (active low).
-const OUTPUT_PORT_RESET_LINE: u8 = 0x01;
-const DEFAULT_OUTPUT_PORT: u8 = 0x03; // reset line high, A20 enabled
-
-const SELF_TEST_OK: u8 = 0x55;
-const PORT_TEST_OK: u8 = 0x00;
-const KBD_ACK: u8 = 0xFA;
-const KBD_RESET_OK: u8 = 0xAA;
-const KBD_CMD_RESET: u8 = 0xFF;
-const KBD_CMD_ECHO: u8 = 0xEE;
-const OUTPUT_CAPACITY: usize = 16;
-
-/// A command waiting for its argument on the data port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pending {
-    Config,
-    OutputPort,
-    EchoToOutput,
-    Aux,
+    fn trigger(&self) -> io::Result<()> {
+        log::info!("i8042: guest requested a CPU reset");
+        self.0.write(1)
+    }
 }
 
-/// The i8042 controller.
+/// The i8042 controller on the PIO bus.
 #[derive(Debug)]
 pub struct I8042 {
-    reset_evt: EventFd,
-    output: VecDeque<u8>,
-    config: u8,
-    output_port: u8,
-    pending: Option<Pending>,
-    last_was_command: bool,
-    reset_requested: bool,
+    device: I8042Device<ResetTrigger>,
 }
 
 impl I8042 {
     /// Creates the controller; `reset_evt` is written on a CPU reset request.
     pub fn new(reset_evt: EventFd) -> Self {
         Self {
-            reset_evt,
-            output: VecDeque::with_capacity(OUTPUT_CAPACITY),
-            config: DEFAULT_CONFIG,
-            output_port: DEFAULT_OUTPUT_PORT,
-            pending: None,
-            last_was_command: false,
-            reset_requested: false,
+            device: I8042Device::new(ResetTrigger(reset_evt)),
         }
     }
+}
 
-    /// Whether the guest has requested a CPU reset.
-    pub fn reset_requested(&self) -> bool {
-        self.reset_requested
-    }
-
-    fn push_output(&mut self, byte: u8) {
-        if self.output.len() < OUTPUT_CAPACITY {
-            self.output.push_back(byte);
-        }
-    }
-
-    fn reset_cpu(&mut self) {
-        log::info!("i8042: guest requested a CPU reset");
-        self.reset_requested = true;
-        if let Err(e) = self.reset_evt.write(1) {
-            log::error!("i8042: cannot signal the reset eventfd: {e}");
-        }
-    }
-
-    fn status(&self) -> u8 {
-        let mut status = 0;
-        if self.config & CONFIG_SYSTEM_FLAG != 0 {
-            status |= STATUS_SYSTEM_FLAG;
-        }
-        if !self.output.is_empty() {
-            status |= STATUS_OUTPUT_FULL;
-        }
-        if self.last_was_command {
-            status |= STATUS_LAST_WAS_COMMAND;
-        }
-        status
-    }
-
-    fn command(&mut self, cmd: u8) {
-        self.pending = None;
-        match cmd {
-            CMD_READ_CONFIG => self.push_output(self.config),
-            CMD_WRITE_CONFIG => self.pending = Some(Pending::Config),
-            CMD_DISABLE_AUX => self.config |= CONFIG_AUX_DISABLED,
-            CMD_ENABLE_AUX => self.config &= !CONFIG_AUX_DISABLED,
-            CMD_TEST_AUX | CMD_TEST_KBD => self.push_output(PORT_TEST_OK),
-            CMD_SELF_TEST => self.push_output(SELF_TEST_OK),
-            CMD_DISABLE_KBD => self.config |= CONFIG_KBD_DISABLED,
-            CMD_ENABLE_KBD => self.config &= !CONFIG_KBD_DISABLED,
-            CMD_READ_OUTPUT_PORT => self.push_output(self.output_port),
-            CMD_WRITE_OUTPUT_PORT => self.pending = Some(Pending::OutputPort),
-            CMD_WRITE_KBD_BUFFER | CMD_WRITE_AUX_BUFFER => {
-                self.pending = Some(Pending::EchoToOutput);
-            }
-            CMD_WRITE_AUX => self.pending = Some(Pending::Aux),
-            // Pulse output lines: a clear bit 0 pulses the reset line (0xFE).
-            CMD_PULSE_FIRST..=0xFF if cmd & OUTPUT_PORT_RESET_LINE == 0 => self.reset_cpu(),
-            _ => log::debug!("i8042: ignoring command {cmd:#04x}"),
-        }
-    }
-
-    fn data(&mut self, value: u8) {
-        match self.pending.take() {
-            Some(Pending::Config) => self.config = value,
-            Some(Pending::OutputPort) => {
-                self.output_port = value;
-                if value & OUTPUT_PORT_RESET_LINE == 0 {
-                    self.reset_cpu();
-                }
-            }
-            Some(Pending::EchoToOutput) => self.push_output(value),
-            Some(Pending::Aux) => {} // No mouse.
-            None => self.keyboard_command(value),
-        }
-    }
-
-    /// Answers a byte sent to the (absent) keyboard like a present one would.
-    fn keyboard_command(&mut self, value: u8) {
-        match value {
-            KBD_CMD_ECHO => self.push_output(KBD_CMD_ECHO),
-            KBD_CMD_RESET => {
-                self.push_output(KBD_ACK);
-                self.push_output(KBD_RESET_OK);
-            }
-            _ => self.push_output(KBD_ACK),
-        }
+/// The vm-superio register offset of `port` (data 0, command/status 4), if it is one.
+fn register(base: u64, offset: u64) -> Option<u8> {
+    match base.checked_add(offset)? {
+        port @ (I8042_DATA_PORT | I8042_COMMAND_PORT) => u8::try_from(port - I8042_DATA_PORT).ok(),
+        _ => None,
     }
 }
 
 impl BusDevice for I8042 {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        let value = match base.checked_add(offset) {
-            Some(I8042_DATA_PORT) => self.output.pop_front().unwrap_or(0),
-            Some(I8042_COMMAND_PORT) => self.status(),
-            _ => 0xFF,
-        };
         data.fill(0xFF);
-        if let Some(first) = data.first_mut() {
-            *first = value;
+        if let (Some(reg), Some(first)) = (register(base, offset), data.first_mut()) {
+            *first = self.device.read(reg);
         }
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        let Some(&value) = data.first() else {
+        let (Some(reg), Some(&value)) = (register(base, offset), data.first()) else {
+            log::debug!("i8042: ignoring write at {base:#x}+{offset:#x}");
             return;
         };
-        match base.checked_add(offset) {
-            Some(I8042_DATA_PORT) => {
-                self.last_was_command = false;
-                self.data(value);
-            }
-            Some(I8042_COMMAND_PORT) => {
-                self.last_was_command = true;
-                self.command(value);
-            }
-            _ => log::debug!("i8042: ignoring write at {base:#x}+{offset:#x}"),
+        if let Err(e) = self.device.write(reg, value) {
+            log::error!("i8042: cannot signal the reset eventfd: {e}");
         }
     }
 }
@@ -221,77 +91,56 @@ mod tests {
         (I8042::new(evt.try_clone().unwrap()), evt)
     }
 
+    /// As the vmm inserts it: one range from the data port over the command port.
     fn inb(dev: &mut I8042, port: u64) -> u8 {
         let mut b = [0u8];
-        dev.read(port, 0, &mut b);
+        dev.read(I8042_DATA_PORT, port - I8042_DATA_PORT, &mut b);
         b[0]
     }
 
     fn outb(dev: &mut I8042, port: u64, value: u8) {
-        dev.write(port, 0, &[value]);
+        dev.write(I8042_DATA_PORT, port - I8042_DATA_PORT, &[value]);
     }
 
     #[test]
-    fn reset_command_signals_reset_event() {
+    fn linux_reboot_k_waits_for_an_empty_input_buffer_then_resets() {
         let (mut dev, evt) = device();
         assert!(evt.read().is_err());
+        // kb_wait: status bit 1 (input buffer full) must read clear.
+        assert_eq!(inb(&mut dev, I8042_COMMAND_PORT) & 0x02, 0);
         outb(&mut dev, I8042_COMMAND_PORT, I8042_CMD_RESET);
-        assert!(dev.reset_requested());
         assert_eq!(evt.read().unwrap(), 1);
     }
 
     #[test]
-    fn clearing_reset_line_through_output_port_resets() {
+    fn other_commands_ports_and_data_writes_do_not_reset() {
         let (mut dev, evt) = device();
-        outb(&mut dev, I8042_COMMAND_PORT, CMD_READ_OUTPUT_PORT);
-        assert_eq!(inb(&mut dev, I8042_DATA_PORT), DEFAULT_OUTPUT_PORT);
-        outb(&mut dev, I8042_COMMAND_PORT, CMD_WRITE_OUTPUT_PORT);
-        outb(&mut dev, I8042_DATA_PORT, 0x03);
-        assert!(evt.read().is_err(), "reset line kept high");
-        outb(&mut dev, I8042_COMMAND_PORT, CMD_WRITE_OUTPUT_PORT);
-        outb(&mut dev, I8042_DATA_PORT, 0x02);
-        assert_eq!(evt.read().unwrap(), 1);
-    }
-
-    #[test]
-    fn status_reports_output_buffer_and_system_flag() {
-        let (mut dev, evt) = device();
-        assert_eq!(inb(&mut dev, I8042_COMMAND_PORT), STATUS_SYSTEM_FLAG);
-        outb(&mut dev, I8042_COMMAND_PORT, CMD_SELF_TEST);
-        let status = inb(&mut dev, I8042_COMMAND_PORT);
-        assert_eq!(status & STATUS_OUTPUT_FULL, STATUS_OUTPUT_FULL);
-        assert_eq!(status & STATUS_LAST_WAS_COMMAND, STATUS_LAST_WAS_COMMAND);
-        assert_eq!(inb(&mut dev, I8042_DATA_PORT), SELF_TEST_OK);
-        assert_eq!(inb(&mut dev, I8042_COMMAND_PORT) & STATUS_OUTPUT_FULL, 0);
-        assert!(evt.read().is_err());
-    }
-
-    #[test]
-    fn config_byte_round_trips_and_other_commands_are_harmless() {
-        let (mut dev, evt) = device();
-        outb(&mut dev, I8042_COMMAND_PORT, CMD_WRITE_CONFIG);
-        outb(&mut dev, I8042_DATA_PORT, 0x61);
-        outb(&mut dev, I8042_COMMAND_PORT, CMD_READ_CONFIG);
-        assert_eq!(inb(&mut dev, I8042_DATA_PORT), 0x61);
-        for cmd in [0x00, CMD_DISABLE_KBD, CMD_ENABLE_AUX, 0xC0, 0xFF, 0xF1] {
+        for cmd in [0x20, 0x60, 0xAA, 0xAD, 0xD1, 0xFF] {
             outb(&mut dev, I8042_COMMAND_PORT, cmd);
         }
-        outb(&mut dev, I8042_DATA_PORT, KBD_CMD_RESET);
-        assert_eq!(inb(&mut dev, I8042_DATA_PORT), KBD_ACK);
-        assert_eq!(inb(&mut dev, I8042_DATA_PORT), KBD_RESET_OK);
-        assert!(!dev.reset_requested());
+        outb(&mut dev, I8042_DATA_PORT, I8042_CMD_RESET);
+        dev.write(I8042_DATA_PORT, 2, &[I8042_CMD_RESET]);
+        dev.write(I8042_COMMAND_PORT, 0, &[]);
         assert!(evt.read().is_err());
     }
 
     #[test]
-    fn output_buffer_is_bounded_and_unknown_ports_read_ones() {
+    fn registers_read_zero_and_the_ports_between_read_ones() {
         let (mut dev, _) = device();
-        for _ in 0..100 {
-            outb(&mut dev, I8042_DATA_PORT, 0x12);
+        assert_eq!(inb(&mut dev, I8042_DATA_PORT), 0);
+        assert_eq!(inb(&mut dev, I8042_COMMAND_PORT), 0);
+        for port in 0x61..0x64 {
+            assert_eq!(inb(&mut dev, port), 0xFF, "port {port:#x}");
         }
-        assert_eq!(dev.output.len(), OUTPUT_CAPACITY);
         let mut b = [0u8; 2];
-        dev.read(I8042_DATA_PORT, 1, &mut b);
-        assert_eq!(b, [0xFF, 0xFF]);
+        dev.read(I8042_COMMAND_PORT, 0, &mut b);
+        assert_eq!(b, [0, 0xFF]);
+    }
+
+    #[test]
+    fn a_command_port_inserted_on_its_own_still_resets() {
+        let (mut dev, evt) = device();
+        dev.write(I8042_COMMAND_PORT, 0, &[I8042_CMD_RESET]);
+        assert_eq!(evt.read().unwrap(), 1);
     }
 }
