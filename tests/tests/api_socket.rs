@@ -228,10 +228,39 @@ fn a_paused_guest_does_not_take_a_delivered_frame_until_resumed() {
     assert!(r.is_ok(), "{r:?}");
 }
 
+/// `(Seccomp, Seccomp_filters)` from the status of this process's thread named `name`.
+fn thread_seccomp(name: &str) -> Option<(String, String)> {
+    for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = entry.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).ok()?;
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .map(|v| v.trim().to_string())
+        };
+        return Some((field("Seccomp:")?, field("Seccomp_filters:")?));
+    }
+    None
+}
+
 #[test]
 fn library_api_pauses_resumes_and_reports() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let (mut vmm, sock) = looping_vm("lib");
+    // Once it answered, the API thread runs in filter mode with its own two filters (it is
+    // spawned by the unfiltered caller's thread, so it inherits none).
+    assert_eq!(state(&sock), "running");
+    let seccomp = thread_seccomp("iovmm_api");
+    assert_eq!(
+        seccomp,
+        Some(("2".into(), "2".into())),
+        "iovmm_api seccomp state"
+    );
     vmm.pause().expect("pause");
     assert_eq!(vmm.info().state, vmm::VmState::Paused);
     assert_eq!(vmm.info().vcpus, vec![vmm::VcpuRunState::Paused]);
