@@ -21,6 +21,8 @@
  *
  * Disk byte offset o (8-aligned) holds the u64 (o + 1) * 0x9e3779b97f4a7c15 ^ seed, so a host
  * can check the image. Read buffers are poisoned (0xa5) before each read.
+ *
+ * Scenario "blk-stale" (use after unmap, strict only) is described in its section below.
  */
 #include "blk.h"
 #include "env.h"
@@ -152,6 +154,23 @@ static bool verify(const u64 *w, u64 disk_off, u64 len, u64 seed)
     return true;
 }
 
+/* Queues a slot's chain: its mapped header and status, the data at device address `data_addr`
+ * (data_len 0: no data descriptor). */
+static bool queue_chain(struct blk *b, struct slot *s, u64 data_addr)
+{
+    struct vq_buf bufs[3] = {{.addr = s->hdr_dma, .len = sizeof(*s->hdr), .device_writes = false}};
+    u16 n = 1;
+    if (s->data_len)
+        bufs[n++] = (struct vq_buf){.addr = data_addr, .len = (u32)s->data_len, .device_writes = !s->write};
+    bufs[n++] = (struct vq_buf){.addr = s->status_dma, .len = 1, .device_writes = true};
+    int head = virtq_add(&b->q, bufs, n);
+    if (head < 0)
+        return dma_fail(&b->dma, "the virtqueue is full");
+    b->slot_of_head[head] = (u16)(s - b->slots);
+    s->busy = true;
+    return true;
+}
+
 /* Maps a slot's buffers and queues its chain (data_len 0: header and status only). */
 static bool submit(struct blk *b, struct slot *s, u32 type, u64 sector)
 {
@@ -164,17 +183,7 @@ static bool submit(struct blk *b, struct slot *s, u32 type, u64 sector)
     s->status_dma = dma_map(d, s->status, 1, DMA_FROM_DEVICE);
     if (s->hdr_dma == DMA_MAPPING_ERROR || s->data_dma == DMA_MAPPING_ERROR || s->status_dma == DMA_MAPPING_ERROR)
         return dma_fail(d, "dma_map failed");
-    struct vq_buf bufs[3] = {{.addr = s->hdr_dma, .len = sizeof(*s->hdr), .device_writes = false}};
-    u16 n = 1;
-    if (s->data_len)
-        bufs[n++] = (struct vq_buf){.addr = s->data_dma, .len = (u32)s->data_len, .device_writes = !s->write};
-    bufs[n++] = (struct vq_buf){.addr = s->status_dma, .len = 1, .device_writes = true};
-    int head = virtq_add(&b->q, bufs, n);
-    if (head < 0)
-        return dma_fail(d, "the virtqueue is full");
-    b->slot_of_head[head] = (u16)(s - b->slots);
-    s->busy = true;
-    return true;
+    return queue_chain(b, s, s->data_dma);
 }
 
 static void release(struct blk *b, struct slot *s)
@@ -187,29 +196,41 @@ static void release(struct blk *b, struct slot *s)
     s->busy = false;
 }
 
-/* Pops one completion; returns its slot or NULL. */
-static struct slot *reap_one(struct blk *b)
+/* Pops one completion without unmapping its buffers; returns its slot or NULL. */
+static struct slot *pop_used(struct blk *b)
 {
     u32 id, len;
     if (!virtq_get_used(&b->q, &id, &len) || id >= b->q.size)
         return NULL;
     struct slot *s = &b->slots[b->slot_of_head[id]];
-    release(b, s);
+    s->busy = false;
     return s;
 }
 
-/* Waits for the single outstanding request of `s` (GET_ID, FLUSH, the bad read). */
-static bool wait_one(struct blk *b, const struct blk_params *p)
+/* Pops one completion and unmaps its buffers; returns its slot or NULL. */
+static struct slot *reap_one(struct blk *b)
+{
+    struct slot *s = pop_used(b);
+    if (s)
+        release(b, s);
+    return s;
+}
+
+/* Kicks and waits for the single outstanding request; `unmap`: release its buffers. */
+static bool wait_single(struct blk *b, const struct blk_params *p, bool unmap)
 {
     u64 t0 = rdtsc(), timeout = ms_to_cycles(p->timeout_ms);
     virtq_kick(&b->q);
-    while (!reap_one(b)) {
+    while (!(unmap ? reap_one(b) : pop_used(b))) {
         if (b->dma.error || rdtsc() - t0 > timeout)
             return false;
         cpu_relax();
     }
     return true;
 }
+
+/* Waits for the single outstanding request of `s` (GET_ID, FLUSH, the bad read). */
+static bool wait_one(struct blk *b, const struct blk_params *p) { return wait_single(b, p, true); }
 
 struct phase {
     bool write;
@@ -402,10 +423,11 @@ static void report(struct blk *b, const struct blk_params *p, u64 n, const char 
     result_emit(&r);
 }
 
-static int report_setup_error(const char *status, const char *why, int code, struct dma_ctx *dma)
+static int report_setup_error(const char *test, const char *status, const char *why, int code,
+                              struct dma_ctx *dma)
 {
     struct result r;
-    result_begin(&r, "blk", status);
+    result_begin(&r, test, status);
     result_str(&r, "error", why);
     if (dma)
         dma_report(dma, &r);
@@ -419,16 +441,16 @@ int run_blk(const struct pci_dev *devs, size_t ndevs)
     struct blk_params p;
     const char *err = read_params(&p);
     if (err)
-        return report_setup_error("error", err, EXIT_USAGE, NULL);
+        return report_setup_error("blk", "error", err, EXIT_USAGE, NULL);
     static const u16 blk_ids[] = {0x1042, 0x1001, 0};
     const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, blk_ids);
     if (!pci)
-        return report_setup_error("unsupported", "no virtio-blk device on PCI bus 0", EXIT_UNSUPPORTED, NULL);
+        return report_setup_error("blk", "unsupported", "no virtio-blk device on PCI bus 0", EXIT_UNSUPPORTED, NULL);
     err = blk_setup(&b, pci, &p);
     if (err) {
         int code;
         const char *status = dma_exit_status(&b.dma, &code);
-        return report_setup_error(status, err, code, &b.dma);
+        return report_setup_error("blk", status, err, code, &b.dma);
     }
     u64 n = p.requests ? p.requests : b.capacity / (p.size / SECTOR);
     printf("IOVMM-TEST blk: %02x:%02x.%x queue %u, %llu sectors, %llu requests of %llu bytes, %llu in flight\n",
@@ -438,5 +460,254 @@ int run_blk(const struct pci_dev *devs, size_t ndevs)
     if (p.reset && !virtio_reset(&b.vd) && !why)
         why = "the device did not finish its reset after the run";
     report(&b, &p, n, why ? "failed" : "ok", why);
+    return why ? EXIT_FAILED : EXIT_OK;
+}
+
+/* ------------------------------------------------------------------ blk-stale */
+
+/*
+ * blk-stale (strict only): the use-after-unmap probe of the security invariant for virtio-blk.
+ * Disk regions of iovmm.size bytes: 0 "normal", 1 "stale_out", 2 "stale_marker", 3 "after".
+ *
+ *  1. Maps the headers and status bytes of the three stale requests first, and a marker buffer
+ *     (stale_marker_buf, filled with the marker) read-only, never queued: first-fit IOVA
+ *     allocation then cannot hand the stale IOVAs to anything mapped after the unmaps in 3.
+ *  2. A normal OUT of the pattern to region 0 and a normal IN of region 0 (verified), both left
+ *     mapped until both completed: the device held translations for both data buffers.
+ *  3. Unmaps both requests' buffers and the marker buffer; strict: each unmap returns after its
+ *     invalidation completed. The buffers stay allocated.
+ *  4. Fills the OUT data buffer with the marker, poisons the IN data buffer (STALE_POISON), and
+ *     posts, one at a time, with their mapped headers and status bytes:
+ *       stale_out     OUT to region 1 from the OUT buffer's old IOVA,
+ *       stale_marker  OUT to region 2 from the marker buffer's old IOVA,
+ *       stale_in      IN of region 0 (the pattern) into the IN buffer's old IOVA.
+ *     Each must complete with VIRTIO_BLK_S_IOERR (the device's access faults) and the IN buffer
+ *     must keep its poison. A request not completed within iovmm.timeout_ms is reported
+ *     (stale_completed) and ends the run.
+ *  5. The device is not hung: an OUT of the pattern to region 3 and its read back, then reads of
+ *     regions 1 and 2, which must not hold the marker (marker_on_disk).
+ */
+#define STALE_SLOTS 5    /* the normal OUT and IN, three stale requests */
+#define STALE_POISON 0x3c
+enum { ST_OUT, ST_MARKER, ST_IN, ST_N };
+static const char stale_marker[] = "IOVMM-BLK-STALE-MARKER";
+static const char *const stale_names[ST_N] = {"stale_out", "stale_marker", "stale_in"};
+
+struct stale {
+    u64 iova[ST_N], sector[ST_N];
+    u8 status[ST_N];
+    u64 completed, normal_sector, after_sector;
+    bool normal_ok, in_intact, marker_on_disk, after_ok;
+    u8 *marker_buf;
+};
+
+static void fill_marker(u8 *buf, u64 len)
+{
+    for (u64 i = 0; i < len; i++)
+        buf[i] = (u8)stale_marker[i % (sizeof(stale_marker) - 1)];
+}
+
+static bool has_marker(const u8 *buf, u64 len)
+{
+    u64 m = sizeof(stale_marker) - 1;
+    for (u64 i = 0; i + m <= len; i++) {
+        if (memcmp(buf + i, stale_marker, m) == 0)
+            return true;
+    }
+    return false;
+}
+
+/* Maps a slot's header and status byte only (its data address is chosen at queue time). */
+static bool map_meta(struct blk *b, struct slot *s)
+{
+    s->hdr_dma = dma_map(&b->dma, s->hdr, sizeof(*s->hdr), DMA_TO_DEVICE);
+    s->status_dma = dma_map(&b->dma, s->status, 1, DMA_FROM_DEVICE);
+    return s->hdr_dma != DMA_MAPPING_ERROR && s->status_dma != DMA_MAPPING_ERROR;
+}
+
+static void unmap_meta(struct blk *b, struct slot *s)
+{
+    dma_unmap(&b->dma, s->hdr_dma, sizeof(*s->hdr), DMA_TO_DEVICE);
+    dma_unmap(&b->dma, s->status_dma, 1, DMA_FROM_DEVICE);
+}
+
+/* One request with its buffers mapped by submit(), waited for; `unmap`: released after. */
+static bool normal_request(struct blk *b, const struct blk_params *p, struct slot *s, bool write, u64 sector,
+                           bool unmap)
+{
+    s->write = write;
+    s->data_len = p->size;
+    if (write)
+        fill((u64 *)s->data, sector * SECTOR, p->size, p->seed);
+    else
+        memset(s->data, 0xa5, p->size);
+    return submit(b, s, write ? T_OUT : T_IN, sector) && wait_single(b, p, unmap) && *s->status == S_OK &&
+           (write || verify((u64 *)s->data, sector * SECTOR, p->size, p->seed));
+}
+
+/* Steps 1-3: returns NULL with st->iova[] set to unmapped IOVAs, or why not. */
+static const char *stale_prepare(struct blk *b, const struct blk_params *p, struct stale *st)
+{
+    struct slot *w = &b->slots[0], *r = &b->slots[1], *x = &b->slots[2];
+    for (int i = 0; i < ST_N; i++) {
+        if (!map_meta(b, &x[i]))
+            return b->dma.error ? b->dma.error : "dma_map failed";
+    }
+    fill_marker(st->marker_buf, p->size);
+    u64 m = dma_map(&b->dma, st->marker_buf, p->size, DMA_TO_DEVICE);
+    if (m == DMA_MAPPING_ERROR)
+        return b->dma.error;
+    bool ok = normal_request(b, p, w, true, st->normal_sector, false);
+    if (!w->busy && !b->dma.error)
+        ok = normal_request(b, p, r, false, st->normal_sector, false) && ok;
+    if (w->busy || r->busy)
+        return "a normal request before the stale ones did not complete";
+    if (b->dma.error)
+        return b->dma.error;
+    st->normal_ok = ok;
+    st->iova[ST_OUT] = w->data_dma;
+    st->iova[ST_MARKER] = m;
+    st->iova[ST_IN] = r->data_dma;
+    release(b, w); /* strict: each unmap returns after its invalidation completed */
+    release(b, r);
+    dma_unmap(&b->dma, m, p->size, DMA_TO_DEVICE);
+    if (b->dma.error)
+        return b->dma.error;
+    return ok ? NULL : "the normal write or read before the stale requests failed";
+}
+
+/* Step 4. */
+static const char *stale_requests(struct blk *b, const struct blk_params *p, struct stale *st)
+{
+    struct slot *r = &b->slots[1], *x = &b->slots[2];
+    fill_marker(b->slots[0].data, p->size);
+    memset(r->data, STALE_POISON, p->size);
+    static const u32 types[ST_N] = {T_OUT, T_OUT, T_IN};
+    for (int i = 0; i < ST_N; i++) {
+        struct slot *s = &x[i];
+        s->write = types[i] == T_OUT;
+        s->data_len = p->size;
+        *s->hdr = (struct blk_hdr){.type = types[i], .sector = st->sector[i]};
+        *s->status = STATUS_PENDING;
+        /* Use after unmap: the data descriptor points at an IOVA nothing maps any more. */
+        if (!queue_chain(b, s, st->iova[i]) || !wait_single(b, p, false))
+            return b->dma.error ? b->dma.error : "the device did not complete a request at a stale IOVA";
+        st->completed++;
+        st->status[i] = *s->status;
+    }
+    st->in_intact = true;
+    for (u64 i = 0; i < p->size; i++)
+        st->in_intact &= r->data[i] == STALE_POISON;
+    for (int i = 0; i < ST_N; i++)
+        unmap_meta(b, &x[i]);
+    if (b->dma.error)
+        return b->dma.error;
+    for (int i = 0; i < ST_N; i++) {
+        if (st->status[i] != S_IOERR)
+            return "a request at a stale IOVA did not fail with VIRTIO_BLK_S_IOERR";
+    }
+    return st->in_intact ? NULL : "the device wrote into a buffer at a stale IOVA";
+}
+
+/* Step 5. */
+static const char *stale_after(struct blk *b, const struct blk_params *p, struct stale *st)
+{
+    struct slot *w = &b->slots[0], *r = &b->slots[1];
+    st->after_ok = normal_request(b, p, w, true, st->after_sector, true) &&
+                   normal_request(b, p, r, false, st->after_sector, true);
+    if (!st->after_ok)
+        return b->dma.error ? b->dma.error : "a normal request after the stale ones failed";
+    for (int i = ST_OUT; i <= ST_MARKER; i++) {
+        r->write = false;
+        r->data_len = p->size;
+        memset(r->data, 0, p->size);
+        if (!submit(b, r, T_IN, st->sector[i]) || !wait_one(b, p) || *r->status != S_OK)
+            return "reading back a stale request's region failed";
+        st->marker_on_disk |= has_marker(r->data, p->size);
+    }
+    dma_flush(&b->dma);
+    if (b->dma.error)
+        return b->dma.error;
+    return st->marker_on_disk ? "the marker of a stale request reached the disk" : NULL;
+}
+
+static void stale_report(struct blk *b, const struct blk_params *p, const struct stale *st, const char *why)
+{
+    struct result r;
+    result_begin(&r, "blk-stale", why ? "failed" : "ok");
+    if (why)
+        result_str(&r, "error", why);
+    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_u64(&r, "size", p->size);
+    result_u64(&r, "capacity", b->capacity);
+    result_str(&r, "marker", stale_marker);
+    result_u64(&r, "normal_sector", st->normal_sector);
+    result_u64(&r, "after_sector", st->after_sector);
+    for (int i = 0; i < ST_N; i++) {
+        char key[32];
+        snprintf(key, sizeof(key), "%s_iova", stale_names[i]);
+        result_hex(&r, key, st->iova[i]);
+        snprintf(key, sizeof(key), "%s_sector", stale_names[i]);
+        result_u64(&r, key, st->sector[i]);
+        if ((u64)i < st->completed) {
+            snprintf(key, sizeof(key), "%s_status", stale_names[i]);
+            result_u64(&r, key, st->status[i]);
+        }
+    }
+    result_u64(&r, "normal_ok", st->normal_ok);
+    result_u64(&r, "stale_completed", st->completed);
+    result_u64(&r, "stale_in_intact", st->in_intact);
+    result_u64(&r, "marker_on_disk", st->marker_on_disk);
+    result_u64(&r, "after_ok", st->after_ok);
+    dma_report(&b->dma, &r);
+    result_emit(&r);
+}
+
+int run_blk_stale(const struct pci_dev *devs, size_t ndevs)
+{
+    static struct blk b;
+    static struct stale st;
+    struct blk_params p;
+    const char *err = read_params(&p);
+    if (!err && p.iommu != IOMMU_STRICT)
+        err = "blk-stale needs iovmm.iommu=strict";
+    if (!err && p.inflight < STALE_SLOTS)
+        err = "blk-stale needs iovmm.inflight >= 5";
+    if (err)
+        return report_setup_error("blk-stale", "error", err, EXIT_USAGE, NULL);
+    static const u16 blk_ids[] = {0x1042, 0x1001, 0};
+    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, blk_ids);
+    if (!pci)
+        return report_setup_error("blk-stale", "unsupported", "no virtio-blk device on PCI bus 0", EXIT_UNSUPPORTED,
+                                  NULL);
+    err = blk_setup(&b, pci, &p);
+    u64 per = p.size / SECTOR;
+    if (!err && b.dma.mode != IOMMU_STRICT)
+        err = "blk-stale needs strict mode (the vIOMMU downgraded it)";
+    if (!err && b.capacity / 4 < per)
+        err = "blk-stale needs a disk of at least 4 * iovmm.size bytes";
+    if (!err && !(st.marker_buf = mem_alloc(p.size, 4096)))
+        err = "out of guest memory for the marker buffer";
+    if (err) {
+        int code;
+        const char *status = dma_exit_status(&b.dma, &code);
+        return report_setup_error("blk-stale", status, err, code, &b.dma);
+    }
+    st.normal_sector = 0;
+    st.sector[ST_OUT] = per;
+    st.sector[ST_MARKER] = 2 * per;
+    st.sector[ST_IN] = st.normal_sector;
+    st.after_sector = 3 * per;
+    printf("IOVMM-TEST blk-stale: %02x:%02x.%x, %llu-byte requests\n", pci->bus, pci->dev, pci->fn,
+           (unsigned long long)p.size);
+    const char *why = stale_prepare(&b, &p, &st);
+    if (!why)
+        why = stale_requests(&b, &p, &st);
+    if (!why)
+        why = stale_after(&b, &p, &st);
+    /* A request still queued (the device hung on it) would make the reset wait for it. */
+    if (p.reset && st.completed == ST_N && !virtio_reset(&b.vd) && !why)
+        why = "the device did not finish its reset after the run";
+    stale_report(&b, &p, &st, why);
     return why ? EXIT_FAILED : EXIT_OK;
 }

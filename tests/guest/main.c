@@ -179,8 +179,14 @@ static int run_blk_scenario(void)
     return run_blk(pci_devs, pci_count);
 }
 
+static int run_blk_stale_scenario(void)
+{
+    pci_count = pci_scan(pci_devs, PCI_MAX_DEVICES);
+    return run_blk_stale(pci_devs, pci_count);
+}
+
 static const struct scenario scenarios[] = {
-    {"blk", run_blk_scenario},
+    {"blk", run_blk_scenario}, {"blk-stale", run_blk_stale_scenario},
     {"net-rx", run_net_rx_scenario}, {"net-stale", run_net_stale_scenario},
     {"hello", run_hello},       {"fault", run_fault},
     {"triple-fault", run_triple_fault}, {"pio-exits", run_pio_exits},
@@ -227,5 +233,5 @@ int guest_main(void)
             return code;
         }
     }
-    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, dma-map, blk)");
+    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, net-rx, net-stale, dma-map, blk, blk-stale)");
 }

@@ -6,6 +6,7 @@
 //! counters and, independently, every byte of the disk image.
 
 pub mod bench;
+pub mod stale;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -84,12 +85,18 @@ impl BlkCell {
 
     /// The VM: the test guest running `blk`, one vhost-user blk device on `sock`.
     pub fn vm_config(&self, sock: &Path) -> VmConfig {
-        let mut cfg = VmConfig::new(test_guest_path());
-        let mut s = Scenario::blk(self.size, self.inflight)
+        let s = Scenario::blk(self.size, self.inflight)
             .iommu(self.mode)
-            .ats(self.ats)
             .param("bad_sector", u64::from(self.bad_sector))
             .param("ro_read", u64::from(self.ro_read));
+        self.vm_config_for(sock, s)
+    }
+
+    /// The VM: the test guest running scenario `s` (with the cell's ATS choice and TSC rate),
+    /// one vhost-user blk device on `sock`.
+    pub fn vm_config_for(&self, sock: &Path, s: Scenario) -> VmConfig {
+        let mut cfg = VmConfig::new(test_guest_path());
+        let mut s = s.ats(self.ats);
         if let Some(khz) = self.tsc_khz {
             s = s.tsc_khz(khz);
         }

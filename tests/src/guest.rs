@@ -367,6 +367,14 @@ impl Scenario {
             .iommu(IommuMode::Strict)
     }
 
+    /// The virtio-blk use-after-unmap probe (`blk-stale`, strict; see `tests/guest/blk.c`): a
+    /// normal write and read of `size` bytes, their buffers unmapped, then two writes (one of them
+    /// from a marker buffer) and a read at the stale IOVAs, which must fail with IOERR, then
+    /// normal requests again.
+    pub fn blk_stale(size: u64) -> Self {
+        Self::new("blk-stale").size(size).iommu(IommuMode::Strict)
+    }
+
     /// `net-stale`: accept a stale descriptor that never completes (DPDK), waiting `ms`.
     pub fn expect_stall(self, ms: u64) -> Self {
         self.param("expect_stall", 1).param("stale_wait_ms", ms)
@@ -663,6 +671,15 @@ mod tests {
     fn bad_frame_is_a_net_tx_parameter() {
         let s = Scenario::net_tx(10, 60).bad_frame(3);
         assert!(s.cmdline().unwrap().ends_with("iovmm.bad_frame=3"));
+    }
+
+    #[test]
+    fn blk_stale_runs_in_strict_mode() {
+        let line = Scenario::blk_stale(4096).cmdline().unwrap();
+        assert_eq!(
+            line,
+            "iovmm.test=blk-stale iovmm.size=4096 iovmm.iommu=strict"
+        );
     }
 
     #[test]

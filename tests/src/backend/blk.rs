@@ -3,7 +3,10 @@
 //! configuration space over the CONFIG protocol feature (capacity, seg_max,
 //! blk_size), and the same IOTLB, miss and access code as the net mode
 //! (`net::Access`): with ACCESS_PLATFORM every ring and buffer address is an
-//! IOVA, reads need a readable and writes a writable translation.
+//! IOVA, reads need a readable and writes a writable translation. A request
+//! whose header or data buffer does not translate (the front end refused the
+//! miss: e.g. a descriptor at an IOVA the guest already unmapped) completes
+//! with IOERR and is counted as `faulted`; the queue keeps going.
 //!
 //! Request parsing and execution live in [`request`] (fuzzed in `tests`).
 //! The queue is processed without holding its vring lock across device
@@ -79,6 +82,7 @@ struct BlkCounters {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     status_lost: AtomicU64,
+    faulted: AtomicU64,
 }
 
 /// A copy of the blk counters.
@@ -106,6 +110,10 @@ pub struct BlkSnapshot {
     /// Requests whose status byte could not be written (no writable last
     /// descriptor, or no writable translation for it).
     pub status_lost: u64,
+    /// Requests answered VIRTIO_BLK_S_IOERR because their header or a data
+    /// buffer could not be translated (a refused miss: e.g. a descriptor at
+    /// an IOVA the guest unmapped). Counted in `ioerrs` too.
+    pub faulted: u64,
 }
 
 /// The disk and its counters.
@@ -154,6 +162,7 @@ impl BlkDevice {
             bytes_read: l(&c.bytes_read),
             bytes_written: l(&c.bytes_written),
             status_lost: l(&c.status_lost),
+            faulted: l(&c.faulted),
         }
     }
 
@@ -163,6 +172,9 @@ impl BlkDevice {
         Counters::bump(&c.requests);
         if !o.status_written {
             Counters::bump(&c.status_lost);
+        }
+        if o.faulted {
+            Counters::bump(&c.faulted);
         }
         match (o.status, kind) {
             (S_IOERR, _) => Counters::bump(&c.ioerrs),

@@ -6,6 +6,13 @@
 //! an out-of-range sector, a misdirected buffer or an untranslatable address
 //! ends in a status byte (IOERR / UNSUPP), never in a panic or a write
 //! outside a device-writable buffer.
+//!
+//! A buffer whose address cannot be translated (behind a vIOMMU: the front
+//! end refused the miss, e.g. a descriptor at an IOVA the guest unmapped)
+//! fails the request with IOERR ([`Outcome::faulted`]), like a disk
+//! controller reporting a DMA fault: a write gathers all its data before it
+//! touches the disk, so a faulted write never reaches the image, and a read
+//! writes only into buffers that translate writable.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -260,6 +267,39 @@ pub struct Outcome {
     pub kind: Option<u32>,
     /// Data bytes moved between disk and guest (either direction).
     pub moved: u64,
+    /// The header or a data buffer could not be translated (a DMA fault):
+    /// the request failed with IOERR and `moved` is 0 (a read may have
+    /// filled the buffers before the one that faulted, which translated
+    /// writable; a write never reached the disk).
+    pub faulted: bool,
+}
+
+/// What [`run_op`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Done {
+    status: u8,
+    /// Data bytes written into the chain.
+    written: u64,
+    /// Data bytes moved between disk and guest.
+    moved: u64,
+    faulted: bool,
+}
+
+impl Done {
+    fn status(status: u8) -> Self {
+        Done {
+            status,
+            written: 0,
+            moved: 0,
+            faulted: false,
+        }
+    }
+}
+
+/// Whether `e` is a DMA fault (an address without a usable translation)
+/// rather than a host I/O error or a malformed chain.
+fn is_fault(e: &BackendError) -> bool {
+    matches!(e, BackendError::Translate { .. })
 }
 
 /// Copy the data segments out of guest memory.
@@ -291,15 +331,8 @@ fn scatter(mem: &dyn GuestMem, segs: &[Seg], data: &[u8]) -> Result<u64, Backend
     Ok(off as u64)
 }
 
-/// Run `op`; returns the status, the data bytes written into the chain and
-/// the data bytes moved.
-fn run_op(
-    op: &Op,
-    l: &Layout,
-    mem: &dyn GuestMem,
-    disk: &Disk,
-    id: &[u8; ID_LEN],
-) -> (u8, u64, u64) {
+/// Run `op`.
+fn run_op(op: &Op, l: &Layout, mem: &dyn GuestMem, disk: &Disk, id: &[u8; ID_LEN]) -> Done {
     let res = match op {
         Op::Read { offset, len } => {
             let mut buf = vec![0u8; usize::try_from(*len).unwrap_or(0)];
@@ -308,20 +341,31 @@ fn run_op(
                 .map_err(BackendError::Io)
                 .and_then(|()| scatter(mem, &l.data, &buf))
         }
+        // Every data byte is read before the disk is written: a buffer
+        // that faults leaves the disk untouched.
         Op::Write { offset, len } => gather(mem, &l.data, *len)
             .and_then(|buf| Ok(disk.file.write_all_at(&buf, *offset)?))
             .map(|()| 0),
-        // (`moved` below is `len` for a write.)
         Op::Flush => disk.file.sync_data().map_err(BackendError::Io).map(|()| 0),
         Op::GetId => scatter(mem, &l.data, id),
-        Op::Fail(s) => return (*s, 0, 0),
+        Op::Fail(s) => return Done::status(*s),
     };
     match (res, op) {
-        (Ok(_), Op::Write { len, .. }) => (S_OK, 0, *len),
-        (Ok(written), _) => (S_OK, written, written),
+        (Ok(_), Op::Write { len, .. }) => Done {
+            moved: *len,
+            ..Done::status(S_OK)
+        },
+        (Ok(written), _) => Done {
+            written,
+            moved: written,
+            ..Done::status(S_OK)
+        },
         (Err(e), _) => {
             log::info!("blk request {op:?} failed: {e}");
-            (S_IOERR, 0, 0)
+            Done {
+                faulted: is_fault(&e),
+                ..Done::status(S_IOERR)
+            }
         }
     }
 }
@@ -334,23 +378,29 @@ pub fn execute(chain: &[Seg], mem: &dyn GuestMem, disk: &Disk, id: &[u8; ID_LEN]
         status_written: false,
         kind: None,
         moved: 0,
+        faulted: false,
     };
     let Some(status_at) = status_addr(chain) else {
         return out;
     };
     let mut written = 0;
-    match layout(chain).map_err(|e| e.to_string()).and_then(|l| {
-        let b = gather(mem, &l.header, HDR_LEN as u64).map_err(|e| e.to_string())?;
-        let mut hdr = [0u8; HDR_LEN];
-        hdr.copy_from_slice(&b);
-        Ok((l, Header::decode(&hdr)))
-    }) {
+    match layout(chain) {
         Err(e) => log::info!("refusing a blk request: {e}"),
-        Ok((l, h)) => {
-            out.kind = Some(h.kind);
-            let op = plan(h, &l, disk.capacity);
-            (out.status, written, out.moved) = run_op(&op, &l, mem, disk, id);
-        }
+        Ok(l) => match gather(mem, &l.header, HDR_LEN as u64) {
+            Err(e) => {
+                log::info!("blk request header unreadable: {e}");
+                out.faulted = is_fault(&e);
+            }
+            Ok(b) => {
+                let mut hdr = [0u8; HDR_LEN];
+                hdr.copy_from_slice(&b);
+                let h = Header::decode(&hdr);
+                out.kind = Some(h.kind);
+                let d = run_op(&plan(h, &l, disk.capacity), &l, mem, disk, id);
+                (out.status, written, out.moved, out.faulted) =
+                    (d.status, d.written, d.moved, d.faulted);
+            }
+        },
     }
     out.status_written = mem.write(status_at, &[out.status]).is_ok();
     let used = written + u64::from(out.status_written);

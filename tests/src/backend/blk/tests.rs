@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use devices::vhost_user::backend_req::{BackendReqServer, BackendReqThread};
 use devices::vhost_user::channel::{IotlbChannel, MainSocket};
-use devices::vhost_user::miss::MissError;
+use devices::vhost_user::miss::{MissError, TranslatingHandler};
 use devices::vhost_user::wire::*;
 use proptest::prelude::*;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
@@ -127,10 +127,13 @@ const FAKE_MEM: u64 = 0x4000;
 
 /// Guest memory that allows reads only inside readable and writes only
 /// inside writable descriptors of the chain, and records any other access.
+/// Bytes in `hole` have no translation (an unmapped IOVA: the access fails
+/// like a refused miss, which is not a violation).
 struct FakeMem {
     bytes: RefCell<Vec<u8>>,
     chain: Vec<Seg>,
     violations: RefCell<Vec<String>>,
+    hole: std::ops::Range<u64>,
 }
 
 impl FakeMem {
@@ -150,7 +153,10 @@ impl FakeMem {
     ) -> Result<std::ops::Range<usize>, BackendError> {
         let perm = if write { IotlbPerm::Wo } else { IotlbPerm::Ro };
         let end = addr.checked_add(len as u64).filter(|e| *e <= FAKE_MEM);
-        if end.is_none() {
+        let Some(end) = end else {
+            return Err(BackendError::Translate { addr, perm });
+        };
+        if addr < self.hole.end && end > self.hole.start {
             return Err(BackendError::Translate { addr, perm });
         }
         if !self.allowed(addr, len, write) {
@@ -194,6 +200,64 @@ fn arb_seg() -> impl Strategy<Value = Seg> {
     })
 }
 
+/// A chain shaped like Linux's (16-byte header, 1..4 data buffers of whole
+/// sectors, a status byte) inside the fake memory, so that many fuzzed
+/// requests are valid and reach the disk and the data buffers.
+fn arb_linux_chain() -> impl Strategy<Value = Vec<Seg>> {
+    let addr = || 0u64..FAKE_MEM - 2048;
+    let data = (addr(), 1u32..5).prop_map(|(a, n)| seg(a, n * 512, false));
+    (
+        addr(),
+        proptest::collection::vec(data, 1..4),
+        any::<bool>(),
+        addr(),
+    )
+        .prop_map(|(h, mut data, w, st)| {
+            let mut chain = vec![seg(h, 16, false)];
+            data.iter_mut().for_each(|d| d.writable = w);
+            chain.extend(data);
+            chain.push(seg(st, 1, true));
+            chain
+        })
+}
+
+fn arb_chain() -> impl Strategy<Value = Vec<Seg>> {
+    prop_oneof![
+        proptest::collection::vec(arb_seg(), 0..6),
+        arb_linux_chain(),
+    ]
+}
+
+/// Where the untranslatable range goes: nowhere, over one descriptor of the
+/// chain (a stale IOVA), or anywhere.
+#[derive(Debug, Clone)]
+enum Hole {
+    None,
+    Desc(prop::sample::Index),
+    Range(u64, u64),
+}
+
+impl Hole {
+    fn range(&self, chain: &[Seg]) -> std::ops::Range<u64> {
+        match self {
+            Hole::Desc(i) if !chain.is_empty() => {
+                let s = chain[i.index(chain.len())];
+                s.addr..s.addr.saturating_add(u64::from(s.len))
+            }
+            Hole::Range(a, n) => *a..a + n,
+            _ => 0..0,
+        }
+    }
+}
+
+fn arb_hole() -> impl Strategy<Value = Hole> {
+    prop_oneof![
+        1 => Just(Hole::None),
+        2 => any::<prop::sample::Index>().prop_map(Hole::Desc),
+        1 => (0u64..FAKE_MEM, 1u64..2048).prop_map(|(a, n)| Hole::Range(a, n)),
+    ]
+}
+
 fn arb_header() -> impl Strategy<Value = [u8; HDR_LEN]> {
     let kind = prop_oneof![
         Just(T_IN),
@@ -220,20 +284,39 @@ proptest! {
     /// disk never grows.
     #[test]
     fn execute_never_escapes_the_chain_or_the_disk(
-        chain in proptest::collection::vec(arb_seg(), 0..6),
+        chain in arb_chain(),
         header in arb_header(),
         sectors in 1u64..16,
+        hole in arb_hole(),
     ) {
         let file = test_memfd(sectors * SECTOR);
+        let image = vec![0x77u8; (sectors * SECTOR) as usize];
+        file.write_all_at(&image, 0).unwrap();
         let disk = Disk::new(file.try_clone().unwrap()).unwrap();
         let mut bytes = vec![0xeeu8; FAKE_MEM as usize];
         if let Some(h) = chain.first().filter(|s| s.addr + 16 <= FAKE_MEM) {
             bytes[h.addr as usize..h.addr as usize + 16].copy_from_slice(&header);
         }
-        let mem = FakeMem { bytes: RefCell::new(bytes), chain: chain.clone(), violations: RefCell::default() };
+        let before = bytes.clone();
+        let hole = hole.range(&chain);
+        let mem = FakeMem { bytes: RefCell::new(bytes), chain: chain.clone(), violations: RefCell::default(), hole: hole.clone() };
         let o = execute(&chain, &mem, &disk, b"fuzz-serial-00000000");
         prop_assert!(mem.violations.borrow().is_empty(), "{:?}", mem.violations.borrow());
-        let status_at = status_addr(&chain).filter(|a| *a < FAKE_MEM);
+        // Nothing is ever written where there is no translation.
+        let (hs, he) = (hole.start as usize, hole.end.min(FAKE_MEM) as usize);
+        if hs < he {
+            prop_assert_eq!(&mem.bytes.borrow()[hs..he], &before[hs..he]);
+        }
+        // A request that did not succeed (a fault included) left the disk as it was.
+        let mut after = vec![0u8; image.len()];
+        file.read_exact_at(&mut after, 0).unwrap();
+        if o.status != S_OK {
+            prop_assert!(after == image, "a failed request changed the disk");
+        }
+        if o.faulted {
+            prop_assert_eq!((o.status, o.moved), (S_IOERR, 0));
+        }
+        let status_at = status_addr(&chain).filter(|a| *a < FAKE_MEM && !hole.contains(a));
         prop_assert_eq!(o.status_written, status_at.is_some());
         if let Some(a) = status_at {
             prop_assert_eq!(mem.bytes.borrow()[a as usize], o.status);
@@ -301,6 +384,11 @@ struct BlkRig {
 }
 
 fn blk_rig(sectors: u64) -> BlkRig {
+    blk_rig_with(sectors, false)
+}
+
+/// With `miss_need_reply`, the back end learns at once that a miss is refused.
+fn blk_rig_with(sectors: u64, miss_need_reply: bool) -> BlkRig {
     let path = std::env::temp_dir().join(format!(
         "iovmm-blk-unit-{}-{:?}.img",
         std::process::id(),
@@ -316,6 +404,7 @@ fn blk_rig(sectors: u64) -> BlkRig {
     disk.set_len(sectors * SECTOR).unwrap();
     let config = BackendConfig {
         miss_timeout: Duration::from_millis(300),
+        miss_need_reply,
         blk: Some(BlkConfig::new(&path)),
         ..Default::default()
     };
@@ -328,7 +417,8 @@ fn blk_rig(sectors: u64) -> BlkRig {
     negotiate(&main, &mem, features);
     let chan = main.open_backend_channel().unwrap();
     let ch: Arc<dyn IotlbChannel> = main.clone();
-    let req = BackendReqServer::new(chan, Arc::new(translate), ch)
+    let handler = TranslatingHandler::new(translate, ch);
+    let req = BackendReqServer::new(chan, Arc::new(handler))
         .spawn("blk-test-req")
         .unwrap();
     let (kick, call) = (
@@ -537,4 +627,34 @@ fn read_into_a_read_only_mapping_is_refused_and_memory_untouched() {
     let mut b = [0u8; 512];
     r.disk.read_exact_at(&mut b, 512).unwrap();
     assert_eq!(b, [0x11; 512]);
+}
+
+/// A buffer at an IOVA the front end has no mapping for (its miss is
+/// refused, as iovmm refuses one at an IOVA the guest unmapped): the request
+/// completes with IOERR (the status byte translates), the disk never sees
+/// the data, and the queue keeps serving.
+#[test]
+fn buffers_at_untranslatable_iovas_fail_with_ioerr_and_move_nothing() {
+    let mut r = blk_rig_with(16, true);
+    // translate() refuses everything past MEM_SIZE.
+    let stale = MEM_SIZE + 0x3000;
+    assert_eq!(r.request(T_OUT, 2, stale, 512, false), (S_IOERR, 1));
+    assert_eq!(r.request(T_IN, 0, stale, 512, true), (S_IOERR, 1));
+    let mut disk = vec![0u8; 16 * SECTOR as usize];
+    r.disk.read_exact_at(&mut disk, 0).unwrap();
+    assert!(
+        disk.iter().all(|b| *b == 0),
+        "a faulted write reached the disk"
+    );
+    let c = r.be.blk_counters().unwrap();
+    assert_eq!((c.faulted, c.ioerrs, c.writes, c.reads), (2, 2, 0, 0));
+    assert_eq!((c.bytes_written, c.status_lost), (0, 0));
+    let b = r.be.counters();
+    assert_eq!((b.translation_failures, b.miss_nacks), (2, 2));
+    // Not hung: a request with mapped buffers still works.
+    r.put(DATA, &[0x42; 512]);
+    assert_eq!(r.request(T_OUT, 2, DATA, 512, false), (S_OK, 1));
+    r.disk.read_exact_at(&mut disk[..512], 2 * SECTOR).unwrap();
+    assert_eq!(&disk[..512], &[0x42; 512][..]);
+    assert_eq!(r.be.blk_counters().unwrap().faulted, 2);
 }
