@@ -8,7 +8,7 @@
 # Safe to run repeatedly: it does nothing when everything is already configured and installed.
 set -eu
 
-PACKAGES="busybox-static cpio zstd xz-utils binutils gcc dpdk-dev python3"
+PACKAGES="busybox-static cpio zstd xz-utils binutils gcc dpdk-dev python3 curl"
 # QEMU (reference runs, the nested suite) comes from bookworm-backports: newer virtio-iommu/VT-d
 # models. qemu-utils ships qemu-storage-daemon, the real vhost-user-blk backend of the blk tests
 # (tests/tests/blk_qemu_storage_daemon.rs); both come from the same suite so their versions match.

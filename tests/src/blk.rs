@@ -218,7 +218,9 @@ pub fn run_guest(cell: &BlkCell, sock: &Path) -> (GuestResult, VhostUserStats) {
         assert_eq!(r.u64("ro_read_status"), Some(1), "IOERR; {serial}");
         assert_eq!(r.u64("ro_read_intact"), Some(1), "{serial}");
     }
-    (r, vmm.vhost_user_devices()[0].stats())
+    let device = &vmm.vhost_user_devices()[0];
+    crate::matrix::assert_nothing_stale_held(cell, device);
+    (r, device.stats())
 }
 
 /// Runs `cell` against our own backend in blk mode.

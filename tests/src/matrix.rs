@@ -208,7 +208,7 @@ fn iotlb_msgs(records: &[RecordedMsg]) -> Vec<(u8, u64, u64)> {
 /// cannot be probed): once the guest stopped, nothing the device's back end
 /// may hold (every UPDATE sent and not invalidated since) differs from what
 /// the vIOMMU translates.
-pub fn assert_nothing_stale_held(cell: &Cell, device: &VhostUserInfo) {
+pub fn assert_nothing_stale_held(cell: &impl std::fmt::Debug, device: &VhostUserInfo) {
     let stale = device.stale_translations();
     eprintln!(
         "{cell:?}: {} IOVA segment(s) held, audited",

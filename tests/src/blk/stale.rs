@@ -74,7 +74,9 @@ pub fn run_stale(viommu: Viommu) -> StaleOutcome {
         .wait_timeout(Duration::from_secs(120))
         .expect("VMM stops");
     let serial = vmm.serial_output().unwrap_or_default();
-    let stats = vmm.vhost_user_devices()[0].stats();
+    let device = &vmm.vhost_user_devices()[0];
+    crate::matrix::assert_nothing_stale_held(&cell, device);
+    let stats = device.stats();
     drop(vmm);
     let result = GuestResult::from_output(&serial)
         .unwrap_or_else(|e| panic!("no result line ({e}); serial:\n{serial}"));
