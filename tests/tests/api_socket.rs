@@ -14,6 +14,7 @@ use devices::sys::{poll_fds, PollFd};
 use integration_tests::backend::rxgen::seq_frame;
 use integration_tests::backend::{BackendConfig, BackendHandle, TestBackend};
 use integration_tests::guest::{test_guest_path, GuestResult, IommuMode, Scenario};
+use iommu::sync::lock;
 use serde_json::Value;
 use vmm::api::server::MAX_CONNECTIONS;
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
@@ -155,7 +156,7 @@ impl RxVm {
 
 #[test]
 fn read_endpoints_report_the_running_vm_over_curl() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_VM);
     let vm = RxVm::start("read", 8, None);
     vm.deliver(0, 4);
     let ping = get(&vm.sock, "/api/v1/vm.ping");
@@ -202,7 +203,7 @@ fn read_endpoints_report_the_running_vm_over_curl() {
 
 #[test]
 fn a_paused_guest_does_not_take_a_delivered_frame_until_resumed() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_VM);
     let frames = 6;
     let vm = RxVm::start("pause", frames, None);
     vm.deliver(0, frames - 1);
@@ -250,7 +251,7 @@ fn thread_seccomp(name: &str) -> Option<(String, String)> {
 
 #[test]
 fn library_api_pauses_resumes_and_reports() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_VM);
     let (mut vmm, sock) = looping_vm("lib");
     // Once it answered, the API thread runs in filter mode with its own two filters (it is
     // spawned by the unfiltered caller's thread, so it inherits none).
@@ -299,7 +300,7 @@ fn raw_exchange(sock: &Path, raw: &[u8]) -> String {
 
 #[test]
 fn malformed_requests_get_4xx_and_the_vm_keeps_running() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_VM);
     let (mut vmm, sock) = looping_vm("malformed");
     // Held open with half a request while everything else is served.
     let mut slow = UnixStream::connect(&sock).expect("connect");
@@ -354,7 +355,7 @@ fn malformed_requests_get_4xx_and_the_vm_keeps_running() {
 
 #[test]
 fn concurrent_clients_are_all_answered_and_the_connection_limit_holds() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_VM);
     let (mut vmm, sock) = looping_vm("concurrent");
     let paths = [
         "/api/v1/vm.ping",
@@ -410,7 +411,7 @@ fn concurrent_clients_are_all_answered_and_the_connection_limit_holds() {
 
 #[test]
 fn shutdown_stops_the_vm_and_the_metrics_file_gets_a_last_line() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_VM);
     let metrics = temp_path("metrics.json");
     let _ = std::fs::remove_file(&metrics);
     let mut vm = RxVm::start("shutdown", 4, Some(&metrics));
@@ -462,7 +463,7 @@ fn first_fifo_line(path: &Path) -> Value {
 
 #[test]
 fn cli_serves_the_api_under_its_seccomp_filter_and_exits_on_shutdown() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_VM);
     let sock = temp_path("cli.sock");
     let fifo = temp_path("cli.fifo");
     let _ = std::fs::remove_file(&fifo);
@@ -508,7 +509,7 @@ fn cli_serves_the_api_under_its_seccomp_filter_and_exits_on_shutdown() {
 
 #[test]
 fn an_unusable_api_socket_fails_the_start_before_the_guest_runs() {
-    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_VM);
     let file = temp_path("not-a-socket");
     std::fs::write(&file, b"keep me").expect("write");
     let mut cfg = VmConfig::new(test_guest_path());

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use iommu::sync::write;
 use iommu::{Access, IommuNotifier, Iova, NotifierFlags, NotifierHandle, RequesterId, UnmapKind};
 
 use super::{lock, VtdUnit};
@@ -35,7 +36,7 @@ impl VtdUnit {
             }
         }
         let kind = self.unmap_kind(rid);
-        let mut set = self.notifiers.write().unwrap_or_else(|e| e.into_inner());
+        let mut set = write(&self.notifiers);
         match set.switch_endpoint_unmap_kind(rid, kind) {
             Ok(n) => {
                 log::info!("vtd: {rid} ATS {enabled}: {n} consumer(s) now take {kind:?} unmaps")
@@ -66,7 +67,7 @@ impl Viommu for VtdUnit {
             NotifierFlags::NONE
         };
         let preferred = self.unmap_kind(rid);
-        let mut set = self.notifiers.write().unwrap_or_else(|e| e.into_inner());
+        let mut set = write(&self.notifiers);
         let (handle, kind) = set
             .register_preferring(rid, preferred, extra, consumer)
             .map_err(|source| ViommuError::Consumer { rid, source })?;
@@ -75,7 +76,7 @@ impl Viommu for VtdUnit {
     }
 
     fn unregister_consumer(&self, handle: NotifierHandle) {
-        let mut set = self.notifiers.write().unwrap_or_else(|e| e.into_inner());
+        let mut set = write(&self.notifiers);
         if let Err(e) = set.unregister(handle) {
             log::debug!("vtd: unregistering a consumer: {e}");
         }
@@ -87,7 +88,7 @@ impl Viommu for VtdUnit {
     /// thread whose backend is needed to finish a running invalidation.
     fn report_fault(&self, rid: RequesterId, iova: Iova, access: Access) {
         let (result, actions) = {
-            let mut m = self.model.write().unwrap_or_else(|e| e.into_inner());
+            let mut m = write(&self.model);
             m.translate_and_record(rid, iova, 1, access)
         };
         if result.is_ok() {

@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use iommu::sync::lock;
 use serde::Serialize;
 
 use crate::config::VmConfig;
@@ -142,7 +143,7 @@ impl VmControl {
             .as_ref()
             .and_then(Weak::upgrade)
             .map(|v| v.counters_json());
-        let mut last = self.viommu_last.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = lock(&self.viommu_last);
         if live.is_some() {
             *last = live;
         }
