@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::sys::{poll_fds, PollFd};
+use iommu::error::chain;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -129,7 +130,7 @@ impl ApiServer {
             .name("iovmm_api".into())
             .spawn(move || {
                 if let Err(e) = seccomp.apply(ThreadKind::ApiServer) {
-                    log::error!("api: {e}; the API socket is not served");
+                    log::error!("api: {e}; the API socket is not served", e = chain(&e));
                     return;
                 }
                 self.run();
