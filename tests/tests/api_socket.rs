@@ -165,7 +165,10 @@ fn read_endpoints_report_the_running_vm_over_curl() {
     let info = get(&vm.sock, "/api/v1/vm.info").json();
     assert_eq!(info["state"], "running");
     assert_eq!(info["vcpus"], serde_json::json!(["running", "running"]));
-    assert_eq!(info["config"]["api_socket"], vm.sock.to_str().unwrap());
+    assert_eq!(
+        info["config"]["api_socket"],
+        vm.sock.to_str().expect("UTF-8 socket path")
+    );
     assert_eq!(info["config"]["iommu"]["kind"], "virtio");
     assert!(info["uptime_ms"].as_u64().is_some());
     let c = get(&vm.sock, "/api/v1/vm.counters").json();
