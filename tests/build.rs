@@ -22,6 +22,7 @@ const SOURCES: &[&str] = &[
     "blk.c",
     "rx.c",
     "dmatest.c",
+    "exitbench.c",
     "main.c",
 ];
 const CFLAGS: &[&str] = &[

@@ -6,6 +6,7 @@
 #include "blk.h"
 #include "dmatest.h"
 #include "env.h"
+#include "exitbench.h"
 #include "net.h"
 #include "pci.h"
 
@@ -192,6 +193,7 @@ static const struct scenario scenarios[] = {
     {"triple-fault", run_triple_fault}, {"pio-exits", run_pio_exits},
     {"tsc", run_tsc},           {"pci-scan", run_pci_scan},
     {"net-tx", run_net_tx_scenario}, {"dma-map", run_dma_map_scenario},
+    {"exit-bench", run_exit_bench},
 };
 
 static int fail(const char *test, int code, const char *status, const char *why)
@@ -233,5 +235,5 @@ int guest_main(void)
             return code;
         }
     }
-    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, net-rx, net-stale, dma-map, blk, blk-stale)");
+    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, net-rx, net-stale, dma-map, blk, blk-stale, exit-bench)");
 }

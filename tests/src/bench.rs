@@ -15,6 +15,8 @@ use crate::matrix::{
     Viommu,
 };
 
+pub mod floor;
+pub mod ratio;
 pub mod rx;
 
 /// The host TSC rate in kHz (the guest's RDTSC runs at the same rate).

@@ -258,6 +258,18 @@ impl Scenario {
         Self::new("blk").size(size).param("inflight", inflight)
     }
 
+    /// Times `iterations` ring-3 `out`s to and `in`s from a port no device claims, as many
+    /// CPUIDs (handled by KVM) and, with `mmio`, MMIO writes to that guest-physical address
+    /// (outside RAM, no device): guest exits answered without device work (`exit-bench`, see
+    /// `tests/guest/exitbench.c`).
+    pub fn exit_bench(iterations: u64, mmio: Option<u64>) -> Self {
+        let s = Self::new("exit-bench").iterations(iterations);
+        match mmio {
+            Some(addr) => s.param("mmio", format!("{addr:#x}")),
+            None => s,
+        }
+    }
+
     /// The scenario name.
     pub fn test(&self) -> &str {
         &self.test

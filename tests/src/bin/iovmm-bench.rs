@@ -15,12 +15,17 @@
 //! rate, IOTLB messages per frame and miss service latency (as the backend
 //! sees it: MISS sent → UPDATE received). Then the same protocol-level
 //! metrics for QEMU 7.2 (TCG, Linux guest, same own backend) and the ratios.
+//! The floors of the machine (socket round trip blocking and spinning, guest exit, eventfd
+//! wake-up; `--floors-only`, `--no-floors`) come first, measured in the same run, and after the
+//! TX table each translated cell's costs over them.
 //! The RX and loop-back rows (`--no-rx` skips them) and the virtio-blk rows
 //! (`--no-blk`) follow the TX cells; `--only` filters every table.
 
 use std::time::Duration;
 
 use clap::Parser;
+use integration_tests::bench::floor::{self, Floors};
+use integration_tests::bench::ratio::print_floor_ratios;
 use integration_tests::bench::{
     bench_cells, boot_times, cli_rss, fmt_latency, host_tsc_khz, percentiles, run_cell,
     sibling_binary, soak, soak_cells, us, viommu_name, BenchBackend, CellResult, CpuLoad, SoakCell,
@@ -73,6 +78,15 @@ struct Args {
     /// started before the first run and stopped after the last.
     #[arg(long, value_name = "THREADS", num_args = 0..=1, default_missing_value = "1")]
     load: Option<usize>,
+    /// Round trips, wake-ups and guest exits per floor (socket, guest exit, eventfd).
+    #[arg(long, default_value_t = floor::DEFAULT_ITERATIONS)]
+    floor_iterations: usize,
+    /// Measure and print only the floors.
+    #[arg(long, conflicts_with_all = ["no_floors", "soak"])]
+    floors_only: bool,
+    /// Skip the floors (and the cells' ratios over them).
+    #[arg(long)]
+    no_floors: bool,
 }
 
 /// Frames per cell of the table.
@@ -386,6 +400,14 @@ fn main() {
         let ok = run_soak(&args, runs, tsc_khz);
         std::process::exit(if ok { 0 } else { 1 });
     }
+    let floors = (!args.no_floors).then(|| {
+        let f = Floors::measure(args.floor_iterations, tsc_khz);
+        f.print();
+        f
+    });
+    if args.floors_only {
+        return;
+    }
     print_boot_and_rss(&args);
     if args.nested_boots > 0 {
         print_nested_boot(args.nested_boots);
@@ -415,6 +437,9 @@ fn main() {
         }
     }
     print_cells(&results, tsc_khz);
+    if let Some(f) = &floors {
+        print_floor_ratios(&results, f, tsc_khz);
+    }
     if !args.no_rx {
         failures.extend(integration_tests::bench::rx::rx_bench(
             args.frames.unwrap_or(FRAMES),
