@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use iommu::sync::write;
+use iommu::sync::{lock, write};
 use iommu::{Access, IommuNotifier, Iova, NotifierFlags, NotifierHandle, RequesterId, UnmapKind};
 
-use super::{lock, VtdUnit};
+use super::VtdUnit;
 use crate::viommu::{ConsumerRegistration, Viommu, ViommuError};
 
 impl VtdUnit {

@@ -12,10 +12,10 @@ use devices::vhost_user::wire::{
     VHOST_USER_BACKEND_IOTLB_MSG, VHOST_USER_F_PROTOCOL_FEATURES,
 };
 use iommu::error::chain;
-use iommu::sync::wait_timeout;
+use iommu::sync::{lock, wait_timeout};
 
 use super::memory::MemTable;
-use super::{lock, BackendError, Counters, Shared, VringState};
+use super::{BackendError, Counters, Shared, VringState};
 
 /// Size of the virtio-net header with VERSION_1 (num_buffers included).
 pub const NET_HDR_LEN: usize = 12;

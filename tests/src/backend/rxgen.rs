@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{lock, Shared};
+use iommu::sync::lock;
+
+use super::Shared;
 
 /// Source MAC of generated frames.
 pub const GEN_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];

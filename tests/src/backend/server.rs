@@ -12,13 +12,12 @@ use devices::vhost_user::wire::{
     VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
 use iommu::error::chain;
+use iommu::sync::lock;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::iotlb::IotlbEntry;
 use super::memory::{parse_mem_table, MemTable, MAX_REGIONS};
-use super::{
-    lock, BackendError, Counters, RecordedMsg, Shared, VringState, MAX_RECORDS, QUEUE_NUM,
-};
+use super::{BackendError, Counters, RecordedMsg, Shared, VringState, MAX_RECORDS, QUEUE_NUM};
 
 /// Front-end request codes handled here.
 mod req {
