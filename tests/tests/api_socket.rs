@@ -13,7 +13,7 @@ use std::time::Duration;
 use devices::sys::{poll_fds, PollFd};
 use integration_tests::backend::rxgen::seq_frame;
 use integration_tests::backend::{BackendConfig, BackendHandle, TestBackend};
-use integration_tests::guest::{test_guest_path, GuestResult, IommuMode, Scenario};
+use integration_tests::guest::{test_guest_path, GuestResult, IommuMode, Scenario, ViommuKind};
 use iommu::sync::lock;
 use serde_json::Value;
 use vmm::api::server::MAX_CONNECTIONS;
@@ -179,6 +179,9 @@ fn read_endpoints_report_the_running_vm_over_curl() {
     assert_eq!(dev["connected"], true);
     assert!(dev["miss_p99_ns"].as_u64() > Some(0), "{dev}");
     assert_eq!(c["viommu"]["kind"], "virtio-iommu");
+    // The guest mapped its RX buffers (strict: one MAP each) before the back end could miss.
+    let maps = c["viommu"]["requests_map"].as_u64().unwrap_or_default();
+    assert!(maps > 0, "{}", c["viommu"]);
     let misses = dev["misses"].as_u64().unwrap_or_default();
     for path in ["/metrics", "/api/v1/metrics"] {
         let m = get(&vm.sock, path);
@@ -199,9 +202,92 @@ fn read_endpoints_report_the_running_vm_over_curl() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         assert!(value >= misses, "{line} (JSON said {misses})");
+        let series = "iovmm_viommu_requests_map_total{kind=\"virtio-iommu\"}";
+        let prom_maps = prometheus_value(&m.body, series);
+        assert!(
+            prom_maps >= Some(maps),
+            "{series}: {prom_maps:?} (JSON said {maps})"
+        );
     }
     vm.deliver(4, 8);
     vm.finish();
+}
+
+/// The value of the Prometheus sample `series` (name and labels exactly) in `text`.
+fn prometheus_value(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// `dma-map` (20 rounds of 2 buffers of 5000 bytes, strict) for a vhost-user function behind
+/// `iommu`; returns the vIOMMU counters the VM reports after the guest's exit (frozen when it
+/// stopped) and the Prometheus text of all counters.
+fn strict_dma_map_counters(tag: &str, iommu: &str, kind: ViommuKind) -> (Value, String) {
+    let vu = temp_path(&format!("{tag}-vu.sock"));
+    let _backend = TestBackend::listen(&vu, BackendConfig::default()).expect("backend");
+    let scenario = Scenario::dma_map(20, 5000)
+        .iommu(IommuMode::Strict)
+        .viommu(kind)
+        .inflight(2);
+    let mut cfg = VmConfig::new(test_guest_path());
+    cfg.cmdline = scenario.cmdline().expect("cmdline");
+    cfg.serial = SerialMode::Capture;
+    cfg.iommu = Some(iommu.parse().expect("iommu"));
+    let dev = format!("net,socket={},iommu=on", vu.display());
+    cfg.vhost_user.push(dev.parse().expect("device"));
+    let mut vmm = Vmm::start(&cfg).expect("VM starts");
+    let exit = vmm.wait_timeout(WAIT).expect("VMM stops");
+    let serial = vmm.serial_output().unwrap_or_default();
+    assert_eq!(exit, VmExit::ExitPort(0), "serial:\n{serial}");
+    let counters = vmm.counters();
+    let text = vmm::api::metrics::prometheus(&vmm.info(), &counters);
+    let json = serde_json::to_value(&counters).expect("counters serialize");
+    (json["viommu"].clone(), text)
+}
+
+#[test]
+fn viommu_counters_count_requests_and_invalidation_descriptors() {
+    let _one = lock(&ONE_VM);
+    // virtio-iommu: PROBE + ATTACH, then one MAP and one UNMAP per buffer, all answered OK.
+    let (v, text) = strict_dma_map_counters("cnt-virtio", "virtio", ViommuKind::Virtio);
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    assert_eq!((n("requests_probe"), n("requests_attach")), (1, 1), "{v}");
+    assert_eq!((n("requests_map"), n("requests_unmap")), (40, 40), "{v}");
+    assert_eq!((n("status_ok"), n("unwritten")), (82, 0), "{v}");
+    for (field, want) in [("requests_map", 40), ("requests_unmap", 40)] {
+        let series = format!("iovmm_viommu_{field}_total{{kind=\"virtio-iommu\"}}");
+        assert_eq!(
+            prometheus_value(&text, &series),
+            Some(want),
+            "{series}:\n{text}"
+        );
+    }
+    // VT-d: at boot a global context-cache and a global IOTLB invalidation and a wait, then
+    // every unmap is a page-selective IOTLB invalidation and a wait (guest_viommu.rs).
+    let (v, text) = strict_dma_map_counters("cnt-vtd", "vtd", ViommuKind::Vtd);
+    let n = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    assert_eq!(v["kind"], "vtd");
+    assert_eq!(
+        (
+            n("inv_desc_context_cache"),
+            n("inv_desc_iotlb_global"),
+            n("inv_desc_iotlb_page"),
+            n("inv_desc_wait")
+        ),
+        (1, 1, 40, 41),
+        "{v}"
+    );
+    assert_eq!(n("waits"), 41, "every wait completed: {v}");
+    assert_eq!((n("inv_queue_errors"), n("inv_reg_iotlb")), (0, 0), "{v}");
+    for (field, want) in [("inv_desc_iotlb_page", 40), ("inv_desc_wait", 41)] {
+        let series = format!("iovmm_viommu_{field}_total{{kind=\"vtd\"}}");
+        assert_eq!(
+            prometheus_value(&text, &series),
+            Some(want),
+            "{series}:\n{text}"
+        );
+    }
 }
 
 #[test]

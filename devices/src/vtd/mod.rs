@@ -21,7 +21,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use iommu::vtd::{Vtd, VtdAction, VtdConfig, VtdError};
+use iommu::vtd::{InvalidationCounts, Vtd, VtdAction, VtdConfig, VtdError};
 use iommu::{Access, DmaTranslate, Iova, NotifierSet, RequesterId, TranslateError, Translation};
 
 use crate::bus::BusDevice;
@@ -49,6 +49,9 @@ pub struct VtdStats {
     pub waits: u64,
     /// Fault MSIs sent.
     pub fault_events: u64,
+    /// Invalidation requests the model carried out: queued descriptors by type, queue
+    /// errors, register-based invalidations (read from the model by [`VtdUnit::stats`]).
+    pub invalidations: InvalidationCounts,
 }
 
 /// The unit shared by its MMIO adapter, the IOTLB bridges (translation and
@@ -105,7 +108,13 @@ impl VtdUnit {
 
     /// Counters.
     pub fn stats(&self) -> VtdStats {
-        *lock(&self.stats)
+        let mut s = *lock(&self.stats);
+        s.invalidations = self
+            .model
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .invalidation_counts();
+        s
     }
 
     fn send_msi(&self, msg: iommu::vtd::MsiMessage) {
@@ -308,6 +317,8 @@ mod tests {
         assert_eq!(mem.read_obj::<u32>(GuestAddress(STATUS)).unwrap(), 0xabcd);
         let s = unit.stats();
         assert_eq!((s.waits, s.notify_failures), (1, 0));
+        let inv = s.invalidations;
+        assert_eq!((inv.iotlb_global, inv.wait, inv.descriptors()), (1, 1, 2));
     }
 
     #[test]

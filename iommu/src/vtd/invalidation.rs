@@ -253,7 +253,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
                 .fetch_descriptor(self.qi.head)
                 .and_then(|(qw0, qw1)| parse_descriptor(qw0, qw1, caps));
             match desc {
-                Ok(desc) => self.run_descriptor(desc, &mut batch, &mut out),
+                Ok(desc) => {
+                    self.counts.count_descriptor(&desc);
+                    self.run_descriptor(desc, &mut batch, &mut out)
+                }
                 Err(e) => {
                     flush(&mut batch, &mut out);
                     self.queue_error(&mut out, e);
@@ -314,6 +317,7 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
     }
 
     fn queue_error(&mut self, out: &mut Vec<VtdAction>, error: InvalidationError) {
+        self.counts.queue_errors = self.counts.queue_errors.saturating_add(1);
         warn_limited!(
             self.log_budget(),
             "VT-d invalidation queue error at head {}: {error}",

@@ -230,7 +230,11 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
         let g = ((v >> CCMD_CIRG_SHIFT) & 3) as u8;
         let scope = context_scope(g, v as u16, (v >> 16) as u16, ((v >> 32) & 3) as u8);
         let (caig, events) = match scope {
-            Ok(scope) => (g, self.invalidate_context(scope)),
+            Ok(scope) => {
+                self.counts.register_context_cache =
+                    self.counts.register_context_cache.saturating_add(1);
+                (g, self.invalidate_context(scope))
+            }
             Err(e) => {
                 warn_limited!(
                     self.log_budget(),
@@ -268,7 +272,10 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             }
         };
         let (iaig, events) = match scope {
-            Some((scope, iaig)) => (iaig, self.invalidate_iotlb(scope)),
+            Some((scope, iaig)) => {
+                self.counts.register_iotlb = self.counts.register_iotlb.saturating_add(1);
+                (iaig, self.invalidate_iotlb(scope))
+            }
             None => (0, Vec::new()),
         };
         let iaig_bits = 3u64 << IOTLB_IAIG_SHIFT;

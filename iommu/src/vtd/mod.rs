@@ -40,6 +40,7 @@ use crate::translate::{
 use crate::types::{intersect, Access, Iova, IovaRange, Permissions, RequesterId};
 use crate::types::{X86_MSI_END, X86_MSI_START};
 
+mod counts;
 pub mod descriptor;
 pub mod dmar;
 pub mod fault;
@@ -53,6 +54,7 @@ pub mod tables;
 #[cfg(test)]
 mod testutil;
 
+pub use counts::InvalidationCounts;
 pub use fault::{FaultInfo, FaultReason, MsiMessage};
 use invalidation::QueueState;
 use iotlb::{CachedTranslation, ContextCache, Iotlb};
@@ -194,6 +196,8 @@ pub struct Vtd<M> {
     root_table: Option<u64>,
     irt: Option<u64>,
     caches: Mutex<Caches>,
+    /// Invalidation requests carried out ([`Vtd::invalidation_counts`]).
+    counts: InvalidationCounts,
     /// Budget of the log lines the guest can trigger (bad registers, queue errors, ...).
     log: Mutex<RateLimit>,
 }
@@ -224,6 +228,7 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
                 context: ContextCache::default(),
                 iotlb: Iotlb::new(config.iotlb_capacity),
             }),
+            counts: InvalidationCounts::default(),
             log: Mutex::new(RateLimit::per_second(MAX_LOG_LINES_PER_SEC)),
             config,
             mem,
@@ -289,6 +294,12 @@ impl<M: Bytes<GuestAddress> + Send + Sync> Vtd<M> {
             return None;
         }
         self.caches().context.get(rid.bdf()).map(|c| c.did)
+    }
+
+    /// Invalidation requests carried out so far: queued descriptors by type, queue errors,
+    /// register-based invalidations.
+    pub fn invalidation_counts(&self) -> InvalidationCounts {
+        self.counts
     }
 
     /// The budget of guest-triggered log lines, for `warn_limited!` and friends.

@@ -10,9 +10,16 @@ use devices::interrupt::IrqfdRouter;
 use devices::legacy::ioapic::Ioapic;
 use devices::pci::PciBdf;
 use devices::viommu::{Viommu as ViommuSeam, ViommuError};
-use devices::virtio::iommu::{IommuState, VirtioIommuDevice, VirtioIommuDeviceError};
+use devices::virtio::iommu::{
+    IommuState, VirtioIommuDevice, VirtioIommuDeviceError, VirtioIommuStats,
+};
 use devices::virtio::GuestMemoryMmap;
-use devices::vtd::{InterruptRemapper, VtdDevice, VtdUnit, VTD_REGS_SIZE};
+use devices::vtd::{InterruptRemapper, VtdDevice, VtdStats, VtdUnit, VTD_REGS_SIZE};
+use iommu::virtio::protocol::{
+    S_DEVERR, S_FAULT, S_INVAL, S_IOERR, S_NOENT, S_NOMEM, S_OK, S_RANGE, S_UNSUPP,
+    VIRTIO_IOMMU_T_ATTACH, VIRTIO_IOMMU_T_DETACH, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_PROBE,
+    VIRTIO_IOMMU_T_UNMAP,
+};
 use iommu::virtio::VirtioIommuSettings;
 use iommu::vtd::dmar::{DmarDescription, IoapicScope};
 use iommu::vtd::VtdConfig;
@@ -129,29 +136,12 @@ impl Viommu {
         Ok(())
     }
 
-    /// The vIOMMU's own counters, as one flat JSON object.
+    /// The vIOMMU's own counters, as one flat JSON object ([`virtio_counters`],
+    /// [`vtd_counters`]).
     pub fn counters_json(&self) -> serde_json::Value {
         match &self.kind {
-            Kind::Virtio { state, .. } => {
-                let s = state.stats();
-                serde_json::json!({
-                    "kind": "virtio-iommu",
-                    "notifier_failures": s.notifier_failures(),
-                    "faults_reported": s.faults_reported(),
-                    "faults_dropped": s.faults_dropped(),
-                })
-            }
-            Kind::Vtd { unit } => {
-                let s = unit.stats();
-                serde_json::json!({
-                    "kind": "vtd",
-                    "notify_batches": s.notify_batches,
-                    "events": s.events,
-                    "notify_failures": s.notify_failures,
-                    "waits": s.waits,
-                    "fault_events": s.fault_events,
-                })
-            }
+            Kind::Virtio { state, .. } => virtio_counters(&state.stats()),
+            Kind::Vtd { unit } => vtd_counters(&unit.stats()),
         }
     }
 
@@ -173,6 +163,72 @@ impl Viommu {
             }
         }
     }
+}
+
+/// The virtio-iommu request types by name (`requests_<name>`); type 0 counts requests with an
+/// unknown type or none readable.
+const VIRTIO_REQUEST_TYPES: [(&str, u8); 6] = [
+    ("attach", VIRTIO_IOMMU_T_ATTACH),
+    ("detach", VIRTIO_IOMMU_T_DETACH),
+    ("map", VIRTIO_IOMMU_T_MAP),
+    ("unmap", VIRTIO_IOMMU_T_UNMAP),
+    ("probe", VIRTIO_IOMMU_T_PROBE),
+    ("unknown", 0),
+];
+
+/// The virtio-iommu completion statuses by name (`status_<name>`).
+const VIRTIO_STATUSES: [(&str, u8); 9] = [
+    ("ok", S_OK),
+    ("ioerr", S_IOERR),
+    ("unsupp", S_UNSUPP),
+    ("deverr", S_DEVERR),
+    ("inval", S_INVAL),
+    ("range", S_RANGE),
+    ("noent", S_NOENT),
+    ("fault", S_FAULT),
+    ("nomem", S_NOMEM),
+];
+
+/// The virtio-iommu's counters: requests by type, completions by status, chains returned
+/// unwritten, notifier failures and fault events.
+pub fn virtio_counters(s: &VirtioIommuStats) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("kind".into(), "virtio-iommu".into());
+    for (name, t) in VIRTIO_REQUEST_TYPES {
+        m.insert(format!("requests_{name}"), s.requests(t).into());
+    }
+    for (name, status) in VIRTIO_STATUSES {
+        m.insert(format!("status_{name}"), s.statuses(status).into());
+    }
+    m.insert("unwritten".into(), s.unwritten().into());
+    m.insert("notifier_failures".into(), s.notifier_failures().into());
+    m.insert("faults_reported".into(), s.faults_reported().into());
+    m.insert("faults_dropped".into(), s.faults_dropped().into());
+    serde_json::Value::Object(m)
+}
+
+/// The VT-d unit's counters: notifications, waits and faults, and every invalidation request
+/// (`inv_desc_<type>` for queued descriptors, `inv_reg_<type>` for register-based ones).
+pub fn vtd_counters(s: &VtdStats) -> serde_json::Value {
+    let i = &s.invalidations;
+    serde_json::json!({
+        "kind": "vtd",
+        "notify_batches": s.notify_batches,
+        "events": s.events,
+        "notify_failures": s.notify_failures,
+        "waits": s.waits,
+        "fault_events": s.fault_events,
+        "inv_desc_context_cache": i.context_cache,
+        "inv_desc_iotlb_global": i.iotlb_global,
+        "inv_desc_iotlb_domain": i.iotlb_domain,
+        "inv_desc_iotlb_page": i.iotlb_page,
+        "inv_desc_device_tlb": i.device_tlb,
+        "inv_desc_interrupt_entry_cache": i.interrupt_entry_cache,
+        "inv_desc_wait": i.wait,
+        "inv_queue_errors": i.queue_errors,
+        "inv_reg_context_cache": i.register_context_cache,
+        "inv_reg_iotlb": i.register_iotlb,
+    })
 }
 
 /// Creates the VT-d unit, puts its registers on the MMIO bus and, when
@@ -259,6 +315,55 @@ mod tests {
             Some(IOAPIC_SCOPE),
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn vtd_counters_name_every_invalidation_kind() {
+        let mut s = VtdStats {
+            waits: 7,
+            ..VtdStats::default()
+        };
+        s.invalidations.iotlb_page = 40;
+        s.invalidations.wait = 41;
+        s.invalidations.register_iotlb = 2;
+        let v = vtd_counters(&s);
+        assert_eq!(v["kind"], "vtd");
+        assert_eq!(
+            (
+                &v["waits"],
+                &v["inv_desc_iotlb_page"],
+                &v["inv_desc_wait"],
+                &v["inv_reg_iotlb"]
+            ),
+            (&7.into(), &40.into(), &41.into(), &2.into())
+        );
+        let names: Vec<&String> = v.as_object().unwrap().keys().collect();
+        for want in [
+            "inv_desc_context_cache",
+            "inv_desc_iotlb_global",
+            "inv_desc_iotlb_domain",
+            "inv_desc_device_tlb",
+            "inv_desc_interrupt_entry_cache",
+            "inv_queue_errors",
+            "inv_reg_context_cache",
+        ] {
+            assert!(names.iter().any(|n| *n == want), "{want} in {names:?}");
+        }
+    }
+
+    #[test]
+    fn virtio_counters_have_every_request_type_and_status() {
+        let v = virtio_counters(&VirtioIommuStats::default());
+        let o = v.as_object().unwrap();
+        assert_eq!(o["kind"], "virtio-iommu");
+        for (name, _) in VIRTIO_REQUEST_TYPES {
+            assert_eq!(o[&format!("requests_{name}")], 0, "{name}");
+        }
+        for (name, _) in VIRTIO_STATUSES {
+            assert_eq!(o[&format!("status_{name}")], 0, "{name}");
+        }
+        // kind, 6 request types, 9 statuses, unwritten, notifier failures, 2 fault counters.
+        assert_eq!(o.len(), 1 + 6 + 9 + 4);
     }
 
     #[test]
