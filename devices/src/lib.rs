@@ -12,6 +12,7 @@ pub mod legacy;
 pub mod pci;
 pub mod sys;
 pub mod thread;
+pub mod vhost_kernel;
 pub mod vhost_user;
 pub mod viommu;
 pub mod virtio;
