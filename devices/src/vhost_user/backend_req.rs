@@ -26,6 +26,8 @@ use super::frame::{read_frame, wait_readable, write_frame};
 use super::miss::{MissError, MissHandler, RefusedRequest};
 use super::wire::{backend_request, encode_ack, Header, IotlbMsg, IotlbPerm, IotlbType, WireError};
 use crate::thread::{self, ThreadHook, ThreadKind};
+use iommu::ratelimit::RateLimit;
+use iommu::warn_limited;
 
 /// Bound on how long the rest of a frame may take once its first byte came.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(1);
@@ -49,14 +51,14 @@ pub const TICK: Duration = Duration::from_millis(500);
 #[derive(Debug, Error)]
 pub enum BackendReqError {
     /// The back end sent a frame that violates the protocol.
-    #[error("malformed message on the vhost-user back-end channel: {0}; channel closed")]
-    Malformed(WireError),
+    #[error("malformed message on the vhost-user back-end channel; channel closed")]
+    Malformed(#[source] WireError),
     /// The back end sent a reply where only requests are allowed.
     #[error("unexpected reply (request {0}) on the vhost-user back-end channel; channel closed")]
     UnexpectedReply(u32),
     /// Reading or writing the channel failed (including end of stream).
-    #[error("vhost-user back-end channel closed: {0}")]
-    Channel(ChannelError),
+    #[error("vhost-user back-end channel closed")]
+    Channel(#[source] ChannelError),
 }
 
 impl From<ChannelError> for BackendReqError {
@@ -84,14 +86,13 @@ pub enum Served {
     Throttled,
 }
 
-/// Counts bad requests per one-second window.
+/// Counts bad requests per one-second window and limits the log lines the
+/// back end can cause.
 struct Throttle {
     window: Instant,
     bad: u64,
-    /// Refused-miss faults logged in this window.
-    logged: u64,
-    /// Refused-miss faults not logged in this window.
-    unlogged: u64,
+    /// Lines about the back end's refused misses and bad requests.
+    log: RateLimit,
 }
 
 impl Throttle {
@@ -99,33 +100,21 @@ impl Throttle {
         Throttle {
             window: Instant::now(),
             bad: 0,
-            logged: 0,
-            unlogged: 0,
-        }
-    }
-
-    /// Whether a refused-miss fault may be logged in this window (else it
-    /// is counted for the window's summary).
-    fn may_log_fault(&mut self) -> bool {
-        if self.logged < MAX_FAULT_LOGS_PER_SEC {
-            self.logged += 1;
-            true
-        } else {
-            self.unlogged += 1;
-            false
+            log: RateLimit::per_second(MAX_FAULT_LOGS_PER_SEC as u32),
         }
     }
 
     /// Whether this window's budget is used up (starting a new window when due).
     fn exhausted(&mut self, label: &str) -> bool {
-        if self.window.elapsed() >= Duration::from_secs(1) {
-            if self.unlogged > 0 {
-                log::warn!(
-                    "{label}: {} more IOTLB misses refused as DMA faults in one second were not logged",
-                    self.unlogged
-                );
-            }
-            (self.logged, self.unlogged) = (0, 0);
+        self.exhausted_at(label, Instant::now())
+    }
+
+    fn exhausted_at(&mut self, label: &str, now: Instant) -> bool {
+        let unlogged = self.log.roll_at(now);
+        if unlogged > 0 {
+            log::warn!("{label}: {unlogged} more lines about the back end's refused misses or bad requests were not logged");
+        }
+        if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
             if self.bad > MAX_BAD_REQUESTS_PER_SEC {
                 log::warn!(
                     "{label}: the back end sent {} bad requests in one second; {} were refused unprocessed",
@@ -133,7 +122,7 @@ impl Throttle {
                     self.bad - MAX_BAD_REQUESTS_PER_SEC
                 );
             }
-            self.window = Instant::now();
+            self.window = now;
             self.bad = 0;
         }
         self.bad >= MAX_BAD_REQUESTS_PER_SEC
@@ -215,11 +204,19 @@ impl BackendReqServer {
             }
             Ok(BackendReq::IOTLB_MSG) => self.iotlb(&hdr, &payload)?,
             Ok(other) => {
-                log::warn!("vhost-user back end sent unsupported request {other:?}");
+                warn_limited!(
+                    &mut self.throttle.log,
+                    "{}: the back end sent unsupported request {other:?}",
+                    self.label
+                );
                 (Served::Unsupported(hdr.request), 1)
             }
             Err(e) => {
-                log::warn!("vhost-user back-end channel: {e}");
+                warn_limited!(
+                    &mut self.throttle.log,
+                    "{}: back-end channel: {e}",
+                    self.label
+                );
                 (Served::Unsupported(hdr.request), 1)
             }
         };
@@ -247,7 +244,11 @@ impl BackendReqServer {
             Ok(m) => m,
             Err(e @ WireError::SizeMismatch { .. }) => return Err(BackendReqError::Malformed(e)),
             Err(e) => {
-                log::warn!("vhost-user back end sent an invalid IOTLB message: {e}");
+                warn_limited!(
+                    &mut self.throttle.log,
+                    "{}: the back end sent an invalid IOTLB message: {e}",
+                    self.label
+                );
                 return Ok((Served::Unsupported(hdr.request), 1));
             }
         };
@@ -263,7 +264,11 @@ impl BackendReqServer {
                 Ok((Served::AccessFail, 0))
             }
             other => {
-                log::warn!("vhost-user back end sent IOTLB type {other:?}, which only a front end may send");
+                warn_limited!(
+                    &mut self.throttle.log,
+                    "{}: the back end sent IOTLB type {other:?}, which only a front end may send",
+                    self.label
+                );
                 Ok((Served::Unsupported(hdr.request), 1))
             }
         }
@@ -282,10 +287,11 @@ impl BackendReqServer {
     /// most [`MAX_FAULT_LOGS_PER_SEC`] lines a second), the rest quietly.
     fn log_refused(&mut self, iova: u64, perm: IotlbPerm, e: &MissError) {
         let (level, line) = refusal_log(&self.label, iova, perm, e);
-        if level == log::Level::Warn && !self.throttle.may_log_fault() {
-            return;
+        if level == log::Level::Warn {
+            warn_limited!(&mut self.throttle.log, "{line}");
+        } else {
+            log::log!(level, "{line}");
         }
-        log::log!(level, "{line}");
     }
 
     /// Serve until the channel fails or is closed; returns the reason.
@@ -314,7 +320,7 @@ impl BackendReqServer {
             BackendReqError::Channel(ChannelError::Disconnected) => {
                 log::info!("{}: back-end channel closed by the peer", self.label)
             }
-            other => log::error!("{}: {other}", self.label),
+            other => log::error!("{}: {}", self.label, iommu::error::chain(other)),
         }
         // Close for the peer now: the thread handle keeps a clone of the socket, so
         // dropping ours alone would leave the back end writing into a dead channel.
@@ -691,15 +697,17 @@ mod tests {
     #[test]
     fn fault_lines_are_rate_limited_per_second() {
         let mut t = Throttle::new();
+        let t0 = Instant::now();
         let logged = (0..3 * MAX_FAULT_LOGS_PER_SEC)
-            .filter(|_| t.may_log_fault())
+            .filter(|_| t.log.check_at(t0).is_some())
             .count() as u64;
         assert_eq!(logged, MAX_FAULT_LOGS_PER_SEC);
-        assert_eq!(t.unlogged, 2 * MAX_FAULT_LOGS_PER_SEC);
-        t.window -= Duration::from_secs(1);
-        assert!(!t.exhausted("d"));
-        assert_eq!((t.logged, t.unlogged), (0, 0));
-        assert!(t.may_log_fault());
+        assert_eq!(t.log.suppressed(), 2 * MAX_FAULT_LOGS_PER_SEC);
+        // The next second reports the suppressed lines once and opens a new budget.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(!t.exhausted_at("d", t1));
+        assert_eq!(t.log.suppressed(), 0);
+        assert_eq!(t.log.check_at(t1), Some(0));
     }
 
     struct Ticks(std::sync::Mutex<std::sync::mpsc::Sender<()>>);

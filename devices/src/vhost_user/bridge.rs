@@ -21,7 +21,7 @@
 //!   it may take the vIOMMU's locks.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use iommu::{
@@ -39,6 +39,9 @@ use super::stats::{BridgeCounters, BridgeStats};
 use super::wire::{IotlbMsg, IotlbPerm};
 use crate::viommu::Viommu;
 use crate::virtio::GuestMemoryMmap;
+use iommu::ratelimit::RateLimit;
+use iommu::sync::lock;
+use iommu::warn_limited;
 
 /// UPDATEs start at the missed IOVA rounded down to this (the 4 KiB page).
 const UPDATE_START_ALIGN: u64 = 4096;
@@ -61,6 +64,26 @@ struct Translator {
     rid: RequesterId,
 }
 
+/// The bridge's log rate limits.
+struct LogLimits {
+    /// "ring unmapped" errors.
+    ring: RateLimit,
+    /// Stall reports.
+    stall: RateLimit,
+    /// The back end's ACCESS_FAIL reports.
+    access_fail: RateLimit,
+}
+
+impl Default for LogLimits {
+    fn default() -> Self {
+        LogLimits {
+            ring: RateLimit::new(1, invalidate::RING_LOG_PERIOD),
+            stall: RateLimit::new(1, invalidate::RING_LOG_PERIOD),
+            access_fail: RateLimit::per_second(8),
+        }
+    }
+}
+
 #[derive(Default)]
 struct BridgeState {
     translator: Option<Translator>,
@@ -77,14 +100,12 @@ struct BridgeState {
     link_down: bool,
     /// The running vrings' IOVAs ([`IotlbBridge::set_vrings`]).
     rings: Vec<VringArea>,
-    /// Rate limit of the "ring unmapped" error.
-    ring_log: invalidate::RateLimit,
+    /// Rate limits of the lines the guest or the back end can cause.
+    logs: LogLimits,
     /// The rings the stall detector watches, with its memory of each.
     watched: Vec<(WatchedRing, QueueWatch)>,
     /// The last miss and the last INVALIDATE, for the stall report.
     history: stall_check::History,
-    /// Rate limit of the stall report.
-    stall_log: invalidate::RateLimit,
 }
 
 /// Bridges one vhost-user back end's device IOTLB to the guest IOMMU.
@@ -196,11 +217,6 @@ fn miss_error(iova: u64, perm: IotlbPerm, e: TranslateError) -> MissError {
     }
 }
 
-fn lock(m: &Mutex<BridgeState>) -> MutexGuard<'_, BridgeState> {
-    // The state stays consistent across a panic (plain flags and handles).
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl IotlbBridge {
     /// A bridge sending UPDATE/INVALIDATE through `channel` (the endpoint's
     /// main socket). It serves no miss until [`IotlbBridge::set_translation`]
@@ -280,10 +296,7 @@ impl IotlbBridge {
     /// How long a watched queue may hold descriptors without completing
     /// any before it is reported ([`STALL_THRESHOLD`] by default).
     pub fn set_stall_threshold(&self, threshold: Duration) {
-        *self
-            .stall_threshold
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = threshold;
+        *lock(&self.stall_threshold) = threshold;
     }
 
     /// The device is stopping: refuse misses. INVALIDATEs are still sent,
@@ -485,7 +498,11 @@ impl MissHandler for IotlbBridge {
 
     fn on_access_fail(&self, iova: u64, perm: IotlbPerm) {
         self.counters.access_fails.bump();
-        log::warn!("vhost-user back end reports a failed access at IOVA {iova:#x} ({perm:?})");
+        let mut st = lock(&self.state);
+        warn_limited!(
+            &mut st.logs.access_fail,
+            "vhost-user back end reports a failed access at IOVA {iova:#x} ({perm:?})"
+        );
     }
 
     fn on_refused_request(&self, request: RefusedRequest) {

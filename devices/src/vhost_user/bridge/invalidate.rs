@@ -22,32 +22,9 @@ pub(super) const FULL_INVALIDATE: (u64, u64) = (0, u64::MAX);
 /// Most UPDATEs pushed to restore one vring area (one per extent).
 const MAX_RING_UPDATES: usize = 64;
 
-/// At most one "ring unmapped" error line per this period.
-const RING_LOG_PERIOD: Duration = Duration::from_secs(5);
-
-/// A simple log rate limit: one line per period, with a count of the lines
-/// suppressed since the last one.
-#[derive(Debug, Default)]
-pub(super) struct RateLimit {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimit {
-    /// `Some(suppressed)` if a line may be logged now.
-    pub(super) fn allow(&mut self) -> Option<u64> {
-        match self.last {
-            Some(t) if t.elapsed() < RING_LOG_PERIOD => {
-                self.suppressed += 1;
-                None
-            }
-            _ => {
-                self.last = Some(Instant::now());
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
-}
+/// At most one "ring unmapped" error line (and one stall report) per this
+/// period.
+pub(super) const RING_LOG_PERIOD: Duration = Duration::from_secs(5);
 
 /// What became of one INVALIDATE.
 enum Sent {
@@ -149,7 +126,10 @@ impl IotlbBridge {
                 if matches!(e, ChannelError::Nack(_)) {
                     self.channel.close();
                 }
-                log::warn!("vhost-user: the full-range INVALIDATE at connection failed: {e}");
+                log::warn!(
+                    "vhost-user: the full-range INVALIDATE at connection failed: {}",
+                    iommu::error::chain(&e)
+                );
                 Err(e)
             }
         }
@@ -259,7 +239,11 @@ impl IotlbBridge {
                 }
             };
             if let Err(e) = self.push_update_locked(st, &planned) {
-                log::warn!("vhost-user: restoring queue {} failed: {e}", area.queue);
+                log::warn!(
+                    "vhost-user: restoring queue {} failed: {}",
+                    area.queue,
+                    iommu::error::chain(&e)
+                );
                 return false;
             }
             self.counters.ring_updates.bump();
@@ -274,7 +258,7 @@ impl IotlbBridge {
 
     fn ring_lost(&self, st: &mut BridgeState, area: VringArea, e: &MissError) {
         self.counters.rings_unmapped.bump();
-        if let Some(suppressed) = st.ring_log.allow() {
+        if let Some(suppressed) = st.logs.ring.check() {
             log::error!(
                 "vhost-user: queue {} ring at IOVA {:#x}..={:#x} is no longer translated ({e}) \
                  while the device runs: the guest removed it, so the back end cannot use \

@@ -117,10 +117,7 @@ impl IotlbBridge {
     /// (unmapped) is skipped: the "ring unmapped" error covers it. Returns
     /// the number of stalls newly reported.
     pub fn check_stalls(&self, now: Instant) -> usize {
-        let threshold = *self
-            .stall_threshold
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let threshold = *lock(&self.stall_threshold);
         let in_flight = self.serving_miss.load(Ordering::Relaxed);
         let mut st = lock(&self.state);
         if !st.running {
@@ -151,7 +148,7 @@ impl IotlbBridge {
         stuck: Duration,
         now: Instant,
     ) {
-        let Some(suppressed) = st.stall_log.allow() else {
+        let Some(suppressed) = st.logs.stall.check() else {
             return;
         };
         let rid = st

@@ -26,7 +26,7 @@ pub enum ChainError {
         max: usize,
     },
     /// A readable descriptor points outside guest memory.
-    #[error("cannot read request at {addr:#x}: {source}")]
+    #[error("cannot read request at {addr:#x}")]
     Read {
         /// Guest address of the descriptor.
         addr: u64,
@@ -43,7 +43,7 @@ pub enum ChainError {
         len: usize,
     },
     /// Writing the reply failed.
-    #[error("cannot write reply at {addr:#x}: {source}")]
+    #[error("cannot write reply at {addr:#x}")]
     Write {
         /// Guest address of the descriptor.
         addr: u64,

@@ -3,15 +3,19 @@
 use std::sync::Arc;
 
 use iommu::domain::DomainsConfig;
+use iommu::error::chain as causes;
+use iommu::sync::lock;
 use iommu::virtio::protocol::{
     VirtioIommuConfig, VIRTIO_ID_IOMMU, VIRTIO_IOMMU_F_BYPASS_CONFIG, VIRTIO_IOMMU_F_DOMAIN_RANGE,
     VIRTIO_IOMMU_F_INPUT_RANGE, VIRTIO_IOMMU_F_MAP_UNMAP, VIRTIO_IOMMU_F_PROBE,
 };
 use iommu::virtio::VirtioIommuSettings;
+use iommu::warn_limited;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use zerocopy::IntoBytes;
 
 use super::event::{EventQueue, EVENTQ_INDEX};
+use super::handler::GUEST_LOG;
 use super::handler::{RequestQueue, RequestWorker, REQUESTQ_INDEX};
 use super::{IommuState, VirtioIommuDeviceError, VirtioIommuStats};
 use crate::thread::ThreadHook;
@@ -96,14 +100,22 @@ impl VirtioIommuDevice {
         let bypass = match self.state.settings.bypass_write(self.acked, value) {
             Ok(b) => b,
             Err(e) => {
-                log::warn!("virtio-iommu: ignoring config write: {e}");
+                warn_limited!(
+                    lock(&GUEST_LOG),
+                    "virtio-iommu: ignoring config write: {}",
+                    causes(&e)
+                );
                 return;
             }
         };
         let update = self.state.begin_update();
         let ((), events) = update.apply(|d| ((), d.set_global_bypass(bypass)));
         if let Err(e) = update.deliver(&events) {
-            log::warn!("virtio-iommu: bypass={bypass}: a translation consumer failed: {e}");
+            warn_limited!(
+                lock(&GUEST_LOG),
+                "virtio-iommu: bypass={bypass}: a translation consumer failed: {}",
+                causes(&e)
+            );
         }
     }
 
@@ -214,7 +226,11 @@ impl VirtioDevice for VirtioIommuDevice {
         let update = self.state.begin_update();
         let ((), events) = update.apply(|d| ((), d.reset()));
         if let Err(e) = update.deliver(&events) {
-            log::warn!("virtio-iommu: reset: a translation consumer failed: {e}");
+            warn_limited!(
+                lock(&GUEST_LOG),
+                "virtio-iommu: reset: a translation consumer failed: {}",
+                causes(&e)
+            );
         }
         true
     }

@@ -5,14 +5,18 @@
 
 use std::sync::Arc;
 
+use iommu::error::chain as causes;
+use iommu::sync::lock;
 use iommu::types::{Iova, RequesterId};
 use iommu::virtio::protocol::{VirtioIommuFault, VIRTIO_IOMMU_FAULT_F_ADDRESS};
+use iommu::warn_limited;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 use zerocopy::byteorder::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
 
 use super::chain;
+use super::handler::GUEST_LOG;
 use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
 
 /// Index of the event queue.
@@ -74,7 +78,11 @@ impl EventQueue {
             let used = match self.fill(chain, bytes) {
                 Ok(()) => bytes.len() as u32,
                 Err(e) => {
-                    log::warn!("virtio-iommu: skipping event buffer {head}: {e}");
+                    warn_limited!(
+                        lock(&GUEST_LOG),
+                        "virtio-iommu: skipping event buffer {head}: {}",
+                        causes(&e)
+                    );
                     skipped_bad = true;
                     0
                 }
@@ -110,7 +118,11 @@ impl EventQueue {
 
     fn complete(&mut self, head: u16, used: u32) {
         if let Err(e) = self.queue.add_used(&self.mem, head, used) {
-            log::warn!("virtio-iommu: cannot return event buffer {head}: {e}");
+            warn_limited!(
+                lock(&GUEST_LOG),
+                "virtio-iommu: cannot return event buffer {head}: {}",
+                causes(&e)
+            );
             return;
         }
         if !chain::needs_interrupt(&mut self.queue, &self.mem) {
@@ -120,7 +132,11 @@ impl EventQueue {
             .interrupt
             .trigger(VirtioInterruptType::Queue(EVENTQ_INDEX))
         {
-            log::warn!("virtio-iommu: cannot signal the event queue: {e}");
+            warn_limited!(
+                lock(&GUEST_LOG),
+                "virtio-iommu: cannot signal the event queue: {}",
+                causes(&e)
+            );
         }
     }
 }

@@ -9,9 +9,13 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use iommu::error::chain as causes;
+use iommu::ratelimit::RateLimit;
+use iommu::sync::lock;
 use iommu::types::IovaRange;
 use iommu::virtio::protocol::{S_DEVERR, VIRTIO_IOMMU_T_MAP, VIRTIO_IOMMU_T_UNMAP};
 use iommu::virtio::{handle, Request, Response};
+use iommu::warn_limited;
 use iommu::IommuEvent;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -19,6 +23,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::{self, ChainError, ChainParts};
 use super::{IommuState, Update};
+
+/// The rate limit of every log line the guest (or a back end behind a consumer) can cause in
+/// the virtio-iommu device.
+pub(super) static GUEST_LOG: std::sync::Mutex<RateLimit> =
+    std::sync::Mutex::new(RateLimit::per_second(10));
 use crate::thread::{ThreadHook, ThreadKind};
 use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
 
@@ -153,7 +162,11 @@ impl RequestQueue {
 
     fn complete(&mut self, head: u16, used: u32) {
         if let Err(e) = self.queue.add_used(&self.mem, head, used) {
-            log::warn!("virtio-iommu: cannot return request buffer {head}: {e}");
+            warn_limited!(
+                lock(&GUEST_LOG),
+                "virtio-iommu: cannot return request buffer {head}: {}",
+                causes(&e)
+            );
             return;
         }
         self.signal();
@@ -195,7 +208,11 @@ impl RequestQueue {
         let failed = update.deliver(&merge_unmaps(events)).err();
         drop(update);
         if let Some(e) = &failed {
-            log::warn!("virtio-iommu: UNMAP batch failed at a translation consumer: {e}");
+            warn_limited!(
+                lock(&GUEST_LOG),
+                "virtio-iommu: UNMAP batch failed at a translation consumer: {}",
+                causes(&e)
+            );
             stats.count_notifier_failure();
         }
         for (head, item) in done {
@@ -228,7 +245,11 @@ impl RequestQueue {
             .interrupt
             .trigger(VirtioInterruptType::Queue(REQUESTQ_INDEX))
         {
-            log::warn!("virtio-iommu: cannot signal the request queue: {e}");
+            warn_limited!(
+                lock(&GUEST_LOG),
+                "virtio-iommu: cannot signal the request queue: {}",
+                causes(&e)
+            );
         }
     }
 
@@ -249,7 +270,7 @@ impl RequestQueue {
     }
 
     fn unwritten(&self, e: &ChainError) -> u32 {
-        log::debug!("virtio-iommu: returning request unwritten: {e}");
+        log::debug!("virtio-iommu: returning request unwritten: {}", causes(e));
         self.state.stats.count_status(None);
         0
     }
@@ -271,7 +292,11 @@ impl RequestQueue {
             (r, events)
         });
         if let Err(e) = update.deliver(&events) {
-            log::warn!("virtio-iommu: request failed at a translation consumer: {e}");
+            warn_limited!(
+                lock(&GUEST_LOG),
+                "virtio-iommu: request failed at a translation consumer: {}",
+                causes(&e)
+            );
             state.stats.count_notifier_failure();
             if readable.first() == Some(&VIRTIO_IOMMU_T_MAP) {
                 undo_map(&update, readable);
@@ -339,7 +364,11 @@ fn undo_map(update: &Update<'_>, readable: &[u8]) {
         log::error!("virtio-iommu: cannot undo failed MAP {range} in {domain}: {e}");
     }
     if let Err(e) = update.deliver(&unmap_events) {
-        log::warn!("virtio-iommu: undoing MAP {range}: consumers failed again: {e}");
+        warn_limited!(
+            lock(&GUEST_LOG),
+            "virtio-iommu: undoing MAP {range}: consumers failed again: {}",
+            causes(&e)
+        );
     }
 }
 

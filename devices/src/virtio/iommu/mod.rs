@@ -62,7 +62,7 @@ use event::EventQueue;
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioIommuDeviceError {
     /// The settings are not usable by a driver.
-    #[error("invalid virtio-iommu settings: {0}")]
+    #[error("invalid virtio-iommu settings")]
     Settings(#[from] VirtioIommuError),
     /// Boot bypass was asked for without a feature that lets the driver turn it off.
     #[error(
@@ -71,7 +71,7 @@ pub enum VirtioIommuDeviceError {
     )]
     BypassWithoutFeature,
     /// The request worker thread or its eventfds could not be created.
-    #[error("cannot start the virtio-iommu request worker: {0}")]
+    #[error("cannot start the virtio-iommu request worker")]
     Worker(#[source] std::io::Error),
 }
 
