@@ -10,18 +10,21 @@ pub mod stale;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use vmm::{SerialMode, VhostUserStats, VmConfig, VmExit, Vmm};
+use iommu::sync::lock;
+use vmm::{VhostUserStats, VmConfig, Vmm};
 
 use crate::backend::blk::{BlkConfig, BlkSnapshot};
 use crate::backend::{BackendConfig, CountersSnapshot, TestBackend};
-use crate::guest::{test_guest_path, AtsMode, GuestResult, IommuMode, Scenario};
-use crate::matrix::{assert_no_stale_translation, Viommu};
+use crate::guest::{AtsMode, GuestResult, IommuMode, Scenario};
+use crate::matrix::{
+    assert_connection_invalidates, assert_invalidates_honoured, cell_vm, temp_path, Viommu, VmRun,
+    MISS_TIMEOUT, ONE_CELL,
+};
 
-/// One VM at a time (the guest polls in ring 3; two on a 2-core machine starve the miss path).
-static ONE_CELL: Mutex<()> = Mutex::new(());
+/// How long a blk cell's guest may run.
+pub(crate) const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// The qemu-storage-daemon binary (Debian package qemu-utils).
 pub const QSD: &str = "qemu-storage-daemon";
 /// The guest's pattern seed (`iovmm.seed`, default 1).
@@ -95,43 +98,15 @@ impl BlkCell {
     /// The VM: the test guest running scenario `s` (with the cell's ATS choice and TSC rate),
     /// one vhost-user blk device on `sock`.
     pub fn vm_config_for(&self, sock: &Path, s: Scenario) -> VmConfig {
-        let mut cfg = VmConfig::new(test_guest_path());
-        let mut s = s.ats(self.ats);
-        if let Some(khz) = self.tsc_khz {
-            s = s.tsc_khz(khz);
-        }
-        cfg.cmdline = s.cmdline().expect("scenario cmdline");
-        cfg.serial = SerialMode::Capture;
-        let (iommu, ats_cap) = match self.viommu {
-            Viommu::None => (None, false),
-            Viommu::Virtio => (Some("virtio".to_string()), false),
-            Viommu::Vtd { dt, ats_cap } => (
-                Some(format!("vtd,caching_mode=on,device_iotlb={}", on(dt))),
-                ats_cap,
-            ),
-        };
-        let dev = format!(
-            "blk,socket={},iommu={},ats={}",
-            sock.display(),
-            on(iommu.is_some()),
-            on(ats_cap)
-        );
-        cfg.iommu = iommu.map(|i| i.parse().expect("iommu option"));
-        cfg.vhost_user.push(dev.parse().expect("vhost-user option"));
-        cfg
+        cell_vm(
+            self.viommu,
+            false,
+            "blk",
+            sock,
+            s.ats(self.ats),
+            self.tsc_khz,
+        )
     }
-}
-
-fn on(b: bool) -> &'static str {
-    if b {
-        "on"
-    } else {
-        "off"
-    }
-}
-
-fn temp_path(tag: &str, ext: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("iovmm-{}-{tag}.{ext}", std::process::id()))
 }
 
 /// A zero-filled disk image of `bytes` at a fresh path, in RAM (`/dev/shm`) when there is one:
@@ -191,17 +166,8 @@ impl BlkOutcome {
 
 /// Boots the guest against the backend on `sock` and checks its verdict.
 pub fn run_guest(cell: &BlkCell, sock: &Path) -> (GuestResult, VhostUserStats) {
-    let mut vmm = Vmm::start(&cell.vm_config(sock)).expect("VM starts");
-    let exit = vmm
-        .wait_timeout(Duration::from_secs(120))
-        .expect("VMM stops");
-    let serial = vmm.serial_output().unwrap_or_default();
-    assert_eq!(
-        exit,
-        VmExit::ExitPort(0),
-        "{cell:?} guest failed; serial:\n{serial}"
-    );
-    let r = GuestResult::from_output(&serial).expect("result line");
+    let run = VmRun::boot(cell, &cell.vm_config(sock), RUN_TIMEOUT);
+    let (r, serial) = (run.ok_result(cell), &run.serial);
     let n = cell.requests();
     assert_eq!(r.u64("requests"), Some(n), "{serial}");
     assert_eq!(r.u64("completed"), Some(2 * n), "{serial}");
@@ -218,20 +184,18 @@ pub fn run_guest(cell: &BlkCell, sock: &Path) -> (GuestResult, VhostUserStats) {
         assert_eq!(r.u64("ro_read_status"), Some(1), "IOERR; {serial}");
         assert_eq!(r.u64("ro_read_intact"), Some(1), "{serial}");
     }
-    let device = &vmm.vhost_user_devices()[0];
-    crate::matrix::assert_nothing_stale_held(cell, device);
-    (r, device.stats())
+    (r, run.stats)
 }
 
 /// Runs `cell` against our own backend in blk mode.
 pub fn run_own_backend(cell: &BlkCell) -> BlkOutcome {
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let tag = cell.tag("own");
     let image = disk_image(&tag, cell.disk_bytes);
     let sock = temp_path(&tag, "sock");
     let config = BackendConfig {
         access_platform: cell.viommu != Viommu::None,
-        miss_timeout: Duration::from_secs(10),
+        miss_timeout: MISS_TIMEOUT,
         miss_need_reply: cell.ro_read,
         blk: Some(BlkConfig::new(&image)),
         ..BackendConfig::default()
@@ -253,13 +217,9 @@ pub fn run_own_backend(cell: &BlkCell) -> BlkOutcome {
     assert_eq!(blk.status_lost, 0);
     let c = backend.counters();
     assert_eq!(c.translation_failures, u64::from(cell.ro_read));
-    assert_eq!(
-        c.invalidate_violations, 0,
-        "a range was still translatable when its INVALIDATE was applied"
-    );
+    assert_invalidates_honoured(&backend);
     assert_eq!(first_bad_word(&image, SEED), None, "disk image content");
-    assert_no_stale_translation(&backend);
-    crate::matrix::assert_connection_invalidates(cell.viommu != Viommu::None, &stats);
+    assert_connection_invalidates(cell.viommu != Viommu::None, &stats);
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_file(&sock);
     BlkOutcome {
@@ -326,7 +286,7 @@ impl Drop for StorageDaemon {
 
 /// Runs `cell` (no vIOMMU) against qemu-storage-daemon.
 pub fn run_qsd(cell: &BlkCell) -> BlkOutcome {
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let tag = cell.tag("qsd");
     let image = disk_image(&tag, cell.disk_bytes);
     let sock = temp_path(&tag, "sock");
@@ -346,7 +306,7 @@ pub fn run_qsd(cell: &BlkCell) -> BlkOutcome {
 
 /// Starts a VM with `cell` against qemu-storage-daemon and returns the start error.
 pub fn qsd_start_error(cell: &BlkCell) -> String {
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let tag = cell.tag("qsd-err");
     let image = disk_image(&tag, cell.disk_bytes);
     let sock = temp_path(&tag, "sock");

@@ -7,16 +7,7 @@
 
 use integration_tests::blk::{run_own_backend, BlkCell, BlkOutcome};
 use integration_tests::guest::IommuMode;
-use integration_tests::matrix::{unmap_invalidations, Viommu};
-
-const DT_ATS: Viommu = Viommu::Vtd {
-    dt: true,
-    ats_cap: true,
-};
-const NO_DT: Viommu = Viommu::Vtd {
-    dt: false,
-    ats_cap: false,
-};
+use integration_tests::matrix::{unmap_invalidations, Viommu, DT_ATS, NO_DT};
 
 fn run(viommu: Viommu, mode: IommuMode) -> BlkOutcome {
     run_own_backend(&BlkCell::new(viommu, mode))

@@ -9,17 +9,11 @@ use integration_tests::backend::rxgen::RxGen;
 use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, TestBackend};
 use integration_tests::dpdk::Testpmd;
 use integration_tests::guest::{IommuMode, Scenario, EXIT_FAILED, EXIT_OK};
-use integration_tests::matrix::{run_scenario, socket, Cell, Traffic, Viommu, ONE_CELL};
+use integration_tests::matrix::{run_scenario, socket, Cell, Traffic, Viommu, DT_ATS, ONE_CELL};
 use iommu::sync::lock;
 use vmm::VmExit;
 
-const VIOMMUS: [Viommu; 2] = [
-    Viommu::Virtio,
-    Viommu::Vtd {
-        dt: true,
-        ats_cap: true,
-    },
-];
+const VIOMMUS: [Viommu; 2] = [Viommu::Virtio, DT_ATS];
 const FRAMES: u64 = 8;
 /// virtio-iommu fault flags: READ, WRITE, ADDRESS.
 const F_READ: u64 = 1;

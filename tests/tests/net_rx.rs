@@ -5,17 +5,9 @@
 //! translates RX descriptors with VHOST_ACCESS_RW).
 
 use integration_tests::guest::IommuMode;
-use integration_tests::matrix::{run_dpdk_loopback, run_own_backend_rx, Cell, Traffic, Viommu};
-
-const DT_ATS: Viommu = Viommu::Vtd {
-    dt: true,
-    ats_cap: true,
+use integration_tests::matrix::{
+    run_dpdk_loopback, run_own_backend_rx, Cell, Traffic, Viommu, DT_ATS, NO_DT, VIOMMUS,
 };
-const NO_DT: Viommu = Viommu::Vtd {
-    dt: false,
-    ats_cap: false,
-};
-const VIOMMUS: [Viommu; 3] = [Viommu::Virtio, DT_ATS, NO_DT];
 
 fn own_all_modes(viommu: Viommu, traffic: Traffic) {
     for mode in IommuMode::ALL {

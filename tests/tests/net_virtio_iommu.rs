@@ -4,7 +4,7 @@
 
 use integration_tests::guest::IommuMode;
 use integration_tests::matrix::{
-    run_dpdk, run_own_backend, unmap_invalidations, Cell, Outcome, Viommu,
+    assert_misses_at_most, run_dpdk, run_own_backend, unmap_invalidations, Cell, Outcome, Viommu,
 };
 
 #[test]
@@ -23,11 +23,7 @@ fn own_backend_virtio_iommu_strict_invalidates_every_unmap() {
     assert_eq!(unmap_invalidations(&o.stats), unmaps);
     // At most one miss per frame (its buffer was invalidated with the previous
     // unmap) plus the rings' few; extents often cover the next buffer too.
-    assert!(
-        o.stats.bridge.misses <= cell.frames + 4,
-        "misses {}",
-        o.stats.bridge.misses
-    );
+    assert_misses_at_most(&o.stats, cell.frames + 4);
 }
 
 /// What a lazy cell must send. The guest defers its unmaps and sends a batch's UNMAPs
@@ -62,22 +58,14 @@ fn own_backend_virtio_iommu_lazy() {
 fn own_backend_virtio_iommu_passthrough_has_no_per_page_misses() {
     let o = run_own_backend(&Cell::new(Viommu::Virtio, IommuMode::Passthrough));
     // Identity extents as large as a memory region: a handful of misses in total.
-    assert!(
-        o.stats.bridge.misses <= 4,
-        "misses {}",
-        o.stats.bridge.misses
-    );
+    assert_misses_at_most(&o.stats, 4);
     assert_eq!(unmap_invalidations(&o.stats), 0);
 }
 
 #[test]
 fn own_backend_virtio_iommu_guest_off_uses_boot_bypass() {
     let o = run_own_backend(&Cell::new(Viommu::Virtio, IommuMode::Off));
-    assert!(
-        o.stats.bridge.misses <= 4,
-        "misses {}",
-        o.stats.bridge.misses
-    );
+    assert_misses_at_most(&o.stats, 4);
 }
 
 #[test]
@@ -101,11 +89,7 @@ fn dpdk_virtio_iommu_lazy() {
 #[test]
 fn dpdk_virtio_iommu_passthrough() {
     let o = run_dpdk(&Cell::new(Viommu::Virtio, IommuMode::Passthrough));
-    assert!(
-        o.stats.bridge.misses <= 4,
-        "misses {}",
-        o.stats.bridge.misses
-    );
+    assert_misses_at_most(&o.stats, 4);
 }
 
 #[test]
@@ -125,11 +109,7 @@ fn own_backend_virtio_iommu_strict_prefetch_avoids_misses() {
         "{:?}",
         o.stats.bridge
     );
-    assert!(
-        o.stats.bridge.misses <= cell.frames / 20,
-        "misses {}",
-        o.stats.bridge.misses
-    );
+    assert_misses_at_most(&o.stats, cell.frames / 20);
 }
 
 #[test]
@@ -137,9 +117,5 @@ fn dpdk_virtio_iommu_strict_prefetch() {
     let mut cell = Cell::new(Viommu::Virtio, IommuMode::Strict);
     cell.prefetch = true;
     let o = run_dpdk(&cell);
-    assert!(
-        o.stats.bridge.misses <= cell.frames / 20,
-        "misses {}",
-        o.stats.bridge.misses
-    );
+    assert_misses_at_most(&o.stats, cell.frames / 20);
 }

@@ -4,16 +4,17 @@
 //! look at: the guest's verdict, iovmm's and the backend's counters, the IOTLB messages the
 //! backend received, and the disk image's bytes.
 
-use std::time::Duration;
-
 use devices::vhost_user::wire::IotlbMsg;
-use vmm::{VhostUserStats, VmExit, Vmm};
+use iommu::sync::lock;
+use vmm::{VhostUserStats, VmExit};
 
-use super::{disk_image, temp_path, BlkCell, ONE_CELL};
+use super::{disk_image, BlkCell, RUN_TIMEOUT};
 use crate::backend::blk::{BlkConfig, BlkSnapshot};
 use crate::backend::{BackendConfig, CountersSnapshot, TestBackend};
 use crate::guest::{GuestResult, IommuMode, Scenario};
-use crate::matrix::{assert_no_stale_translation, Viommu};
+use crate::matrix::{
+    assert_invalidates_honoured, temp_path, Viommu, VmRun, MISS_TIMEOUT, ONE_CELL,
+};
 use crate::rig::iotlb_msgs;
 
 /// The guest's marker (`tests/guest/blk.c`, `stale_marker`).
@@ -56,41 +57,27 @@ pub fn stale_cell(viommu: Viommu) -> BlkCell {
 /// backend was told to invalidate is still translatable in its IOTLB (at each INVALIDATE and
 /// after the run); everything else is left to the caller.
 pub fn run_stale(viommu: Viommu) -> StaleOutcome {
-    let _one = ONE_CELL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = lock(&ONE_CELL);
     let cell = stale_cell(viommu);
     let tag = cell.tag("stale");
     let image = disk_image(&tag, cell.disk_bytes);
     let sock = temp_path(&tag, "sock");
     let config = BackendConfig {
-        miss_timeout: Duration::from_secs(10),
+        miss_timeout: MISS_TIMEOUT,
         miss_need_reply: true,
         blk: Some(BlkConfig::new(&image)),
         ..BackendConfig::default()
     };
     let backend = TestBackend::listen(&sock, config).expect("backend listens");
     let vm = cell.vm_config_for(&sock, Scenario::blk_stale(cell.size));
-    let mut vmm = Vmm::start(&vm).expect("VM starts");
-    let exit = vmm
-        .wait_timeout(Duration::from_secs(120))
-        .expect("VMM stops");
-    let serial = vmm.serial_output().unwrap_or_default();
-    let device = &vmm.vhost_user_devices()[0];
-    crate::matrix::assert_nothing_stale_held(&cell, device);
-    let stats = device.stats();
-    drop(vmm);
-    let result = GuestResult::from_output(&serial)
-        .unwrap_or_else(|e| panic!("no result line ({e}); serial:\n{serial}"));
-    assert_eq!(
-        backend.counters().invalidate_violations,
-        0,
-        "a range was still translatable when its INVALIDATE was applied"
-    );
-    assert_no_stale_translation(&backend);
+    let run = VmRun::boot(&cell, &vm, RUN_TIMEOUT);
+    let result = run.result();
+    assert_invalidates_honoured(&backend);
     let out = StaleOutcome {
-        exit,
-        serial,
+        exit: run.exit,
+        serial: run.serial,
         result,
-        stats,
+        stats: run.stats,
         backend: backend.counters(),
         blk: backend.blk_counters().expect("blk counters"),
         iotlb: iotlb_msgs(&backend).into_iter().map(|(_, m)| m).collect(),

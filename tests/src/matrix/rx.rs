@@ -9,11 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use iommu::sync::lock;
-use vmm::{VhostUserStats, VmExit, Vmm};
+use vmm::{VhostUserStats, VmExit};
 
-use super::{report, run_guest, socket, Cell, Outcome, Viommu, MISS_TIMEOUT, ONE_CELL};
+use super::{run_own, run_testpmd, Cell, Outcome, VmRun, ONE_CELL};
 use crate::backend::rxgen::{seq_checksum, RxGen};
-use crate::backend::{BackendConfig, TestBackend};
+use crate::backend::BackendConfig;
 use crate::dpdk::Testpmd;
 use crate::guest::{GuestResult, Scenario};
 
@@ -67,27 +67,18 @@ pub fn run_scenario(
     scenario: Scenario,
     sock: &Path,
 ) -> (VmExit, GuestResult, String, VhostUserStats) {
-    let mut vmm = Vmm::start(&cell.vm_config_with(sock, scenario)).expect("VM starts");
-    let exit = vmm
-        .wait_timeout(Duration::from_secs(60))
-        .expect("VMM stops");
-    let serial = vmm.serial_output().unwrap_or_default();
-    let r = GuestResult::from_output(&serial).unwrap_or_else(|e| panic!("{e}; serial:\n{serial}"));
-    let device = &vmm.vhost_user_devices()[0];
-    super::assert_nothing_stale_held(cell, device);
-    let stats = device.stats();
-    (exit, r, serial, stats)
+    let config = cell.vm_config_with(sock, scenario);
+    let run = VmRun::boot(cell, &config, Duration::from_secs(60));
+    let result = run.result();
+    (run.exit, result, run.serial, run.stats)
 }
 
 /// Runs an RX or loop-back `cell` against our own backend.
 pub fn run_own_backend_rx(cell: &Cell) -> Outcome {
     assert_ne!(cell.traffic, Traffic::Tx, "use run_own_backend");
     let _one = lock(&ONE_CELL);
-    let sock = socket(&cell.tag("own"));
     let size = usize::try_from(cell.size).expect("frame size");
     let config = BackendConfig {
-        access_platform: cell.viommu != Viommu::None,
-        miss_timeout: MISS_TIMEOUT,
         rx_gen: (cell.traffic == Traffic::Rx).then_some(RxGen {
             frames: cell.frames,
             size,
@@ -96,65 +87,44 @@ pub fn run_own_backend_rx(cell: &Cell) -> Outcome {
         loopback: cell.traffic == Traffic::Loopback,
         ..BackendConfig::default()
     };
-    let backend = TestBackend::listen(&sock, config).expect("backend listens");
-    let (result, stats) = run_guest(cell, &sock);
-    let c = backend.counters();
-    assert_eq!(c.rx_frames, cell.frames);
-    assert_eq!(c.rx_bytes, cell.frames * cell.size);
-    assert_eq!((c.rx_dropped, c.rx_faulted), (0, 0));
-    if cell.traffic == Traffic::Loopback {
-        assert_eq!(c.tx_frames, cell.frames);
-    }
-    assert_eq!(c.translation_failures, 0);
-    assert_eq!(
-        c.invalidate_violations, 0,
-        "an INVALIDATE left a translation"
-    );
-    super::assert_no_stale_translation(&backend);
-    report("own", cell, &stats);
-    Outcome {
-        result,
-        stats,
-        backend: Some(c),
-        dpdk: None,
-        backend_miss_latency: backend.miss_latency(),
-    }
+    run_own(cell, config, |backend, _| {
+        let c = backend.counters();
+        assert_eq!(c.rx_frames, cell.frames);
+        assert_eq!(c.rx_bytes, cell.frames * cell.size);
+        assert_eq!((c.rx_dropped, c.rx_faulted), (0, 0));
+        if cell.traffic == Traffic::Loopback {
+            assert_eq!(c.tx_frames, cell.frames);
+        }
+    })
 }
 
 /// Runs a loop-back `cell` against testpmd in `macswap` mode: testpmd counts
 /// every frame in and out, the guest verifies every payload that comes back.
 pub fn run_dpdk_loopback(cell: &Cell) -> Outcome {
     assert_eq!(cell.traffic, Traffic::Loopback);
-    let _one = lock(&ONE_CELL);
-    let sock = socket(&cell.tag("dpdk"));
-    let mut pmd = Testpmd::start_forwarding(&sock, true, "macswap").expect("testpmd starts");
-    // The vhost PMD drops a frame whose RX buffer misses (the enqueue does
-    // not wait for the UPDATE); testpmd's TX retry re-offers it until the
-    // miss was answered (up to 2000 x 50 us), so the loop-back is lossless.
-    for cmd in [
-        "stop",
-        "set fwd macswap retry",
-        "set burst tx delay 50 retry 2000",
-        "start",
-    ] {
-        pmd.command(cmd).expect("testpmd command");
-    }
-    let (result, stats) = run_guest(cell, &sock);
+    let start = |sock: &Path| {
+        let mut pmd = Testpmd::start_forwarding(sock, true, "macswap").expect("testpmd starts");
+        // The vhost PMD drops a frame whose RX buffer misses (the enqueue does
+        // not wait for the UPDATE); testpmd's TX retry re-offers it until the
+        // miss was answered (up to 2000 x 50 us), so the loop-back is lossless.
+        for cmd in [
+            "stop",
+            "set fwd macswap retry",
+            "set burst tx delay 50 retry 2000",
+            "start",
+        ] {
+            pmd.command(cmd).expect("testpmd command");
+        }
+        pmd
+    };
     // The guest saw every frame come back, so testpmd has counted them all.
-    let port = pmd.port_stats().expect("testpmd stats");
-    assert_eq!(port.rx_packets, cell.frames, "{}", pmd.output());
-    assert_eq!(port.rx_bytes, cell.frames * cell.size);
-    assert_eq!(port.tx_packets, cell.frames, "{}", pmd.output());
-    assert_eq!(
-        stats.bridge.misses_refused, 0,
-        "a miss was refused: {stats:?}"
-    );
-    report("dpdk", cell, &stats);
-    Outcome {
-        result,
-        stats,
-        backend: None,
-        dpdk: Some(port),
-        backend_miss_latency: None,
-    }
+    run_testpmd(cell, start, |pmd, o| {
+        let port = o.dpdk.expect("testpmd stats");
+        assert_eq!(port.tx_packets, cell.frames, "{}", pmd.output());
+        assert_eq!(
+            o.stats.bridge.misses_refused, 0,
+            "a miss was refused: {:?}",
+            o.stats
+        );
+    })
 }
