@@ -141,28 +141,62 @@ fn ats_on_is_unsupported_with_the_virtio_iommu() {
     );
 }
 
-/// A test backend for a vhost-user net endpoint behind the virtio-iommu (the guest does no DMA
-/// with it: `dma-map` only programs the vIOMMU for its BDF).
-fn endpoint_backend(tag: &str) -> (PathBuf, BackendHandle) {
-    let sock = std::env::temp_dir().join(format!("iovmm-gv-{}-{tag}.sock", std::process::id()));
-    let backend = TestBackend::listen(&sock, BackendConfig::default()).expect("backend listens");
-    (sock, backend)
+fn socket(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("iovmm-gv-{}-{tag}.sock", std::process::id()))
 }
 
-/// Runs `dma-map` (20 rounds of 2 buffers) for the vhost-user function behind the virtio-iommu.
-fn viommu_dma_map(tag: &str, scenario: Scenario) -> GuestResult {
-    let (sock, _backend) = endpoint_backend(tag);
-    let s = scenario.viommu(ViommuKind::Virtio).inflight(2);
-    let (exit, r, out) = run_with(&s, Some("virtio"), Some(&sock));
+/// Runs `dma-map` (2 buffers in flight) for a vhost-user net function (served by a test
+/// backend; the guest does no DMA with it: `dma-map` only programs the vIOMMU for its BDF)
+/// behind the vIOMMU `kind` configured by `iommu`. The guest found the unit through its ACPI
+/// table (VIOT, DMAR) and saw no fault.
+fn dma_map_behind(kind: ViommuKind, iommu: &str, tag: &str, scenario: Scenario) -> GuestResult {
+    let (name, table, faults) = match kind {
+        ViommuKind::Vtd => ("vt-d", "dmar", "faults"),
+        _ => ("virtio-iommu", "viot", "fault_events"),
+    };
+    let sock = socket(tag);
+    let _backend = TestBackend::listen(&sock, BackendConfig::default()).expect("backend listens");
+    let s = scenario.viommu(kind).inflight(2);
+    let (exit, r, out) = run_with(&s, Some(iommu), Some(&sock));
     assert_eq!(exit, exit_code(EXIT_OK), "serial:\n{out}");
-    assert_eq!(r.str("viommu"), Some("virtio-iommu"));
+    assert_eq!(r.str("viommu"), Some(name));
     assert_eq!(
-        r.u64("viot"),
+        r.u64(table),
         Some(1),
-        "endpoint id from the ACPI VIOT: {r:?}"
+        "found through the ACPI {table}: {r:?}"
     );
-    assert_eq!(r.u64("fault_events"), Some(0));
+    assert_eq!(r.u64(faults), Some(0), "{r:?}");
     r
+}
+
+/// [`dma_map_behind`] the virtio-iommu.
+fn viommu_dma_map(tag: &str, scenario: Scenario) -> GuestResult {
+    dma_map_behind(ViommuKind::Virtio, "virtio", tag, scenario)
+}
+
+/// Transmits 12 frames behind `iommu` (strict; the guest's driver `kind`, or the one it finds),
+/// the fifth from an IOVA the guest never mapped: the device's read of it must fault, so the
+/// backend (whose misses time out after 300 ms) stalls the queue there and the guest fails,
+/// having sent the 4 frames before it.
+fn unmapped_read(tag: &str, iommu: &str, kind: Option<ViommuKind>) -> (GuestResult, BackendHandle) {
+    let sock = socket(tag);
+    let config = BackendConfig {
+        miss_timeout: Duration::from_millis(300),
+        ..BackendConfig::default()
+    };
+    let backend = TestBackend::listen(&sock, config).expect("backend listens");
+    let mut s = Scenario::net_tx(12, 200)
+        .iommu(IommuMode::Strict)
+        .bad_frame(4)
+        .timeout_ms(1500);
+    if let Some(kind) = kind {
+        s = s.viommu(kind);
+    }
+    let (exit, r, out) = run_with(&s, Some(iommu), Some(&sock));
+    assert_eq!(exit, exit_code(EXIT_FAILED), "serial:\n{out}");
+    assert_eq!(r.u64("completed"), Some(4), "{r:?}");
+    assert_eq!(backend.counters().tx_frames, 4);
+    (r, backend)
 }
 
 #[test]
@@ -237,21 +271,7 @@ fn without_probe_no_region_is_reported_and_maps_still_work() {
 
 #[test]
 fn a_device_read_at_an_unmapped_iova_is_blocked_and_reported_as_a_fault_event() {
-    let sock = std::env::temp_dir().join(format!("iovmm-gv-{}-fault.sock", std::process::id()));
-    let config = BackendConfig {
-        miss_timeout: Duration::from_millis(300),
-        ..BackendConfig::default()
-    };
-    let backend = TestBackend::listen(&sock, config).expect("backend listens");
-    let s = Scenario::net_tx(12, 200)
-        .iommu(IommuMode::Strict)
-        .bad_frame(4)
-        .timeout_ms(1500);
-    let (exit, r, out) = run_with(&s, Some("virtio"), Some(&sock));
-    assert_eq!(exit, exit_code(EXIT_FAILED), "serial:\n{out}");
-    // Frames before the bad one went out; the bad one stalls the queue (the backend stops it).
-    assert_eq!(r.u64("completed"), Some(4), "{r:?}");
-    assert_eq!(backend.counters().tx_frames, 4);
+    let (r, backend) = unmapped_read("fault", "virtio", None);
     assert!(backend.counters().translation_failures >= 1);
     let bad = r.u64("bad_iova").expect("bad_iova");
     assert_eq!(r.u64("fault_events"), Some(1), "{r:?}");
@@ -266,20 +286,9 @@ fn a_device_read_at_an_unmapped_iova_is_blocked_and_reported_as_a_fault_event() 
     assert_eq!(r.u64("fault_endpoint"), r.u64("endpoint"));
 }
 
-/// Runs `dma-map` (20 rounds of 2 buffers) for the vhost-user function behind the VT-d unit.
+/// [`dma_map_behind`] the VT-d unit configured by `iommu`.
 fn vtd_dma_map(tag: &str, iommu: &str, scenario: Scenario) -> GuestResult {
-    let (sock, _backend) = endpoint_backend(tag);
-    let s = scenario.viommu(ViommuKind::Vtd).inflight(2);
-    let (exit, r, out) = run_with(&s, Some(iommu), Some(&sock));
-    assert_eq!(exit, exit_code(EXIT_OK), "serial:\n{out}");
-    assert_eq!(r.str("viommu"), Some("vt-d"));
-    assert_eq!(
-        r.u64("dmar"),
-        Some(1),
-        "register base from the ACPI DMAR: {r:?}"
-    );
-    assert_eq!(r.u64("faults"), Some(0), "{r:?}");
-    r
+    dma_map_behind(ViommuKind::Vtd, iommu, tag, scenario)
 }
 
 /// Boot: global context-cache + global IOTLB invalidation + wait.
@@ -343,21 +352,7 @@ fn vtd_39_bit_unit_gets_three_level_tables() {
 
 #[test]
 fn vtd_records_a_fault_for_a_device_read_at_an_unmapped_iova() {
-    let sock = std::env::temp_dir().join(format!("iovmm-gv-{}-vtdfault.sock", std::process::id()));
-    let config = BackendConfig {
-        miss_timeout: Duration::from_millis(300),
-        ..BackendConfig::default()
-    };
-    let backend = TestBackend::listen(&sock, config).expect("backend listens");
-    let s = Scenario::net_tx(12, 200)
-        .iommu(IommuMode::Strict)
-        .viommu(ViommuKind::Vtd)
-        .bad_frame(4)
-        .timeout_ms(1500);
-    let (exit, r, out) = run_with(&s, Some("vtd"), Some(&sock));
-    assert_eq!(exit, exit_code(EXIT_FAILED), "serial:\n{out}");
-    assert_eq!(r.u64("completed"), Some(4), "{r:?}");
-    assert_eq!(backend.counters().tx_frames, 4);
+    let (r, _backend) = unmapped_read("vtdfault", "vtd", Some(ViommuKind::Vtd));
     let bad = r.u64("bad_iova").expect("bad_iova");
     assert_eq!(r.u64("faults"), Some(1), "{r:?}");
     assert_eq!(r.u64("fsts").map(|f| f & 2), Some(2), "FSTS.PPF");
