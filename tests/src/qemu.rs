@@ -1,23 +1,27 @@
-//! QEMU 7.2 reference runs for the benchmark: boots the Debian 6.12 test
-//! guest under bookworm's QEMU 7.2 (TCG, q35) behind a vIOMMU with a
-//! vhost-user net device, lets the guest send frames (`iovmm.bench=net-tx`)
-//! and measures what is comparable with iovmm at the protocol level: IOTLB
-//! messages per frame and miss service latency as the back end sees them,
-//! plus QEMU's RSS.
+//! QEMU reference runs for the benchmark: boots the Debian 6.12 test
+//! guest under QEMU (TCG, q35) behind a vIOMMU with a vhost-user net device,
+//! lets the guest send frames (`iovmm.bench=net-tx`) and measures what is
+//! comparable with iovmm at the protocol level: IOTLB messages per frame and
+//! miss service latency as the back end sees them, plus QEMU's RSS.
 //!
-//! Needs `resources/fetch-qemu72.sh` and `resources/build-linux-guest.sh`.
+//! Two QEMUs ([`binary`]): bookworm's 7.2 (the default of [`QemuConfig::new`],
+//! unpacked by `resources/fetch-qemu72.sh`) and the installed one (10.0 from
+//! bookworm-backports); every run records the version its binary reports.
+//! Needs `resources/build-linux-guest.sh`.
 //! QEMU 7.2 segfaults (NULL `vector_irqfd` in virtio-pci's MSI-X unmask
 //! path) when a vhost-user device uses MSI-X without KVM irqfds, i.e. under
 //! TCG, so the net device gets `vectors=0` (INTx).
 
+pub mod binary;
 mod parse;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use self::binary::{parse_version, reference_qemus, QemuBinary};
 pub use self::parse::{
     parse_bench, parse_trace_misses, status_kib, tail, GuestBench, TraceMisses, BENCH_PREFIX,
 };
@@ -33,9 +37,17 @@ const POLL: Duration = Duration::from_millis(50);
 /// Errors of a QEMU reference run.
 #[derive(Debug, thiserror::Error)]
 pub enum QemuError {
-    /// QEMU 7.2 or a guest artefact is missing.
-    #[error("{0} is missing: run `resources/fetch-qemu72.sh` and `resources/build-linux-guest.sh` first")]
+    /// QEMU or a guest artefact is missing.
+    #[error("{0} is missing: run `resources/fetch-qemu72.sh` (QEMU 7.2), `resources/install-deps.sh --with-qemu` (QEMU 10) and `resources/build-linux-guest.sh` first")]
     Missing(PathBuf),
+    /// `qemu-system-x86_64 --version` printed no version.
+    #[error("{} --version printed no version: {output:?}", binary.display())]
+    Version {
+        /// The binary.
+        binary: PathBuf,
+        /// The first line it printed.
+        output: String,
+    },
     /// A file or process operation failed.
     #[error("{what}")]
     Io {
@@ -118,8 +130,8 @@ pub struct QemuConfig {
     pub frame_size: u64,
     /// Kill QEMU after this long.
     pub timeout: Duration,
-    /// Where `fetch-qemu72.sh` unpacked QEMU 7.2.
-    pub qemu_dir: PathBuf,
+    /// The QEMU to run.
+    pub qemu: QemuBinary,
     /// Guest kernel (bzImage).
     pub kernel: PathBuf,
     /// Guest initramfs.
@@ -132,8 +144,9 @@ pub fn resources_out() -> PathBuf {
 }
 
 impl QemuConfig {
-    /// A run with the default artefact paths, ATS on, 2000 frames of 1024
-    /// bytes and a 300 s timeout.
+    /// A run of QEMU 7.2 (where `fetch-qemu72.sh` unpacks it) with the
+    /// default artefact paths, ATS on, 2000 frames of 1024 bytes and a 300 s
+    /// timeout; [`QemuConfig::with_qemu`] picks another QEMU.
     pub fn new(iommu: QemuIommu, mode: GuestMode, backend: QemuBackend) -> Self {
         let out = resources_out();
         QemuConfig {
@@ -144,7 +157,7 @@ impl QemuConfig {
             frames: 2000,
             frame_size: 1024,
             timeout: Duration::from_secs(300),
-            qemu_dir: out.join("qemu-7.2"),
+            qemu: QemuBinary::fetched_72(),
             kernel: out.join("bzImage"),
             initrd: out.join("initramfs.cpio.gz"),
         }
@@ -168,14 +181,15 @@ impl QemuConfig {
         c
     }
 
-    fn qemu_binary(&self) -> PathBuf {
-        self.qemu_dir.join("usr/bin/qemu-system-x86_64")
+    /// The same run with another QEMU.
+    pub fn with_qemu(mut self, qemu: QemuBinary) -> Self {
+        self.qemu = qemu;
+        self
     }
 
     /// QEMU's arguments for a back end at `sock`, serial output to `serial`
     /// and the miss trace to `trace`.
     pub fn args(&self, sock: &Path, serial: &Path, trace: &Path) -> Vec<String> {
-        let share = self.qemu_dir.join("usr/share");
         let intel = self.iommu == QemuIommu::IntelIommu;
         let machine = if intel {
             "q35,kernel-irqchip=split"
@@ -198,43 +212,41 @@ impl QemuConfig {
             ("", "")
         };
         let p = |p: &Path| p.display().to_string();
-        let mut a: Vec<String> = [
-            "-L",
-            &p(&share.join("qemu")),
-            "-L",
-            &p(&share.join("seabios")),
-            "-accel",
-            "tcg",
-            "-machine",
-            machine,
-            "-m",
-            "1G",
-            "-object",
-            "memory-backend-memfd,id=mem,size=1G,share=on",
-            "-numa",
-            "node,memdev=mem",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-serial",
-            &format!("file:{}", p(serial)),
-            "-msg",
-            "timestamp=on",
-            "-trace",
-            "vhost_iotlb_miss",
-            "-D",
-            &p(trace),
-            "-device",
-            iommu_dev,
-            "-chardev",
-            &format!("socket,id=c0,path={}", p(sock)),
-            "-netdev",
-            "vhost-user,id=n0,chardev=c0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut a = self.qemu.firmware_args();
+        a.extend(
+            [
+                "-accel",
+                "tcg",
+                "-machine",
+                machine,
+                "-m",
+                "1G",
+                "-object",
+                "memory-backend-memfd,id=mem,size=1G,share=on",
+                "-numa",
+                "node,memdev=mem",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-serial",
+                &format!("file:{}", p(serial)),
+                "-msg",
+                "timestamp=on",
+                "-trace",
+                "vhost_iotlb_miss",
+                "-D",
+                &p(trace),
+                "-device",
+                iommu_dev,
+                "-chardev",
+                &format!("socket,id=c0,path={}", p(sock)),
+                "-netdev",
+                "vhost-user,id=n0,chardev=c0",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         if ats {
             a.extend(["-device".into(), port.into()]);
         }
@@ -267,6 +279,8 @@ pub struct IotlbCounts {
 pub struct QemuRun {
     /// What was run.
     pub config: QemuConfig,
+    /// The version the QEMU binary reported (`--version`), e.g. `10.0.2`.
+    pub qemu_version: String,
     /// The guest's own measurement.
     pub guest: GuestBench,
     /// Frames the back end received.
@@ -380,11 +394,9 @@ fn start_backend(config: &QemuConfig, sock: &Path) -> Result<Running, QemuError>
 
 fn spawn_qemu(config: &QemuConfig, dir: &Path) -> Result<Child, QemuError> {
     let stderr = File::create(dir.join("qemu.err")).map_err(io_err("create qemu.err"))?;
-    Command::new(config.qemu_binary())
-        .env(
-            "QEMU_MODULE_DIR",
-            config.qemu_dir.join("usr/lib/x86_64-linux-gnu/qemu"),
-        )
+    config
+        .qemu
+        .command()
         .args(config.args(
             &dir.join("vhost.sock"),
             &dir.join("serial.log"),
@@ -394,16 +406,17 @@ fn spawn_qemu(config: &QemuConfig, dir: &Path) -> Result<Child, QemuError> {
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
-        .map_err(io_err(format!("spawn {}", config.qemu_binary().display())))
+        .map_err(io_err(format!("spawn {}", config.qemu.path.display())))
 }
 
 /// Runs one reference measurement. Blocks until the guest powered off.
 pub fn run(config: &QemuConfig) -> Result<QemuRun, QemuError> {
-    for p in [&config.qemu_binary(), &config.kernel, &config.initrd] {
+    for p in [&config.qemu.path, &config.kernel, &config.initrd] {
         if !p.exists() {
             return Err(QemuError::Missing(p.clone()));
         }
     }
+    let qemu_version = config.qemu.version()?;
     let dir = run_dir()?;
     let serial = dir.join("serial.log");
     let backend = start_backend(config, &dir.join("vhost.sock"))?;
@@ -422,6 +435,7 @@ pub fn run(config: &QemuConfig) -> Result<QemuRun, QemuError> {
     let guest = parse_bench(&log).ok_or_else(|| QemuError::NoBench(tail(&log, 30)))?;
     let mut run = QemuRun {
         config: config.clone(),
+        qemu_version,
         guest,
         frames_received: 0,
         iotlb: None,
@@ -480,6 +494,8 @@ mod tests {
         let (s, l, t) = (Path::new("/s"), Path::new("/l"), Path::new("/t"));
         let c = QemuConfig::new(QemuIommu::IntelIommu, GuestMode::Strict, QemuBackend::Own);
         let a = c.args(s, l, t).join(" ");
+        let firmware = c.qemu.firmware_args().join(" ");
+        assert!(a.starts_with(&format!("{firmware} -accel tcg ")), "{a}");
         assert!(a.contains("-machine q35,kernel-irqchip=split "));
         assert!(a.contains("-device intel-iommu,intremap=on,caching-mode=on,device-iotlb=on "));
         assert!(a.contains("-device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 "));
@@ -500,7 +516,7 @@ mod tests {
     #[test]
     fn missing_qemu_is_reported_before_anything_starts() {
         let mut c = QemuConfig::new(QemuIommu::IntelIommu, GuestMode::Strict, QemuBackend::Own);
-        c.qemu_dir = PathBuf::from("/nonexistent/qemu-7.2");
+        c.qemu = QemuBinary::unpacked(Path::new("/nonexistent/qemu-7.2"));
         match run(&c) {
             Err(QemuError::Missing(p)) => assert!(p.starts_with("/nonexistent")),
             other => panic!("expected Missing, got {other:?}"),
@@ -520,6 +536,7 @@ mod tests {
         };
         let mut r = QemuRun {
             config: c,
+            qemu_version: "7.2.22".into(),
             guest,
             frames_received: 4,
             iotlb: None,

@@ -1,7 +1,7 @@
 //! Each DMA cell's costs over the floors of the same run ([`super::floor`]):
 //!
 //! - **miss**: MISS→UPDATE p50 at our backend over the socket round trip p50 (blocking and
-//!   spinning);
+//!   spinning); next to it iovmm's own mean from MISS receipt to the UPDATE's ack;
 //! - **INVALIDATE**: iovmm's mean time from an unmap notification to the last INVALIDATE ack
 //!   (exact; the histogram's p50 is only a power-of-two bound) over the socket round trip p50;
 //! - **MAP / UNMAP**: the guest's mean cost per `dma_map` / `dma_unmap` (its TSC) over the floor of
@@ -67,6 +67,8 @@ pub struct CellCosts {
     pub viommu: Viommu,
     /// MISS→UPDATE p50 at our backend (own-backend cells).
     pub miss_p50: Option<Duration>,
+    /// Mean MISS receipt → UPDATE ack inside iovmm (exact; every backend).
+    pub iovmm_miss: Option<Duration>,
     /// Mean unmap notification → last INVALIDATE ack, in iovmm (cells that sent INVALIDATEs).
     pub invalidate: Option<Duration>,
     /// Guest time per `dma_map`.
@@ -114,6 +116,8 @@ impl CellCosts {
             viommu: r.cell.viommu,
             miss_p50: r.outcome.backend_miss_latency.as_ref().map(|l| l.p50),
             invalidate: (inv.count > 0).then(|| Duration::from_nanos(inv.mean_ns)),
+            iovmm_miss: (s.bridge.miss_latency.count > 0)
+                .then(|| Duration::from_nanos(s.bridge.miss_latency.mean_ns)),
             map: dma
                 .as_ref()
                 .and_then(|d| cycles(d.cycles_per_map(), tsc_khz)),
@@ -222,16 +226,16 @@ pub fn print_floor_ratios(results: &[CellResult], floors: &Floors, tsc_khz: u64)
         t(m.socket_blocking),
         t(m.socket_spinning)
     );
-    println!("| vIOMMU | mode | back | miss p50 | /blk | /spin | inv mean | /blk | /spin | map | floor | /floor | unmap | floor | /floor | frame | floors | /floors |");
+    println!("| vIOMMU | mode | back | miss p50 | /blk | /spin | iovmm miss | inv mean | /blk | /spin | map | floor | /floor | unmap | floor | /floor | frame | floors | /floors |");
     println!(
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let translated = |r: &&CellResult| matches!(r.cell.mode, IommuMode::Strict | IommuMode::Lazy);
     for r in results.iter().filter(translated) {
         let c = CellCosts::from_result(r, tsc_khz);
         let q = ratios(&c, &m);
         println!(
-            "| {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             viommu_name(r.cell.viommu),
             r.cell.mode.as_str(),
             if r.cell.prefetch { "+pref" } else { "" },
@@ -242,6 +246,7 @@ pub fn print_floor_ratios(results: &[CellResult], floors: &Floors, tsc_khz: u64)
             t(c.miss_p50),
             x(q.miss_blocking),
             x(q.miss_spinning),
+            t(c.iovmm_miss),
             t(c.invalidate),
             x(q.invalidate_blocking),
             x(q.invalidate_spinning),
@@ -281,6 +286,7 @@ mod tests {
         CellCosts {
             viommu,
             miss_p50: Some(us_(40)),
+            iovmm_miss: Some(us_(20)),
             invalidate: Some(us_(50)),
             map: Some(us_(30)),
             unmap: Some(us_(60)),

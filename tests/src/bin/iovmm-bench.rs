@@ -14,7 +14,10 @@
 //! Guest boot time, VMM RSS, and for every vIOMMU × guest mode cell the DMA
 //! rate, IOTLB messages per frame and miss service latency (as the backend
 //! sees it: MISS sent → UPDATE received). Then the same protocol-level
-//! metrics for QEMU 7.2 (TCG, Linux guest, same own backend) and the ratios.
+//! metrics for each reference QEMU found (the installed one, QEMU 10.0 from
+//! bookworm-backports, and bookworm's 7.2 unpacked by
+//! `resources/fetch-qemu72.sh`; TCG, Linux guest, same own backend), each
+//! labelled with the version its binary reports, and the ratios.
 //! The floors of the machine (socket round trip blocking and spinning, guest exit, eventfd
 //! wake-up; `--floors-only`, `--no-floors`) come first, measured in the same run, and after the
 //! TX table each translated cell's costs over them.
@@ -33,11 +36,15 @@ use integration_tests::bench::{
 };
 use integration_tests::guest::IommuMode;
 use integration_tests::matrix::{Cell, Viommu};
-use integration_tests::qemu::{self, GuestMode, QemuBackend, QemuConfig, QemuIommu, QemuRun};
+use integration_tests::qemu::{
+    self, reference_qemus, GuestMode, QemuBackend, QemuBinary, QemuConfig, QemuIommu, QemuRun,
+};
 use iommu::error::chain;
 
 #[derive(Debug, Parser)]
-#[command(about = "iovmm benchmark: boot, RSS, DMA rate, IOTLB traffic, QEMU 7.2 ratios")]
+#[command(
+    about = "iovmm benchmark: floors, boot, RSS, DMA rate, IOTLB traffic, QEMU 10 and 7.2 ratios"
+)]
 struct Args {
     /// Frames per DMA cell (default 5000, or 20000 with --soak).
     #[arg(long)]
@@ -48,9 +55,12 @@ struct Args {
     /// Boot runs.
     #[arg(long, default_value_t = 20)]
     boots: usize,
-    /// Skip the QEMU 7.2 reference runs.
+    /// Skip the QEMU reference runs.
     #[arg(long)]
     no_qemu: bool,
+    /// Only the reference QEMUs whose version starts with this (e.g. 10 or 7.2).
+    #[arg(long, value_name = "VERSION")]
+    qemu_version: Option<String>,
     /// Skip the DPDK testpmd cells.
     #[arg(long)]
     no_dpdk: bool,
@@ -278,7 +288,7 @@ fn print_cells(results: &[CellResult], tsc_khz: u64) {
     }
 }
 
-fn qemu_runs(frames: u64) -> Vec<QemuRun> {
+fn qemu_runs(frames: u64, qemu: &QemuBinary, version: &str) -> Vec<QemuRun> {
     let mut runs = Vec::new();
     for (iommu, mode) in [
         (QemuIommu::IntelIommu, GuestMode::Strict),
@@ -286,12 +296,12 @@ fn qemu_runs(frames: u64) -> Vec<QemuRun> {
         (QemuIommu::IntelIommu, GuestMode::Passthrough),
         (QemuIommu::VirtioIommu, GuestMode::Strict),
     ] {
-        let mut cfg = QemuConfig::new(iommu, mode, QemuBackend::Own);
+        let mut cfg = QemuConfig::new(iommu, mode, QemuBackend::Own).with_qemu(qemu.clone());
         cfg.frames = frames;
         cfg.timeout = Duration::from_secs(600);
         match qemu::run(&cfg) {
             Ok(r) => runs.push(r),
-            Err(e) => println!("  QEMU {iommu:?} {mode:?}: {e}", e = chain(&e)),
+            Err(e) => println!("  QEMU {version} {iommu:?} {mode:?}: {e}", e = chain(&e)),
         }
     }
     runs
@@ -322,10 +332,17 @@ fn ratio(q: f64, o: f64) -> String {
     format!("{:.1}x", q / o)
 }
 
-fn print_qemu(runs: &[QemuRun], results: &[CellResult], iovmm_rss: Option<u64>) {
-    println!("\n== QEMU 7.2 (TCG, Debian 6.12 guest, own backend) vs iovmm, same run");
+fn print_qemu(version: &str, runs: &[QemuRun], results: &[CellResult], iovmm_rss: Option<u64>) {
     println!(
-        "  {:12} {:11} {:>7} {:>7} {:>7} {:>13} {:>9} | {:>9} {:>9} {:>9}",
+        "\n== QEMU {version} (TCG, Debian 6.12 guest, own backend) vs iovmm, same run ({})",
+        runs.first().map_or_else(
+            || "no run succeeded".to_string(),
+            |r| r.config.qemu.path.display().to_string()
+        )
+    );
+    println!(
+        "  {:8} {:12} {:11} {:>7} {:>7} {:>7} {:>13} {:>9} | {:>9} {:>9} {:>9}",
+        "QEMU",
         "vIOMMU",
         "mode",
         "miss/f",
@@ -367,7 +384,8 @@ fn print_qemu(runs: &[QemuRun], results: &[CellResult], iovmm_rss: Option<u64>) 
             .unwrap_or((0.0, 0.0, 0.0));
         let qp50 = q.miss_latency.as_ref().map(|l| us(l.p50)).unwrap_or(0.0);
         println!(
-            "  {:12} {:11} {:>7.3} {:>7.3} {:>7.3} {:>13} {:>9.1} | {:>9} {:>9} {:>9}",
+            "  {:8} {:12} {:11} {:>7.3} {:>7.3} {:>7.3} {:>13} {:>9.1} | {:>9} {:>9} {:>9}",
+            q.qemu_version,
             format!("{:?}", q.config.iommu),
             format!("{:?}", q.config.mode),
             qm,
@@ -382,7 +400,8 @@ fn print_qemu(runs: &[QemuRun], results: &[CellResult], iovmm_rss: Option<u64>) 
     }
     if let (Some(rss), Some(q)) = (iovmm_rss, runs.first()) {
         println!(
-            "  RSS: QEMU {} KiB vs iovmm {rss} KiB ({})",
+            "  RSS: QEMU {} {} KiB vs iovmm {rss} KiB ({})",
+            q.qemu_version,
             q.vm_hwm_kib,
             ratio(q.vm_hwm_kib as f64, rss as f64)
         );
@@ -465,6 +484,24 @@ fn main() {
     let iovmm_rss = sibling_binary("iovmm-cli")
         .and_then(|b| cli_rss(&b, "iovmm.test=hello", &[]).ok())
         .map(|(_, kib)| kib);
-    let runs = qemu_runs(args.qemu_frames);
-    print_qemu(&runs, &results, iovmm_rss);
+    let qemus: Vec<(QemuBinary, String)> = reference_qemus()
+        .into_iter()
+        .filter(|(_, v)| {
+            args.qemu_version
+                .as_deref()
+                .is_none_or(|want| v.starts_with(want))
+        })
+        .collect();
+    if qemus.is_empty() {
+        println!(
+            "\n== QEMU: none found{} (resources/install-deps.sh --with-qemu, resources/fetch-qemu72.sh)",
+            args.qemu_version
+                .as_deref()
+                .map_or(String::new(), |v| format!(" with version {v}*"))
+        );
+    }
+    for (qemu, version) in &qemus {
+        let runs = qemu_runs(args.qemu_frames, qemu, version);
+        print_qemu(version, &runs, &results, iovmm_rss);
+    }
 }
