@@ -58,10 +58,7 @@ impl Hostile {
             },
             ..Default::default()
         };
-        let mut dcfg = VhostUserConfig::net("/test/socketpair");
-        dcfg.iommu = true;
-        dcfg.timeout = TIMEOUT;
-        let mut rig = Rig::pair(config, dcfg);
+        let mut rig = Rig::pair(config, dev_config());
         let (_, faults) = rig.translate_all_ram();
         rig.activate().unwrap();
         Hostile {
@@ -81,6 +78,26 @@ impl Hostile {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+
+    /// The back-end channel once the back end's own misses (ring addresses at activation),
+    /// which share it, were answered: nothing the back end sends lands inside what a test
+    /// writes next.
+    fn quiet_backend_channel(&self) -> UnixStream {
+        let chan = self.backend_channel();
+        assert!(self
+            .be
+            .wait_for(TIMEOUT * 4, |c| c.misses_sent == c.iotlb_updates));
+        std::thread::sleep(Duration::from_millis(100));
+        chan
+    }
+}
+
+/// A net device behind an IOMMU with the tests' channel `TIMEOUT`.
+fn dev_config() -> VhostUserConfig {
+    let mut dcfg = VhostUserConfig::net("/test/socketpair");
+    dcfg.iommu = true;
+    dcfg.timeout = TIMEOUT;
+    dcfg
 }
 
 impl Deref for Hostile {
@@ -150,13 +167,7 @@ fn read_miss_ack(chan: &mut UnixStream) -> u64 {
 #[test]
 fn miss_flood_for_unmapped_and_out_of_range_iovas_is_refused_and_throttled() {
     let r = Hostile::new(Misbehaviour::default());
-    let mut chan = r.backend_channel();
-    // The back end's own misses share this channel: let them be answered
-    // first, so none is written into the middle of the flood.
-    assert!(r
-        .be
-        .wait_for(TIMEOUT * 4, |c| c.misses_sent == c.iotlb_updates));
-    std::thread::sleep(Duration::from_millis(100));
+    let mut chan = r.quiet_backend_channel();
     let bad = [IOVA_OFF + MEM, 0, u64::MAX, IOVA_OFF - 1, 1 << 63];
     let flood = 20 * MAX_BAD_REQUESTS_PER_SEC;
     let start = Instant::now();
@@ -226,13 +237,7 @@ fn oversized_backend_frame_closes_only_the_backend_channel() {
 #[test]
 fn truncated_backend_frame_times_out_and_closes_the_backend_channel() {
     let r = Hostile::new(Misbehaviour::default());
-    let mut chan = r.backend_channel();
-    // The back end's own misses (ring addresses at activation) share this
-    // channel: let them be answered first so no real frame lands inside ours.
-    assert!(r
-        .be
-        .wait_for(TIMEOUT * 4, |c| c.misses_sent == c.iotlb_updates));
-    std::thread::sleep(Duration::from_millis(100));
+    let mut chan = r.quiet_backend_channel();
     chan.write_all(&miss_frame(IOVA_OFF, true)[..20]).unwrap();
     let start = Instant::now();
     assert!(
@@ -399,10 +404,7 @@ fn connection_invalidate_that_fails_fails_the_activation() {
             misbehave,
             ..Default::default()
         };
-        let mut dcfg = VhostUserConfig::net("/test/socketpair");
-        dcfg.iommu = true;
-        dcfg.timeout = TIMEOUT;
-        let mut rig = Rig::pair(config, dcfg);
+        let mut rig = Rig::pair(config, dev_config());
         let _ = rig.translate_all_ram();
         let start = Instant::now();
         let err = backend_err(rig.activate().unwrap_err());

@@ -44,6 +44,22 @@ fn rig(config: BackendConfig, iommu: bool) -> Rig {
     rig_with(config, VhostUserKind::Net, iommu, false)
 }
 
+/// A net device behind a vIOMMU that maps all guest RAM at `IOVA_OFF`, activated.
+fn translated_rig(config: BackendConfig) -> Rig {
+    let mut r = rig(config, true);
+    r.translate_all_ram();
+    r.activate().unwrap();
+    r
+}
+
+/// A back end that misbehaves as `misbehave` says.
+fn misbehaving(misbehave: Misbehaviour) -> BackendConfig {
+    BackendConfig {
+        misbehave,
+        ..Default::default()
+    }
+}
+
 #[test]
 fn net_device_offers_access_platform_only_behind_an_iommu() {
     let mut plain = rig(BackendConfig::default(), false);
@@ -75,13 +91,10 @@ fn refusal(config: BackendConfig) -> Vec<&'static str> {
 }
 
 fn withholding(bits: u64) -> BackendConfig {
-    BackendConfig {
-        misbehave: Misbehaviour {
-            withhold_protocol: bits,
-            ..Default::default()
-        },
+    misbehaving(Misbehaviour {
+        withhold_protocol: bits,
         ..Default::default()
-    }
+    })
 }
 
 #[test]
@@ -174,9 +187,7 @@ fn irqfds_are_handed_to_the_backend_as_call_fds() {
 
 #[test]
 fn tx_behind_iommu_is_served_by_misses_with_exact_updates() {
-    let mut r = rig(BackendConfig::default(), true);
-    let _t = r.translate_all_ram();
-    r.activate().unwrap();
+    let r = translated_rig(BackendConfig::default());
     let frame = b"behind the vIOMMU";
     r.send_tx(0, frame);
     assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
@@ -257,15 +268,12 @@ fn miss_is_acked_only_after_its_update_was_acked() {
     let delay = Duration::from_millis(150);
     let config = BackendConfig {
         miss_need_reply: true,
-        misbehave: Misbehaviour {
+        ..misbehaving(Misbehaviour {
             ack_delay: delay,
             ..Default::default()
-        },
-        ..Default::default()
+        })
     };
-    let mut r = rig(config, true);
-    let _t = r.translate_all_ram();
-    r.activate().unwrap();
+    let r = translated_rig(config);
     r.mem.write_slice(b"data", GuestAddress(BUF)).unwrap();
     let start = Instant::now();
     // The back end blocks on the miss ack; the UPDATE's ack is delayed by
@@ -278,16 +286,11 @@ fn miss_is_acked_only_after_its_update_was_acked() {
 #[test]
 fn invalidate_is_acked_before_notify_returns() {
     let delay = Duration::from_millis(120);
-    let config = BackendConfig {
-        misbehave: Misbehaviour {
-            ack_delay: delay,
-            ..Default::default()
-        },
+    let config = misbehaving(Misbehaviour {
+        ack_delay: delay,
         ..Default::default()
-    };
-    let mut r = rig(config, true);
-    let _t = r.translate_all_ram();
-    r.activate().unwrap();
+    });
+    let r = translated_rig(config);
     // Let the backend hold a translation first (only those need INVALIDATEs).
     r.send_tx(0, b"installs a translation");
     assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
@@ -416,16 +419,13 @@ fn probe_fails_right_after_a_guest_unmap_was_notified() {
 #[test]
 fn malformed_backend_message_closes_only_the_backend_channel() {
     let config = BackendConfig {
-        misbehave: Misbehaviour {
+        miss_timeout: Duration::from_millis(200),
+        ..misbehaving(Misbehaviour {
             bogus_backend_msg: true,
             ..Default::default()
-        },
-        miss_timeout: Duration::from_millis(200),
-        ..Default::default()
+        })
     };
-    let mut r = rig(config, true);
-    let _t = r.translate_all_ram();
-    r.activate().unwrap();
+    let mut r = translated_rig(config);
     // The back-end channel is gone: a miss goes unanswered...
     std::thread::sleep(Duration::from_millis(50));
     assert!(r.be.read(IOVA_OFF + BUF, 4).is_err());
@@ -441,13 +441,10 @@ fn malformed_backend_message_closes_only_the_backend_channel() {
 
 #[test]
 fn backend_disconnect_gives_typed_errors_and_never_hangs() {
-    let config = BackendConfig {
-        misbehave: Misbehaviour {
-            disconnect_after: Some(9),
-            ..Default::default()
-        },
+    let config = misbehaving(Misbehaviour {
+        disconnect_after: Some(9),
         ..Default::default()
-    };
+    });
     let start = Instant::now();
     let mut r = rig(config, true);
     let _t = r.translate_all_ram();
@@ -471,22 +468,17 @@ fn backend_disconnect_gives_typed_errors_and_never_hangs() {
 
 #[test]
 fn backend_gone_at_connect_is_a_request_error() {
-    let config = BackendConfig {
-        misbehave: Misbehaviour {
-            disconnect_after: Some(1),
-            ..Default::default()
-        },
+    let config = misbehaving(Misbehaviour {
+        disconnect_after: Some(1),
         ..Default::default()
-    };
+    });
     let (res, _be) = try_connect(config, dev_config(VhostUserKind::Net, false));
     assert!(matches!(res, Err(VhostUserError::Request { .. })));
 }
 
 #[test]
 fn reset_stops_the_rings_and_the_device_restarts() {
-    let mut r = rig(BackendConfig::default(), true);
-    let _t = r.translate_all_ram();
-    r.activate().unwrap();
+    let mut r = translated_rig(BackendConfig::default());
     r.send_tx(0, b"first");
     assert!(r.be.wait_for(TIMEOUT, |c| c.tx_frames == 1));
     assert!(r.dev.reset());
