@@ -28,6 +28,10 @@ pub enum ThreadKind {
     /// The vhost-user reconnect supervisor (`vhost-user-reconnect`): connects
     /// to the back end's socket again and replays the negotiation.
     VhostUserReconnect,
+    /// The vhost-user server-mode supervisor (`vhost-user-server`): accepts
+    /// the next back end on the device's listening socket and replays the
+    /// negotiation.
+    VhostUserServer,
 }
 
 /// Called on a freshly started device thread with its kind. An error means

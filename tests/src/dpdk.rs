@@ -1,7 +1,9 @@
 //! A real external vhost-user backend for tests: DPDK `dpdk-testpmd` with the
 //! vhost PMD (`--vdev net_vhost0,iface=SOCK,iommu-support=1`), run without
 //! hugepages in rxonly forwarding mode and driven through its interactive
-//! prompt.
+//! prompt. As a server it creates the socket; as a client
+//! ([`Testpmd::start_client`], `client=1`) it connects to iovmm's socket
+//! (`server=on`) and, when the connection ends, connects again every second.
 //!
 //! Both testpmd lcores are pinned to CPU 0 (`--lcores=0@0,1@0`), so on a
 //! two-core machine the guest keeps a core to itself while testpmd polls.
@@ -55,6 +57,8 @@ pub struct Testpmd {
     stdin: ChildStdin,
     output: Arc<Mutex<String>>,
     socket: PathBuf,
+    /// The socket is iovmm's (`client=1`): testpmd neither creates nor removes it.
+    client: bool,
 }
 
 impl std::fmt::Debug for Testpmd {
@@ -99,10 +103,22 @@ impl Testpmd {
     /// `txonly`); the single port forwards to itself (`--port-topology=loop`).
     pub fn start_forwarding(socket: &Path, iommu: bool, mode: &str) -> Result<Self, TestpmdError> {
         let _ = std::fs::remove_file(socket);
+        Self::spawn(socket, iommu, mode, false)
+    }
+
+    /// testpmd as the vhost-user *client* of `socket` (`client=1`): iovmm listens there
+    /// (`server=on`). testpmd retries the connection every second until iovmm listens, and
+    /// again after a disconnect. It is ready once its prompt is up, connected or not.
+    pub fn start_client(socket: &Path, iommu: bool, mode: &str) -> Result<Self, TestpmdError> {
+        Self::spawn(socket, iommu, mode, true)
+    }
+
+    fn spawn(socket: &Path, iommu: bool, mode: &str, client: bool) -> Result<Self, TestpmdError> {
         let vdev = format!(
-            "net_vhost0,iface={},iommu-support={}",
+            "net_vhost0,iface={},iommu-support={}{}",
             socket.display(),
-            u8::from(iommu)
+            u8::from(iommu),
+            if client { ",client=1" } else { "" }
         );
         let prefix = unique_prefix();
         // testpmd prints statistics with stdio, fully buffered on a pipe: unbuffer it.
@@ -145,6 +161,7 @@ impl Testpmd {
             stdin,
             output,
             socket: socket.to_path_buf(),
+            client,
         };
         pmd.wait_ready()?;
         pmd.command("start")?;
@@ -154,7 +171,7 @@ impl Testpmd {
     fn wait_ready(&mut self) -> Result<(), TestpmdError> {
         let t = Instant::now();
         while t.elapsed() < START_TIMEOUT {
-            let ready = self.output().contains("testpmd>") && self.socket.exists();
+            let ready = self.output().contains("testpmd>") && (self.client || self.socket.exists());
             if ready {
                 return Ok(());
             }
@@ -192,9 +209,30 @@ impl Testpmd {
         Err(TestpmdError::Stats(self.output()[before..].to_string()))
     }
 
-    /// The socket path testpmd serves.
+    /// The socket path testpmd serves (or connects to, as a client).
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Kills testpmd at once (SIGKILL, as a crashing switch dies): its vhost-user connection
+    /// ends without any goodbye. Returns once the process is gone.
+    pub fn kill(&mut self) -> Result<(), TestpmdError> {
+        self.child.kill().map_err(TestpmdError::Io)?;
+        self.child.wait().map_err(TestpmdError::Io)?;
+        Ok(())
+    }
+
+    /// Waits until testpmd's output contains `text` (e.g. the vhost library's
+    /// "new device" line), at most `timeout`.
+    pub fn wait_output(&self, text: &str, timeout: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.output().contains(text) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 }
 
@@ -224,16 +262,21 @@ impl Drop for Testpmd {
     fn drop(&mut self) {
         let _ = self.command("quit");
         let t = Instant::now();
+        let mut exited = false;
         while t.elapsed() < Duration::from_secs(3) {
             if let Ok(Some(_)) = self.child.try_wait() {
-                let _ = std::fs::remove_file(&self.socket);
-                return;
+                exited = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if !self.client {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use vm_memory::GuestMemoryBackend;
 use crate::arch::x86_64::{acpi, boot, layout, regs};
 use crate::config::{SerialMode, VmConfig};
 use crate::device_manager::iommu::Viommu;
-use crate::device_manager::vhost_user::{add_vhost_user, VhostUserInfo};
+use crate::device_manager::vhost_user::{add_vhost_user, SocketFile, VhostUserInfo};
 use crate::device_manager::{DeviceManager, SerialSink};
 use crate::event_loop::{run_until_exit, ExitHandler, VmmEventManager};
 use crate::seccomp::{install_sigsys_reporter, SeccompFilters, SeccompLevel, ThreadKind};
@@ -51,6 +51,9 @@ pub struct Machine {
     pub vhost_user: Vec<VhostUserInfo>,
     /// Stop, pause and resume of the vCPUs.
     pub vcpu_control: Arc<VcpuControl>,
+    /// Server sockets of vhost-user devices, removed when dropped: taken out before the
+    /// machine moves to the event loop thread (see [`Machine::take_socket_files`]).
+    socket_files: Vec<SocketFile>,
     vcpus: Vec<VcpuRunner>,
     seccomp: Arc<SeccompFilters>,
 }
@@ -162,6 +165,7 @@ fn create_devices(
     config: &VmConfig,
     devices: &mut DeviceManager,
     mem: &GuestMemoryMmap,
+    files: &mut Vec<SocketFile>,
 ) -> VmmResult<(Option<Viommu>, Vec<VhostUserInfo>)> {
     let ram_end = mem.last_addr().0;
     let mut viommu = match &config.iommu {
@@ -177,7 +181,14 @@ fn create_devices(
     ordered.extend(config.vhost_user.iter().filter(|d| !d.iommu));
     let mut infos = Vec::with_capacity(ordered.len());
     for d in ordered {
-        infos.push(add_vhost_user(devices, viommu.as_mut(), policy, d, mem)?);
+        infos.push(add_vhost_user(
+            devices,
+            viommu.as_mut(),
+            policy,
+            d,
+            mem,
+            files,
+        )?);
     }
     Ok((viommu, infos))
 }
@@ -195,7 +206,8 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
     if let Some(hook) = seccomp.thread_hook() {
         devices.set_thread_hook(hook);
     }
-    let (viommu, vhost_user) = create_devices(config, &mut devices, &mem)?;
+    let mut socket_files = Vec::new();
+    let (viommu, vhost_user) = create_devices(config, &mut devices, &mem, &mut socket_files)?;
     let mut extra_tables = Vec::new();
     if let Some(t) = viommu
         .as_ref()
@@ -226,6 +238,7 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
             viommu: viommu.map(Arc::new),
             vhost_user,
             vcpu_control,
+            socket_files,
             vcpus,
             seccomp,
         },
@@ -234,6 +247,12 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
 }
 
 impl Machine {
+    /// The server socket files of the vhost-user devices: the caller keeps them while the
+    /// VM runs and drops them (removing the files) on its own thread afterwards.
+    pub fn take_socket_files(&mut self) -> Vec<SocketFile> {
+        std::mem::take(&mut self.socket_files)
+    }
+
     /// The compiled seccomp filters of this VM's threads.
     pub fn seccomp(&self) -> Arc<SeccompFilters> {
         self.seccomp.clone()

@@ -41,6 +41,7 @@ pub struct Cli {
     #[arg(long, value_name = "KIND[,OPTS]")]
     pub iommu: Option<IommuConfig>,
     /// vhost-user device: net|blk,socket=PATH[,iommu=on][,ats=on][,reconnect=SECS]; repeat for more devices.
+    /// With server=on[,wait=SECS] iovmm listens on PATH and waits (default 60 s) for the backend to connect.
     // The brackets are clap's `--help` text for optional parts, not intra-doc links.
     #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long = "vhost-user", value_name = "KIND,socket=PATH[,OPTS]")]

@@ -228,6 +228,8 @@ pub struct Vmm {
     serial: Option<Arc<Mutex<Vec<u8>>>>,
     done: Arc<Done>,
     api: Option<ApiThread>,
+    /// vhost-user server sockets, removed once the VM is gone.
+    socket_files: Vec<device_manager::vhost_user::SocketFile>,
 }
 
 impl Vmm {
@@ -236,6 +238,7 @@ impl Vmm {
     pub fn start(config: &VmConfig) -> VmmResult<Self> {
         let started = Instant::now();
         let (mut machine, serial) = builder::build(config)?;
+        let socket_files = machine.take_socket_files();
         let control = Arc::new(VmControl::new(config, started, &machine));
         let api = ApiThread::start(config, &control, &machine)?;
         // From here on, dropping `vmm` on an error stops what was started.
@@ -245,6 +248,7 @@ impl Vmm {
             serial,
             done: Arc::new(Done::default()),
             api,
+            socket_files,
         };
         let vcpus = machine.start_vcpus()?;
         let (control, done) = (vmm.control.clone(), vmm.done.clone());
@@ -302,6 +306,8 @@ impl Vmm {
         if let Some(api) = self.api.take() {
             api.finish();
         }
+        // The devices (and their listeners) are gone with the machine: remove the files.
+        self.socket_files.clear();
         match joined {
             Some(Ok(exit)) => Ok(exit),
             Some(Err(_)) => Err(VmmError::Panicked),

@@ -10,6 +10,7 @@
 //! | [`ThreadKind::VhostUserReq`] | `vhost-user-req` | first thing, before reading the back-end channel |
 //! | [`ThreadKind::VhostUserCall`] | `vhost-user-call` | first thing on the thread |
 //! | [`ThreadKind::VhostUserReconnect`] | `vhost-user-reconnect` | once the VMM set its thread hook, before it handles any disconnect |
+//! | [`ThreadKind::VhostUserServer`] | `vhost-user-server` (`server=on`) | once the VMM set its thread hook, before it accepts a back end |
 //! | [`ThreadKind::Api`] | the CLI's main thread | by the CLI after [`crate::Vmm::start`] |
 //! | [`ThreadKind::ApiServer`] | `iovmm_api` (`--api-socket`, `--metrics`) | first thing on the thread, before it accepts a connection |
 //!
@@ -147,11 +148,13 @@ pub enum ThreadKind {
     VhostUserCall,
     /// The vhost-user reconnect supervisor.
     VhostUserReconnect,
+    /// The vhost-user server-mode supervisor: accepts the next back end.
+    VhostUserServer,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Api,
         ThreadKind::ApiServer,
         ThreadKind::EventLoop,
@@ -160,6 +163,7 @@ impl ThreadKind {
         ThreadKind::VhostUserReq,
         ThreadKind::VhostUserCall,
         ThreadKind::VhostUserReconnect,
+        ThreadKind::VhostUserServer,
     ];
 
     /// Short name used in messages.
@@ -173,6 +177,7 @@ impl ThreadKind {
             ThreadKind::VhostUserReq => "vhost-user back-end request",
             ThreadKind::VhostUserCall => "vhost-user call relay",
             ThreadKind::VhostUserReconnect => "vhost-user reconnect",
+            ThreadKind::VhostUserServer => "vhost-user server",
         }
     }
 }
@@ -184,6 +189,7 @@ impl From<devices::thread::ThreadKind> for ThreadKind {
             devices::thread::ThreadKind::VhostUserReq => ThreadKind::VhostUserReq,
             devices::thread::ThreadKind::VhostUserCall => ThreadKind::VhostUserCall,
             devices::thread::ThreadKind::VhostUserReconnect => ThreadKind::VhostUserReconnect,
+            devices::thread::ThreadKind::VhostUserServer => ThreadKind::VhostUserServer,
         }
     }
 }
@@ -383,23 +389,31 @@ fn thread_start_rules(r: &mut Rules) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// The reconnect supervisor: connect to the back end's Unix socket again,
-/// renegotiate (socket I/O, fds), start the request server.
-fn reconnect_rules(r: &mut Rules) -> Result<(), BackendError> {
+/// What both supervisors do on a new connection: renegotiate (socket I/O,
+/// socket timeouts, fds), start the request server.
+fn supervisor_rules(r: &mut Rules) -> Result<(), BackendError> {
     allow(r, SOCKET_IO);
     thread_start_rules(r)?;
-    r.insert(libc::SYS_socket, arg_in(0, &[libc::AF_UNIX as u64])?);
-    allow(
-        r,
-        &[
-            libc::SYS_connect,
-            libc::SYS_setsockopt,
-            libc::SYS_getsockopt,
-        ],
-    );
+    allow(r, &[libc::SYS_setsockopt, libc::SYS_getsockopt]);
     let mut io = device_ioctls();
     io.extend([libc::FIONBIO, libc::FIOCLEX]);
     r.insert(libc::SYS_ioctl, ioctls(&io)?);
+    Ok(())
+}
+
+/// The reconnect supervisor: connect to the back end's Unix socket again.
+fn reconnect_rules(r: &mut Rules) -> Result<(), BackendError> {
+    supervisor_rules(r)?;
+    r.insert(libc::SYS_socket, arg_in(0, &[libc::AF_UNIX as u64])?);
+    allow(r, &[libc::SYS_connect]);
+    Ok(())
+}
+
+/// The server-mode supervisor: accept the next back end on the socket the VMM bound before
+/// the guest started. No `socket`, `bind` or `connect`.
+fn server_rules(r: &mut Rules) -> Result<(), BackendError> {
+    supervisor_rules(r)?;
+    allow(r, &[libc::SYS_accept4]);
     Ok(())
 }
 
@@ -466,6 +480,7 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
                 r.insert(libc::SYS_ioctl, ioctls(&device_ioctls())?);
             }
             ThreadKind::VhostUserReconnect => reconnect_rules(&mut r)?,
+            ThreadKind::VhostUserServer => server_rules(&mut r)?,
         }
         // The logger asks whether stderr is a terminal (TCGETS) before it
         // writes a line, on whichever thread logs.
@@ -666,10 +681,10 @@ mod tests {
             for nr in [libc::SYS_socket, libc::SYS_connect] {
                 assert_eq!(r.contains_key(&nr), kind == reconnect, "{kind} {nr}");
             }
-            // Only the API server accepts connections, on the socket bound before it starts;
-            // only the CLI thread removes that socket at exit.
-            let api_server = kind == ThreadKind::ApiServer;
-            assert_eq!(r.contains_key(&libc::SYS_accept4), api_server, "{kind}");
+            // Only the API server and the vhost-user server supervisor accept connections, on
+            // sockets bound before they start; only the CLI thread removes sockets at exit.
+            let acceptor = kind == ThreadKind::ApiServer || kind == ThreadKind::VhostUserServer;
+            assert_eq!(r.contains_key(&libc::SYS_accept4), acceptor, "{kind}");
             assert!(!r.contains_key(&libc::SYS_accept), "{kind}");
             assert_eq!(
                 r.contains_key(&libc::SYS_unlink),
@@ -677,7 +692,9 @@ mod tests {
                 "{kind}"
             );
             let spawns = r.contains_key(&libc::SYS_clone);
-            let spawner = kind == ThreadKind::Vcpu || kind == reconnect;
+            let spawner = kind == ThreadKind::Vcpu
+                || kind == reconnect
+                || kind == ThreadKind::VhostUserServer;
             assert_eq!(spawns, spawner, "{kind}");
             assert_eq!(r.contains_key(&libc::SYS_clone3), spawns, "{kind}");
         }

@@ -10,12 +10,13 @@
 //! GET_VRING_BASE. See the `vhost_user` module documentation for the API the
 //! VMM uses.
 
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use iommu::error::chain;
 use iommu::RequesterId;
 use thiserror::Error;
 use vhost::vhost_user::message::VhostUserConfigFlags;
@@ -26,9 +27,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::bridge::{IotlbBridge, IotlbPolicy};
 use super::channel::{ChannelError, IotlbChannel, MainSocket, DEFAULT_ACK_TIMEOUT};
 use super::kind::VhostUserKind;
-use super::reconnect::{ReconnectCounters, Supervisor, SupervisorConfig};
+use super::listener::accept_until;
+use super::reconnect::{Dial, ReconnectCounters, Supervisor, SupervisorConfig};
 use super::relay::CallRelay;
-use super::session::{negotiate, Activation, Link, Negotiated, RingSetup, Session};
+use super::session::{negotiate_within, Activation, Link, Negotiated, RingSetup, Session};
 use super::stats::VhostUserStats;
 use super::wire::{
     PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, PROTOCOL_F_REPLY_ACK,
@@ -66,7 +68,9 @@ pub struct VhostUserConfig {
     /// What the IOTLB bridge does with MAP notifications.
     pub policy: IotlbPolicy,
     /// Reconnect to a back end that went away, trying every this long
-    /// (`None` or zero: a dead back end breaks the device for good).
+    /// (`None` or zero: a dead back end breaks the device for good). Not
+    /// used in server mode ([`VhostUserDevice::accept`]), which always
+    /// accepts the next back end.
     pub reconnect: Option<Duration>,
 }
 
@@ -185,6 +189,49 @@ pub enum VhostUserError {
     /// A queue has neither an irqfd nor a relayed call eventfd (internal).
     #[error("queue {0} has no call eventfd")]
     NoCallFd(usize),
+    /// Server mode: the socket could not be created.
+    #[error("cannot listen on the vhost-user socket {path:?}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Server mode: another process listens on the socket path.
+    #[error("the vhost-user socket {0:?} is in use by another process; give each VM its own path")]
+    SocketInUse(PathBuf),
+    /// Server mode: the socket path exists and is not a socket.
+    #[error("{0:?} exists and is not a socket; iovmm does not replace it")]
+    NotASocket(PathBuf),
+    /// Server mode: accepting a connection failed.
+    #[error("cannot accept a vhost-user back end on {path:?}")]
+    Accept {
+        /// The socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Server mode: no usable back end connected in time (`last`: why the
+    /// last one that did connect was refused).
+    #[error("no usable vhost-user back end connected to {path:?} within {waited:?}; start the back end as a client of that socket, or raise wait=SECS")]
+    NoBackend {
+        /// The socket path.
+        path: PathBuf,
+        /// How long the VMM waited.
+        waited: Duration,
+        /// Why the last connection was refused, if one came.
+        #[source]
+        last: Option<Box<VhostUserError>>,
+    },
+}
+
+fn check_queue_size(size: u16) -> Result<(), VhostUserError> {
+    if size == 0 || size > 32768 || !size.is_power_of_two() {
+        return Err(VhostUserError::QueueSize(size));
+    }
+    Ok(())
 }
 
 fn step(step: &'static str) -> impl FnOnce(ChannelError) -> VhostUserError {
@@ -290,7 +337,8 @@ pub struct VhostUserDevice {
     running: Option<Running>,
     counters: Arc<DeviceCounters>,
     thread_hook: Option<ThreadHook>,
-    /// `Some` with `reconnect` > 0; stops its thread when dropped.
+    /// `Some` with `reconnect` > 0 or in server mode; stops its thread
+    /// when dropped.
     supervisor: Option<Supervisor>,
     reconnect: Arc<ReconnectCounters>,
     timeout: Duration,
@@ -319,16 +367,78 @@ impl VhostUserDevice {
         Self::from_stream(stream, cfg)
     }
 
+    /// Server mode: wait at most `wait` for a back end to connect to
+    /// `listener` (bound with [`super::listener::bind`] at `cfg.socket`) and
+    /// negotiate with it. A connection that fails negotiation (garbage, a
+    /// silent client, missing features) is closed and the next one is
+    /// accepted until `wait` has passed. The device keeps the listener: its
+    /// supervisor thread accepts the next back end whenever the current one
+    /// is gone (`cfg.reconnect` is not used).
+    pub fn accept(
+        listener: UnixListener,
+        cfg: VhostUserConfig,
+        wait: Duration,
+    ) -> Result<Self, VhostUserError> {
+        check_queue_size(cfg.queue_size)?;
+        let path = cfg.socket.clone();
+        let deadline = Instant::now() + wait;
+        let mut last: Option<Box<VhostUserError>> = None;
+        log::info!("vhost-user: waiting up to {wait:?} for a back end to connect to {path:?}");
+        loop {
+            let accepted =
+                accept_until(&listener, deadline).map_err(|source| VhostUserError::Accept {
+                    path: path.clone(),
+                    source,
+                })?;
+            let Some(stream) = accepted else {
+                return Err(VhostUserError::NoBackend {
+                    path,
+                    waited: wait,
+                    last,
+                });
+            };
+            let dial = Dial::Accept {
+                socket: path.clone(),
+                listener: listener.try_clone().map_err(VhostUserError::Resource)?,
+            };
+            match Self::build(stream, cfg.clone(), Some(dial)) {
+                Ok(dev) => return Ok(dev),
+                Err(e) => {
+                    log::warn!(
+                        "vhost-user: refusing the back end that connected to {path:?}: {e}",
+                        e = chain(&e)
+                    );
+                    last = Some(Box::new(e));
+                }
+            }
+        }
+    }
+
     /// Negotiate over an already-connected socket (`cfg.socket` is only
     /// used in messages).
     pub fn from_stream(stream: UnixStream, cfg: VhostUserConfig) -> Result<Self, VhostUserError> {
+        let dial = cfg
+            .reconnect
+            .filter(|d| !d.is_zero())
+            .map(|interval| Dial::Connect {
+                socket: cfg.socket.clone(),
+                interval,
+            });
+        Self::build(stream, cfg, dial)
+    }
+
+    /// The device on a connected socket; with `dial`, a supervisor thread
+    /// that gets the next connection when this one is gone.
+    fn build(
+        stream: UnixStream,
+        cfg: VhostUserConfig,
+        dial: Option<Dial>,
+    ) -> Result<Self, VhostUserError> {
         let n = cfg.kind.num_queues();
-        if cfg.queue_size == 0 || cfg.queue_size > 32768 || !cfg.queue_size.is_power_of_two() {
-            return Err(VhostUserError::QueueSize(cfg.queue_size));
-        }
+        check_queue_size(cfg.queue_size)?;
         let main = MainSocket::new(stream, n as u64, cfg.timeout).map_err(step("socket setup"))?;
         let main = Arc::new(main);
-        let neg = negotiate(&main, cfg.kind, cfg.iommu, None)?;
+        let neg = negotiate_within(&main, cfg.kind, cfg.iommu, None, cfg.timeout)?;
         let backend_config = neg.protocol & PROTOCOL_F_CONFIG != 0;
         let local_config = if backend_config {
             None
@@ -358,8 +468,7 @@ impl VhostUserDevice {
             }),
             hook: Mutex::new(None),
         });
-        let interval = cfg.reconnect.filter(|d| !d.is_zero());
-        let reconnect = Arc::new(ReconnectCounters::new(interval.is_some()));
+        let reconnect = Arc::new(ReconnectCounters::new(dial.is_some()));
         let mut dev = VhostUserDevice {
             kind: cfg.kind,
             iommu: cfg.iommu,
@@ -383,12 +492,11 @@ impl VhostUserDevice {
             // Fail now rather than show the guest an empty configuration.
             dev.config_cache = Some(dev.backend_config()?);
         }
-        if let Some(interval) = interval {
+        if let Some(dial) = dial {
             let sup = SupervisorConfig {
                 link,
                 counters: reconnect,
-                socket: cfg.socket.clone(),
-                interval,
+                dial,
                 prior: neg,
             };
             dev.supervisor = Some(Supervisor::spawn(sup).map_err(VhostUserError::Resource)?);

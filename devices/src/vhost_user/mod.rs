@@ -46,6 +46,11 @@
 //!   reconnects, re-negotiates and restores a running device; every
 //!   connection starts with one full-range INVALIDATE, so the new back end's
 //!   IOTLB is empty and refills through misses (see [`reconnect`]).
+//! * Server mode ([`VhostUserDevice::accept`] on a socket from
+//!   [`listener::bind`]): iovmm listens and the back end connects; the first
+//!   back end is awaited (bounded) before the guest starts, and the
+//!   supervisor accepts the next one whenever the current one is gone, on
+//!   the same restore path (see [`listener`]).
 //!
 //! **Lock order for the vIOMMU.** The bridge calls `DmaTranslate::translate`
 //! while holding its own lock (so an UPDATE computed before an unmap is
@@ -111,6 +116,7 @@ mod frame;
 pub mod frontend;
 pub mod installed;
 pub mod kind;
+pub mod listener;
 pub mod miss;
 pub mod recheck;
 pub mod reconnect;

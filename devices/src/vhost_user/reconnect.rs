@@ -1,4 +1,5 @@
-//! Back-end restarts (`reconnect=SECS`): the supervisor thread of a device.
+//! Back-end restarts (`reconnect=SECS`, and server mode): the supervisor
+//! thread of a device.
 //!
 //! The thread watches the current connection (hang-up of the main socket,
 //! the socket being marked broken by any request, or the back-end request
@@ -7,7 +8,11 @@
 //!    nothing more is sent, the record of what the back end held is kept;
 //! 2. closes the main socket, stops the back-end channel thread and forgets
 //!    the started rings;
-//! 3. every interval, connects to the socket path again, redoes SET_OWNER
+//! 3. gets a new connection ([`Dial`]): as a client, connects to the socket
+//!    path again every interval; as a server (`server=on`), accepts the next
+//!    back end on its listening socket as soon as one connects (a
+//!    connection that fails negotiation is closed and the next one
+//!    accepted). On the new connection it redoes SET_OWNER
 //!    and the feature negotiation (the new back end must offer what the
 //!    first one did, see `session::negotiate`), and, if the guest has the
 //!    device running, programs it again exactly as an activation does:
@@ -27,11 +32,12 @@
 //! The thread starts with the device, before the VMM hands out its thread
 //! hook, and only waits for a hang-up until then. It runs the hook
 //! ([`ThreadKind::VhostUserReconnect`]: socket I/O plus `socket`/`connect`
-//! on Unix sockets) as soon as one is set, and before it handles any
+//! on Unix sockets; [`ThreadKind::VhostUserServer`]: socket I/O plus
+//! `accept4`) as soon as one is set, and before it handles any
 //! disconnect: the first iteration after the hook appears installs it.
 
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -44,7 +50,8 @@ use iommu::warn_limited;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::channel::IotlbChannel;
-use super::session::{negotiate, Link, Negotiated};
+use super::listener::accept_now;
+use super::session::{negotiate_within, Link, Negotiated};
 use crate::sys::{poll_fds, PollFd};
 use crate::thread::{self, ThreadKind};
 
@@ -105,12 +112,48 @@ impl ReconnectCounters {
     }
 }
 
+/// How the supervisor gets a new connection.
+pub(crate) enum Dial {
+    /// Client: connect to the back end's socket, every `interval`.
+    Connect { socket: PathBuf, interval: Duration },
+    /// Server: accept the next back end on our listening socket
+    /// (non-blocking), as soon as one connects.
+    Accept {
+        socket: PathBuf,
+        listener: UnixListener,
+    },
+}
+
+impl Dial {
+    fn socket(&self) -> &Path {
+        match self {
+            Dial::Connect { socket, .. } | Dial::Accept { socket, .. } => socket,
+        }
+    }
+
+    fn thread(&self) -> (&'static str, ThreadKind) {
+        match self {
+            Dial::Connect { .. } => ("vhost-user-reconnect", ThreadKind::VhostUserReconnect),
+            Dial::Accept { .. } => ("vhost-user-server", ThreadKind::VhostUserServer),
+        }
+    }
+
+    /// When to try again after a failed attempt at `now`: a client waits
+    /// its interval; a server tries again at once (it then waits on the
+    /// listener, see [`State::wait`]).
+    fn retry_at(&self, now: Instant) -> Instant {
+        match self {
+            Dial::Connect { interval, .. } => now + *interval,
+            Dial::Accept { .. } => now,
+        }
+    }
+}
+
 /// What the supervisor thread needs.
 pub(crate) struct SupervisorConfig {
     pub(crate) link: Arc<Link>,
     pub(crate) counters: Arc<ReconnectCounters>,
-    pub(crate) socket: PathBuf,
-    pub(crate) interval: Duration,
+    pub(crate) dial: Dial,
     /// The first connection's negotiation, which every later one must match.
     pub(crate) prior: Negotiated,
 }
@@ -136,8 +179,9 @@ impl Supervisor {
             log: RateLimit::new(1, LOG_EVERY),
         };
         state.watch = state.cfg.link.main.watch_handle().ok();
+        let (name, _) = state.cfg.dial.thread();
         let join = std::thread::Builder::new()
-            .name("vhost-user-reconnect".into())
+            .name(name.into())
             .spawn(move || state.run())?;
         Ok(Supervisor {
             wake,
@@ -193,7 +237,7 @@ impl State {
             return true;
         };
         *entered = true;
-        thread::enter(Some(&hook), ThreadKind::VhostUserReconnect)
+        thread::enter(Some(&hook), self.cfg.dial.thread().1)
     }
 
     fn run(mut self) {
@@ -213,8 +257,8 @@ impl State {
                     }
                 }
                 Some(t) if Instant::now() >= t => {
-                    if !self.attempt() {
-                        self.next_attempt = Some(Instant::now() + self.cfg.interval);
+                    if !self.attempt() && self.next_attempt.is_some_and(|n| n <= t) {
+                        self.next_attempt = Some(self.cfg.dial.retry_at(Instant::now()));
                     }
                 }
                 Some(_) => {}
@@ -223,14 +267,25 @@ impl State {
     }
 
     /// Sleep until something may have changed or the next attempt is due.
+    /// A server without a back end waits on its listener (a connection
+    /// makes it readable); with one, it does not look at the listener, so a
+    /// second connection stays queued in the backlog.
     fn wait(&mut self) {
+        let listener = match (&self.cfg.dial, self.next_attempt) {
+            (Dial::Accept { listener, .. }, Some(t)) if t <= Instant::now() => Some(listener),
+            _ => None,
+        };
         let timeout = match self.next_attempt {
+            Some(_) if listener.is_some() => TICK,
             Some(t) => t.saturating_duration_since(Instant::now()).min(TICK),
             None => TICK,
         };
         let mut fds = vec![PollFd::readable(&*self.wake)];
         if let Some(e) = self.cfg.link.main.broken_event() {
             fds.push(PollFd::readable(e));
+        }
+        if let Some(l) = listener {
+            fds.push(PollFd::readable(l));
         }
         if self.next_attempt.is_none() {
             self.refresh_req();
@@ -268,11 +323,14 @@ impl State {
         let c = &self.cfg.counters;
         c.disconnects.fetch_add(1, Ordering::Relaxed);
         c.connected.store(false, Ordering::Relaxed);
-        log::warn!(
-            "vhost-user back end on {:?} is gone; reconnecting every {:?}",
-            self.cfg.socket,
-            self.cfg.interval
-        );
+        match &self.cfg.dial {
+            Dial::Connect { socket, interval } => log::warn!(
+                "vhost-user back end on {socket:?} is gone; reconnecting every {interval:?}"
+            ),
+            Dial::Accept { socket, .. } => log::warn!(
+                "vhost-user back end on {socket:?} is gone; waiting for the next one to connect"
+            ),
+        }
         let link = &self.cfg.link;
         if let Some(b) = &link.bridge {
             b.link_down();
@@ -285,23 +343,44 @@ impl State {
         drop(s);
         self.watch = None;
         self.req = None;
-        self.next_attempt = Some(Instant::now() + self.cfg.interval);
+        self.next_attempt = Some(self.cfg.dial.retry_at(Instant::now()));
+    }
+
+    /// A new connection: connect (client) or take a pending one (server).
+    /// `None` if there is none yet; a failed `accept` delays the next try
+    /// by a tick, so an error that persists cannot spin the thread.
+    fn dial(&mut self) -> Option<UnixStream> {
+        let res = match &self.cfg.dial {
+            Dial::Connect { socket, .. } => UnixStream::connect(socket).map(Some),
+            Dial::Accept { listener, .. } => accept_now(listener),
+        };
+        match res {
+            Ok(Some(s)) => {
+                self.cfg.counters.attempts.fetch_add(1, Ordering::Relaxed);
+                Some(s)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                if let Dial::Connect { .. } = self.cfg.dial {
+                    self.cfg.counters.attempts.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.next_attempt = Some(Instant::now() + TICK);
+                }
+                warn_limited!(
+                    self.log,
+                    "vhost-user: no back end on {:?} yet: {e}",
+                    self.cfg.dial.socket()
+                );
+                None
+            }
+        }
     }
 
     /// One connection attempt; true once connected (and restored).
     fn attempt(&mut self) -> bool {
-        self.cfg.counters.attempts.fetch_add(1, Ordering::Relaxed);
         let link = self.cfg.link.clone();
-        let stream = match UnixStream::connect(&self.cfg.socket) {
-            Ok(s) => s,
-            Err(e) => {
-                warn_limited!(
-                    self.log,
-                    "vhost-user: back end on {:?} not reachable yet: {e}",
-                    self.cfg.socket
-                );
-                return false;
-            }
+        let Some(stream) = self.dial() else {
+            return false;
         };
         if let Err(e) = link.main.replace(stream) {
             warn_limited!(
@@ -311,13 +390,15 @@ impl State {
             );
             return false;
         }
-        let neg = match negotiate(&link.main, link.kind, link.iommu, Some(self.cfg.prior)) {
+        let timeout = link.main.timeout();
+        let prior = Some(self.cfg.prior);
+        let neg = match negotiate_within(&link.main, link.kind, link.iommu, prior, timeout) {
             Ok(n) => n,
             Err(e) => {
                 warn_limited!(
                     self.log,
                     "vhost-user: refusing the back end on {:?}: {e}; will retry",
-                    self.cfg.socket,
+                    self.cfg.dial.socket(),
                     e = chain(&e)
                 );
                 link.main.close();
@@ -358,7 +439,7 @@ impl State {
         let c = &self.cfg.counters;
         c.reconnects.fetch_add(1, Ordering::Relaxed);
         c.connected.store(true, Ordering::Relaxed);
-        log::info!("vhost-user: reconnected to {:?}", self.cfg.socket);
+        log::info!("vhost-user: reconnected to {:?}", self.cfg.dial.socket());
         self.watch = link.main.watch_handle().ok();
         self.next_attempt = None;
         self.log = RateLimit::new(1, LOG_EVERY);

@@ -26,6 +26,7 @@ use super::wire::{
     PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, PROTOCOL_F_MQ, PROTOCOL_F_REPLY_ACK,
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
+use crate::sys::{poll_fds, PollFd};
 use crate::thread::ThreadHook;
 use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
 
@@ -166,6 +167,41 @@ pub(crate) fn negotiate(
     };
     finish_negotiation(main, features, protocol, needed)?;
     Ok(Negotiated { features, protocol })
+}
+
+/// [`negotiate`] on a new connection, bounded by `limit` as a whole: the vhost crate retries a
+/// reply read that timed out (EAGAIN from SO_RCVTIMEO) forever, so a peer that connects and
+/// never answers would hang the caller (`Vmm::start` in server mode, the supervisor). A
+/// watchdog thread, alive only during the negotiation, shuts the connection down when `limit`
+/// passes; the pending read then ends and the negotiation fails.
+pub(crate) fn negotiate_within(
+    main: &MainSocket,
+    kind: VhostUserKind,
+    iommu: bool,
+    prior: Option<Negotiated>,
+    limit: Duration,
+) -> Result<Negotiated, VhostUserError> {
+    let (Ok(watch), Ok(done)) = (main.watch_handle(), EventFd::new(libc::EFD_NONBLOCK)) else {
+        return negotiate(main, kind, iommu, prior);
+    };
+    std::thread::scope(|scope| {
+        let dog = std::thread::Builder::new()
+            .name("vhost-user-watchdog".into())
+            .spawn_scoped(scope, || {
+                let mut fds = [PollFd::readable(&done)];
+                if matches!(poll_fds(&mut fds, Some(limit)), Ok(0)) {
+                    log::warn!("vhost-user: the back end did not finish negotiating within {limit:?}; closing the connection");
+                    let _ = watch.shutdown(std::net::Shutdown::Both);
+                }
+            });
+        if let Err(e) = &dog {
+            log::warn!("vhost-user: no watchdog thread for the negotiation ({e}); it is bounded per read only");
+        }
+        let res = negotiate(main, kind, iommu, prior);
+        // A full counter still wakes the watchdog.
+        let _ = done.write(1);
+        res
+    })
 }
 
 /// SET_PROTOCOL_FEATURES, the queue-count check and reply-ack.

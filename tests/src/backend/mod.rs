@@ -410,6 +410,33 @@ impl TestBackend {
         BackendHandle::start(shared, server)
     }
 
+    /// The client role, for a front end that listens (iovmm's `server=on`): connect to `path`
+    /// and serve that one connection. Like DPDK's vhost client, it retries while nobody
+    /// listens there yet (no socket file, or connection refused), until `within` has passed.
+    pub fn connect(
+        path: &Path,
+        config: BackendConfig,
+        within: Duration,
+    ) -> Result<BackendHandle, BackendError> {
+        let deadline = Instant::now() + within;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e)
+                    if Instant::now() < deadline
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                        ) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Self::serve_stream(stream, config)
+    }
+
     /// Listen on `path` and serve connections one after another.
     pub fn listen(path: &Path, config: BackendConfig) -> Result<BackendHandle, BackendError> {
         // A stale socket file from an earlier run would make bind fail.

@@ -85,9 +85,27 @@ pub struct VhostUserConfig {
     /// (0: a dead backend breaks the device).
     #[serde(default)]
     pub reconnect: u64,
+    /// Server mode (`server=on`): iovmm listens on `socket` and the backend
+    /// connects (OVS-DPDK `dpdkvhostuserclient`, DPDK `client=1`); the next
+    /// backend is accepted whenever the current one goes away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub server: bool,
+    /// Server mode: how many seconds `Vmm::start` waits for the first
+    /// backend to connect (1..=86400).
+    #[serde(default = "default_wait")]
+    pub wait: u64,
 }
 
-fn parse_bool(key: &str, v: &str, whole: &str) -> Result<bool, ConfigError> {
+/// Default of `wait=SECS` (server mode).
+pub const DEFAULT_SERVER_WAIT: u64 = 60;
+/// Largest `wait=SECS`.
+pub const MAX_SERVER_WAIT: u64 = 86_400;
+
+fn default_wait() -> u64 {
+    DEFAULT_SERVER_WAIT
+}
+
+pub(super) fn parse_bool(key: &str, v: &str, whole: &str) -> Result<bool, ConfigError> {
     match v {
         "on" | "true" | "1" | "yes" => Ok(true),
         "off" | "false" | "0" | "no" => Ok(false),
@@ -99,7 +117,7 @@ fn parse_bool(key: &str, v: &str, whole: &str) -> Result<bool, ConfigError> {
 }
 
 /// Splits `kind,k=v,...`.
-fn split(s: &str) -> (&str, Vec<(&str, &str)>) {
+pub(super) fn split(s: &str) -> (&str, Vec<(&str, &str)>) {
     let mut parts = s.split(',');
     let kind = parts.next().unwrap_or_default();
     let kv = parts
@@ -109,7 +127,7 @@ fn split(s: &str) -> (&str, Vec<(&str, &str)>) {
     (kind, kv)
 }
 
-fn bad(whole: &str, reason: impl Into<String>) -> ConfigError {
+pub(super) fn bad(whole: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::DeviceOption {
         option: whole.into(),
         reason: reason.into(),
@@ -170,6 +188,7 @@ impl FromStr for VhostUserConfig {
             }
         };
         let (mut socket, mut iommu, mut ats, mut reconnect) = (None, false, false, 0);
+        let (mut server, mut wait) = (false, None);
         for (k, v) in kv {
             match k {
                 "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
@@ -182,17 +201,73 @@ impl FromStr for VhostUserConfig {
                         .filter(|n| *n <= 3600)
                         .ok_or_else(|| bad(s, "reconnect must be 0..=3600 seconds"))?
                 }
+                "server" => server = parse_bool(k, v, s)?,
+                "wait" => {
+                    wait = Some(
+                        v.parse()
+                            .ok()
+                            .filter(|n| (1..=MAX_SERVER_WAIT).contains(n))
+                            .ok_or_else(|| bad(s, "wait must be 1..=86400 seconds"))?,
+                    )
+                }
                 _ => return Err(bad(s, format!("unknown or empty key {k:?}"))),
             }
         }
         let socket = socket.ok_or_else(|| bad(s, "socket=PATH is required"))?;
+        if wait.is_some() && !server {
+            return Err(bad(s, "wait=SECS needs server=on"));
+        }
         Ok(VhostUserConfig {
             kind,
             socket,
             iommu,
             ats,
             reconnect,
+            server,
+            wait: wait.unwrap_or(DEFAULT_SERVER_WAIT),
         })
+    }
+}
+
+impl VhostUserConfig {
+    /// Checks the server-mode options: no `reconnect` (a server accepts the
+    /// next backend by itself), `wait` in range, a socket path that fits
+    /// `sun_path` in an existing directory and, if the path exists, a socket
+    /// (whether another process serves it is checked when it is bound).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |reason: String| {
+            ConfigError::Combination(format!("vhost-user device {:?}: {reason}", self.socket))
+        };
+        if !self.server {
+            return Ok(());
+        }
+        if self.reconnect > 0 {
+            return Err(err("reconnect=SECS is for client mode; with server=on iovmm accepts the next backend by itself".into()));
+        }
+        if !(1..=MAX_SERVER_WAIT).contains(&self.wait) {
+            return Err(err(format!("wait must be 1..={MAX_SERVER_WAIT} seconds")));
+        }
+        let len = self.socket.as_os_str().len();
+        if len == 0 || len > super::MAX_SOCKET_PATH {
+            return Err(err(format!(
+                "a server socket path must be 1 to {} bytes, not {len}",
+                super::MAX_SOCKET_PATH
+            )));
+        }
+        let parent = match self.socket.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        if !parent.is_dir() {
+            return Err(err(format!("the directory {parent:?} does not exist")));
+        }
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::symlink_metadata(&self.socket) {
+            Ok(m) if !m.file_type().is_socket() => Err(err(
+                "the path exists and is not a socket; iovmm does not replace it".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -301,8 +376,67 @@ mod tests {
             "net,socket=/x,reconnect=-1",
             "net,socket=/x,reconnect=soon",
             "net,socket=/x,reconnect=99999",
+            "net,socket=/x,server=maybe",
+            "net,socket=/x,wait=5",
+            "net,socket=/x,server=on,wait=0",
+            "net,socket=/x,server=on,wait=86401",
         ] {
             assert!(bad.parse::<VhostUserConfig>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn server_mode_parses_and_validates() {
+        let dir = std::env::temp_dir();
+        let sock = dir.join(format!("iovmm-cfg-server-{}.sock", std::process::id()));
+        let v: VhostUserConfig = format!("net,socket={},server=on,iommu=on", sock.display())
+            .parse()
+            .unwrap();
+        assert!(v.server && v.iommu);
+        assert_eq!(v.wait, DEFAULT_SERVER_WAIT);
+        v.validate().unwrap();
+        let w: VhostUserConfig = format!("net,socket={},server=on,wait=5", sock.display())
+            .parse()
+            .unwrap();
+        assert_eq!(w.wait, 5);
+        let mut r = w.clone();
+        r.reconnect = 2;
+        assert!(r
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("client mode"));
+        let long = VhostUserConfig {
+            socket: dir.join("x".repeat(120)),
+            ..w.clone()
+        };
+        assert!(long.validate().unwrap_err().to_string().contains("bytes"));
+        let nodir = VhostUserConfig {
+            socket: "/nonexistent-dir/s.sock".into(),
+            ..w.clone()
+        };
+        assert!(nodir
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("does not exist"));
+        let file = dir.join(format!("iovmm-cfg-server-{}.file", std::process::id()));
+        std::fs::write(&file, b"x").unwrap();
+        let not_sock = VhostUserConfig {
+            socket: file.clone(),
+            ..w.clone()
+        };
+        assert!(not_sock
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not a socket"));
+        std::fs::remove_file(&file).unwrap();
+        // A client's socket is checked when it connects; JSON round trip.
+        let json = serde_json::to_string(&w).unwrap();
+        assert!(json.contains(r#""server":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<VhostUserConfig>(&json).unwrap(), w);
+        let client: VhostUserConfig = "net,socket=/c".parse().unwrap();
+        assert!(!serde_json::to_string(&client).unwrap().contains("server"));
     }
 }

@@ -22,7 +22,10 @@ pub use api::{
     validate_api_socket, MetricsConfig, DEFAULT_METRICS_INTERVAL, MAX_METRICS_INTERVAL,
     MAX_SOCKET_PATH,
 };
-pub use devices::{IommuConfig, IommuKind, IotlbPolicyConfig, VhostUserConfig, VhostUserKind};
+pub use devices::{
+    IommuConfig, IommuKind, IotlbPolicyConfig, VhostUserConfig, VhostUserKind, DEFAULT_SERVER_WAIT,
+    MAX_SERVER_WAIT,
+};
 
 /// Most vhost-user devices per VM (PCI bus 0 has 31 free slots).
 pub const MAX_VHOST_USER_DEVICES: usize = 16;
@@ -342,6 +345,26 @@ impl VmConfig {
                     d.socket
                 )));
             }
+            d.validate()?;
+        }
+        self.validate_server_sockets()
+    }
+
+    /// Server sockets (`server=on`) are files iovmm creates: one per device, and not the API
+    /// socket.
+    fn validate_server_sockets(&self) -> Result<(), ConfigError> {
+        let servers: Vec<&Path> = self
+            .vhost_user
+            .iter()
+            .filter(|d| d.server)
+            .map(|d| d.socket.as_path())
+            .collect();
+        for (i, p) in servers.iter().enumerate() {
+            if servers[..i].contains(p) || self.api_socket.as_deref() == Some(*p) {
+                return Err(ConfigError::Combination(format!(
+                    "the server socket {p:?} is given twice (two devices, or a device and the API socket)"
+                )));
+            }
         }
         Ok(())
     }
@@ -489,6 +512,25 @@ mod tests {
         )
         .unwrap();
         assert!(from_json.iommu.unwrap().caching_mode && from_json.vhost_user[0].iommu);
+    }
+
+    #[test]
+    fn server_sockets_are_not_shared() {
+        let k = kernel_file();
+        let mut c = VmConfig::new(&k.0);
+        let sock = std::env::temp_dir().join(format!("iovmm-cfg-dup-{}.sock", std::process::id()));
+        let dev = format!("net,socket={},server=on", sock.display());
+        c.vhost_user.push(dev.parse().unwrap());
+        c.validate().unwrap();
+        c.api_socket = Some(sock.clone());
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        c.api_socket = None;
+        c.vhost_user.push(dev.parse().unwrap());
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        // The same path as a client of one device and the server of another is allowed
+        // (a loop-back through iovmm itself); two clients may share a backend's socket.
+        c.vhost_user[1].server = false;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -4,11 +4,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use devices::pci::ats::AtsListener;
 use devices::pci::PciBdf;
 use devices::vhost_user::{
-    IotlbPolicy, VhostUserConfig as DeviceConfig, VhostUserDevice, VhostUserError,
+    listener, IotlbPolicy, VhostUserConfig as DeviceConfig, VhostUserDevice, VhostUserError,
     VhostUserKind as DeviceKind, VhostUserStats, VhostUserStatsHandle,
 };
 use devices::viommu::{Viommu as ViommuSeam, ViommuError};
@@ -45,11 +46,32 @@ pub enum VhostUserSetupError {
     },
 }
 
+/// A server socket file iovmm created (`server=on`); removed when dropped. The `Vmm`
+/// handle keeps these and drops them on the caller's thread once the VM is gone (device
+/// threads may not `unlink`), or right away when the VM fails to build.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match std::fs::remove_file(&self.0) {
+            Ok(()) => log::debug!("vhost-user: removed the server socket {:?}", self.0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!(
+                "vhost-user: cannot remove the server socket {:?}: {e}",
+                self.0
+            ),
+        }
+    }
+}
+
 /// A vhost-user device as seen by the library API.
 #[derive(Clone)]
 pub struct VhostUserInfo {
     /// Backend socket.
     pub socket: PathBuf,
+    /// Server mode: iovmm listens on `socket` and the backend connects.
+    pub server: bool,
     /// PCI address.
     pub bdf: PciBdf,
     /// Behind the vIOMMU.
@@ -62,6 +84,7 @@ impl std::fmt::Debug for VhostUserInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhostUserInfo")
             .field("socket", &self.socket)
+            .field("server", &self.server)
             .field("bdf", &self.bdf)
             .field("iommu", &self.iommu)
             .finish()
@@ -150,7 +173,7 @@ fn device_config(cfg: &VhostUserConfig, policy: IotlbPolicyConfig) -> DeviceConf
     };
     debug_assert!(matches!(d.kind, DeviceKind::Net | DeviceKind::Blk));
     d.iommu = cfg.iommu;
-    d.reconnect = (cfg.reconnect > 0).then(|| std::time::Duration::from_secs(cfg.reconnect));
+    d.reconnect = (cfg.reconnect > 0).then(|| Duration::from_secs(cfg.reconnect));
     d.policy = match policy {
         IotlbPolicyConfig::Miss => IotlbPolicy::MissDriven,
         IotlbPolicyConfig::Prefetch => IotlbPolicy::Prefetch,
@@ -158,20 +181,39 @@ fn device_config(cfg: &VhostUserConfig, policy: IotlbPolicyConfig) -> DeviceConf
     d
 }
 
-/// Connects one vhost-user device and puts it on the machine.
+/// The device on its first connection: connected to the backend (client), or listening at
+/// the socket path and waiting for the first backend, at most `wait=SECS` (server; the
+/// socket file goes to `files`).
+fn first_connection(
+    cfg: &VhostUserConfig,
+    policy: IotlbPolicyConfig,
+    files: &mut Vec<SocketFile>,
+) -> Result<VhostUserDevice, VhostUserError> {
+    let dc = device_config(cfg, policy);
+    if !cfg.server {
+        return VhostUserDevice::connect(dc);
+    }
+    let l = listener::bind(&cfg.socket)?;
+    files.push(SocketFile(cfg.socket.clone()));
+    VhostUserDevice::accept(l, dc, Duration::from_secs(cfg.wait))
+}
+
+/// Connects one vhost-user device (or, with `server=on`, binds its socket and waits for the
+/// backend) and puts it on the machine.
 pub fn add_vhost_user(
     dm: &mut DeviceManager,
     viommu: Option<&mut Viommu>,
     policy: IotlbPolicyConfig,
     cfg: &VhostUserConfig,
     mem: &GuestMemoryMmap,
+    files: &mut Vec<SocketFile>,
 ) -> Result<VhostUserInfo, DeviceManagerError> {
     let dev_err = |source| VhostUserSetupError::Device {
         kind: cfg.kind,
         socket: cfg.socket.clone(),
         source,
     };
-    let device = VhostUserDevice::connect(device_config(cfg, policy)).map_err(dev_err)?;
+    let device = first_connection(cfg, policy, files).map_err(dev_err)?;
     let stats = device.stats_handle();
     let bridge = device.bridge();
     let audited = bridge.clone().filter(|_| cfg.iommu);
@@ -196,6 +238,7 @@ pub fn add_vhost_user(
     log::info!("vhost-user: {:?} {:?} at {bdf}", cfg.kind, cfg.socket);
     Ok(VhostUserInfo {
         socket: cfg.socket.clone(),
+        server: cfg.server,
         bdf,
         iommu: cfg.iommu,
         stats,
