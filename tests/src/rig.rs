@@ -16,16 +16,13 @@ use devices::vhost_user::wire::{IotlbMsg, FLAG_NEED_REPLY, FLAG_VERSION, VHOST_U
 use devices::vhost_user::{
     VhostUserConfig, VhostUserDevice, VhostUserError, VhostUserKind, VhostUserStats,
 };
-use devices::viommu::{ConsumerRegistration, Viommu, ViommuError};
+pub use devices::viommu::testing::{Faults, MapViommu};
 use devices::virtio::{
     ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterrupt,
     VirtioInterruptType,
 };
 use iommu::sync::lock;
-use iommu::{
-    DmaTranslate, Extent, IommuEvent, IommuNotifier, Iova, IovaRange, NotifyError, Permissions,
-    RequesterId, TranslateError, Translation,
-};
+use iommu::{IommuEvent, IommuNotifier, IovaRange, NotifyError, Permissions, RequesterId};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
@@ -133,105 +130,6 @@ pub fn socket_path(group: &str, name: &str) -> PathBuf {
     dir.join(format!("{name}.sock"))
 }
 
-/// A vIOMMU over a list of mappings: IOVA range -> (GPA, permission). A translation's extent
-/// is the whole mapping it falls in. It records the faults the device reports; consumers are
-/// not registered with it (the rig notifies the device's bridge itself, see [`Rig::unmap`]).
-#[derive(Default)]
-pub struct MapTranslation(Mutex<Vec<(IovaRange, u64, Permissions)>>, Faults);
-
-impl MapTranslation {
-    /// All guest RAM at `IOVA_OFF`, read-write, as one mapping.
-    pub fn all_ram() -> Self {
-        let t = MapTranslation::default();
-        t.map(IOVA_OFF, MEM, 0, Permissions::ReadWrite);
-        t
-    }
-
-    /// Adds the mapping `iova..iova+len` -> `gpa` with `perm`.
-    pub fn map(&self, iova: u64, len: u64, gpa: u64, perm: Permissions) {
-        let r = IovaRange::from_start_len(iova, len).expect("a valid IOVA range");
-        lock(&self.0).push((r, gpa, perm));
-    }
-
-    /// Removes `range` from every mapping (the guest unmapped it); the parts of a mapping
-    /// outside `range` stay mapped to the same GPAs.
-    pub fn unmap(&self, range: IovaRange) {
-        let mut maps = lock(&self.0);
-        let old = std::mem::take(&mut *maps);
-        for (r, gpa, perm) in old {
-            if r.end() < range.start() || r.start() > range.end() {
-                maps.push((r, gpa, perm));
-                continue;
-            }
-            if r.start() < range.start() {
-                let left = IovaRange::new(r.start(), range.start() - 1).expect("left part");
-                maps.push((left, gpa, perm));
-            }
-            if r.end() > range.end() {
-                let right = IovaRange::new(range.end() + 1, r.end()).expect("right part");
-                maps.push((right, gpa + (range.end() + 1 - r.start()), perm));
-            }
-        }
-    }
-}
-
-impl DmaTranslate for MapTranslation {
-    fn translate(
-        &self,
-        _rid: RequesterId,
-        iova: Iova,
-        len: u64,
-        access: Permissions,
-    ) -> Result<Translation, TranslateError> {
-        let maps = lock(&self.0);
-        let (r, gpa, perm) = *maps
-            .iter()
-            .find(|(r, ..)| r.contains(iova.0))
-            .ok_or(TranslateError::Unmapped { iova })?;
-        if !perm.allow(access) {
-            return Err(TranslateError::PermissionDenied {
-                iova,
-                requested: access,
-                allowed: perm,
-            });
-        }
-        Ok(Translation {
-            fragments: vec![(GuestAddress(gpa + (iova.0 - r.start())), len)],
-            perm,
-            extent: Extent {
-                iova: r,
-                gpa: GuestAddress(gpa),
-                perm,
-            },
-        })
-    }
-}
-
-/// Faults the device reported to its vIOMMU: (requester, IOVA, access).
-pub type Faults = Arc<Mutex<Vec<(RequesterId, u64, Permissions)>>>;
-
-impl Viommu for MapTranslation {
-    fn add_endpoint(&self, _rid: RequesterId) -> Result<(), ViommuError> {
-        Ok(())
-    }
-
-    fn register_consumer(
-        &self,
-        rid: RequesterId,
-        _consumer: Arc<dyn IommuNotifier>,
-        _maps: bool,
-    ) -> Result<ConsumerRegistration, ViommuError> {
-        let source = iommu::NotifierError::NoFlags;
-        Err(ViommuError::Consumer { rid, source })
-    }
-
-    fn unregister_consumer(&self, _handle: iommu::NotifierHandle) {}
-
-    fn report_fault(&self, rid: RequesterId, iova: Iova, access: Permissions) {
-        lock(&self.1).push((rid, iova.0, access));
-    }
-}
-
 /// Records interrupts; optionally hands out per-queue irqfds.
 #[derive(Default)]
 pub struct RecordingIrq {
@@ -272,7 +170,7 @@ pub struct Rig {
     /// The listening socket, removed on drop (`Rig::listen`).
     socket: Option<PathBuf>,
     /// The translation installed with [`Rig::use_translation`], which [`Rig::unmap`] edits.
-    translation: Mutex<Option<Arc<MapTranslation>>>,
+    translation: Mutex<Option<Arc<MapViommu>>>,
 }
 
 impl Rig {
@@ -323,10 +221,12 @@ impl Rig {
         self.socket.as_deref().expect("a rig made by Rig::listen")
     }
 
-    /// Installs `MapTranslation::all_ram`; the returned list records the faults the device reports.
-    pub fn translate_all_ram(&self) -> (Arc<MapTranslation>, Faults) {
-        let stub = Arc::new(MapTranslation::all_ram());
-        let faults = stub.1.clone();
+    /// Installs a translation of all guest RAM at `IOVA_OFF`, read-write, as one mapping; the
+    /// returned list records the faults the device reports.
+    pub fn translate_all_ram(&self) -> (Arc<MapViommu>, Faults) {
+        let stub = Arc::new(MapViommu::default());
+        stub.map(IOVA_OFF, MEM, 0, Permissions::ReadWrite);
+        let faults = stub.faults();
         self.dev
             .set_translation(stub.clone(), RID)
             .expect("set_translation");
@@ -432,7 +332,7 @@ impl Rig {
     }
 
     /// Installs `stub` as the device's translation (no fault hook); [`Rig::unmap`] edits it.
-    pub fn use_translation(&self, stub: Arc<MapTranslation>) {
+    pub fn use_translation(&self, stub: Arc<MapViommu>) {
         self.dev
             .set_translation(stub.clone(), RID)
             .expect("set_translation");

@@ -15,8 +15,8 @@ use devices::vhost_user::{VhostUserConfig, VhostUserError, VhostUserStats};
 use devices::virtio::VirtioDevice;
 use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour, TestBackend};
 use integration_tests::rig::{
-    backend_err, connect_invalidate, fnv1a, ring_gpa, socket_path, MapTranslation, Rig, BUF,
-    IOVA_OFF, MEM, TIMEOUT,
+    backend_err, connect_invalidate, fnv1a, ring_gpa, socket_path, MapViommu, Rig, BUF, IOVA_OFF,
+    MEM, TIMEOUT,
 };
 use iommu::{IovaRange, Permissions};
 use vm_memory::{Bytes, GuestAddress};
@@ -30,8 +30,8 @@ const SET_FEATURES: u32 = 2;
 const SET_VRING_BASE: u32 = 10;
 
 /// The ring area as one mapping, every buffer page as its own mapping.
-fn ring_area_and_pages() -> MapTranslation {
-    let t = MapTranslation::default();
+fn ring_area_and_pages() -> MapViommu {
+    let t = MapViommu::default();
     t.map(IOVA_OFF, RING_AREA, 0, Permissions::ReadWrite);
     for gpa in (RING_AREA..MEM).step_by(0x1000) {
         t.map(IOVA_OFF + gpa, 0x1000, gpa, Permissions::ReadWrite);

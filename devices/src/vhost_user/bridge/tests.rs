@@ -5,91 +5,9 @@ mod stall;
 
 use super::*;
 use crate::vhost_user::channel::MockIotlbChannel;
-use crate::viommu::{ConsumerRegistration, Viommu, ViommuError};
-use iommu::{DmaTranslate, Extent, NotifierError, NotifierHandle, Translation};
+use crate::viommu::testing::MapViommu;
 
 const RID: RequesterId = RequesterId::from_bdf(0, 0x18);
-
-/// IOVA range -> (GPA, permission); extents are whole mappings.
-#[derive(Default)]
-struct Stub {
-    maps: Mutex<Vec<(IovaRange, u64, Permissions)>>,
-    /// The faults the bridge reported.
-    faults: Mutex<Vec<(RequesterId, u64, Permissions)>>,
-}
-
-impl Stub {
-    fn map(&self, iova: u64, len: u64, gpa: u64, perm: Permissions) {
-        let r = IovaRange::from_start_len(iova, len).unwrap();
-        self.maps.lock().unwrap().push((r, gpa, perm));
-    }
-
-    /// Remove the mapping containing `iova` (the guest unmapped it).
-    fn unmap(&self, iova: u64) {
-        self.maps
-            .lock()
-            .unwrap()
-            .retain(|(r, ..)| !r.contains(iova));
-    }
-
-    fn clear(&self) {
-        self.maps.lock().unwrap().clear();
-    }
-}
-
-impl Viommu for Stub {
-    fn add_endpoint(&self, _rid: RequesterId) -> Result<(), ViommuError> {
-        Ok(())
-    }
-
-    fn register_consumer(
-        &self,
-        rid: RequesterId,
-        _consumer: Arc<dyn IommuNotifier>,
-        _maps: bool,
-    ) -> Result<ConsumerRegistration, ViommuError> {
-        let source = NotifierError::NoFlags;
-        Err(ViommuError::Consumer { rid, source })
-    }
-
-    fn unregister_consumer(&self, _handle: NotifierHandle) {}
-
-    fn report_fault(&self, rid: RequesterId, iova: Iova, access: Permissions) {
-        self.faults.lock().unwrap().push((rid, iova.0, access));
-    }
-}
-
-impl DmaTranslate for Stub {
-    fn translate(
-        &self,
-        _rid: RequesterId,
-        iova: Iova,
-        len: u64,
-        access: Permissions,
-    ) -> Result<Translation, TranslateError> {
-        let maps = self.maps.lock().unwrap();
-        let (r, gpa, perm) = *maps
-            .iter()
-            .find(|(r, ..)| r.contains(iova.0))
-            .ok_or(TranslateError::Unmapped { iova })?;
-        if !perm.allow(access) {
-            return Err(TranslateError::PermissionDenied {
-                iova,
-                requested: access,
-                allowed: perm,
-            });
-        }
-        Ok(Translation {
-            fragments: vec![(GuestAddress(gpa + (iova.0 - r.start())), len)],
-            perm,
-            extent: Extent {
-                iova: r,
-                gpa: GuestAddress(gpa),
-                perm,
-            },
-        })
-    }
-}
 
 /// Two adjacent 64 KiB regions (separate mappings) at GPA 0 and 0x10000.
 fn mem() -> GuestMemoryMmap {
@@ -103,14 +21,14 @@ fn host(mem: &GuestMemoryMmap, gpa: u64) -> u64 {
 
 struct Rig {
     chan: Arc<MockIotlbChannel>,
-    stub: Arc<Stub>,
+    stub: Arc<MapViommu>,
     bridge: Arc<IotlbBridge>,
     mem: GuestMemoryMmap,
 }
 
 fn rig(policy: IotlbPolicy) -> Rig {
     let chan = Arc::new(MockIotlbChannel::new());
-    let stub = Arc::new(Stub::default());
+    let stub = Arc::new(MapViommu::default());
     let bridge = Arc::new(IotlbBridge::new(chan.clone(), policy));
     bridge.set_translation(stub.clone(), RID);
     let mem = mem();
@@ -175,7 +93,7 @@ fn misses_after_a_mapping_grew_never_repeat_an_update_start() {
     assert_eq!((first.iova, first.size), (0x3000_0000, 0x1000));
     // The translation extent now also covers the next page (a contiguous
     // neighbour mapped while the first stays mapped, merged by the model).
-    r.stub.maps.lock().unwrap().clear();
+    r.stub.clear();
     r.stub
         .map(0x3000_0000, 0x2000, 0x4000, Permissions::ReadWrite);
     let second = r.miss(0x3000_1010, IotlbPerm::Ro).unwrap();
@@ -199,7 +117,7 @@ fn unmapped_or_forbidden_miss_sends_nothing_and_reports_a_fault() {
     );
     assert!(r.chan.sent().is_empty());
     assert_eq!(
-        *r.stub.faults.lock().unwrap(),
+        *r.stub.faults().lock().unwrap(),
         vec![
             (RID, 0x2000_0010, Permissions::Write),
             (RID, 0x3000_0000, Permissions::Read)
@@ -226,7 +144,7 @@ fn miss_while_stopped_or_unconfigured_is_refused_without_fault() {
     );
     // Only the fresh bridge's connection INVALIDATE.
     assert_eq!(r.chan.sent(), vec![connect_inv()]);
-    assert!(r.stub.faults.lock().unwrap().is_empty());
+    assert!(r.stub.faults().lock().unwrap().is_empty());
 }
 
 #[test]

@@ -68,8 +68,8 @@ fn a_widened_block_invalidates_only_the_unmapped_pages() {
         r.hold(iova);
     }
     let n = r.chan.sent().len();
-    r.stub.unmap(0x7000);
-    r.stub.unmap(0x8000);
+    r.stub.remove(0x7000);
+    r.stub.remove(0x8000);
     r.unmap_event(0, 0xffff);
     // Use after unmap is impossible: both pages are invalidated (one
     // message, they are adjacent). The rings and 0x9000 are untouched.
@@ -80,7 +80,7 @@ fn a_widened_block_invalidates_only_the_unmapped_pages() {
         (1, 0, 0)
     );
     // Unmapping the neighbour later still reaches the back end.
-    r.stub.unmap(0x9000);
+    r.stub.remove(0x9000);
     r.unmap_event(0, 0xffff);
     assert_eq!(r.sent_after(n + 1), vec![inv(0x9000, 0x1000)]);
 }
@@ -93,9 +93,9 @@ fn a_page_remapped_elsewhere_or_with_another_permission_is_invalidated() {
         r.hold(iova);
     }
     let n = r.chan.sent().len();
-    r.stub.unmap(0x1000);
+    r.stub.remove(0x1000);
     r.stub.map(0x1000, 0x1000, 0xc000, RW);
-    r.stub.unmap(0x3000);
+    r.stub.remove(0x3000);
     r.stub.map(0x3000, 0x1000, 0xa000, Permissions::Read);
     r.unmap_event(0, 0xffff);
     // 0x2000 still translates the same way and separates the two runs.
@@ -366,7 +366,7 @@ struct SlowUpdates {
     sent: Mutex<Vec<IotlbMsg>>,
     count: AtomicU64,
     in_flight: Mutex<mpsc::Sender<()>>,
-    stub: Arc<Stub>,
+    stub: Arc<MapViommu>,
 }
 
 impl IotlbChannel for SlowUpdates {
@@ -386,7 +386,7 @@ impl IotlbChannel for SlowUpdates {
 
 #[test]
 fn an_update_in_flight_is_acked_before_a_concurrent_invalidate_is_sent() {
-    let stub = Arc::new(Stub::default());
+    let stub = Arc::new(MapViommu::default());
     stub.map(0x1000, 0x1000, 0, RW);
     let (tx, rx) = mpsc::channel();
     let chan = Arc::new(SlowUpdates {
@@ -500,10 +500,10 @@ fn stale_translations_lists_what_changed_until_the_unmap_is_notified() {
     r.hold(0x5000_0000);
     assert!(r.bridge.stale_translations().is_empty());
     // Moved elsewhere (same IOVA, other GPA): stale although still mapped.
-    r.stub.unmap(0x4000_0000);
+    r.stub.remove(0x4000_0000);
     r.stub
         .map(0x4000_0000, 0x2000, 0x3000, Permissions::ReadWrite);
-    r.stub.unmap(0x5000_0000);
+    r.stub.remove(0x5000_0000);
     assert_eq!(
         r.bridge.stale_translations(),
         vec![(0x4000_0000, 0x4000_1fff), (0x5000_0000, 0x5000_0fff)]

@@ -84,7 +84,7 @@ fn nothing_is_checked_while_stopped_or_where_the_ring_is_unmapped() {
     r.watch_queue_1();
     r.indices(5, 2);
     let t0 = Instant::now();
-    r.stub.unmap(0x4000);
+    r.stub.remove(0x4000);
     r.bridge.check_stalls(t0);
     assert_eq!(r.bridge.check_stalls(t0 + Duration::from_secs(60)), 0);
     r.stub.map(0x4000, 0x3000, 0x8000, RW);
@@ -112,7 +112,7 @@ fn the_history_names_the_last_miss_and_invalidate() {
     r.miss(0x4000, IotlbPerm::Ro).unwrap();
     assert!(r.miss(0x7_0000, IotlbPerm::Wo).is_err());
     // The ring moves: its INVALIDATE overlaps queue 1's ring.
-    r.stub.unmap(0x4000);
+    r.stub.remove(0x4000);
     r.stub.map(0x4000, 0x3000, 0xc000, RW);
     r.bridge
         .notify(&IommuEvent::Unmap {
