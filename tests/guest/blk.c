@@ -78,7 +78,7 @@ struct blk {
 
 static const char *read_params(struct blk_params *p)
 {
-    char mode[16];
+    const char *err;
     if (cmdline_u64("iovmm.size", 4096, &p->size) || cmdline_u64("iovmm.inflight", 8, &p->inflight) ||
         cmdline_u64("iovmm.requests", 0, &p->requests) || cmdline_u64("iovmm.seed", 1, &p->seed) ||
         cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset) ||
@@ -88,9 +88,8 @@ static const char *read_params(struct blk_params *p)
         return "iovmm.size must be a multiple of 512 in 512..1M";
     if (p->inflight == 0 || p->inflight > MAX_INFLIGHT)
         return "iovmm.inflight must be 1..64";
-    p->iommu = IOMMU_OFF;
-    if (cmdline_get("iovmm.iommu", mode, sizeof(mode)) && !iommu_mode_parse(mode, &p->iommu))
-        return "iovmm.iommu must be off, passthrough, strict or lazy";
+    if ((err = iommu_mode_param(IOMMU_OFF, &p->iommu)))
+        return err;
     if (p->ro_read && p->iommu != IOMMU_STRICT && p->iommu != IOMMU_LAZY)
         return "iovmm.ro_read needs iovmm.iommu=strict or lazy";
     return NULL;
@@ -389,13 +388,10 @@ static const char *run_all(struct blk *b, const struct blk_params *p, u64 n)
     return b->dma.error;
 }
 
-static void report(struct blk *b, const struct blk_params *p, u64 n, const char *status, const char *why)
+static void report(struct blk *b, const struct blk_params *p, u64 n, const char *why)
 {
     struct result r;
-    result_begin(&r, "blk", status);
-    if (why)
-        result_str(&r, "error", why);
-    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_begin_run(&r, "blk", why, p->iommu);
     result_u64(&r, "size", p->size);
     result_u64(&r, "inflight", p->inflight);
     result_u64(&r, "requests", n);
@@ -423,35 +419,19 @@ static void report(struct blk *b, const struct blk_params *p, u64 n, const char 
     result_emit(&r);
 }
 
-static int report_setup_error(const char *test, const char *status, const char *why, int code,
-                              struct dma_ctx *dma)
-{
-    struct result r;
-    result_begin(&r, test, status);
-    result_str(&r, "error", why);
-    if (dma)
-        dma_report(dma, &r);
-    result_emit(&r);
-    return code;
-}
-
 int run_blk(const struct pci_dev *devs, size_t ndevs)
 {
     static struct blk b; /* zeroed .bss */
     struct blk_params p;
     const char *err = read_params(&p);
     if (err)
-        return report_setup_error("blk", "error", err, EXIT_USAGE, NULL);
-    static const u16 blk_ids[] = {0x1042, 0x1001, 0};
-    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, blk_ids);
+        return report_early_exit("blk", "error", err, EXIT_USAGE, NULL);
+    const struct pci_dev *pci = virtio_find("blk", devs, ndevs, VIRTIO_ID_BLOCK, "virtio-blk");
     if (!pci)
-        return report_setup_error("blk", "unsupported", "no virtio-blk device on PCI bus 0", EXIT_UNSUPPORTED, NULL);
+        return EXIT_UNSUPPORTED;
     err = blk_setup(&b, pci, &p);
-    if (err) {
-        int code;
-        const char *status = dma_exit_status(&b.dma, &code);
-        return report_setup_error("blk", status, err, code, &b.dma);
-    }
+    if (err)
+        return report_dma_setup_error("blk", err, &b.dma);
     u64 n = p.requests ? p.requests : b.capacity / (p.size / SECTOR);
     printf("IOVMM-TEST blk: %02x:%02x.%x queue %u, %llu sectors, %llu requests of %llu bytes, %llu in flight\n",
            pci->bus, pci->dev, pci->fn, b.q.size, (unsigned long long)b.capacity, (unsigned long long)n,
@@ -459,7 +439,7 @@ int run_blk(const struct pci_dev *devs, size_t ndevs)
     const char *why = run_all(&b, &p, n);
     if (p.reset && !virtio_reset(&b.vd) && !why)
         why = "the device did not finish its reset after the run";
-    report(&b, &p, n, why ? "failed" : "ok", why);
+    report(&b, &p, n, why);
     return why ? EXIT_FAILED : EXIT_OK;
 }
 
@@ -634,10 +614,7 @@ static const char *stale_after(struct blk *b, const struct blk_params *p, struct
 static void stale_report(struct blk *b, const struct blk_params *p, const struct stale *st, const char *why)
 {
     struct result r;
-    result_begin(&r, "blk-stale", why ? "failed" : "ok");
-    if (why)
-        result_str(&r, "error", why);
-    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_begin_run(&r, "blk-stale", why, p->iommu);
     result_u64(&r, "size", p->size);
     result_u64(&r, "capacity", b->capacity);
     result_str(&r, "marker", stale_marker);
@@ -674,12 +651,10 @@ int run_blk_stale(const struct pci_dev *devs, size_t ndevs)
     if (!err && p.inflight < STALE_SLOTS)
         err = "blk-stale needs iovmm.inflight >= 5";
     if (err)
-        return report_setup_error("blk-stale", "error", err, EXIT_USAGE, NULL);
-    static const u16 blk_ids[] = {0x1042, 0x1001, 0};
-    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, blk_ids);
+        return report_early_exit("blk-stale", "error", err, EXIT_USAGE, NULL);
+    const struct pci_dev *pci = virtio_find("blk-stale", devs, ndevs, VIRTIO_ID_BLOCK, "virtio-blk");
     if (!pci)
-        return report_setup_error("blk-stale", "unsupported", "no virtio-blk device on PCI bus 0", EXIT_UNSUPPORTED,
-                                  NULL);
+        return EXIT_UNSUPPORTED;
     err = blk_setup(&b, pci, &p);
     u64 per = p.size / SECTOR;
     if (!err && b.dma.mode != IOMMU_STRICT)
@@ -688,11 +663,8 @@ int run_blk_stale(const struct pci_dev *devs, size_t ndevs)
         err = "blk-stale needs a disk of at least 4 * iovmm.size bytes";
     if (!err && !(st.marker_buf = mem_alloc(p.size, 4096)))
         err = "out of guest memory for the marker buffer";
-    if (err) {
-        int code;
-        const char *status = dma_exit_status(&b.dma, &code);
-        return report_setup_error("blk-stale", status, err, code, &b.dma);
-    }
+    if (err)
+        return report_dma_setup_error("blk-stale", err, &b.dma);
     st.normal_sector = 0;
     st.sector[ST_OUT] = per;
     st.sector[ST_MARKER] = 2 * per;

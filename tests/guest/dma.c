@@ -24,6 +24,15 @@ const char *iommu_mode_name(enum iommu_mode mode)
     return (size_t)mode < ARRAY_SIZE(mode_names) ? mode_names[mode] : "?";
 }
 
+const char *iommu_mode_param(enum iommu_mode dflt, enum iommu_mode *out)
+{
+    char mode[16];
+    *out = dflt;
+    if (cmdline_get("iovmm.iommu", mode, sizeof(mode)) && !iommu_mode_parse(mode, out))
+        return "iovmm.iommu must be off, passthrough, strict or lazy";
+    return NULL;
+}
+
 bool dma_fail(struct dma_ctx *ctx, const char *why)
 {
     if (!ctx->error)
@@ -113,6 +122,32 @@ const char *dma_exit_status(const struct dma_ctx *ctx, int *code)
 {
     *code = ctx->usage ? EXIT_USAGE : ctx->unsupported ? EXIT_UNSUPPORTED : EXIT_FAILED;
     return ctx->usage ? "error" : ctx->unsupported ? "unsupported" : "failed";
+}
+
+int report_early_exit(const char *test, const char *status, const char *why, int code, struct dma_ctx *dma)
+{
+    struct result r;
+    result_begin(&r, test, status);
+    result_str(&r, "error", why);
+    if (dma)
+        dma_report(dma, &r);
+    result_emit(&r);
+    return code;
+}
+
+int report_dma_setup_error(const char *test, const char *why, struct dma_ctx *dma)
+{
+    int code;
+    const char *status = dma_exit_status(dma, &code);
+    return report_early_exit(test, status, why, code, dma);
+}
+
+void result_begin_run(struct result *r, const char *test, const char *why, enum iommu_mode iommu)
+{
+    result_begin(r, test, why ? "failed" : "ok");
+    if (why)
+        result_str(r, "error", why);
+    result_str(r, "iommu", iommu_mode_name(iommu));
 }
 
 static bool translated(const struct dma_ctx *ctx) { return ctx->mode == IOMMU_STRICT || ctx->mode == IOMMU_LAZY; }

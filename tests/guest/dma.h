@@ -83,6 +83,8 @@ struct dma_ctx {
 
 bool iommu_mode_parse(const char *s, enum iommu_mode *out);
 const char *iommu_mode_name(enum iommu_mode mode);
+/* Reads iovmm.iommu into *out (`dflt` when absent): NULL, or why the value is malformed. */
+const char *iommu_mode_param(enum iommu_mode dflt, enum iommu_mode *out);
 
 /* Prepares DMA for one device (reads iovmm.viommu, iovmm.ats, iovmm.lazy_batch, iovmm.lazy_flush).
  * NULL on success, else why; ctx->unsupported / ctx->usage tell "absent" and "bad parameter" from
@@ -106,6 +108,16 @@ bool dma_fail(struct dma_ctx *ctx, const char *why);
 const char *dma_exit_status(const struct dma_ctx *ctx, int *code);
 /* Adds the DMA/vIOMMU fields to a result line. */
 void dma_report(struct dma_ctx *ctx, struct result *r);
+
+/* The result line of a scenario that ended before its run (with the DMA fields once dma_init
+ * ran, `dma` set): "error" with EXIT_USAGE, "unsupported" with EXIT_UNSUPPORTED, ... Returns
+ * `code`. */
+int report_early_exit(const char *test, const char *status, const char *why, int code, struct dma_ctx *dma);
+/* report_early_exit() of a device set-up failure, with the status and code of dma_exit_status(). */
+int report_dma_setup_error(const char *test, const char *why, struct dma_ctx *dma);
+/* Starts the result line of a scenario's run: "ok", or "failed" with "error": why; and the
+ * requested "iommu" mode. */
+void result_begin_run(struct result *r, const char *test, const char *why, enum iommu_mode iommu);
 
 extern const struct iommu_driver virtio_iommu_driver;
 extern const struct iommu_driver vtd_driver;

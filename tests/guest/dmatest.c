@@ -61,16 +61,12 @@ static const struct pci_dev *pick_endpoint(const struct pci_dev *devs, size_t n,
 
 static const char *read_params(struct dma_params *p)
 {
-    char mode[16];
     if (cmdline_u64("iovmm.iterations", 1000, &p->iterations) || cmdline_u64("iovmm.size", 4096, &p->size) ||
         cmdline_u64("iovmm.inflight", 1, &p->inflight))
         return "a numeric iovmm.* parameter is malformed";
     if (p->size == 0 || p->size > MAX_SIZE || p->inflight == 0 || p->inflight > MAX_INFLIGHT)
         return "iovmm.size must be 1..1M and iovmm.inflight 1..256";
-    p->mode = IOMMU_STRICT;
-    if (cmdline_get("iovmm.iommu", mode, sizeof(mode)) && !iommu_mode_parse(mode, &p->mode))
-        return "iovmm.iommu must be off, passthrough, strict or lazy";
-    return NULL;
+    return iommu_mode_param(IOMMU_STRICT, &p->mode);
 }
 
 static void report(struct dma_ctx *dma, const struct dma_params *p, const struct pci_dev *ep, const char *status,

@@ -238,6 +238,19 @@ bool virtq_get_used(struct virtq *vq, u32 *id, u32 *len)
     return true;
 }
 
+const struct pci_dev *virtio_find(const char *test, const struct pci_dev *devs, size_t ndevs, u16 type,
+                                  const char *what)
+{
+    const u16 ids[] = {(u16)(0x1040 + type), (u16)(0x0fff + type), 0};
+    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, ids);
+    if (!pci) {
+        char why[64];
+        snprintf(why, sizeof(why), "no %s device on PCI bus 0", what);
+        report_early_exit(test, "unsupported", why, EXIT_UNSUPPORTED, NULL);
+    }
+    return pci;
+}
+
 const char *virtio_dma_open(struct virtio_dev *vd, struct dma_ctx *dma, const struct pci_dev *pci,
                             enum iommu_mode iommu, u64 wanted, const char *what)
 {

@@ -5,6 +5,9 @@
 #include "dma.h"
 
 #define VIRTIO_VENDOR 0x1af4
+/* Device types (PCI device id 0x1040 + type, transitional 0x0fff + type). */
+#define VIRTIO_ID_NET 1
+#define VIRTIO_ID_BLOCK 2
 
 /* Device status bits. */
 #define VIRTIO_STATUS_ACKNOWLEDGE 1
@@ -78,6 +81,10 @@ struct vq_buf {
     bool device_writes;
 };
 
+/* The first virtio device of `type` (VIRTIO_ID_*) on PCI bus 0. When there is none: NULL, after
+ * the result line of `test`, "unsupported" with "no `what` device on PCI bus 0". */
+const struct pci_dev *virtio_find(const char *test, const struct pci_dev *devs, size_t ndevs, u16 type,
+                                  const char *what);
 /* Finds the virtio capabilities and enables memory decoding and bus mastering. */
 const char *virtio_pci_init(struct virtio_dev *vd, const struct pci_dev *pci, struct dma_ctx *dma);
 /* Reset, ACKNOWLEDGE, DRIVER, features (offered & wanted, must include `required`), FEATURES_OK. */
