@@ -32,6 +32,9 @@ pub enum ThreadKind {
     /// the next back end on the device's listening socket and replays the
     /// negotiation.
     VhostUserServer,
+    /// The vhost-net IOTLB server (`vhost-net-iotlb`): reads the kernel's
+    /// IOTLB misses from the vhost fd and writes UPDATEs back.
+    VhostNetIotlb,
 }
 
 /// Called on a freshly started device thread with its kind. An error means

@@ -16,6 +16,7 @@ use vm_memory::GuestMemoryBackend;
 use crate::arch::x86_64::{acpi, boot, layout, regs};
 use crate::config::{SerialMode, VmConfig};
 use crate::device_manager::iommu::Viommu;
+use crate::device_manager::vhost_net::{add_vhost_net, VhostNetInfo};
 use crate::device_manager::vhost_user::{add_vhost_user, SocketFile, VhostUserInfo};
 use crate::device_manager::{DeviceManager, SerialSink};
 use crate::event_loop::{run_until_exit, ExitHandler, VmmEventManager};
@@ -49,6 +50,8 @@ pub struct Machine {
     pub viommu: Option<Arc<Viommu>>,
     /// The vhost-user devices.
     pub vhost_user: Vec<VhostUserInfo>,
+    /// The vhost-net devices.
+    pub vhost_net: Vec<VhostNetInfo>,
     /// Stop, pause and resume of the vCPUs.
     pub vcpu_control: Arc<VcpuControl>,
     /// Server sockets of vhost-user devices, removed when dropped: taken out before the
@@ -166,6 +169,7 @@ fn create_devices(
     devices: &mut DeviceManager,
     mem: &GuestMemoryMmap,
     files: &mut Vec<SocketFile>,
+    nets: &mut Vec<VhostNetInfo>,
 ) -> VmmResult<(Option<Viommu>, Vec<VhostUserInfo>)> {
     let ram_end = mem.last_addr().0;
     let mut viommu = match &config.iommu {
@@ -177,18 +181,22 @@ fn create_devices(
         .as_ref()
         .map(|i| i.iotlb_policy)
         .unwrap_or_default();
-    let mut ordered: Vec<&_> = config.vhost_user.iter().filter(|d| d.iommu).collect();
-    ordered.extend(config.vhost_user.iter().filter(|d| !d.iommu));
-    let mut infos = Vec::with_capacity(ordered.len());
-    for d in ordered {
-        infos.push(add_vhost_user(
-            devices,
-            viommu.as_mut(),
-            policy,
-            d,
-            mem,
-            files,
-        )?);
+    let mut infos = Vec::with_capacity(config.vhost_user.len());
+    // Behind the vIOMMU first (vhost-user, then vhost-net), so that their BDFs form one range.
+    for iommu in [true, false] {
+        for d in config.vhost_user.iter().filter(|d| d.iommu == iommu) {
+            infos.push(add_vhost_user(
+                devices,
+                viommu.as_mut(),
+                policy,
+                d,
+                mem,
+                files,
+            )?);
+        }
+        for n in config.net.iter().filter(|n| n.iommu == iommu) {
+            nets.push(add_vhost_net(devices, viommu.as_mut(), policy, n, mem)?);
+        }
     }
     Ok((viommu, infos))
 }
@@ -207,7 +215,14 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
         devices.set_thread_hook(hook);
     }
     let mut socket_files = Vec::new();
-    let (viommu, vhost_user) = create_devices(config, &mut devices, &mem, &mut socket_files)?;
+    let mut vhost_net = Vec::new();
+    let (viommu, vhost_user) = create_devices(
+        config,
+        &mut devices,
+        &mem,
+        &mut socket_files,
+        &mut vhost_net,
+    )?;
     let mut extra_tables = Vec::new();
     if let Some(t) = viommu
         .as_ref()
@@ -237,6 +252,7 @@ pub fn build(config: &VmConfig) -> VmmResult<(Machine, Option<SerialCapture>)> {
             exit,
             viommu: viommu.map(Arc::new),
             vhost_user,
+            vhost_net,
             vcpu_control,
             socket_files,
             vcpus,

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use crate::config::{
-    ByteSize, ConfigError, IommuConfig, MetricsConfig, SerialMode, VhostUserConfig, VmConfig,
-    DEFAULT_CMDLINE,
+    ByteSize, ConfigError, IommuConfig, MetricsConfig, NetConfig, SerialMode, VhostUserConfig,
+    VmConfig, DEFAULT_CMDLINE,
 };
 use crate::seccomp::{self, SeccompLevel};
 use crate::{CrashReport, VmExit, Vmm};
@@ -46,6 +46,12 @@ pub struct Cli {
     #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long = "vhost-user", value_name = "KIND,socket=PATH[,OPTS]")]
     pub vhost_user: Vec<VhostUserConfig>,
+    /// vhost-net device: tap=NAME,vhost=on[,iommu=on][,mac=MAC]; the kernel's vhost-net with the
+    /// tap as backend (behind the vIOMMU with iommu=on); repeat for more devices.
+    // The brackets are clap's `--help` text for optional parts, not intra-doc links.
+    #[allow(rustdoc::broken_intra_doc_links)]
+    #[arg(long = "net", value_name = "tap=NAME,vhost=on[,OPTS]")]
+    pub net: Vec<NetConfig>,
     /// JSON configuration file with the same fields; command-line options override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -102,6 +108,7 @@ impl Cli {
             cfg.iommu = Some(i.clone());
         }
         cfg.vhost_user.extend(self.vhost_user.iter().cloned());
+        cfg.net.extend(self.net.iter().cloned());
         if let Some(s) = self.seccomp {
             cfg.seccomp = s;
         }
@@ -122,6 +129,12 @@ fn print_counters(vmm: &Vmm) {
     for (i, dev) in vmm.vhost_user_devices().iter().enumerate() {
         let mut v = dev.counters_json();
         v["device"] = i.into();
+        eprintln!("iovmm-counters: {v}");
+    }
+    let first = vmm.vhost_user_devices().len();
+    for (i, dev) in vmm.vhost_net_devices().iter().enumerate() {
+        let mut v = dev.counters_json();
+        v["device"] = (first + i).into();
         eprintln!("iovmm-counters: {v}");
     }
 }
@@ -313,6 +326,24 @@ mod tests {
         let m = c.metrics.unwrap();
         assert_eq!((m.path, m.interval), ("/run/iovmm.metrics".into(), 7));
         assert!(parse(&["--kernel", "/k", "--metrics", "/m,interval=soon"]).is_err());
+    }
+
+    #[test]
+    fn net_devices_reach_the_config() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0,vhost=on,iommu=on",
+            "--net",
+            "tap=tap1,vhost=on",
+        ])
+        .unwrap()
+        .to_config()
+        .unwrap();
+        let taps: Vec<_> = c.net.iter().map(|n| (n.tap.as_str(), n.iommu)).collect();
+        assert_eq!(taps, [("tap0", true), ("tap1", false)]);
+        assert!(parse(&["--kernel", "/k", "--net", "vhost=on"]).is_err());
     }
 
     #[test]

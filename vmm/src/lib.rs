@@ -42,6 +42,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use api::{VmApi, VmControl, VmCounters, VmInfo, VmState};
 pub use config::{ByteSize, ConfigError, MetricsConfig, SerialMode, VmConfig};
+pub use device_manager::vhost_net::VhostNetInfo;
 pub use device_manager::vhost_user::VhostUserInfo;
 pub use devices::vhost_user::VhostUserStats;
 pub use seccomp::SeccompLevel;
@@ -333,6 +334,11 @@ impl Vmm {
     /// The vhost-user devices, in PCI order, with their live counters.
     pub fn vhost_user_devices(&self) -> &[VhostUserInfo] {
         self.control.vhost_user_devices()
+    }
+
+    /// The vhost-net devices, in PCI order, with their live counters.
+    pub fn vhost_net_devices(&self) -> &[VhostNetInfo] {
+        self.control.vhost_net_devices()
     }
 
     /// Time since [`Vmm::start`] was called.

@@ -11,6 +11,7 @@
 //! | [`ThreadKind::VhostUserCall`] | `vhost-user-call` | first thing on the thread |
 //! | [`ThreadKind::VhostUserReconnect`] | `vhost-user-reconnect` | once the VMM set its thread hook, before it handles any disconnect |
 //! | [`ThreadKind::VhostUserServer`] | `vhost-user-server` (`server=on`) | once the VMM set its thread hook, before it accepts a back end |
+//! | [`ThreadKind::VhostNetIotlb`] | `vhost-net-iotlb` (`--net ...,iommu=on`) | first thing, before reading the vhost fd |
 //! | [`ThreadKind::Api`] | the CLI's main thread | by the CLI after [`crate::Vmm::start`] |
 //! | [`ThreadKind::ApiServer`] | `iovmm_api` (`--api-socket`, `--metrics`) | first thing on the thread, before it accepts a connection |
 //!
@@ -150,11 +151,13 @@ pub enum ThreadKind {
     VhostUserReconnect,
     /// The vhost-user server-mode supervisor: accepts the next back end.
     VhostUserServer,
+    /// `vhost-net-iotlb`: serves the kernel's IOTLB misses on a vhost fd.
+    VhostNetIotlb,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Api,
         ThreadKind::ApiServer,
         ThreadKind::EventLoop,
@@ -164,6 +167,7 @@ impl ThreadKind {
         ThreadKind::VhostUserCall,
         ThreadKind::VhostUserReconnect,
         ThreadKind::VhostUserServer,
+        ThreadKind::VhostNetIotlb,
     ];
 
     /// Short name used in messages.
@@ -178,6 +182,7 @@ impl ThreadKind {
             ThreadKind::VhostUserCall => "vhost-user call relay",
             ThreadKind::VhostUserReconnect => "vhost-user reconnect",
             ThreadKind::VhostUserServer => "vhost-user server",
+            ThreadKind::VhostNetIotlb => "vhost-net IOTLB",
         }
     }
 }
@@ -190,6 +195,7 @@ impl From<devices::thread::ThreadKind> for ThreadKind {
             devices::thread::ThreadKind::VhostUserCall => ThreadKind::VhostUserCall,
             devices::thread::ThreadKind::VhostUserReconnect => ThreadKind::VhostUserReconnect,
             devices::thread::ThreadKind::VhostUserServer => ThreadKind::VhostUserServer,
+            devices::thread::ThreadKind::VhostNetIotlb => ThreadKind::VhostNetIotlb,
         }
     }
 }
@@ -446,6 +452,20 @@ fn vcpu_rules(r: &mut Rules) -> Result<(), BackendError> {
         libc::FIONBIO,
         libc::FIOCLEX,
     ]);
+    // vhost-net activation and reset (and VHOST_RESET_OWNER for a VT-d unmap the kernel
+    // refused).
+    io.extend(devices::vhost_kernel::kern::runtime_ioctls());
+    r.insert(libc::SYS_ioctl, ioctls(&io)?);
+    Ok(())
+}
+
+/// The vhost-net IOTLB thread: `poll` and `read` on the vhost fd, `write` of UPDATEs (and of
+/// INVALIDATEs when the bridge's record is full); MSIs for fault events; `VHOST_RESET_OWNER`
+/// if the kernel refuses an INVALIDATE. No socket I/O, no thread creation.
+fn vhost_net_iotlb_rules(r: &mut Rules) -> Result<(), BackendError> {
+    allow(r, &[libc::SYS_poll, libc::SYS_ppoll]);
+    let mut io = device_ioctls();
+    io.push(devices::vhost_kernel::kern::reset_owner_ioctl());
     r.insert(libc::SYS_ioctl, ioctls(&io)?);
     Ok(())
 }
@@ -469,7 +489,10 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
             ThreadKind::VirtioIommu => {
                 allow(&mut r, EPOLL_WAIT);
                 allow(&mut r, SOCKET_IO);
-                r.insert(libc::SYS_ioctl, ioctls(&device_ioctls())?);
+                // VHOST_RESET_OWNER: a vhost-net kernel that refused an unmap's INVALIDATE.
+                let mut io = device_ioctls();
+                io.push(devices::vhost_kernel::kern::reset_owner_ioctl());
+                r.insert(libc::SYS_ioctl, ioctls(&io)?);
             }
             ThreadKind::VhostUserReq => {
                 allow(&mut r, SOCKET_IO);
@@ -481,6 +504,7 @@ pub fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Seccom
             }
             ThreadKind::VhostUserReconnect => reconnect_rules(&mut r)?,
             ThreadKind::VhostUserServer => server_rules(&mut r)?,
+            ThreadKind::VhostNetIotlb => vhost_net_iotlb_rules(&mut r)?,
         }
         // The logger asks whether stderr is a terminal (TCGETS) before it
         // writes a line, on whichever thread logs.
@@ -609,10 +633,11 @@ pub use report::install_sigsys_reporter;
 mod tests {
     use super::*;
 
-    const DEVICE_KINDS: [ThreadKind; 3] = [
+    const DEVICE_KINDS: [ThreadKind; 4] = [
         ThreadKind::VirtioIommu,
         ThreadKind::VhostUserReq,
         ThreadKind::VhostUserCall,
+        ThreadKind::VhostNetIotlb,
     ];
 
     #[test]

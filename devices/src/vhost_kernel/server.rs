@@ -283,7 +283,7 @@ impl IotlbServer {
         let join = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let why = match thread::enter(hook.as_ref(), ThreadKind::VhostUserReq) {
+                let why = match thread::enter(hook.as_ref(), ThreadKind::VhostNetIotlb) {
                     true => self.run(&s),
                     false => ServerError::Sandbox,
                 };

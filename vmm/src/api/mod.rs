@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::VmConfig;
 use crate::device_manager::iommu::Viommu;
+use crate::device_manager::vhost_net::VhostNetInfo;
 use crate::device_manager::vhost_user::VhostUserInfo;
 use crate::vstate::vcpu::{ExitState, VcpuControl, VcpuControlError, VcpuRunState, VmExit};
 
@@ -83,6 +84,7 @@ pub struct VmControl {
     exit: Arc<ExitState>,
     vcpus: Arc<VcpuControl>,
     vhost_user: Vec<VhostUserInfo>,
+    vhost_net: Vec<VhostNetInfo>,
     /// The vIOMMU while the machine lives (never kept alive by the API).
     viommu: Option<Weak<Viommu>>,
     /// The vIOMMU counters last read (what is reported once the machine is gone).
@@ -106,6 +108,7 @@ impl VmControl {
             exit: machine.exit.clone(),
             vcpus: machine.vcpu_control.clone(),
             vhost_user: machine.vhost_user.clone(),
+            vhost_net: machine.vhost_net.clone(),
             viommu: machine.viommu.as_ref().map(Arc::downgrade),
             viommu_last: Mutex::new(None),
         }
@@ -134,6 +137,11 @@ impl VmControl {
     /// The vhost-user devices, in PCI order.
     pub fn vhost_user_devices(&self) -> &[VhostUserInfo] {
         &self.vhost_user
+    }
+
+    /// The vhost-net devices, in PCI order.
+    pub fn vhost_net_devices(&self) -> &[VhostNetInfo] {
+        &self.vhost_net
     }
 
     /// Reads the vIOMMU counters while the machine lives, else returns the last ones read.

@@ -17,6 +17,7 @@ use crate::seccomp::SeccompLevel;
 
 mod api;
 mod devices;
+mod net;
 
 pub use api::{
     validate_api_socket, MetricsConfig, DEFAULT_METRICS_INTERVAL, MAX_METRICS_INTERVAL,
@@ -26,6 +27,7 @@ pub use devices::{
     IommuConfig, IommuKind, IotlbPolicyConfig, VhostUserConfig, VhostUserKind, DEFAULT_SERVER_WAIT,
     MAX_SERVER_WAIT,
 };
+pub use net::{NetConfig, MAX_NET_DEVICES};
 
 /// Most vhost-user devices per VM (PCI bus 0 has 31 free slots).
 pub const MAX_VHOST_USER_DEVICES: usize = 16;
@@ -244,6 +246,9 @@ pub struct VmConfig {
     /// vhost-user devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vhost_user: Vec<VhostUserConfig>,
+    /// vhost-net devices on taps (`--net`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetConfig>,
     /// Seccomp filters on iovmm's threads (`true`, `"log"` or `false`; default `true`).
     #[serde(default)]
     pub seccomp: SeccompLevel,
@@ -267,6 +272,7 @@ impl VmConfig {
             serial: SerialMode::default(),
             iommu: None,
             vhost_user: Vec::new(),
+            net: Vec::new(),
             seccomp: SeccompLevel::default(),
             api_socket: None,
             metrics: None,
@@ -296,6 +302,7 @@ impl VmConfig {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
         }
         self.validate_devices()?;
+        self.validate_net()?;
         self.validate_api()?;
         check_file("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {

@@ -30,6 +30,7 @@ use crate::event_loop::ExitHandler;
 
 pub mod iommu;
 pub mod pci;
+pub mod vhost_net;
 pub mod vhost_user;
 
 use crate::vstate::vcpu::VmExit;
@@ -64,6 +65,9 @@ pub enum DeviceManagerError {
     /// A vhost-user device could not be set up.
     #[error(transparent)]
     VhostUser(Box<vhost_user::VhostUserSetupError>),
+    /// A vhost-net device could not be set up.
+    #[error(transparent)]
+    VhostNet(Box<vhost_net::VhostNetSetupError>),
     /// A PCI device could not be added.
     #[error(transparent)]
     Pci(#[from] PciSetupError),
