@@ -222,25 +222,20 @@ void result_str(struct result *r, const char *key, const char *value)
     result_append(r, &f);
 }
 
-void result_u64(struct result *r, const char *key, u64 value)
+/* A field whose value is `value` printed with `fmt` (one unsigned long long conversion). */
+static void result_number(struct result *r, const char *key, const char *fmt, u64 value)
 {
     struct frag f;
     char tmp[24];
     field_begin(&f, key);
-    snprintf(tmp, sizeof(tmp), "%llu", (unsigned long long)value);
+    snprintf(tmp, sizeof(tmp), fmt, (unsigned long long)value);
     frag_raw(&f, tmp);
     result_append(r, &f);
 }
 
-void result_hex(struct result *r, const char *key, u64 value)
-{
-    struct frag f;
-    char tmp[24];
-    field_begin(&f, key);
-    snprintf(tmp, sizeof(tmp), "\"0x%llx\"", (unsigned long long)value);
-    frag_raw(&f, tmp);
-    result_append(r, &f);
-}
+void result_u64(struct result *r, const char *key, u64 value) { result_number(r, key, "%llu", value); }
+
+void result_hex(struct result *r, const char *key, u64 value) { result_number(r, key, "\"0x%llx\"", value); }
 
 void result_emit(struct result *r)
 {
