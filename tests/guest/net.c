@@ -15,6 +15,11 @@
  * ethertype 0x88b5, then byte j (j >= 14) = (u8)(i * 31 + j). "checksum" is the wrapping u64 sum of
  * every frame byte of every frame (Ethernet header included, virtio_net_hdr excluded), which a
  * backend can recompute from what it received.
+ *
+ * iovmm.seq=1 sends net-rx's "sequence frames" instead (bytes 14..21 = i little-endian, byte
+ * j >= 22 = (u8)(i * 31 + j), see rx.c), so that another VM's net-rx can verify them through a
+ * switch; iovmm.gap_us (0) spaces the frames by at least that many microseconds (a receiver
+ * behind a switch drops what finds its RX ring full).
  */
 #include "net.h"
 #include "env.h"
@@ -26,7 +31,7 @@
 #define TX_QUEUE 1
 
 struct net_params {
-    u64 frames, size, batch, queue, timeout_ms, reset, bad_frame;
+    u64 frames, size, batch, queue, timeout_ms, reset, bad_frame, seq, gap_us, gap_cycles;
     enum iommu_mode iommu;
 };
 
@@ -40,6 +45,7 @@ struct net_tx {
     u64 *slot_dma;     /* device address of each in-flight slot, by descriptor id */
     u64 sent, completed, checksum, bytes;
     u64 bad_iova;      /* the guard IOVA of iovmm.bad_frame, 0 if none */
+    u64 next_tx;       /* iovmm.gap_us: TSC before which no frame is added */
 };
 
 static const char *read_params(struct net_params *p)
@@ -48,8 +54,12 @@ static const char *read_params(struct net_params *p)
     if (cmdline_u64("iovmm.frames", 1000, &p->frames) || cmdline_u64("iovmm.size", 1514, &p->size) ||
         cmdline_u64("iovmm.batch", 1, &p->batch) || cmdline_u64("iovmm.queue", 256, &p->queue) ||
         cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset) ||
-        cmdline_u64("iovmm.bad_frame", ~0ULL, &p->bad_frame))
+        cmdline_u64("iovmm.bad_frame", ~0ULL, &p->bad_frame) || cmdline_u64("iovmm.seq", 0, &p->seq) ||
+        cmdline_u64("iovmm.gap_us", 0, &p->gap_us))
         return "a numeric iovmm.* parameter is malformed";
+    if (p->seq > 1 || p->gap_us > 1000000)
+        return "iovmm.seq must be 0 or 1 and iovmm.gap_us at most 1000000";
+    p->gap_cycles = p->gap_us * ms_to_cycles(1) / 1000;
     if (p->size < 60 || p->size > 65000)
         return "iovmm.size must be 60..65000 bytes";
     if (p->batch == 0 || p->queue < 2 || p->queue > 32768)
@@ -87,8 +97,9 @@ static const char *net_setup(struct net_tx *n, const struct pci_dev *pci, const 
     return NULL;
 }
 
-/* Writes frame `seq` after a zeroed header; returns the sum of its bytes. */
-static u64 fill_frame(u8 *buf, const u8 *mac, u64 seq, u64 size)
+/* Writes frame `seq` after a zeroed header (with `seq_layout`, the sequence number at 14..21);
+ * returns the sum of its bytes. */
+static u64 fill_frame(u8 *buf, const u8 *mac, u64 seq, u64 size, bool seq_layout)
 {
     memset(buf, 0, NET_HDR_LEN);
     u8 *f = buf + NET_HDR_LEN;
@@ -98,6 +109,8 @@ static u64 fill_frame(u8 *buf, const u8 *mac, u64 seq, u64 size)
     f[13] = 0xb5;
     for (u64 j = 14; j < size; j++)
         f[j] = (u8)(seq * 31 + j);
+    for (u32 i = 0; seq_layout && i < 8; i++)
+        f[14 + i] = (u8)(seq >> (8 * i));
     u64 sum = 0;
     for (u64 j = 0; j < size; j++)
         sum += f[j];
@@ -108,10 +121,12 @@ static u64 fill_frame(u8 *buf, const u8 *mac, u64 seq, u64 size)
 static bool submit_batch(struct net_tx *n, const struct net_params *p)
 {
     u64 added = 0;
-    while (added < p->batch && n->sent < p->frames && n->txq.num_free > 0) {
+    while (added < p->batch && n->sent < p->frames && n->txq.num_free > 0 &&
+           (!p->gap_cycles || rdtsc() >= n->next_tx)) {
+        n->next_tx = rdtsc() + p->gap_cycles;
         u16 slot = n->txq.free_head; /* the descriptor id virtq_add will use */
         u8 *buf = n->bufs + (u64)slot * n->stride;
-        n->checksum += fill_frame(buf, n->mac, n->sent, p->size);
+        n->checksum += fill_frame(buf, n->mac, n->sent, p->size, p->seq);
         u64 len = NET_HDR_LEN + p->size;
         u64 addr = dma_map(&n->dma, buf, len, DMA_TO_DEVICE);
         if (addr == DMA_MAPPING_ERROR)

@@ -17,6 +17,12 @@
  * 256), iovmm.iommu, iovmm.timeout_ms (10000), iovmm.reset (1), iovmm.loopback (0),
  * iovmm.rx_dir (w | rw), and the DMA layer's parameters (dma.h).
  *
+ * iovmm.lossy=1 (frames from another VM through a switch, which drops what it cannot deliver):
+ * a frame may be missing but never out of order, duplicated or damaged; each received frame is
+ * checked against its own sequence number, gaps are counted in "lost" (with the frames after
+ * the last one received), and a silence of iovmm.timeout_ms after the first frame ends the run
+ * without failing it. Result fields "lost" and "last_seq".
+ *
  * net-stale (strict only): the use-after-unmap probe of the security invariant. Sends frame 0
  * normally, unmaps it (the strict unmap waits for the invalidation), writes the marker frame
  * (ethertype 0x88b6, payload "IOVMM-STALE-MARKER" repeated) into the same buffer and posts a TX
@@ -40,7 +46,7 @@
 #define SUM_OFF 12
 
 struct rx_params {
-    u64 frames, size, queue, timeout_ms, reset, loopback, after, stale_wait_ms, expect_stall, unmap_to_end;
+    u64 frames, size, queue, timeout_ms, reset, loopback, after, stale_wait_ms, expect_stall, unmap_to_end, lossy;
     enum iommu_mode iommu;
     enum dma_dir rx_dir;
 };
@@ -54,6 +60,7 @@ struct rx_dev {
     u8 *rx_bufs, *tx_bufs;
     u64 *rx_dma, *tx_dma; /* device address per descriptor id */
     u64 received, bad_frames, bad_len, first_bad, rx_checksum;
+    u64 next_seq, lost; /* iovmm.lossy */
     u64 sent, completed;
 };
 
@@ -65,7 +72,7 @@ static const char *read_rx_params(struct rx_params *p)
         cmdline_u64("iovmm.reset", 1, &p->reset) || cmdline_u64("iovmm.loopback", 0, &p->loopback) ||
         cmdline_u64("iovmm.after", 4, &p->after) || cmdline_u64("iovmm.stale_wait_ms", 2000, &p->stale_wait_ms) ||
         cmdline_u64("iovmm.expect_stall", 0, &p->expect_stall) ||
-        cmdline_u64("iovmm.unmap_to_end", 0, &p->unmap_to_end))
+        cmdline_u64("iovmm.unmap_to_end", 0, &p->unmap_to_end) || cmdline_u64("iovmm.lossy", 0, &p->lossy))
         return "a numeric iovmm.* parameter is malformed";
     if (p->size < 60 || p->size > 9000)
         return "iovmm.size must be 60..9000 bytes";
@@ -180,7 +187,18 @@ static u64 reap_rx(struct rx_dev *n, const struct rx_params *p)
             if (n->bad_len++ == 0 && n->bad_frames == 0)
                 n->first_bad = n->received;
         } else {
-            check_seq_frame(n, n->rx_bufs + (u64)id * n->stride + NET_HDR_LEN, n->received, p->size);
+            const u8 *f = n->rx_bufs + (u64)id * n->stride + NET_HDR_LEN;
+            u64 seq = n->received;
+            if (p->lossy) {
+                seq = 0;
+                for (u32 i = 0; i < 8; i++)
+                    seq |= (u64)f[SEQ_OFF + i] << (8 * i);
+                if (seq < n->next_seq || seq >= p->frames)
+                    seq = n->next_seq; /* out of order or bogus: fails the check below */
+                n->lost += seq - n->next_seq;
+                n->next_seq = seq + 1;
+            }
+            check_seq_frame(n, f, seq, p->size);
         }
         n->received++;
         got++;
@@ -229,6 +247,8 @@ static u64 reap_tx(struct rx_dev *n, const struct rx_params *p)
 
 static bool rx_done(const struct rx_dev *n, const struct rx_params *p)
 {
+    if (p->lossy)
+        return n->next_seq >= p->frames;
     return n->received >= p->frames && (!p->loopback || n->completed >= p->frames);
 }
 
@@ -239,6 +259,8 @@ static bool receive(struct rx_dev *n, const struct rx_params *p, const char **wh
         *why = n->dma.error;
         return false;
     }
+    /* A harness that starts the sender only now cannot lose the first frames. */
+    printf("IOVMM-TEST net-rx: ready, %u RX buffers posted\n", n->rxq.size - n->rxq.num_free);
     while (!rx_done(n, p)) {
         if (p->loopback && !submit_tx(n, p))
             break;
@@ -248,6 +270,8 @@ static bool receive(struct rx_dev *n, const struct rx_params *p, const char **wh
         if (got) {
             last = rdtsc();
         } else if (rdtsc() - last > timeout) {
+            if (p->lossy && n->received)
+                break; /* the rest was lost */
             *why = "no frame received within iovmm.timeout_ms";
             return false;
         } else {
@@ -277,6 +301,10 @@ static void rx_report(struct rx_dev *n, const struct rx_params *p, const char *t
     if (n->bad_frames || n->bad_len)
         result_u64(&r, "first_bad", n->first_bad);
     result_u64(&r, "rx_checksum", n->rx_checksum);
+    if (p->lossy) {
+        result_u64(&r, "lost", n->lost + (p->frames - n->next_seq));
+        result_u64(&r, "last_seq", n->next_seq ? n->next_seq - 1 : 0);
+    }
     result_u64(&r, "sent", n->sent);
     result_u64(&r, "completed", n->completed);
     result_u64(&r, "queue_size", n->rxq.size);

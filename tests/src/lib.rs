@@ -7,5 +7,6 @@ pub mod dpdk;
 pub mod guest;
 pub mod matrix;
 pub mod nested;
+pub mod ovs;
 pub mod qemu;
 pub mod rig;

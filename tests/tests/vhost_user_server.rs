@@ -113,7 +113,7 @@ fn closed_by_peer(s: &mut UnixStream, within: Duration) -> bool {
         match s.read(&mut buf) {
             Ok(0) => return true,
             Ok(_) => {}
-            Err(_) => return false,
+            Err(e) => return e.kind() == std::io::ErrorKind::ConnectionReset,
         }
     }
 }
@@ -286,11 +286,14 @@ fn hostile_and_queued_clients_never_stop_the_guest() {
     );
     // The first backend dies: the garbage client is accepted, refused and closed, then the
     // queued backend takes over.
+    // (Paused, so the guest cannot finish before the queued clients are served.)
+    vmm.pause().unwrap();
     first.kill();
     assert!(closed_by_peer(&mut garbage, Duration::from_secs(20)));
     wait_stats(&vmm, "restored on the queued backend", |s| {
         s.reconnect.restores == 1
     });
+    vmm.resume().unwrap();
     let (_, s) = finish(vmm, &sock);
     assert_starts_with_connect_invalidate(&queued);
     assert!(queued.counters().tx_frames > 0);
