@@ -618,3 +618,41 @@ impl Drop for VhostNetDevice {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn bad_options_fail_before_any_device_is_opened() {
+        for q in [0u16, 3, 100] {
+            let mut cfg = VhostNetConfig::new("tap0");
+            cfg.queue_size = q;
+            let e = VhostNetDevice::new(cfg, &mem()).unwrap_err();
+            assert!(matches!(e, VhostNetError::QueueSize(n) if n == q), "{e:?}");
+        }
+        let e = VhostNetDevice::new(VhostNetConfig::new("no/slash"), &mem()).unwrap_err();
+        assert!(
+            matches!(e, VhostNetError::Tap(TapError::BadName(_))),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn errors_name_what_to_fix() {
+        let e = VhostNetError::MissingFeatures {
+            missing: vec!["VIRTIO_F_ACCESS_PLATFORM"],
+        };
+        assert!(e.to_string().contains("VIRTIO_F_ACCESS_PLATFORM"));
+        let e = VhostNetError::Open(vhost::Error::VhostOpen(std::io::Error::from_raw_os_error(
+            libc::ENOENT,
+        )));
+        assert!(e.to_string().contains("vhost_net module"), "{e}");
+    }
+}
