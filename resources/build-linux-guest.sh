@@ -8,7 +8,9 @@
 #   bzImage            the kernel as shipped (/boot/vmlinuz-*)
 #   vmlinux            the ELF kernel inside it (for 64-bit direct boot)
 #   initramfs.cpio.gz  busybox userspace: /init mounts proc/sys/devtmpfs, loads virtio_iommu,
-#                      virtio_blk, virtio_net (+deps), prints IOVMM-GUEST-READY and powers off;
+#                      virtio_blk, virtio_net, button, evdev (+deps), prints IOVMM-GUEST-READY and
+#                      powers off (with `iovmm.poweroff=button` only once the ACPI power button
+#                      was pressed: it reads KEY_POWER from the button's input device);
 #                      with `iovmm.bench=net-tx iovmm.frames=N iovmm.size=S` on the kernel
 #                      command line it first sends N UDP frames of S bytes on eth0 with
 #                      /bin/iovmm-netbench (guest-netbench.c) and prints its IOVMM-BENCH line
@@ -20,7 +22,8 @@ SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd)
 OUTDIR=${1:-$SCRIPT_DIR/out}
 TOOLS=$SCRIPT_DIR/guest-tools.py
 NETBENCH=$SCRIPT_DIR/guest-netbench.c
-MODULES="virtio_iommu virtio_blk virtio_net"
+# button: the ACPI power button (PNP0C0C, notified by iovmm's GED); evdev: its /dev/input node.
+MODULES="virtio_iommu virtio_blk virtio_net button evdev"
 MARKER=IOVMM-GUEST-READY
 # Addresses of the net-tx workload (a documentation prefix; nothing answers).
 GUEST_IP=192.0.2.15
@@ -155,8 +158,10 @@ dmesg | grep -E 'iommu|IOMMU|DMAR|virtio|rtc|clocksource|tsc:|smpboot' | sed 's/
 bench=""
 frames=1000
 size=1024
+poweroff=now
 for arg in \$(cat /proc/cmdline); do
     case "\$arg" in
+    iovmm.poweroff=*) poweroff=\${arg#*=} ;;
     iovmm.bench=*) bench=\${arg#*=} ;;
     iovmm.frames=*) frames=\${arg#*=} ;;
     iovmm.size=*) size=\${arg#*=} ;;
@@ -207,6 +212,30 @@ grep eth0 /proc/net/dev | tr -s ' ' | sed 's/^/iovmm-init: netdev: /'
 # Interrupts the devices raised (MSI-X vectors per queue), for the harness's failure reports.
 grep -E 'virtio|MSI|IR-' /proc/interrupts | tr -s ' ' | sed 's/^/iovmm-init: interrupts: /'
 echo $MARKER
+# iovmm.poweroff=button: power off only when the ACPI power button is pressed. The kernel's
+# button driver reports it as KEY_POWER on its input device (it does not power off by itself):
+# read struct input_event records (x86-64: 16 bytes of time, u16 type, u16 code, s32 value)
+# until EV_KEY (1) KEY_POWER (116).
+if [ "\$poweroff" = button ]; then
+    dev=""
+    for e in /sys/class/input/event*; do
+        [ "\$(cat "\$e/device/name" 2>/dev/null)" = "Power Button" ] && dev=/dev/input/\${e##*/}
+    done
+    # The device is opened once, before the ready line, so a press that comes at once is
+    # queued; dd reads one record per call from the subshell's standard input.
+    if [ -n "\$dev" ]; then
+        (
+            echo "iovmm-init: waiting for the power button on \$dev"
+            while :; do
+                set -- \$(dd bs=24 count=1 2>/dev/null | od -An -tu2 -j16 -N4)
+                [ "\$#" -eq 2 ] || { echo "iovmm-init: cannot read \$dev"; break; }
+                [ "\$1" = 1 ] && [ "\$2" = 116 ] && { echo "iovmm-init: power button pressed"; break; }
+            done
+        ) <"\$dev" || echo "iovmm-init: cannot open \$dev"
+    else
+        echo "iovmm-init: no power button input device (button.ko not bound?)"
+    fi
+fi
 poweroff -f
 INIT
     chmod 755 "$1"

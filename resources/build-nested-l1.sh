@@ -12,9 +12,10 @@
 #     `cargo build --release -p vmm -p integration-tests --bin iovmm --bin iovmm-test-backend`
 #     and takes them from target/release (or $CARGO_TARGET_DIR/release)
 #   dpdk-testpmd (dpdk-dev) with its PMD plugins librte_mempool_ring and librte_net_vhost,
-#     busybox (busybox-static), nested-init.sh (becomes /init)
+#     curl (the API client of the shutdown scenario), busybox (busybox-static), nested-init.sh
+#     (becomes /init)
 # Writes to OUTDIR:
-#   l1.cpio.gz  newc cpio, gzip: busybox, /init, /bin/{iovmm,iovmm-test-backend,dpdk-testpmd},
+#   l1.cpio.gz  newc cpio, gzip: busybox, /init, /bin/{iovmm,iovmm-test-backend,dpdk-testpmd,curl},
 #               the DPDK plugins in /lib/dpdk/, every shared library they need in
 #               /lib/x86_64-linux-gnu/ (loader at its own path), /lib/modules/*.ko (kvm, kvm-amd,
 #               irqbypass, tun, vhost, vhost_net, vhost_iotlb and deps, uncompressed; load order
@@ -71,6 +72,9 @@ LDCONFIG=$(PATH=$PATH:/usr/sbin:/sbin command -v ldconfig || true)
 TESTPMD=$(command -v dpdk-testpmd 2>/dev/null || true)
 [ -n "$TESTPMD" ] || die "dpdk-testpmd not found; run resources/install-deps.sh (package dpdk-dev)"
 TESTPMD=$(readlink -f "$TESTPMD")
+CURL=$(command -v curl 2>/dev/null || true)
+[ -n "$CURL" ] || die "curl not found; run resources/install-deps.sh (package curl)"
+CURL=$(readlink -f "$CURL")
 # The plugins' ABI suffix is the one of the EAL testpmd links (bookworm's DPDK 22.11: .so.23).
 ABI=$(ldd "$TESTPMD" | sed -n 's/^[[:space:]]*librte_eal\.so\.\([0-9]*\) =>.*/\1/p')
 [ -n "$ABI" ] || die "cannot find librte_eal.so.N among $TESTPMD's libraries"
@@ -88,7 +92,7 @@ esac
 
 INPUTS="$SCRIPT_DIR/build-nested-l1.sh $INIT $TOOLS $GUEST/bzImage $GUEST/vmlinux
     $GUEST/initramfs.cpio.gz $GUEST/kernel-version $KDEB $BIN_DIR/iovmm $BIN_DIR/iovmm-test-backend
-    $TESTPMD $PLUGIN_FILES $BUSYBOX"
+    $TESTPMD $CURL $PLUGIN_FILES $BUSYBOX"
 
 print_outputs() {
     for f in $OUTPUTS; do
@@ -128,6 +132,7 @@ strip --strip-debug -o "$root/bin/iovmm" "$BIN_DIR/iovmm" || die "strip $BIN_DIR
 strip --strip-debug -o "$root/bin/iovmm-test-backend" "$BIN_DIR/iovmm-test-backend" ||
     die "strip $BIN_DIR/iovmm-test-backend failed"
 cp "$TESTPMD" "$root/bin/dpdk-testpmd"
+cp "$CURL" "$root/bin/curl"
 for f in $PLUGIN_FILES; do
     name=$(basename "$f")
     cp "$f" "$root/lib/dpdk/${name%.*}" # librte_x.so.23.0 -> librte_x.so.23
@@ -154,7 +159,7 @@ copy_libs() {
             fi
         done
 }
-for elf in "$BIN_DIR/iovmm" "$BIN_DIR/iovmm-test-backend" "$TESTPMD" $PLUGIN_FILES; do
+for elf in "$BIN_DIR/iovmm" "$BIN_DIR/iovmm-test-backend" "$TESTPMD" "$CURL" $PLUGIN_FILES; do
     copy_libs "$elf"
 done
 
@@ -172,7 +177,7 @@ cp "$INIT" "$root/init"
 chmod 755 "$root/init"
 
 # The image must run: check every program's libraries against the image itself.
-for elf in "$root"/bin/iovmm "$root"/bin/iovmm-test-backend "$root"/bin/dpdk-testpmd "$root"/lib/dpdk/*; do
+for elf in "$root"/bin/iovmm "$root"/bin/iovmm-test-backend "$root"/bin/dpdk-testpmd "$root"/bin/curl "$root"/lib/dpdk/*; do
     interp=$(readelf -l "$elf" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
     [ -z "$interp" ] || [ -e "$root$interp" ] || die "${elf#"$root"}: loader $interp missing from the image"
     for need in $(readelf -d "$elf" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do

@@ -71,7 +71,7 @@ IOVMM_L2_INITRAMFS=/l2/initramfs.cpio.gz
 # L1's TSC frequency in kHz (for the L2 command line's tsc_early_khz=), empty if not found.
 IOVMM_L1_TSC_KHZ=$(dmesg | sed -n 's/.*tsc: Detected \([0-9]*\)\.\([0-9]\{3\}\).* MHz processor.*/\1\2/p' | head -n 1)
 export IOVMM_DPDK_PLUGINS IOVMM_L2_KERNEL IOVMM_L2_INITRAMFS IOVMM_L1_TSC_KHZ
-for f in "$IOVMM_L2_KERNEL" "$IOVMM_L2_INITRAMFS" /bin/iovmm /bin/iovmm-test-backend /bin/dpdk-testpmd; do
+for f in "$IOVMM_L2_KERNEL" "$IOVMM_L2_INITRAMFS" /bin/iovmm /bin/iovmm-test-backend /bin/dpdk-testpmd /bin/curl; do
     [ -f "$f" ] || fail "$f missing from the initramfs"
 done
 

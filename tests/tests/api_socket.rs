@@ -1,7 +1,8 @@
 //! The control API against running KVM guests, driven with `curl --unix-socket` (and raw
 //! sockets where curl cannot send what is needed): every endpoint, pause and resume around a
 //! frame the guest is waiting for, malformed and hostile requests, concurrent clients, the
-//! connection limit, shutdown, the metrics line and the CLI's seccomp-filtered API thread.
+//! connection limit, shutdown (power button, then the forced stop: the test guest has no ACPI),
+//! the vIOMMU counters, the metrics line and the CLI's seccomp-filtered API thread.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -362,9 +363,14 @@ fn library_api_pauses_resumes_and_reports() {
     vmm.resume().expect("resume");
     assert_eq!(vmm.info().vcpus, vec![vmm::VcpuRunState::Running]);
     assert!(vmm.counters().vhost_user.is_empty());
-    // A paused VM stops too: the parked vCPU is released.
+    // A paused guest cannot take the power button: it is stopped at once, the parked vCPU
+    // released.
     vmm.pause().expect("pause");
-    vmm.shutdown();
+    let out = vmm.shutdown();
+    assert_eq!(
+        (out.result, out.button, out.exit.as_str()),
+        (vmm::ShutdownResult::Forced, false, "stopped")
+    );
     assert_eq!(vmm.wait().expect("stops"), VmExit::Stopped);
     assert_eq!(vmm.info().state, vmm::VmState::Stopped);
     assert!(!sock.exists());
@@ -498,14 +504,37 @@ fn concurrent_clients_are_all_answered_and_the_connection_limit_holds() {
     assert_eq!(vmm.wait().expect("stops"), VmExit::Stopped);
 }
 
+/// `PUT /api/v1/vm.shutdown` with the JSON body `body`.
+fn shutdown(sock: &Path, body: &str) -> Answer {
+    curl(sock, "PUT", "/api/v1/vm.shutdown", &["--data-binary", body])
+}
+
 #[test]
-fn shutdown_stops_the_vm_and_the_metrics_file_gets_a_last_line() {
+fn shutdown_presses_the_button_then_forces_the_stop_and_the_metrics_file_gets_a_last_line() {
     let _one = lock(&ONE_VM);
     let metrics = temp_path("metrics.json");
     let _ = std::fs::remove_file(&metrics);
     let mut vm = RxVm::start("shutdown", 4, Some(&metrics));
     vm.deliver(0, 2);
-    assert_eq!(put(&vm.sock, "/api/v1/vm.shutdown").status, 204);
+    let refused = shutdown(&vm.sock, r#"{"timeout_ms": 3600000}"#);
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(
+        state(&vm.sock),
+        "running",
+        "a refused request stops nothing"
+    );
+    // The test guest has no ACPI: it never answers the power button, so the stop is forced
+    // once the requested 300 ms have passed.
+    let a = shutdown(&vm.sock, r#"{"timeout_ms": 300}"#);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let out = a.json();
+    assert_eq!(
+        (&out["result"], &out["exit"], &out["button"]),
+        (&"forced".into(), &"stopped".into(), &true.into()),
+        "{out}"
+    );
+    let waited = out["waited_ms"].as_u64().unwrap_or_default();
+    assert!((300..5000).contains(&waited), "{out}");
     assert_eq!(vm.vmm.wait().expect("stops"), VmExit::Stopped);
     assert!(!vm.sock.exists(), "the API socket is removed at exit");
     let text = std::fs::read_to_string(&metrics).expect("metrics file");
@@ -589,7 +618,8 @@ fn cli_serves_the_api_under_its_seccomp_filter_and_exits_on_shutdown() {
     assert_eq!(state(&sock), "paused");
     assert_eq!(put(&sock, "/api/v1/vm.resume").status, 204);
     assert_eq!(get(&sock, "/metrics").status, 200);
-    assert_eq!(put(&sock, "/api/v1/vm.shutdown").status, 204);
+    let a = shutdown(&sock, r#"{"timeout_ms": 100}"#);
+    assert_eq!((a.status, &a.json()["result"]), (200, &"forced".into()));
     let status = child.wait().expect("iovmm exits");
     assert_eq!(status.code(), Some(3), "VM stopped by request");
     assert!(!sock.exists(), "the CLI removed the API socket");

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use api::{VmApi, VmControl, VmCounters, VmInfo, VmState};
+pub use api::{ShutdownOutcome, ShutdownResult, VmApi, VmControl, VmCounters, VmInfo, VmState};
 pub use config::{ByteSize, ConfigError, MetricsConfig, SerialMode, VmConfig};
 pub use device_manager::vhost_net::VhostNetInfo;
 pub use device_manager::vhost_user::VhostUserInfo;
@@ -257,7 +257,7 @@ impl Vmm {
             .name("iovmm_main".into())
             .spawn(move || {
                 let reason = machine.run(vcpus, started);
-                control.freeze_counters();
+                control.machine_stopped();
                 drop(machine);
                 done.set();
                 reason
@@ -267,16 +267,22 @@ impl Vmm {
         Ok(vmm)
     }
 
-    /// Asks the VM to stop; [`Vmm::wait`] then returns [`VmExit::Stopped`].
+    /// Asks the VM to stop at once (the guest is not asked); [`Vmm::wait`] then returns
+    /// [`VmExit::Stopped`].
     pub fn stop(&self) {
-        self.control.shutdown();
+        self.control.shutdown_within(Duration::ZERO);
     }
 
-    /// Stops the VM as `PUT /api/v1/vm.shutdown` does. The guest is not asked first: the
-    /// machine has no ACPI power button yet (see `docs/design/api.md`), so this is
-    /// [`Vmm::stop`].
-    pub fn shutdown(&self) {
-        self.control.shutdown();
+    /// Shuts the VM down as `PUT /api/v1/vm.shutdown` does: presses the ACPI power button,
+    /// waits up to [`api::SHUTDOWN_TIMEOUT`] (10 s) for the guest to power off (ACPI S5), then
+    /// stops it. A paused VM is stopped at once. Says which happened.
+    pub fn shutdown(&self) -> ShutdownOutcome {
+        self.control.shutdown_within(api::SHUTDOWN_TIMEOUT)
+    }
+
+    /// [`Vmm::shutdown`] waiting at most `timeout` for the guest (zero: [`Vmm::stop`]).
+    pub fn shutdown_timeout(&self, timeout: Duration) -> ShutdownOutcome {
+        self.control.shutdown_within(timeout)
     }
 
     /// Parks every vCPU outside the guest; returns once all of them are parked. Device

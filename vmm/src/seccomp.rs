@@ -429,7 +429,9 @@ fn server_rules(r: &mut Rules) -> Result<(), BackendError> {
 fn api_server_rules(r: &mut Rules) -> Result<(), BackendError> {
     allow(r, SOCKET_IO);
     allow(r, &[libc::SYS_accept4]);
-    r.insert(libc::SYS_ioctl, ioctls(&[libc::FIONBIO, libc::FIOCLEX])?);
+    // A shutdown presses the ACPI power button: its IOAPIC pin becomes an MSI.
+    let io = [libc::FIONBIO, libc::FIOCLEX, kvm::KVM_SIGNAL_MSI()];
+    r.insert(libc::SYS_ioctl, ioctls(&io)?);
     Ok(())
 }
 

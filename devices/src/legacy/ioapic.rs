@@ -12,10 +12,14 @@
 //! KVM only exits on the EOI of a vector it knows belongs to a level-triggered
 //! IOAPIC route: it scans the MSI routes of GSIs `0..n` (n = the pin count
 //! given to KVM_CAP_SPLIT_IRQCHIP) for level-triggered messages. The `vmm`
-//! must therefore mirror pin `p`'s message ([`Ioapic::msi_route`]) into GSI
+//! must therefore mirror pin `p`'s message ([`Ioapic::mirrored_route`]) into GSI
 //! `p` with KVM_SET_GSI_ROUTING whenever it changes; a listener installed with
 //! [`Ioapic::set_route_listener`] is told about every change.
-//! [`Ioapic::eoi_vectors`] lists the vectors that need the EOI exit.
+//! [`Ioapic::eoi_vectors`] lists the vectors that need the EOI exit. A masked
+//! pin stays mirrored while its remote IRR is set: a real IOAPIC sees the EOI
+//! broadcast whatever the mask, and Linux masks a one-shot threaded interrupt
+//! (the ACPI GED's) before it EOIs it, then waits for remote IRR to clear
+//! before it frees the interrupt.
 //!
 //! Remappable-format entries (VT-d interrupt remapping, bit 48 set) become
 //! remappable-format MSI addresses (see [`redirection_to_msi`]); whoever
@@ -168,14 +172,22 @@ impl Ioapic {
         (entry & MASKED == 0).then(|| redirection_to_msi(entry))
     }
 
-    /// Vectors of unmasked level-triggered pins, sorted and without
-    /// duplicates: the EOIs KVM must report with KVM_EXIT_IOAPIC_EOI.
+    /// The message KVM must know in GSI `pin` (what the route listener is told): the pin's
+    /// MSI while unmasked, and also while masked with remote IRR set (a level interrupt in
+    /// service, whose EOI must still reach [`Ioapic::end_of_interrupt`]); `None` otherwise.
+    pub fn mirrored_route(&self, pin: usize) -> Option<MsiMessage> {
+        let entry = *self.redirection.get(pin)?;
+        let in_service = entry & (TRIGGER_LEVEL | REMOTE_IRR) == TRIGGER_LEVEL | REMOTE_IRR;
+        (entry & MASKED == 0 || in_service).then(|| redirection_to_msi(entry))
+    }
+
+    /// Vectors of level-triggered pins that are unmasked or in service (remote IRR set),
+    /// sorted and without duplicates: the EOIs KVM must report with KVM_EXIT_IOAPIC_EOI.
     pub fn eoi_vectors(&self) -> Vec<u8> {
-        let mut vectors: Vec<u8> = self
-            .redirection
-            .iter()
-            .filter(|e| *e & (MASKED | TRIGGER_LEVEL) == TRIGGER_LEVEL)
-            .map(|e| (e & VECTOR_MASK) as u8)
+        let mut vectors: Vec<u8> = (0..IOAPIC_NUM_PINS)
+            .filter(|&pin| self.redirection[pin] & TRIGGER_LEVEL != 0)
+            .filter(|&pin| self.mirrored_route(pin).is_some())
+            .map(|pin| (self.redirection[pin] & VECTOR_MASK) as u8)
             .collect();
         vectors.sort_unstable();
         vectors.dedup();
@@ -204,7 +216,10 @@ impl Ioapic {
             if entry & VECTOR_MASK != u64::from(vector) || entry & REMOTE_IRR == 0 {
                 continue;
             }
+            let old_route = self.mirrored_route(pin);
             self.redirection[pin] &= !REMOTE_IRR;
+            // A masked pin is mirrored only until this EOI.
+            self.route_changed(pin, old_route);
             if self.asserted[pin] {
                 self.deliver(pin);
             }
@@ -268,16 +283,21 @@ impl Ioapic {
         if new & TRIGGER_LEVEL == 0 {
             new &= !REMOTE_IRR;
         }
-        let old_route = self.msi_route(pin);
+        let old_route = self.mirrored_route(pin);
         self.redirection[pin] = new;
-        let new_route = self.msi_route(pin);
-        if old_route != new_route {
-            if let Some(listener) = self.route_listener.as_mut() {
-                listener(pin, new_route);
-            }
-        }
+        self.route_changed(pin, old_route);
         if self.asserted[pin] && new & TRIGGER_LEVEL != 0 {
             self.deliver(pin);
+        }
+    }
+
+    /// Tells the route listener about `pin`'s mirrored route if it is no longer `old`.
+    fn route_changed(&mut self, pin: usize, old: Option<MsiMessage>) {
+        let new = self.mirrored_route(pin);
+        if old != new {
+            if let Some(listener) = self.route_listener.as_mut() {
+                listener(pin, new);
+            }
         }
     }
 
@@ -579,6 +599,52 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), vec![(2, None)]);
         assert_eq!(io.eoi_vectors(), vec![0x40]);
         assert_eq!(io.msi_route(2), None);
+    }
+
+    /// Linux's one-shot threaded level interrupt (the ACPI GED): delivered, masked by the hard
+    /// handler, EOIed while masked, unmasked after the thread. KVM must still report that EOI,
+    /// or remote IRR stays set and Linux's free_irq spins on it forever (it did: L2's power-off
+    /// hung after the power button).
+    #[test]
+    fn a_masked_pin_in_service_stays_mirrored_until_its_eoi() {
+        let (mut io, sink) = ioapic();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        io.set_route_listener(Box::new(move |pin, msg| {
+            seen2.lock().unwrap().push((pin, msg))
+        }));
+        let level = 0x90 | TRIGGER_LEVEL;
+        program(&mut io, 9, level);
+        io.set_pin_level(9, true).unwrap();
+        assert_eq!(sink.take().len(), 1);
+        seen.lock().unwrap().clear();
+        // Masked in service: still mirrored, still an EOI vector.
+        program(&mut io, 9, level | MASKED);
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "{:?}",
+            seen.lock().unwrap()
+        );
+        assert_eq!(io.eoi_vectors(), vec![0x90]);
+        assert_eq!(io.msi_route(9), None, "a masked pin delivers nothing");
+        // The EOI clears remote IRR; only now the route goes.
+        io.end_of_interrupt(0x90);
+        assert_eq!(io.redirection_entry(9).unwrap() & REMOTE_IRR, 0);
+        assert_eq!(*seen.lock().unwrap(), vec![(9, None)]);
+        assert!(io.eoi_vectors().is_empty());
+        assert!(
+            sink.take().is_empty(),
+            "masked: no re-delivery though still high"
+        );
+        // The thread read the event (line low), then the pin is unmasked: mirrored again,
+        // nothing to deliver.
+        io.set_pin_level(9, false).unwrap();
+        program(&mut io, 9, level);
+        assert_eq!(
+            seen.lock().unwrap().last(),
+            Some(&(9, Some(redirection_to_msi(level))))
+        );
+        assert!(sink.take().is_empty());
     }
 
     #[test]

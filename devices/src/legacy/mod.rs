@@ -1,4 +1,5 @@
-//! Legacy platform devices: serial console, IOAPIC, CMOS RTC, reset and power-off paths.
+//! Legacy platform devices: serial console, IOAPIC, CMOS RTC, reset and power-off paths, and
+//! the ACPI power button.
 //!
 //! Every device here is a [`crate::bus::BusDevice`]; the `vmm` crate inserts
 //! it on the PIO or MMIO bus at the documented address:
@@ -11,12 +12,14 @@
 //! | [`rtc::Rtc`] (MC146818, no IRQ) | PIO | [`rtc::RTC_PORT`] | [`rtc::RTC_PORT_LEN`] |
 //! | [`exit_port::ExitPort`] | PIO | [`exit_port::EXIT_PORT`] | [`exit_port::EXIT_PORT_LEN`] |
 //! | [`acpi_pm::AcpiSleepRegs`] | PIO | [`acpi_pm::SLEEP_CONTROL_PORT`] | [`acpi_pm::SLEEP_REGS_LEN`] |
+//! | [`ged::Ged`] (power button, IOAPIC pin 9) | PIO | [`ged::GED_EVENT_PORT`] | [`ged::GED_EVENT_LEN`] |
 //!
 //! Interrupt-raising devices talk to an [`IrqLine`]; [`ioapic::IoapicPin`] is
 //! the implementation that feeds an IOAPIC input pin.
 
 pub mod acpi_pm;
 pub mod exit_port;
+pub mod ged;
 pub mod i8042;
 pub mod ioapic;
 pub mod rtc;

@@ -39,17 +39,17 @@ pub enum ChannelError {
     #[error("vhost-user back end disconnected; reconnect it to continue")]
     Disconnected,
     /// The peer sent a frame that does not follow the protocol.
-    #[error("vhost-user protocol violation: {0}")]
+    #[error("vhost-user protocol violation")]
     Protocol(#[from] WireError),
     /// A socket call failed.
-    #[error("vhost-user socket I/O failed: {0}")]
+    #[error("vhost-user socket I/O failed")]
     Io(#[from] std::io::Error),
     /// An earlier failure left the stream out of sync; nothing more is sent.
     #[error("vhost-user main socket was closed after an earlier failure; reconnect the back end")]
     Broken,
     /// A request issued through the vhost crate's `Frontend` failed.
-    #[error("vhost-user request failed: {0}")]
-    Frontend(vhost::Error),
+    #[error("vhost-user request failed")]
+    Frontend(#[source] vhost::Error),
 }
 
 /// Sends front-end IOTLB messages (UPDATE, INVALIDATE) to a back end.
@@ -223,7 +223,10 @@ impl MainSocket {
             Ok(r) => Ok(r),
             Err(e) => {
                 if desyncs_stream(&e) {
-                    log::error!("vhost-user main socket failed, closing it: {e}");
+                    log::error!(
+                        "vhost-user main socket failed, closing it: {}",
+                        iommu::error::chain(&e)
+                    );
                     self.mark_broken(&inner);
                 }
                 Err(ChannelError::Frontend(e))
@@ -280,7 +283,10 @@ impl IotlbChannel for MainSocket {
         let res = self.exchange(&inner, msg, need_reply);
         if let Err(e) = &res {
             if !matches!(e, ChannelError::Nack(_)) {
-                log::error!("vhost-user IOTLB message failed, closing the main socket: {e}");
+                log::error!(
+                    "vhost-user IOTLB message failed, closing the main socket: {}",
+                    iommu::error::chain(&e)
+                );
                 self.mark_broken(&inner);
             }
         }

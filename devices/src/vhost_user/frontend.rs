@@ -30,7 +30,9 @@ use super::kind::VhostUserKind;
 use super::listener::accept_until;
 use super::reconnect::{Dial, ReconnectCounters, Supervisor, SupervisorConfig};
 use super::relay::CallRelay;
-use super::session::{negotiate_within, Activation, Link, Negotiated, RingSetup, Session};
+use super::session::{
+    negotiate_within, Activation, BoundedGuard, BoundedMutex, Link, Negotiated, RingSetup, Session,
+};
 use super::stats::VhostUserStats;
 use super::wire::{
     PROTOCOL_F_BACKEND_REQ, PROTOCOL_F_CONFIG, PROTOCOL_F_REPLY_ACK,
@@ -104,7 +106,7 @@ impl VhostUserConfig {
 #[derive(Debug, Error)]
 pub enum VhostUserError {
     /// The socket could not be connected.
-    #[error("cannot connect to the vhost-user back end at {path}: {source}; start the back end (listening on that path) first")]
+    #[error("cannot connect to the vhost-user back end at {path}; start the back end (listening on that path) first")]
     Connect {
         /// The socket path.
         path: PathBuf,
@@ -112,7 +114,7 @@ pub enum VhostUserError {
         source: std::io::Error,
     },
     /// A request failed (refused, timed out, or the back end went away).
-    #[error("vhost-user {step} failed: {source}")]
+    #[error("vhost-user {step} failed")]
     Request {
         /// The request or step.
         step: &'static str,
@@ -458,7 +460,7 @@ impl VhostUserDevice {
             iommu: cfg.iommu,
             main: main.clone(),
             bridge: bridge.clone(),
-            session: Mutex::new(Session {
+            session: BoundedMutex::new(Session {
                 neg,
                 up: true,
                 want: None,
@@ -571,7 +573,7 @@ impl VhostUserDevice {
 
     /// The session lock, bounded by the channel timeout with reconnection
     /// (the supervisor may hold it while it restores the device).
-    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+    fn session(&self) -> BoundedGuard<'_, Session> {
         let bound = self.supervisor.as_ref().map(|_| self.timeout);
         self.link.lock_session(bound)
     }
@@ -594,11 +596,14 @@ impl VhostUserDevice {
                 Some(c)
             }
             Err(e) if self.supervisor.is_some() => {
-                log::debug!("vhost-user: configuration from cache: {e}");
+                log::debug!("vhost-user: configuration from cache: {}", chain(&e));
                 self.config_cache.clone()
             }
             Err(e) => {
-                log::warn!("vhost-user: reading the device configuration failed: {e}");
+                log::warn!(
+                    "vhost-user: reading the device configuration failed: {}",
+                    chain(&e)
+                );
                 self.mark_broken_if_dead();
                 None
             }
@@ -696,7 +701,7 @@ impl VhostUserDevice {
         match res {
             Ok(()) => {}
             Err(e) if self.supervisor.is_some() && self.main.is_broken() => {
-                log::warn!("vhost-user back end went away while starting ({e}); it is restarted once it is back");
+                log::warn!("vhost-user back end went away while starting ({}); it is restarted once it is back", chain(&e));
             }
             Err(e) => {
                 self.stop_failed(&mut s);
@@ -803,7 +808,11 @@ impl VirtioDevice for VhostUserDevice {
                 Ok(())
             }
             Err(e) => {
-                log::error!("vhost-user {:?} device failed to start: {e}", self.kind);
+                log::error!(
+                    "vhost-user {:?} device failed to start: {}",
+                    self.kind,
+                    chain(&e)
+                );
                 drop(run);
                 self.mark_broken_if_dead();
                 Err(VirtioDeviceError::Backend(Box::new(e)))

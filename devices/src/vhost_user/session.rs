@@ -4,8 +4,8 @@
 //! replays the same programming on a new connection.
 
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use iommu::error::chain;
 use iommu::sync::lock;
@@ -29,6 +29,9 @@ use super::wire::{
 use crate::sys::{poll_fds, PollFd};
 use crate::thread::ThreadHook;
 use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
+
+mod bounded;
+pub(crate) use bounded::{BoundedGuard, BoundedMutex};
 
 /// What negotiation on one connection settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +91,7 @@ pub(crate) struct Link {
     pub(crate) iommu: bool,
     pub(crate) main: Arc<MainSocket>,
     pub(crate) bridge: Option<Arc<IotlbBridge>>,
-    pub(crate) session: Mutex<Session>,
+    pub(crate) session: BoundedMutex<Session>,
     pub(crate) hook: Mutex<Option<ThreadHook>>,
 }
 
@@ -299,26 +302,16 @@ impl Link {
     /// longer than the channel timeout): past it, the main socket is shut
     /// down so that whoever holds the lock fails fast, and the lock is
     /// taken then.
-    pub(crate) fn lock_session(&self, bound: Option<Duration>) -> MutexGuard<'_, Session> {
-        let poisoned = |p: std::sync::PoisonError<_>| p.into_inner();
+    pub(crate) fn lock_session(&self, bound: Option<Duration>) -> BoundedGuard<'_, Session> {
         let Some(bound) = bound else {
-            return self.session.lock().unwrap_or_else(poisoned);
+            return self.session.lock();
         };
-        let deadline = Instant::now() + bound;
-        loop {
-            match self.session.try_lock() {
-                Ok(g) => return g,
-                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    log::warn!("vhost-user: the back end is too slow to (re)start; dropping the connection");
-                    self.main.close();
-                    return self.session.lock().unwrap_or_else(poisoned);
-                }
-            }
+        if let Some(s) = self.session.lock_within(bound) {
+            return s;
         }
+        log::warn!("vhost-user: the back end is too slow to (re)start; dropping the connection");
+        self.main.close();
+        self.session.lock()
     }
 
     /// SET_FEATURES, SET_MEM_TABLE and, behind a vIOMMU, the bridge and the

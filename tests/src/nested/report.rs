@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::scenario::{Backend, Outcome, Scenario};
+use super::scenario::{Backend, Outcome, Scenario, SHUTDOWN_TIMEOUT_MS};
 use crate::dpdk::parse_port_stats;
 
 /// L1's console, line by line, with the time each line arrived.
@@ -77,6 +77,8 @@ pub struct ScenarioReport {
     pub guest_netdev_rx: Option<u64>,
     /// The test backend's accesses without a translation after a miss.
     pub translation_failures: Option<u64>,
+    /// iovmm's answer to L1's `PUT vm.shutdown` (API shutdown scenarios).
+    pub shutdown_answer: Option<serde_json::Value>,
     /// The expected driver lines, as printed.
     pub driver_lines: Vec<String>,
     /// Everything that did not hold.
@@ -187,6 +189,10 @@ impl ScenarioReport {
             if self.counters.is_none() {
                 self.counters = json_after(l, "iovmm-counters: ");
             }
+            if self.shutdown_answer.is_none() {
+                let marker = format!("NESTED-SHUTDOWN-ANSWER {} ", sc.name);
+                self.shutdown_answer = l.strip_prefix(&marker).and_then(|a| json_after(a, ""));
+            }
         }
         match sc.backend {
             Backend::None => {}
@@ -243,6 +249,9 @@ impl ScenarioReport {
         if sc.frames > 0 {
             self.check_frames(sc);
         }
+        if sc.api_shutdown {
+            self.check_api_shutdown();
+        }
         let c = &self.counters;
         if sc.expect_misses && (u(c, "misses") == 0 || u(c, "misses_refused") > 0) {
             self.failures.push(format!(
@@ -254,6 +263,27 @@ impl ScenarioReport {
         if sc.expect_devtlb && u(c, "devtlb_notifications") == 0 {
             self.failures
                 .push("no unmap came as a device-TLB invalidation (ATS unused?)".into());
+        }
+    }
+
+    /// The control API's shutdown ended in the guest's own S5 power-off, within the timeout.
+    fn check_api_shutdown(&mut self) {
+        let a = self.shutdown_answer.as_ref();
+        let field = |k: &str| a.and_then(|a| a.get(k)).cloned();
+        let waited = field("waited_ms").and_then(|v| v.as_u64());
+        let ok = field("result").as_ref().and_then(|v| v.as_str()) == Some("powered-off")
+            && field("exit").as_ref().and_then(|v| v.as_str()) == Some("power_off")
+            && field("button") == Some(serde_json::Value::Bool(true))
+            && waited.is_some_and(|w| w < SHUTDOWN_TIMEOUT_MS);
+        if !ok {
+            let line = self
+                .vm_log
+                .iter()
+                .find(|l| l.starts_with("NESTED-SHUTDOWN-ANSWER"));
+            self.failures.push(format!(
+                "expected the shutdown to press the power button and the guest to power off \
+                 within {SHUTDOWN_TIMEOUT_MS} ms; the answer was {line:?}"
+            ));
         }
     }
 
@@ -405,7 +435,14 @@ pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for (sc, r) in scs.iter().zip(reports) {
-        let frames = if sc.blk {
+        let frames = if sc.api_shutdown {
+            let a = r.shutdown_answer.as_ref();
+            let field = |k: &str| {
+                a.and_then(|a| a.get(k))
+                    .map_or("-".into(), |v| v.to_string())
+            };
+            format!("shutdown {} in {} ms", field("result"), field("waited_ms"))
+        } else if sc.blk {
             let mib = r.bench_u64("bytes").map_or(0, |v| v >> 20);
             match r.bench_field("match").and_then(serde_json::Value::as_bool) {
                 Some(true) => format!("blk {mib} MiB read back"),
@@ -583,6 +620,43 @@ mod tests {
         assert_eq!(run(good, 999).len(), 1);
         let bad = "IOVMM-BENCH {\"bench\":\"net-rx\",\"received\":999,\"bad\":1}";
         assert!(run(bad, 1000)[0].contains("Some(999) good and Some(1) bad"));
+    }
+
+    #[test]
+    fn an_api_shutdown_must_end_in_the_guests_power_off() {
+        let sc = scenario("acpi-shutdown");
+        let run = |answer: &str, rc: i32| {
+            let answer = format!("NESTED-SHUTDOWN-ANSWER acpi-shutdown {answer}");
+            let vm_exit = format!("NESTED-VM-EXIT acpi-shutdown rc={rc}");
+            let t = transcript(&[
+                "NESTED-BEGIN acpi-shutdown",
+                "NESTED-VM-START acpi-shutdown",
+                "iovmm-init: started at uptime 1.0 s",
+                "IOVMM-GUEST-READY",
+                "iovmm-init: waiting for the power button on /dev/input/event0",
+                "iovmm-init: power button pressed",
+                &answer,
+                &vm_exit,
+                "NESTED-END acpi-shutdown",
+            ]);
+            let mut r = ScenarioReport::extract(&t, &sc);
+            r.check(&sc);
+            let table = table(std::slice::from_ref(&sc), std::slice::from_ref(&r));
+            (r.failures, table)
+        };
+        let good = r#"{"result":"powered-off","exit":"power_off","button":true,"waited_ms":1234}"#;
+        let (failures, table) = run(good, 0);
+        assert_eq!(failures, Vec::<String>::new());
+        assert!(
+            table.contains("shutdown \"powered-off\" in 1234 ms"),
+            "{table}"
+        );
+        let forced = r#"{"result":"forced","exit":"stopped","button":true,"waited_ms":30001}"#;
+        let (failures, _) = run(forced, 3);
+        assert_eq!(failures.len(), 2, "{failures:?}");
+        assert!(failures[1].contains("forced"), "{failures:?}");
+        let (failures, _) = run("curl: (7) Couldn't connect to server", 0);
+        assert!(failures[0].contains("Couldn't connect"), "{failures:?}");
     }
 
     #[test]

@@ -83,12 +83,23 @@ pub struct Scenario {
     /// The backend asks read-write for write-only RX buffers (DPDK does):
     /// iovmm must refuse the miss, report the fault, and nothing arrives.
     pub expect_rw_refusal: bool,
+    /// The guest waits for the ACPI power button (`iovmm.poweroff=button`) and L1 shuts the VM
+    /// down through the control API (`PUT vm.shutdown` with curl): iovmm must end through the
+    /// guest's own S5 power-off, not a forced stop.
+    pub api_shutdown: bool,
 }
 
 /// Guest RAM of every scenario.
 pub const GUEST_MEMORY: &str = "512M";
 /// Frame size of the guest's UDP workload (bytes on the wire).
 pub const FRAME_SIZE: u32 = 256;
+/// What the guest's init prints once it read the power button's KEY_POWER.
+pub const POWER_BUTTON_LINE: &str = "iovmm-init: power button pressed";
+/// What the guest's init prints once it waits for the power button (L1 presses it then).
+pub const POWER_BUTTON_WAIT_LINE: &str = "iovmm-init: waiting for the power button";
+/// How long L1's shutdown request lets the guest take to power off, in milliseconds.
+pub const SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+
 /// The Linux guest's base command line (the workload and IOMMU mode are added).
 pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 rdinit=/init quiet";
 
@@ -111,6 +122,7 @@ impl Scenario {
             expect_misses: false,
             expect_devtlb: false,
             expect_rw_refusal: false,
+            api_shutdown: false,
         }
     }
 
@@ -118,6 +130,17 @@ impl Scenario {
     pub fn boot(name: &str) -> Self {
         Scenario {
             expect_lines: &["cpus online: 0 "],
+            ..Self::base(name)
+        }
+    }
+
+    /// Boot, then wait for the power button: L1 presses it through the control API.
+    pub fn api_shutdown(name: &str, iommu: Option<&'static str>, guest_args: &'static str) -> Self {
+        Scenario {
+            iommu,
+            guest_args,
+            api_shutdown: true,
+            expect_lines: &[POWER_BUTTON_LINE],
             ..Self::base(name)
         }
     }
@@ -144,6 +167,9 @@ impl Scenario {
         let mut c = String::from(BASE_CMDLINE);
         if !self.guest_args.is_empty() {
             let _ = write!(c, " {}", self.guest_args);
+        }
+        if self.api_shutdown {
+            c.push_str(" iovmm.poweroff=button");
         }
         if self.frames > 0 && self.blk {
             let _ = write!(c, " iovmm.bench=blk iovmm.frames={}", self.frames);
@@ -214,6 +240,13 @@ fn boots() -> Vec<Scenario> {
             ..Scenario::base("boot-2cpu")
         },
         Scenario::net("net-plain-own", None, OWN, ""),
+        // The ACPI power button: GED interrupt on IOAPIC pin 9, Notify on PNP0C0C, KEY_POWER,
+        // the guest's S5; with VT-d interrupt remapping the pin's IOAPIC entry is remappable.
+        Scenario::api_shutdown("acpi-shutdown", None, ""),
+        Scenario {
+            expect_lines: &["DMAR-IR: Enabled IRQ remapping", POWER_BUTTON_LINE],
+            ..Scenario::api_shutdown("acpi-shutdown-vtd-ir", Some(VTD_FULL), "intel_iommu=on")
+        },
     ]
 }
 

@@ -7,11 +7,14 @@
 //! `NESTED-BEGIN <name>`, `NESTED-VM-START <name>`, `NESTED-VM-EXIT <name> rc=<n>`,
 //! `NESTED-LOG-BEGIN <name> backend` .. `NESTED-LOG-END <name> backend`,
 //! `NESTED-RETRY <name> rc=<n>` (the guest crashed or hung; the VM part runs once more),
-//! `NESTED-END <name>`.
+//! `NESTED-END <name>`; for a scenario that shuts the guest down through the control API,
+//! `NESTED-SHUTDOWN-ANSWER <name> <curl's answer>` inside the VM part.
 
 use std::fmt::Write as _;
 
-use super::scenario::{Backend, Scenario, FRAME_SIZE, GUEST_MEMORY};
+use super::scenario::{
+    Backend, Scenario, FRAME_SIZE, GUEST_MEMORY, POWER_BUTTON_WAIT_LINE, SHUTDOWN_TIMEOUT_MS,
+};
 
 /// Seconds one guest may run before L1 kills iovmm.
 pub const VM_TIMEOUT_SECS: u32 = 240;
@@ -81,8 +84,12 @@ fn scenario(s: &mut String, sc: &Scenario) {
         let _ = write!(cmd, " {extra}");
     }
     let _ = writeln!(s, "echo NESTED-VM-START {name}");
-    let _ = writeln!(s, "{cmd} 2>&1");
-    let _ = writeln!(s, "rc=$?; echo NESTED-VM-EXIT {name} rc=$rc");
+    if sc.api_shutdown {
+        api_shutdown(s, name, &cmd);
+    } else {
+        let _ = writeln!(s, "{cmd} 2>&1");
+        let _ = writeln!(s, "rc=$?; echo NESTED-VM-EXIT {name} rc=$rc");
+    }
     stop_backend(s, sc, &log);
     let _ = writeln!(
         s,
@@ -90,6 +97,39 @@ fn scenario(s: &mut String, sc: &Scenario) {
     );
     let _ = writeln!(s, "break; done");
     let _ = writeln!(s, "echo NESTED-END {name}");
+}
+
+/// Runs iovmm (`cmd`) with an API socket in the background, its console still streaming (and
+/// kept in a file), waits until the guest waits for the power button, asks iovmm to shut the VM
+/// down with curl and prints the answer, then waits for iovmm's exit.
+fn api_shutdown(s: &mut String, name: &str, cmd: &str) {
+    let (api, out, rc) = (
+        format!("/tmp/{name}.api"),
+        format!("/tmp/{name}.out"),
+        format!("/tmp/{name}.rc"),
+    );
+    let _ = writeln!(s, "rm -f {api} {out} {rc}");
+    let _ = writeln!(
+        s,
+        "{{ {cmd} --api-socket {api} 2>&1; echo $? >{rc}; }} | tee {out} & vm=$!"
+    );
+    // Up to the VM's own timeout for the guest to boot to the point where it waits.
+    let _ = writeln!(
+        s,
+        "i=0; while ! grep -q '{POWER_BUTTON_WAIT_LINE}' {out} 2>/dev/null && kill -0 $vm 2>/dev/null && \
+         [ $i -lt {} ]; do usleep 100000; i=$((i + 1)); done",
+        VM_TIMEOUT_SECS * 10
+    );
+    let _ = writeln!(
+        s,
+        "answer=$(curl -sS --max-time {} --unix-socket {api} -X PUT -d '{{\"timeout_ms\": {SHUTDOWN_TIMEOUT_MS}}}' \
+         http://localhost/api/v1/vm.shutdown 2>&1)",
+        SHUTDOWN_TIMEOUT_MS / 1000 + 30
+    );
+    let _ = writeln!(s, "echo \"NESTED-SHUTDOWN-ANSWER {name} $answer\"");
+    let _ = writeln!(s, "wait $vm");
+    let _ = writeln!(s, "rc=$(cat {rc} 2>/dev/null || echo 255)");
+    let _ = writeln!(s, "echo NESTED-VM-EXIT {name} rc=$rc");
 }
 
 fn start_backend(s: &mut String, sc: &Scenario, sock: &str, log: &str) {
@@ -173,6 +213,27 @@ mod tests {
             }
         }
         assert!(s.ends_with("exit 0\n"));
+    }
+
+    #[test]
+    fn an_api_shutdown_scenario_waits_for_the_guest_then_asks_over_the_socket() {
+        let sc = acceptance().into_iter().find(|s| s.api_shutdown).unwrap();
+        let s = generate(std::slice::from_ref(&sc));
+        let name = &sc.name;
+        let order = [
+            format!("--api-socket /tmp/{name}.api"),
+            format!("grep -q '{POWER_BUTTON_WAIT_LINE}' /tmp/{name}.out"),
+            format!("--unix-socket /tmp/{name}.api -X PUT"),
+            format!("NESTED-SHUTDOWN-ANSWER {name} $answer"),
+            format!("NESTED-VM-EXIT {name} rc=$rc"),
+        ];
+        let mut at = 0;
+        for want in &order {
+            at += s[at..]
+                .find(want.as_str())
+                .unwrap_or_else(|| panic!("{want} after {at}:\n{s}"));
+        }
+        assert!(sc.cmdline().ends_with(" iovmm.poweroff=button"));
     }
 
     #[test]

@@ -144,7 +144,9 @@ impl Connection {
             Ok(Some((req, used))) => {
                 self.input.drain(..used);
                 let resp = handle(api, &req);
-                self.respond(&resp, req.close, now);
+                // A shutdown may have waited seconds for the guest: the next deadline counts
+                // from the answer.
+                self.respond(&resp, req.close, now.max(Instant::now()));
             }
             Err(e) => self.fail(&e, now),
         }
@@ -156,6 +158,20 @@ impl Connection {
             self.phase = Phase::Closing;
         }
         self.deadline = now + REQUEST_TIMEOUT;
+    }
+
+    /// Writes what it can of a pending response without waiting: the server is stopping (the VM
+    /// stopped), and a shutdown's answer may have just been produced.
+    pub fn flush(&mut self) {
+        if self.output.is_empty() || self.phase == Phase::Dead {
+            return;
+        }
+        match self.stream.write(&self.output) {
+            Ok(n) => {
+                self.output.drain(..n);
+            }
+            Err(e) => log::debug!("api: cannot write a last response: {e}"),
+        }
     }
 
     fn fail(&mut self, e: &HttpError, now: Instant) {

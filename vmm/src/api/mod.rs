@@ -7,10 +7,11 @@
 //! line ([`metrics`]). Requests are framed with `httparse` ([`http`]) and routed by
 //! [`routes`]; the endpoint list is in `docs/design/api.md`.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use iommu::sync::lock;
+use devices::legacy::ged::Ged;
+use iommu::sync::{lock, wait_timeout_while};
 use serde::Serialize;
 
 use crate::config::VmConfig;
@@ -34,6 +35,12 @@ pub use server::{ApiServer, ApiSetupError};
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a resume waits for every vCPU to leave its parked state.
 pub const RESUME_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for the guest to power off after the power button was pressed,
+/// unless the request names its own timeout ([`crate::Vmm::shutdown`], `PUT vm.shutdown`).
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait a shutdown request may ask for (the API thread answers nothing else
+/// meanwhile).
+pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The state of the VM as the API reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -77,6 +84,40 @@ pub struct VmCounters {
     pub viommu: Option<serde_json::Value>,
 }
 
+/// How a shutdown ended (`PUT /api/v1/vm.shutdown` answers it as JSON).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownResult {
+    /// The guest powered off through ACPI S5 ([`VmExit::PowerOff`]).
+    PoweredOff,
+    /// The VMM stopped the VM ([`VmExit::Stopped`]): the guest did not power off within the
+    /// timeout, was paused, the timeout was 0, or someone else stopped it meanwhile.
+    Forced,
+    /// The guest stopped another way (reset, exit port, crash) before or while it was asked.
+    Exited,
+}
+
+/// The answer of a shutdown.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ShutdownOutcome {
+    /// How it ended.
+    pub result: ShutdownResult,
+    /// The stop reason ([`exit_name`]).
+    pub exit: String,
+    /// Whether the power button was pressed (not when the VM was paused or already stopping,
+    /// or the timeout was 0).
+    pub button: bool,
+    /// Milliseconds from the call to the VM's stop (or to the forced stop).
+    pub waited_ms: u64,
+}
+
+/// Set once the machine has stopped (its vCPUs are joined): what a shutdown waits for.
+#[derive(Debug, Default)]
+struct Stopped {
+    stopped: Mutex<bool>,
+    cv: Condvar,
+}
+
 /// The operations of the control API over one VM.
 pub struct VmControl {
     config: VmConfig,
@@ -89,6 +130,9 @@ pub struct VmControl {
     viommu: Option<Weak<Viommu>>,
     /// The vIOMMU counters last read (what is reported once the machine is gone).
     viommu_last: Mutex<Option<serde_json::Value>>,
+    /// The ACPI power button while the machine lives.
+    power_button: Weak<Mutex<Ged>>,
+    stopped: Stopped,
 }
 
 impl std::fmt::Debug for VmControl {
@@ -111,6 +155,8 @@ impl VmControl {
             vhost_net: machine.vhost_net.clone(),
             viommu: machine.viommu.as_ref().map(Arc::downgrade),
             viommu_last: Mutex::new(None),
+            power_button: Arc::downgrade(&machine.devices.power_button()),
+            stopped: Stopped::default(),
         }
     }
 
@@ -158,9 +204,53 @@ impl VmControl {
         last.clone()
     }
 
-    /// Records the final vIOMMU counters; called while the stopped machine still exists.
-    pub(crate) fn freeze_counters(&self) {
+    /// The machine has stopped (vCPUs joined; called while it still exists): records the final
+    /// vIOMMU counters and wakes the shutdowns waiting for the guest.
+    pub(crate) fn machine_stopped(&self) {
         let _ = self.viommu_counters();
+        *lock(&self.stopped.stopped) = true;
+        self.stopped.cv.notify_all();
+    }
+
+    /// Presses the power button; false when the machine (and so the button) is gone.
+    fn press_power_button(&self) -> bool {
+        let Some(button) = self.power_button.upgrade() else {
+            return false;
+        };
+        lock(&button).press_power_button();
+        log::info!("vmm: power button pressed; waiting for the guest to power off");
+        true
+    }
+
+    /// Shuts the VM down: presses the ACPI power button and waits at most `timeout` for the
+    /// guest to power off (ACPI S5), then stops the VM itself. A paused VM, one already
+    /// stopping, or a zero `timeout` is stopped at once. The vCPUs may still be stopping when
+    /// this returns after a forced stop; [`crate::Vmm::wait`] joins them.
+    pub fn shutdown_within(&self, timeout: Duration) -> ShutdownOutcome {
+        let start = Instant::now();
+        let ask = self.exit.reason().is_none() && !self.vcpus.is_paused() && !timeout.is_zero();
+        let button = ask && self.press_power_button();
+        if button {
+            let guard = lock(&self.stopped.stopped);
+            let (_guard, timed_out) =
+                wait_timeout_while(&self.stopped.cv, guard, timeout, |stopped| !*stopped);
+            if timed_out {
+                log::warn!("vmm: the guest did not power off within {timeout:?}; stopping it");
+            }
+        }
+        self.exit.request(VmExit::Stopped);
+        let exit = self.exit.reason().unwrap_or(VmExit::Stopped);
+        let result = match exit {
+            VmExit::PowerOff => ShutdownResult::PoweredOff,
+            VmExit::Stopped => ShutdownResult::Forced,
+            _ => ShutdownResult::Exited,
+        };
+        ShutdownOutcome {
+            result,
+            exit: exit_name(&exit),
+            button,
+            waited_ms: u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
     }
 
     pub(crate) fn exit_reason(&self) -> Option<VmExit> {
@@ -213,7 +303,7 @@ impl VmApi for VmControl {
         self.vcpus.resume(RESUME_TIMEOUT)
     }
 
-    fn shutdown(&self) {
-        self.exit.request(VmExit::Stopped);
+    fn shutdown(&self, timeout: Duration) -> ShutdownOutcome {
+        self.shutdown_within(timeout)
     }
 }

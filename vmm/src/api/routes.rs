@@ -8,16 +8,18 @@
 //! | GET | `/api/v1/metrics`, `/metrics` | 200 Prometheus text ([`super::metrics`]) |
 //! | PUT | `/api/v1/vm.pause` | 204, 409 when paused or stopping |
 //! | PUT | `/api/v1/vm.resume` | 204, 409 when not paused |
-//! | PUT | `/api/v1/vm.shutdown` | 204 (the VM stops; see `docs/design/api.md`) |
+//! | PUT | `/api/v1/vm.shutdown` | 200 [`super::ShutdownOutcome`] (power button, then a forced stop after the timeout; optional body `{"timeout_ms": N}`), 400 for another body |
 //!
 //! Anything else is 404 (unknown path) or 405 with `Allow` (known path, other method); every
 //! error body is `{"error": "..."}`.
 
-use serde::Serialize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use super::http::{Request, Response, PROMETHEUS};
 use super::metrics::prometheus;
-use super::{VmCounters, VmInfo};
+use super::{ShutdownOutcome, VmCounters, VmInfo, MAX_SHUTDOWN_TIMEOUT, SHUTDOWN_TIMEOUT};
 use crate::vstate::vcpu::VcpuControlError;
 
 /// What the API can do to a VM (implemented by [`super::VmControl`]; tests use fakes).
@@ -30,8 +32,9 @@ pub trait VmApi: Send + Sync {
     fn pause(&self) -> Result<(), VcpuControlError>;
     /// Lets the vCPUs run again.
     fn resume(&self) -> Result<(), VcpuControlError>;
-    /// Stops the VM.
-    fn shutdown(&self);
+    /// Presses the power button, waits at most `timeout` for the guest to power off, then
+    /// stops the VM.
+    fn shutdown(&self, timeout: Duration) -> ShutdownOutcome;
 }
 
 /// The operations, one per endpoint.
@@ -99,6 +102,34 @@ struct Ping {
     version: &'static str,
 }
 
+/// The optional body of `PUT /api/v1/vm.shutdown`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownBody {
+    /// How long to wait for the guest's power-off, in milliseconds (0: stop at once).
+    timeout_ms: Option<u64>,
+}
+
+/// The wait a shutdown request asks for: [`SHUTDOWN_TIMEOUT`] without a body (or with an
+/// empty JSON object), else its `timeout_ms`, at most [`MAX_SHUTDOWN_TIMEOUT`].
+fn shutdown_timeout(body: &[u8]) -> Result<Duration, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(SHUTDOWN_TIMEOUT);
+    }
+    let b: ShutdownBody = serde_json::from_slice(body).map_err(|e| {
+        format!("the body of vm.shutdown must be empty or {{\"timeout_ms\": N}}: {e}")
+    })?;
+    let t = b.timeout_ms.map_or(SHUTDOWN_TIMEOUT, Duration::from_millis);
+    if t > MAX_SHUTDOWN_TIMEOUT {
+        return Err(format!(
+            "timeout_ms {} is more than the {} ms a shutdown may wait",
+            t.as_millis(),
+            MAX_SHUTDOWN_TIMEOUT.as_millis()
+        ));
+    }
+    Ok(t)
+}
+
 fn control_result(r: Result<(), VcpuControlError>) -> Response {
     match r {
         Ok(()) => Response::no_content(),
@@ -132,10 +163,10 @@ pub fn handle(api: &dyn VmApi, req: &Request) -> Response {
         Route::Metrics => Response::text(PROMETHEUS, prometheus(&api.info(), &api.counters())),
         Route::Pause => control_result(api.pause()),
         Route::Resume => control_result(api.resume()),
-        Route::Shutdown => {
-            api.shutdown();
-            Response::no_content()
-        }
+        Route::Shutdown => match shutdown_timeout(&req.body) {
+            Ok(timeout) => Response::json(200, &api.shutdown(timeout)),
+            Err(e) => Response::error(400, &e),
+        },
     }
 }
 
@@ -143,7 +174,7 @@ pub fn handle(api: &dyn VmApi, req: &Request) -> Response {
 #[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
     use super::*;
-    use crate::api::VmState;
+    use crate::api::{ShutdownResult, VmState};
     use crate::VmConfig;
     use std::sync::Mutex;
 
@@ -151,7 +182,7 @@ pub(crate) mod tests {
     #[derive(Default)]
     pub(crate) struct FakeVm {
         pub paused: Mutex<bool>,
-        pub shutdowns: Mutex<u32>,
+        pub shutdowns: Mutex<Vec<Duration>>,
     }
 
     impl VmApi for FakeVm {
@@ -193,8 +224,14 @@ pub(crate) mod tests {
             *p = false;
             Ok(())
         }
-        fn shutdown(&self) {
-            *self.shutdowns.lock().unwrap() += 1;
+        fn shutdown(&self, timeout: Duration) -> ShutdownOutcome {
+            self.shutdowns.lock().unwrap().push(timeout);
+            ShutdownOutcome {
+                result: ShutdownResult::PoweredOff,
+                exit: "power_off".into(),
+                button: true,
+                waited_ms: 42,
+            }
         }
     }
 
@@ -245,8 +282,53 @@ pub(crate) mod tests {
         assert_eq!(json(&again)["error"], "the VM is already paused");
         assert_eq!(handle(&vm, &req("PUT", "/api/v1/vm.resume")).status, 204);
         assert_eq!(handle(&vm, &req("PUT", "/api/v1/vm.resume")).status, 409);
-        assert_eq!(handle(&vm, &req("PUT", "/api/v1/vm.shutdown")).status, 204);
-        assert_eq!(*vm.shutdowns.lock().unwrap(), 1);
+        let r = handle(&vm, &req("PUT", "/api/v1/vm.shutdown"));
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            json(&r),
+            serde_json::json!({"result": "powered-off", "exit": "power_off", "button": true, "waited_ms": 42})
+        );
+        assert_eq!(*vm.shutdowns.lock().unwrap(), vec![SHUTDOWN_TIMEOUT]);
+    }
+
+    fn put_shutdown(vm: &FakeVm, body: &str) -> Response {
+        let mut r = req("PUT", "/api/v1/vm.shutdown");
+        r.body = body.as_bytes().to_vec();
+        handle(vm, &r)
+    }
+
+    #[test]
+    fn shutdown_takes_an_optional_timeout_and_refuses_other_bodies() {
+        let vm = FakeVm::default();
+        for (body, want) in [
+            ("", SHUTDOWN_TIMEOUT),
+            (" \r\n", SHUTDOWN_TIMEOUT),
+            ("{}", SHUTDOWN_TIMEOUT),
+            ("{\"timeout_ms\": 250}", Duration::from_millis(250)),
+            ("{\"timeout_ms\": 0}", Duration::ZERO),
+            ("{\"timeout_ms\": 60000}", MAX_SHUTDOWN_TIMEOUT),
+        ] {
+            assert_eq!(put_shutdown(&vm, body).status, 200, "{body:?}");
+            assert_eq!(vm.shutdowns.lock().unwrap().pop(), Some(want), "{body:?}");
+        }
+        for body in [
+            "{\"timeout_ms\": 60001}",
+            "{\"timeout_ms\": -1}",
+            "{\"timeout\": 5}",
+            "[]",
+            "yes",
+        ] {
+            let r = put_shutdown(&vm, body);
+            assert_eq!(r.status, 400, "{body:?}");
+            assert!(
+                json(&r)["error"].as_str().unwrap().contains("timeout_ms"),
+                "{body:?}"
+            );
+        }
+        assert!(
+            vm.shutdowns.lock().unwrap().is_empty(),
+            "a refused body stops nothing"
+        );
     }
 
     #[test]
@@ -269,7 +351,7 @@ pub(crate) mod tests {
         let r = handle(&vm, &req("DELETE", "/api/v1/vm.info"));
         assert_eq!((r.status, r.allow), (405, Some("GET")));
         assert_eq!(handle(&vm, &req("POST", "/api/v1/vm.shutdown")).status, 405);
-        assert_eq!(*vm.shutdowns.lock().unwrap(), 0);
+        assert!(vm.shutdowns.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //! silent close when nothing was sent); a connection sends the next request only once its
 //! response is written (no read while a response is pending), so a client that does not read
 //! cannot grow the server's buffers. Closing connections linger ([`super::connection`]). A
-//! handler runs on this thread; the slowest is a pause (at most [`super::PAUSE_TIMEOUT`]).
+//! handler runs on this thread; the slowest is a shutdown, which waits for the guest to power off
+//! (at most its `timeout_ms`, by default [`super::SHUTDOWN_TIMEOUT`], never more than
+//! [`super::MAX_SHUTDOWN_TIMEOUT`]); other requests wait meanwhile. When the VM stops, pending
+//! answers are written once (without waiting) before the thread ends.
 //!
 //! The socket is bound on the caller's thread ([`bind`]), and the metrics file opened there:
 //! the thread's seccomp filter ([`crate::seccomp::ThreadKind::ApiServer`]) has no `bind` or
@@ -157,6 +160,11 @@ impl ApiServer {
                     m.tick(now, &self.api.info(), &self.api.counters());
                 }
             }
+        }
+        // The answer of a shutdown that waited for the guest is written before the VM's stop
+        // ends this thread: the stop and the connection may become ready in one poll.
+        for c in &mut self.conns {
+            c.flush();
         }
         if let Some(m) = &mut self.metrics {
             m.write_line(&self.api.info(), &self.api.counters());

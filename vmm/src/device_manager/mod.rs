@@ -1,9 +1,9 @@
 //! Creates the platform devices and puts them on the buses.
 //!
 //! Legacy devices: COM1 16550 (IRQ 4 through the userspace IOAPIC), i8042
-//! (reset), the CMOS RTC (no IRQ), the debug exit port for test guests and the ACPI sleep
-//! registers (power off). PCI: the root complex, reachable through ECAM and
-//! ports 0xCF8/0xCFC.
+//! (reset), the CMOS RTC (no IRQ), the debug exit port for test guests, the ACPI sleep
+//! registers (power off) and the Generic Event Device of the ACPI power button (IOAPIC pin 9).
+//! PCI: the root complex, reachable through ECAM and ports 0xCF8/0xCFC.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -12,6 +12,7 @@ use devices::bus::{Bus, BusError};
 use devices::interrupt::{IrqfdRouter, MsiSink};
 use devices::legacy::acpi_pm::{AcpiSleepRegs, SLEEP_CONTROL_PORT, SLEEP_REGS_LEN};
 use devices::legacy::exit_port::{ExitPort, EXIT_PORT_LEN};
+use devices::legacy::ged::{Ged, GED_EVENT_LEN, GED_EVENT_PORT, GED_IRQ};
 use devices::legacy::i8042::I8042;
 use devices::legacy::ioapic::{Ioapic, IoapicError, IoapicPin};
 use devices::legacy::rtc::{Rtc, RTC_PORT_LEN};
@@ -59,6 +60,9 @@ pub enum DeviceManagerError {
     /// The serial IRQ pin could not be wired.
     #[error("cannot wire the serial port to the IOAPIC")]
     Ioapic(#[source] IoapicError),
+    /// The power button's Generic Event Device could not be wired.
+    #[error("cannot wire the ACPI power button to IOAPIC pin {GED_IRQ}")]
+    PowerButton(#[source] IoapicError),
     /// The vIOMMU could not be set up.
     #[error(transparent)]
     Iommu(#[from] iommu::IommuSetupError),
@@ -89,6 +93,8 @@ pub struct DeviceManager {
     vm: Arc<Vm>,
     mmio32: BarAllocator,
     exit_port: Arc<Mutex<ExitPort>>,
+    /// The ACPI power button (Generic Event Device).
+    ged: Arc<Mutex<Ged>>,
     exit_port_evt: EventFd,
     reset_evt: EventFd,
     poweroff_evt: EventFd,
@@ -180,6 +186,11 @@ impl DeviceManager {
             SLEEP_REGS_LEN,
         )?;
 
+        let ged_pin = IoapicPin::new(ioapic.clone(), GED_IRQ as usize)
+            .map_err(DeviceManagerError::PowerButton)?;
+        let ged = Arc::new(Mutex::new(Ged::new(Arc::new(ged_pin))));
+        insert(&pio, "ACPI GED", ged.clone(), GED_EVENT_PORT, GED_EVENT_LEN)?;
+
         let relocator = BarRelocator {
             mmio: mmio.clone(),
             vm: vm.clone(),
@@ -203,6 +214,7 @@ impl DeviceManager {
             vm,
             mmio32: BarAllocator::mmio32(),
             exit_port,
+            ged,
             exit_port_evt,
             reset_evt,
             poweroff_evt,
@@ -254,6 +266,11 @@ impl DeviceManager {
     /// (iovmm installs the thread's seccomp filter there).
     pub fn set_thread_hook(&mut self, hook: ThreadHook) {
         self.thread_hook = Some(hook);
+    }
+
+    /// The ACPI power button: [`Ged::press_power_button`] asks the guest to power off.
+    pub fn power_button(&self) -> Arc<Mutex<Ged>> {
+        self.ged.clone()
     }
 
     /// Where MSIs of VMM-internal devices go.

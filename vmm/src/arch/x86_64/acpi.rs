@@ -1,4 +1,5 @@
-//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT, DSDT and MCFG, plus
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT, DSDT (PCI root, COM1, RTC, power
+//! button with its Generic Event Device, `_S5`) and MCFG, plus
 //! whatever extra tables the vIOMMU contributes (VIOT from [`super::viot`], DMAR from
 //! [`super::dmar`], both with the same header fields).
 //!
@@ -19,6 +20,7 @@ use acpi_tables::{aml, Aml};
 use devices::legacy::acpi_pm::{
     S5_SLEEP_TYPE as S5_SLP_TYP, SLEEP_CONTROL_PORT, SLEEP_REG_BIT_WIDTH, SLEEP_STATUS_PORT,
 };
+use devices::legacy::ged::{GED_EVENT_LEN, GED_EVENT_PORT, GED_EVENT_POWER_BUTTON, GED_IRQ};
 use devices::legacy::rtc::{RTC_CENTURY_INDEX, RTC_PORT_LEN};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
@@ -116,6 +118,7 @@ fn dsdt() -> Vec<u8> {
     )
     .to_aml_bytes(&mut sdt);
     rtc_device(&mut sdt);
+    power_button(&mut sdt);
     aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&S5_SLP_TYP, &S5_SLP_TYP]),
@@ -141,6 +144,73 @@ fn rtc_device(sdt: &mut Sdt) {
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(sdt);
+}
+
+/// The power button of a hardware-reduced machine: `\_SB.PWRB` (`PNP0C0C`, a control-method
+/// power button; the FADT's PWR_BUTTON flag says there is no fixed one) and the Generic Event
+/// Device `\_SB.GED_` (`ACPI0013`) that notifies it.
+///
+/// The GED's `_CRS` is one interrupt, IOAPIC pin [`GED_IRQ`], level-triggered and active-high
+/// (Linux's GED driver runs `_EVT` from a threaded handler with the line masked until it
+/// returns; the device lowers the line when the register is read). `_EVT` reads the event
+/// register (`GEVT`, one byte of SystemIO at [`GED_EVENT_PORT`], read-to-clear) and for the
+/// power-button bit does `Notify (\_SB.PWRB, 0x80)`:
+///
+/// ```text
+/// Device (\_SB.GED_) {
+///     Name (_HID, "ACPI0013")  Name (_UID, 0)
+///     Name (_CRS, ResourceTemplate () { Interrupt (ResourceConsumer, Level, ActiveHigh, Exclusive) { 9 } })
+///     OperationRegion (GEVR, SystemIO, 0x3C2, 1)
+///     Field (GEVR, ByteAcc, NoLock, WriteAsZeros) { GEVT, 8 }
+///     Method (_EVT, 1, Serialized) {
+///         Local0 = GEVT
+///         Local1 = Local0 & 1
+///         If (Local1 == 1) { Notify (\_SB.PWRB, 0x80) }
+///     }
+/// }
+/// ```
+fn power_button(sdt: &mut Sdt) {
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(sdt);
+    let irq = aml::Interrupt::new(true, false, false, false, GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let port = GED_EVENT_PORT as usize;
+    let len = GED_EVENT_LEN as usize;
+    let bit = usize::from(GED_EVENT_POWER_BUTTON);
+    let region = aml::OpRegion::new("GEVR".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "GEVR".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GEVT", 8)],
+    );
+    let gevt = aml::Path::new("GEVT");
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let read = aml::Store::new(&aml::Local(0), &gevt);
+    let mask = aml::And::new(&aml::Local(1), &aml::Local(0), &bit);
+    let notify = aml::Notify::new(&pwrb, &0x80usize);
+    let pressed = aml::Equal::new(&aml::Local(1), &bit);
+    let on_press = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &mask, &on_press]);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+            &evt,
         ],
     )
     .to_aml_bytes(sdt);
@@ -386,6 +456,45 @@ mod tests {
         // The RTC's resource template ends right after its IO descriptor: no IRQ.
         let crs = rtc.windows(4).position(|w| w == b"_CRS").unwrap();
         assert!(!rtc[crs..crs + 24].contains(&0x22) && !rtc[crs..crs + 24].contains(&0x89));
+    }
+
+    #[test]
+    fn power_button_is_a_pnp0c0c_device_notified_by_a_level_ged() {
+        let l = build(&AcpiConfig::default()).unwrap();
+        let d = &table(&l, b"DSDT").2;
+        if let Some(out) = std::env::var_os("IOVMM_DUMP_DSDT") {
+            std::fs::write(out, d).unwrap();
+        }
+        let at = |needle: &[u8]| d.windows(needle.len()).position(|w| w == needle);
+        let has = |needle: &[u8]| at(needle).is_some();
+        // PWRB: _HID EISA id PNP0C0C compressed (DWordConst prefix 0x0c).
+        let pwrb = at(b"PWRB").unwrap();
+        assert_eq!(
+            d[pwrb..]
+                .windows(5)
+                .position(|w| w == [0x0c, 0x41, 0xd0, 0x0c, 0x0c]),
+            Some(9),
+            "_HID right after the device name and `Name (_HID,`"
+        );
+        // GED: _HID "ACPI0013" (string), _CRS = Extended Interrupt descriptor, consumer,
+        // level-triggered, active-high, exclusive (flags 0x01), one interrupt: pin 9.
+        assert!(has(b"\x0dACPI0013\x00"));
+        assert!(has(&[0x89, 6, 0, 0x01, 1, 9, 0, 0, 0, 0x79]));
+        // OperationRegion (GEVR, SystemIO, 0x3C2, 1) and the 8-bit GEVT field in byte access.
+        assert!(has(&[
+            0x5b, 0x80, b'G', b'E', b'V', b'R', 1, 0x0b, 0xc2, 0x03, 1
+        ]));
+        assert!(has(b"GEVT\x08"));
+        // _EVT, one argument, serialized; Notify (\_SB_.PWRB, 0x80).
+        let evt = at(b"_EVT").unwrap();
+        assert_eq!(d[evt + 4], 0x09, "1 argument, serialized");
+        assert!(has(&[
+            0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80
+        ]));
+        // The FADT says the power button is a control-method device (PWR_BUTTON, bit 4).
+        let fadt = &table(&l, b"FACP").2;
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 4), 0);
     }
 
     #[test]
