@@ -9,17 +9,21 @@
 #   resources/out/{bzImage,vmlinux,initramfs.cpio.gz,kernel-version} and the kernel .deb in
 #     resources/out/cache/ (from build-linux-guest.sh)
 #   iovmm and iovmm-test-backend from $IOVMM_BIN_DIR; when it is unset the script first runs
-#     `cargo build --release -p vmm -p integration-tests --bin iovmm --bin iovmm-test-backend`
+#     `cargo build --release -p vmm -p integration-tests --bin iovmm --bin iovmm-test-backend
+#     --bin iovmm-tap-peer --bin iovmm-test-guest-path` (the tap peer of the vhost-net
+#     scenarios; the fast test guest ELF that iovmm-test-guest-path names)
 #     and takes them from target/release (or $CARGO_TARGET_DIR/release)
 #   dpdk-testpmd (dpdk-dev) with its PMD plugins librte_mempool_ring and librte_net_vhost,
 #     curl (the API client of the shutdown scenario), busybox (busybox-static), nested-init.sh
 #     (becomes /init)
 # Writes to OUTDIR:
-#   l1.cpio.gz  newc cpio, gzip: busybox, /init, /bin/{iovmm,iovmm-test-backend,dpdk-testpmd,curl},
+#   l1.cpio.gz  newc cpio, gzip: busybox, /init,
+#               /bin/{iovmm,iovmm-test-backend,iovmm-tap-peer,dpdk-testpmd,curl},
 #               the DPDK plugins in /lib/dpdk/, every shared library they need in
 #               /lib/x86_64-linux-gnu/ (loader at its own path), /lib/modules/*.ko (kvm, kvm-amd,
 #               irqbypass, tun, vhost, vhost_net, vhost_iotlb and deps, uncompressed; load order
-#               in /lib/modules/load-order), the L2 guest in /l2/{vmlinux,initramfs.cpio.gz}
+#               in /lib/modules/load-order), the L2 guest in /l2/{vmlinux,initramfs.cpio.gz}, the
+#               fast test guest in /l2/test-guest
 #   bzImage     the L1 kernel (the same Debian 6.12 cloud kernel as the L2 guest)
 # Does nothing when both outputs are newer than every input.
 set -euo pipefail
@@ -58,13 +62,17 @@ if [ -n "${IOVMM_BIN_DIR:-}" ]; then
 else
     command -v cargo >/dev/null 2>&1 || die "cargo not found (or set IOVMM_BIN_DIR to a directory with iovmm and iovmm-test-backend)"
     echo "build-nested-l1.sh: cargo build --release (iovmm, iovmm-test-backend)"
-    (cd "$REPO" && cargo build --release -p vmm -p integration-tests --bin iovmm --bin iovmm-test-backend) ||
+    (cd "$REPO" && cargo build --release -p vmm -p integration-tests --bin iovmm --bin iovmm-test-backend --bin iovmm-tap-peer --bin iovmm-test-guest-path) ||
         die "cargo build failed (set IOVMM_BIN_DIR to use already built binaries)"
     BIN_DIR=${CARGO_TARGET_DIR:-$REPO/target}/release
 fi
-for b in iovmm iovmm-test-backend; do
+for b in iovmm iovmm-test-backend iovmm-tap-peer iovmm-test-guest-path; do
     [ -x "$BIN_DIR/$b" ] || die "$BIN_DIR/$b missing or not executable"
 done
+# The fast test guest (tests/guest, built by tests/build.rs) for the use-after-unmap scenarios.
+TEST_GUEST=$("$BIN_DIR/iovmm-test-guest-path") || die "$BIN_DIR/iovmm-test-guest-path failed"
+[ -f "$TEST_GUEST" ] || die "the fast test guest $TEST_GUEST is missing; build the integration-tests package"
+
 
 # ldconfig lives in /sbin, which is not on a normal user's PATH.
 LDCONFIG=$(PATH=$PATH:/usr/sbin:/sbin command -v ldconfig || true)
@@ -92,6 +100,7 @@ esac
 
 INPUTS="$SCRIPT_DIR/build-nested-l1.sh $INIT $TOOLS $GUEST/bzImage $GUEST/vmlinux
     $GUEST/initramfs.cpio.gz $GUEST/kernel-version $KDEB $BIN_DIR/iovmm $BIN_DIR/iovmm-test-backend
+    $BIN_DIR/iovmm-tap-peer $TEST_GUEST
     $TESTPMD $CURL $PLUGIN_FILES $BUSYBOX"
 
 print_outputs() {
@@ -131,6 +140,8 @@ done
 strip --strip-debug -o "$root/bin/iovmm" "$BIN_DIR/iovmm" || die "strip $BIN_DIR/iovmm failed"
 strip --strip-debug -o "$root/bin/iovmm-test-backend" "$BIN_DIR/iovmm-test-backend" ||
     die "strip $BIN_DIR/iovmm-test-backend failed"
+strip --strip-debug -o "$root/bin/iovmm-tap-peer" "$BIN_DIR/iovmm-tap-peer" ||
+    die "strip $BIN_DIR/iovmm-tap-peer failed"
 cp "$TESTPMD" "$root/bin/dpdk-testpmd"
 cp "$CURL" "$root/bin/curl"
 for f in $PLUGIN_FILES; do
@@ -159,7 +170,7 @@ copy_libs() {
             fi
         done
 }
-for elf in "$BIN_DIR/iovmm" "$BIN_DIR/iovmm-test-backend" "$TESTPMD" "$CURL" $PLUGIN_FILES; do
+for elf in "$BIN_DIR/iovmm" "$BIN_DIR/iovmm-test-backend" "$BIN_DIR/iovmm-tap-peer" "$TESTPMD" "$CURL" $PLUGIN_FILES; do
     copy_libs "$elf"
 done
 
@@ -173,11 +184,12 @@ ln -s kvm_amd.ko "$root/lib/modules/kvm-amd.ko"
 cp "$GUEST/bzImage" "$WORK/bzImage"
 
 cp "$GUEST/vmlinux" "$GUEST/initramfs.cpio.gz" "$root/l2/"
+cp "$TEST_GUEST" "$root/l2/test-guest"
 cp "$INIT" "$root/init"
 chmod 755 "$root/init"
 
 # The image must run: check every program's libraries against the image itself.
-for elf in "$root"/bin/iovmm "$root"/bin/iovmm-test-backend "$root"/bin/dpdk-testpmd "$root"/bin/curl "$root"/lib/dpdk/*; do
+for elf in "$root"/bin/iovmm "$root"/bin/iovmm-test-backend "$root"/bin/iovmm-tap-peer "$root"/bin/dpdk-testpmd "$root"/bin/curl "$root"/lib/dpdk/*; do
     interp=$(readelf -l "$elf" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
     [ -z "$interp" ] || [ -e "$root$interp" ] || die "${elf#"$root"}: loader $interp missing from the image"
     for need in $(readelf -d "$elf" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do

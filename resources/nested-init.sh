@@ -5,7 +5,8 @@
 # nested=1, which makes /dev/kvm real SVM KVM, so iovmm can boot a stock Linux L2 guest here.
 #
 # Console protocol (one line each, on the serial console):
-#   NESTED-L1-READY kvm=<ok|missing> nested=<kvm_amd nested param|none> cpus=<N> mem_kb=<MemTotal>
+#   NESTED-L1-READY kvm=<ok|missing> nested=<kvm_amd nested param|none> vhost-net=<ok|missing>
+#                   cpus=<N> mem_kb=<MemTotal>
 #   NESTED-L1-DONE rc=<exit status of sh /scenarios.sh>
 #   NESTED-L1-ERROR <what failed>          (instead of DONE; then powers off)
 # /scenarios.sh comes from a second cpio archive appended to the initrd. It runs with cwd /,
@@ -50,12 +51,20 @@ insmod /lib/modules/irqbypass.ko || kvm_err="insmod irqbypass.ko"
 [ -n "$kvm_err" ] || insmod /lib/modules/kvm.ko || kvm_err="insmod kvm.ko"
 [ -n "$kvm_err" ] || insmod /lib/modules/kvm-amd.ko nested=1 || kvm_err="insmod kvm-amd.ko nested=1"
 
+# The vhost-net scenarios' modules after KVM's: tun, vhost_iotlb, vhost, tap, vhost_net (load-order).
+while read -r m; do
+    case "$m" in irqbypass.ko | kvm.ko | kvm_amd.ko) continue ;; esac
+    insmod "/lib/modules/$m" || echo "nested-l1: insmod $m failed"
+done </lib/modules/load-order
+vhost_net=missing
+[ -c /dev/vhost-net ] && [ -c /dev/net/tun ] && vhost_net=ok
+
 kvm=missing
 [ -c /dev/kvm ] && kvm=ok
 nested=none
 [ -r /sys/module/kvm_amd/parameters/nested ] && nested=$(cat /sys/module/kvm_amd/parameters/nested)
 mem_kb=$(awk '$1 == "MemTotal:" { print $2 }' /proc/meminfo)
-echo "NESTED-L1-READY kvm=$kvm nested=$nested cpus=$(nproc) mem_kb=$mem_kb"
+echo "NESTED-L1-READY kvm=$kvm nested=$nested vhost-net=$vhost_net cpus=$(nproc) mem_kb=$mem_kb"
 [ -z "$kvm_err" ] || fail "$kvm_err"
 [ "$kvm" = ok ] || fail "/dev/kvm missing after loading kvm-amd"
 
@@ -68,10 +77,11 @@ done
 IOVMM_DPDK_PLUGINS=${plugins# }
 IOVMM_L2_KERNEL=/l2/vmlinux
 IOVMM_L2_INITRAMFS=/l2/initramfs.cpio.gz
+IOVMM_TEST_GUEST=/l2/test-guest
 # L1's TSC frequency in kHz (for the L2 command line's tsc_early_khz=), empty if not found.
 IOVMM_L1_TSC_KHZ=$(dmesg | sed -n 's/.*tsc: Detected \([0-9]*\)\.\([0-9]\{3\}\).* MHz processor.*/\1\2/p' | head -n 1)
-export IOVMM_DPDK_PLUGINS IOVMM_L2_KERNEL IOVMM_L2_INITRAMFS IOVMM_L1_TSC_KHZ
-for f in "$IOVMM_L2_KERNEL" "$IOVMM_L2_INITRAMFS" /bin/iovmm /bin/iovmm-test-backend /bin/dpdk-testpmd /bin/curl; do
+export IOVMM_DPDK_PLUGINS IOVMM_L2_KERNEL IOVMM_L2_INITRAMFS IOVMM_TEST_GUEST IOVMM_L1_TSC_KHZ
+for f in "$IOVMM_L2_KERNEL" "$IOVMM_L2_INITRAMFS" "$IOVMM_TEST_GUEST" /bin/iovmm /bin/iovmm-test-backend /bin/iovmm-tap-peer /bin/dpdk-testpmd /bin/curl; do
     [ -f "$f" ] || fail "$f missing from the initramfs"
 done
 

@@ -80,6 +80,13 @@ struct Args {
     /// Linux boots on nested KVM (QEMU TCG L0 + SVM L1; needs resources/build-nested-l1.sh).
     #[arg(long, default_value_t = 5)]
     nested_boots: usize,
+    /// Skip the nested IOTLB figure (misses, UPDATEs and INVALIDATEs per frame of vhost-user
+    /// and the kernel's vhost-net side by side, in one nested L1).
+    #[arg(long)]
+    no_nested_iotlb: bool,
+    /// Run and print only the nested IOTLB figure.
+    #[arg(long, conflicts_with_all = ["no_nested_iotlb", "soak", "floors_only"])]
+    nested_iotlb_only: bool,
     /// Soak mode: run every translated cell N times against DPDK (at least
     /// 20000 frames each for the documented soak) and report stalls.
     #[arg(long, value_name = "N")]
@@ -244,6 +251,17 @@ fn print_nested_boot(n: usize) {
                 println!("  FAILED {fail}");
             }
         }
+        Err(e) => println!("  skipped: {e}", e = chain(&e)),
+    }
+}
+
+fn print_nested_iotlb() {
+    println!(
+        "\n== IOTLB messages per frame, nested (QEMU TCG + SVM L1, L2 Linux, 1000 x 256-byte frames): \
+         vhost-user and the kernel's vhost-net side by side"
+    );
+    match integration_tests::nested::bench::iotlb_figure() {
+        Ok(f) => print!("{}", f.table()),
         Err(e) => println!("  skipped: {e}", e = chain(&e)),
     }
 }
@@ -419,6 +437,9 @@ fn main() {
         let ok = run_soak(&args, runs, tsc_khz);
         std::process::exit(if ok { 0 } else { 1 });
     }
+    if args.nested_iotlb_only {
+        return print_nested_iotlb();
+    }
     let floors = (!args.no_floors).then(|| {
         let f = Floors::measure(args.floor_iterations, tsc_khz);
         f.print();
@@ -430,6 +451,9 @@ fn main() {
     print_boot_and_rss(&args);
     if args.nested_boots > 0 {
         print_nested_boot(args.nested_boots);
+    }
+    if !args.no_nested_iotlb {
+        print_nested_iotlb();
     }
     let mut results = Vec::new();
     let wanted = |c: &integration_tests::matrix::Cell| {

@@ -17,6 +17,7 @@ pub mod cpio;
 pub mod report;
 pub mod scenario;
 pub mod script;
+pub mod tap_peer;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

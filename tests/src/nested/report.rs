@@ -5,7 +5,9 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use super::scenario::{Backend, Outcome, Scenario, SHUTDOWN_TIMEOUT_MS};
+use super::tap_peer::parse_summary;
 use crate::dpdk::parse_port_stats;
+use crate::guest::{GuestResult, RESULT_PREFIX};
 
 /// L1's console, line by line, with the time each line arrived.
 #[derive(Debug, Default)]
@@ -77,6 +79,10 @@ pub struct ScenarioReport {
     pub guest_netdev_rx: Option<u64>,
     /// The test backend's accesses without a translation after a miss.
     pub translation_failures: Option<u64>,
+    /// The tap peer's `TAP-PEER` record (vhost-net scenarios).
+    pub tap_peer: Option<serde_json::Value>,
+    /// The fast test guest's `IOVMM-RESULT` line (test-guest scenarios).
+    pub guest_result: Option<GuestResult>,
     /// iovmm's answer to L1's `PUT vm.shutdown` (API shutdown scenarios).
     pub shutdown_answer: Option<serde_json::Value>,
     /// The expected driver lines, as printed.
@@ -189,6 +195,9 @@ impl ScenarioReport {
             if self.counters.is_none() {
                 self.counters = json_after(l, "iovmm-counters: ");
             }
+            if self.guest_result.is_none() && l.contains(RESULT_PREFIX) {
+                self.guest_result = GuestResult::parse_line(l).ok();
+            }
             if self.shutdown_answer.is_none() {
                 let marker = format!("NESTED-SHUTDOWN-ANSWER {} ", sc.name);
                 self.shutdown_answer = l.strip_prefix(&marker).and_then(|a| json_after(a, ""));
@@ -206,6 +215,12 @@ impl ScenarioReport {
                 self.backend_frames = stats.map(|p| p.rx_packets);
                 self.testpmd_tx = stats.map(|p| p.tx_packets);
             }
+            Backend::VhostNet => {
+                self.tap_peer = parse_summary(&self.backend_log);
+                let field = |k: &str| self.tap_peer.as_ref()?.get(k)?.as_u64();
+                self.backend_frames = field("udp_good");
+                self.backend_rx_frames = field("rx_delivered");
+            }
         }
         for want in sc.expect_lines {
             match self.vm_log.iter().find(|l| l.contains(want)) {
@@ -222,6 +237,13 @@ impl ScenarioReport {
             return;
         }
         match sc.outcome {
+            Outcome::PowerOff if sc.test_guest.is_some() => {
+                match sc.is_stale() {
+                    true => self.check_stale(),
+                    false => self.check_test_guest(sc),
+                }
+                self.check_tap_peer();
+            }
             Outcome::PowerOff => self.check_power_off(sc),
             Outcome::SetupError(text) => {
                 let line = self.vm_log.iter().find(|l| l.contains("iovmm: error"));
@@ -251,6 +273,9 @@ impl ScenarioReport {
         }
         if sc.api_shutdown {
             self.check_api_shutdown();
+        }
+        if sc.backend == Backend::VhostNet {
+            self.check_tap_peer();
         }
         let c = &self.counters;
         if sc.expect_misses && (u(c, "misses") == 0 || u(c, "misses_refused") > 0) {
@@ -284,6 +309,120 @@ impl ScenarioReport {
                 "expected the shutdown to press the power button and the guest to power off \
                  within {SHUTDOWN_TIMEOUT_MS} ms; the answer was {line:?}"
             ));
+        }
+    }
+
+    /// A fast test guest run: exit 0 through the exit port, status ok; receiving, every frame
+    /// the peer delivered arrived intact (the guest checks each byte) and the device was reset.
+    fn check_test_guest(&mut self, sc: &Scenario) {
+        if self.rc != Some(0) {
+            self.failures.push(format!(
+                "iovmm exited with {:?}, not 0 (exit port)",
+                self.rc
+            ));
+        }
+        let Some(r) = &self.guest_result else {
+            return self
+                .failures
+                .push("the test guest printed no IOVMM-RESULT".into());
+        };
+        let want = u64::from(sc.frames);
+        let (status, received) = (r.status(), r.u64("received"));
+        if status != Some("ok") || (sc.rx && received != Some(want)) {
+            self.failures.push(format!(
+                "test guest: status {status:?}, received {received:?} of {want}: {:?}",
+                r.str("error")
+            ));
+        }
+        if sc.rx && self.backend_rx_frames != Some(want) {
+            self.failures.push(format!(
+                "the tap peer delivered {:?} of {want} frames",
+                self.backend_rx_frames
+            ));
+        }
+        let c = &self.counters;
+        if sc.expect_misses && (u(c, "misses") == 0 || u(c, "misses_refused") > 0) {
+            self.failures.push(format!(
+                "expected served IOTLB misses and none refused: misses {} refused {}",
+                u(c, "misses"),
+                u(c, "misses_refused")
+            ));
+        }
+    }
+
+    /// Use after unmap through vhost-net: frame 0 reached the tap, the marker never did, the
+    /// stale descriptor never completed (the kernel's queue stays stopped on the refused
+    /// miss), and iovmm refused that miss and reported the fault at the stale IOVA.
+    fn check_stale(&mut self) {
+        if self.rc != Some(0) {
+            self.failures.push(format!(
+                "iovmm exited with {:?}, not 0 (exit port)",
+                self.rc
+            ));
+        }
+        let Some(r) = &self.guest_result else {
+            return self
+                .failures
+                .push("the test guest printed no IOVMM-RESULT".into());
+        };
+        let (status, completed) = (r.status(), r.u64("stale_completed"));
+        if status != Some("ok") || completed != Some(0) {
+            self.failures.push(format!(
+                "test guest: status {status:?}, stale descriptor completed {completed:?} (want ok, 0)"
+            ));
+        }
+        let page = |v: Option<u64>| v.map(|a| a & !0xfff);
+        if page(r.u64("fault_addr")) != page(r.u64("stale_iova")) {
+            self.failures.push(format!(
+                "the guest saw a fault at {:?}, the stale IOVA is {:?}",
+                r.u64("fault_addr"),
+                r.u64("stale_iova")
+            ));
+        }
+        let seq = self
+            .tap_peer
+            .as_ref()
+            .and_then(|p| p.get("seq_good")?.as_u64());
+        if seq != Some(1) {
+            self.failures.push(format!(
+                "the tap saw {seq:?} frames of the test guest, want 1 (frame 0)"
+            ));
+        }
+        let c = &self.counters;
+        if u(c, "misses_refused") == 0 || u(c, "faults") == 0 {
+            self.failures.push(format!(
+                "iovmm refused {} misses and reported {} faults; want both > 0",
+                u(c, "misses_refused"),
+                u(c, "faults")
+            ));
+        }
+    }
+
+    /// The tap's peer saw only intact frames from the guest (no duplicate, no malformed one,
+    /// never the use-after-unmap marker) and could send what it had to.
+    fn check_tap_peer(&mut self) {
+        let Some(p) = &self.tap_peer else {
+            return self
+                .failures
+                .push("the tap peer printed no TAP-PEER record".into());
+        };
+        let n = |k: &str| {
+            p.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(u64::MAX)
+        };
+        let bad = [
+            ("udp_bad", n("udp_bad")),
+            ("udp_dup", n("udp_dup")),
+            ("markers", n("markers")),
+            ("socket_drops", n("socket_drops")),
+        ];
+        for (k, v) in bad.into_iter().filter(|(_, v)| *v != 0) {
+            self.failures
+                .push(format!("the tap peer counted {k} = {v}"));
+        }
+        if let Some(e) = p.get("error").filter(|e| !e.is_null()) {
+            self.failures.push(format!("the tap peer failed: {e}"));
         }
     }
 
@@ -454,7 +593,10 @@ pub fn table(scs: &[Scenario], reports: &[ScenarioReport]) -> String {
             let (g, backend) = match (sc.rx, sc.backend) {
                 (false, _) => (r.bench_u64("tx_packets"), r.backend_frames),
                 (true, Backend::Testpmd) => (r.guest_netdev_rx, r.testpmd_tx),
-                (true, _) => (r.bench_u64("received"), r.backend_rx_frames),
+                (true, _) => {
+                    let guest = r.guest_result.as_ref().and_then(|g| g.u64("received"));
+                    (r.bench_u64("received").or(guest), r.backend_rx_frames)
+                }
             };
             let show = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
             match sc.rx {
@@ -657,6 +799,104 @@ mod tests {
         assert!(failures[1].contains("forced"), "{failures:?}");
         let (failures, _) = run("curl: (7) Couldn't connect to server", 0);
         assert!(failures[0].contains("Couldn't connect"), "{failures:?}");
+    }
+
+    /// A vhost-net run's record: the guest's bench line and the tap peer's.
+    fn vhost_net_run(name: &str, bench: &str, peer: &str) -> Vec<String> {
+        let sc = scenario(name);
+        let lines = [
+            format!("NESTED-BEGIN {name}"),
+            format!("NESTED-VM-START {name}"),
+            "iovmm-init: started at uptime 1.0 s".into(),
+            "iovmm-init: dmesg: virtio_iommu virtio0: input address: 64 bits".into(),
+            "iovmm-init: dmesg: virtio-pci 0000:00:02.0: Adding to iommu group 1".into(),
+            bench.into(),
+            "IOVMM-GUEST-READY".into(),
+            r#"iovmm-counters: {"backend":"vhost-net","misses":990,"misses_refused":0}"#.into(),
+            format!("NESTED-VM-EXIT {name} rc=0"),
+            format!("NESTED-LOG-BEGIN {name} backend"),
+            format!("TAP-PEER {peer}"),
+            format!("NESTED-LOG-END {name} backend"),
+            format!("NESTED-END {name}"),
+        ];
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let mut r = ScenarioReport::extract(&transcript(&refs), &sc);
+        r.check(&sc);
+        r.failures
+    }
+
+    #[test]
+    fn vhost_net_frames_are_counted_at_the_tap_and_the_marker_never_arrives() {
+        let tx = r#"IOVMM-BENCH {"bench":"net-tx","tx_packets":1000}"#;
+        let peer = |good: u64, markers: u64, drops: u64| {
+            format!(
+                r#"{{"udp_good":{good},"udp_dup":0,"udp_bad":0,"markers":{markers},"socket_drops":{drops},"rx_delivered":0,"error":null}}"#
+            )
+        };
+        let ok = vhost_net_run("vhost-net-viommu-strict", tx, &peer(1000, 0, 0));
+        assert_eq!(ok, Vec::<String>::new());
+        let short = vhost_net_run("vhost-net-viommu-strict", tx, &peer(970, 0, 30));
+        assert_eq!(short.len(), 2, "{short:?}");
+        assert!(short[0].contains("Some(970)") && short[1].contains("socket_drops = 30"));
+        let marker = vhost_net_run("vhost-net-viommu-strict", tx, &peer(1000, 1, 0));
+        assert_eq!(marker, vec!["the tap peer counted markers = 1".to_string()]);
+        let none = vhost_net_run("vhost-net-viommu-strict", tx, "not json");
+        assert!(
+            none.iter().any(|f| f.contains("no TAP-PEER record")),
+            "{none:?}"
+        );
+    }
+
+    #[test]
+    fn use_after_unmap_through_vhost_net_needs_a_refused_miss_and_no_marker() {
+        let sc = scenario("vhost-net-stale-vtd");
+        let run = |completed: u64, fault: &str, seq: u64, refused: u64| {
+            let result = format!(
+                r#"IOVMM-RESULT {{"test":"net-stale","status":"ok","stale_iova":"0x107000","stale_completed":{completed},"fault_addr":"{fault}"}}"#
+            );
+            let counters = format!(
+                r#"iovmm-counters: {{"misses":6,"misses_refused":{refused},"faults":{refused}}}"#
+            );
+            let peer = format!(
+                r#"TAP-PEER {{"udp_good":0,"udp_dup":0,"udp_bad":0,"seq_good":{seq},"markers":0,"socket_drops":0,"error":null}}"#
+            );
+            let t = transcript(&[
+                "NESTED-BEGIN vhost-net-stale-vtd",
+                "NESTED-VM-START vhost-net-stale-vtd",
+                &result,
+                &counters,
+                "NESTED-VM-EXIT vhost-net-stale-vtd rc=0",
+                "NESTED-LOG-BEGIN vhost-net-stale-vtd backend",
+                &peer,
+                "NESTED-LOG-END vhost-net-stale-vtd backend",
+                "NESTED-END vhost-net-stale-vtd",
+            ]);
+            let mut r = ScenarioReport::extract(&t, &sc);
+            r.check(&sc);
+            r.failures
+        };
+        assert_eq!(run(0, "0x107000", 1, 1), Vec::<String>::new());
+        assert!(run(1, "0x107000", 1, 1)[0].contains("completed Some(1)"));
+        assert!(run(0, "0x200000", 1, 1)[0].contains("fault at"));
+        assert!(run(0, "0x107000", 2, 1)[0].contains("Some(2) frames"));
+        assert!(run(0, "0x107000", 1, 0)[0].contains("refused 0"));
+    }
+
+    #[test]
+    fn vhost_net_receive_counts_what_the_peer_delivered_and_the_guest_checked() {
+        let rx = r#"IOVMM-BENCH {"bench":"net-rx","received":1000,"bad":0}"#;
+        let peer = |delivered: u64| {
+            format!(
+                r#"{{"udp_good":0,"udp_dup":0,"udp_bad":0,"markers":0,"socket_drops":0,"rx_sent":1000,"rx_delivered":{delivered},"error":null}}"#
+            )
+        };
+        let ok = vhost_net_run("vhost-net-rx-viommu-strict", rx, &peer(1000));
+        assert_eq!(ok, Vec::<String>::new());
+        let lost = vhost_net_run("vhost-net-rx-viommu-strict", rx, &peer(998));
+        assert_eq!(
+            lost,
+            vec!["backend delivered Some(998) of 1000 frames".to_string()]
+        );
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub enum Backend {
     },
     /// DPDK `dpdk-testpmd` with `net_vhost0,iommu-support=1`, rxonly.
     Testpmd,
+    /// No vhost-user backend: L1's kernel vhost-net (`--net tap=..,vhost=on`) with the tap
+    /// [`TAP`], whose far end `iovmm-tap-peer` counts and checks the guest's frames and sends
+    /// the frames it receives.
+    VhostNet,
 }
 
 impl Backend {
@@ -26,6 +30,7 @@ impl Backend {
             Backend::None => "-",
             Backend::Own { .. } => "own",
             Backend::Testpmd => "testpmd",
+            Backend::VhostNet => "vhost-net",
         }
     }
 }
@@ -87,7 +92,13 @@ pub struct Scenario {
     /// down through the control API (`PUT vm.shutdown` with curl): iovmm must end through the
     /// guest's own S5 power-off, not a forced stop.
     pub api_shutdown: bool,
+    /// Boot the fast test guest (`tests/guest`, `$IOVMM_TEST_GUEST` in L1) with this command
+    /// line instead of Linux; it reports through its `IOVMM-RESULT` line and the exit port.
+    pub test_guest: Option<String>,
 }
+
+/// The tap of the vhost-net scenarios in L1 (created before, deleted after each).
+pub const TAP: &str = "iovmmtap0";
 
 /// Guest RAM of every scenario.
 pub const GUEST_MEMORY: &str = "512M";
@@ -123,6 +134,7 @@ impl Scenario {
             expect_devtlb: false,
             expect_rw_refusal: false,
             api_shutdown: false,
+            test_guest: None,
         }
     }
 
@@ -164,6 +176,9 @@ impl Scenario {
 
     /// The guest kernel command line.
     pub fn cmdline(&self) -> String {
+        if let Some(t) = &self.test_guest {
+            return t.clone();
+        }
         let mut c = String::from(BASE_CMDLINE);
         if !self.guest_args.is_empty() {
             let _ = write!(c, " {}", self.guest_args);
@@ -189,9 +204,25 @@ impl Scenario {
         c
     }
 
+    /// Whether this is a use-after-unmap run of the fast test guest.
+    pub fn is_stale(&self) -> bool {
+        self.test_guest
+            .as_deref()
+            .is_some_and(|c| c.starts_with("iovmm.test=net-stale"))
+    }
+
+    /// The `--net` value of a vhost-net scenario on tap `tap`.
+    pub fn net_arg(&self, tap: &str) -> Option<String> {
+        if self.backend != Backend::VhostNet {
+            return None;
+        }
+        let iommu = if self.device_iommu { ",iommu=on" } else { "" };
+        Some(format!("tap={tap},vhost=on{iommu}"))
+    }
+
     /// The `--vhost-user` value for the device on `socket`, if it has one.
     pub fn vhost_user_arg(&self, socket: &str) -> Option<String> {
-        if self.backend == Backend::None {
+        if matches!(self.backend, Backend::None | Backend::VhostNet) {
             return None;
         }
         let kind = if self.blk { "blk" } else { "net" };
@@ -405,6 +436,103 @@ fn bad_input() -> Vec<Scenario> {
     ]
 }
 
+/// The kernel's vhost-net in L1, with its device IOTLB behind each vIOMMU: L2's virtio-net
+/// sends UDP frames through vhost-net into the tap (counted and checked by the tap's peer)
+/// and receives the peer's sequence frames (every byte checked by the guest).
+fn vhost_net() -> Vec<Scenario> {
+    const VN: Backend = Backend::VhostNet;
+    let rx = |mut s: Scenario| {
+        s.rx = true;
+        s
+    };
+    let strict_vtd = "intel_iommu=on iommu.strict=1";
+    vec![
+        Scenario::net("vhost-net-plain", None, VN, ""),
+        rx(Scenario::net("vhost-net-rx-plain", None, VN, "")),
+        with_lines(
+            Scenario::net(
+                "vhost-net-viommu-strict",
+                Some("virtio"),
+                VN,
+                "iommu.strict=1",
+            ),
+            VIRTIO_IOMMU_LINES,
+        ),
+        rx(with_lines(
+            Scenario::net(
+                "vhost-net-rx-viommu-strict",
+                Some("virtio"),
+                VN,
+                "iommu.strict=1",
+            ),
+            VIRTIO_IOMMU_LINES,
+        )),
+        with_lines(
+            Scenario::net(
+                "vhost-net-viommu-lazy",
+                Some("virtio"),
+                VN,
+                "iommu.strict=0",
+            ),
+            VIRTIO_IOMMU_LINES,
+        ),
+        with_lines(
+            Scenario::net("vhost-net-vtd-strict", Some("vtd"), VN, strict_vtd),
+            VTD_LINES,
+        ),
+        rx(with_lines(
+            Scenario::net("vhost-net-rx-vtd-strict", Some("vtd"), VN, strict_vtd),
+            VTD_LINES,
+        )),
+        stale("vhost-net-stale-viommu", "virtio"),
+        stale("vhost-net-stale-vtd", "vtd"),
+        test_guest_rx("vhost-net-testguest-rx-vtd", "vtd"),
+    ]
+}
+
+/// The fast test guest receives the peer's 1000 frames behind the vIOMMU (strict), checks every
+/// byte, then resets the device: vhost-net's stop path (rings without backend, GET_VRING_BASE)
+/// under the vCPU's seccomp filter, which Linux's power-off does not take.
+fn test_guest_rx(name: &str, iommu: &'static str) -> Scenario {
+    let frames = 1000;
+    let guest = crate::guest::Scenario::net_rx(frames, u64::from(FRAME_SIZE))
+        .iommu(crate::guest::IommuMode::Strict)
+        .cmdline()
+        .unwrap_or_default();
+    Scenario {
+        iommu: Some(iommu),
+        backend: Backend::VhostNet,
+        device_iommu: true,
+        test_guest: Some(guest),
+        rx: true,
+        frames: 1000,
+        expect_misses: true,
+        ..Scenario::base(name)
+    }
+}
+
+/// Size of the fast test guest's frames in the use-after-unmap scenarios.
+pub const STALE_SIZE: u64 = 200;
+
+/// Use after unmap through the kernel's IOTLB: the fast test guest (on nested KVM) sends
+/// frame 0 from IOVA b, strictly unmaps b (its INVALIDATE is written to the vhost fd before the
+/// unmap completes), then posts a TX descriptor at b carrying a marker. The kernel misses on b,
+/// iovmm refuses the miss and reports the fault; the kernel keeps the queue stopped (a MISS has
+/// no answer but an UPDATE), so the marker never reaches the tap.
+fn stale(name: &str, iommu: &'static str) -> Scenario {
+    let guest = crate::guest::Scenario::net_stale(STALE_SIZE, 4)
+        .expect_stall(2000)
+        .cmdline()
+        .unwrap_or_default();
+    Scenario {
+        iommu: Some(iommu),
+        backend: Backend::VhostNet,
+        device_iommu: true,
+        test_guest: Some(guest),
+        ..Scenario::base(name)
+    }
+}
+
 /// The nested acceptance suite, in the order it runs.
 pub fn acceptance() -> Vec<Scenario> {
     let mut all = boots();
@@ -412,6 +540,7 @@ pub fn acceptance() -> Vec<Scenario> {
     all.extend(vtd());
     all.extend(receive());
     all.extend(block());
+    all.extend(vhost_net());
     all.extend(bad_input());
     all
 }

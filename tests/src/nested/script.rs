@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 
 use super::scenario::{
-    Backend, Scenario, FRAME_SIZE, GUEST_MEMORY, POWER_BUTTON_WAIT_LINE, SHUTDOWN_TIMEOUT_MS,
+    Backend, Scenario, FRAME_SIZE, GUEST_MEMORY, POWER_BUTTON_WAIT_LINE, SHUTDOWN_TIMEOUT_MS, TAP,
 };
 
 /// Seconds one guest may run before L1 kills iovmm.
@@ -67,8 +67,12 @@ fn scenario(s: &mut String, sc: &Scenario) {
     let _ = writeln!(s, "attempt=1");
     let _ = writeln!(s, "while :; do");
     start_backend(s, sc, &sock, &log);
+    let kernel = match sc.test_guest {
+        Some(_) => "--kernel \"$IOVMM_TEST_GUEST\"",
+        None => "--kernel \"$IOVMM_L2_KERNEL\" --initramfs \"$IOVMM_L2_INITRAMFS\"",
+    };
     let mut cmd = format!(
-        "timeout {VM_TIMEOUT_SECS} iovmm --kernel \"$IOVMM_L2_KERNEL\" --initramfs \"$IOVMM_L2_INITRAMFS\" \
+        "timeout {VM_TIMEOUT_SECS} iovmm {kernel} \
          --cmdline '{}' --memory {GUEST_MEMORY} --cpus {} --serial stdout --print-counters",
         sc.cmdline(),
         sc.cpus
@@ -78,6 +82,9 @@ fn scenario(s: &mut String, sc: &Scenario) {
     }
     if let Some(v) = sc.vhost_user_arg(&sock) {
         let _ = write!(cmd, " --vhost-user {v}");
+    }
+    if let Some(n) = sc.net_arg(TAP) {
+        let _ = write!(cmd, " --net {n}");
     }
     // Extra iovmm options for debugging, e.g. IOVMM_NESTED_IOVMM_ARGS="--log-level debug".
     if let Ok(extra) = std::env::var("IOVMM_NESTED_IOVMM_ARGS") {
@@ -169,7 +176,27 @@ fn start_backend(s: &mut String, sc: &Scenario, sock: &str, log: &str) {
             let _ = writeln!(s, "echo start >&3");
             let _ = writeln!(s, "wait_for_socket {sock}");
         }
+        Backend::VhostNet => start_tap_peer(s, sc, log),
     }
+}
+
+/// A persistent tap for iovmm to attach (no IPv6, so L1 sends nothing of its own into it),
+/// and its peer: counts the guest's frames, sends the RX workload once iovmm attached the tap.
+fn start_tap_peer(s: &mut String, sc: &Scenario, log: &str) {
+    let _ = writeln!(
+        s,
+        "tunctl -d {TAP} >/dev/null 2>&1; tunctl -t {TAP} >/dev/null && \
+         {{ echo 1 >/proc/sys/net/ipv6/conf/{TAP}/disable_ipv6; ip link set {TAP} qlen 1000 up; }} || \
+         echo NESTED-NOTE cannot create tap {TAP}"
+    );
+    let rx = match sc.rx {
+        true => format!(" --rx-frames {} --rx-size {FRAME_SIZE}", sc.frames),
+        false => String::new(),
+    };
+    let _ = writeln!(
+        s,
+        "iovmm-tap-peer --tap {TAP} --udp-size {FRAME_SIZE}{rx} >{log} 2>&1 & be=$!"
+    );
 }
 
 fn stop_backend(s: &mut String, sc: &Scenario, log: &str) {
@@ -183,6 +210,14 @@ fn stop_backend(s: &mut String, sc: &Scenario, log: &str) {
                 s,
                 "echo 'show port stats 0' >&3; echo stop >&3; echo quit >&3; exec 3>&-"
             );
+        }
+        // The peer prints what it saw on SIGTERM; the tap goes with the scenario.
+        Backend::VhostNet => {
+            let _ = writeln!(s, "kill -TERM $be 2>/dev/null");
+            let _ = writeln!(s, "wait_until_gone $be");
+            let _ = writeln!(s, "dump_log {name} backend {log}");
+            let _ = writeln!(s, "tunctl -d {TAP} >/dev/null 2>&1");
+            return;
         }
     }
     let _ = writeln!(s, "wait_until_gone $be");
@@ -234,6 +269,33 @@ mod tests {
                 .unwrap_or_else(|| panic!("{want} after {at}:\n{s}"));
         }
         assert!(sc.cmdline().ends_with(" iovmm.poweroff=button"));
+    }
+
+    #[test]
+    fn a_vhost_net_scenario_creates_the_tap_runs_the_peer_and_attaches_iovmm() {
+        let all = acceptance();
+        let sc = all
+            .iter()
+            .find(|s| s.name == "vhost-net-rx-vtd-strict")
+            .unwrap();
+        let s = generate(std::slice::from_ref(sc));
+        let order = [
+            format!("tunctl -t {TAP}"),
+            format!("iovmm-tap-peer --tap {TAP} --udp-size {FRAME_SIZE} --rx-frames 1000"),
+            "iovmm --kernel".to_string(),
+            format!("--net tap={TAP},vhost=on,iommu=on"),
+            "kill -TERM $be".to_string(),
+            format!("tunctl -d {TAP}"),
+        ];
+        let mut at = 0;
+        for want in &order {
+            at += s[at..]
+                .find(want.as_str())
+                .unwrap_or_else(|| panic!("{want} after {at}:\n{s}"));
+        }
+        assert!(!s.contains("--vhost-user"), "{s}");
+        let plain = all.iter().find(|s| s.name == "vhost-net-plain").unwrap();
+        assert_eq!(plain.net_arg(TAP).unwrap(), format!("tap={TAP},vhost=on"));
     }
 
     #[test]
