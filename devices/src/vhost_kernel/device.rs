@@ -22,6 +22,7 @@ use super::server::{IotlbServer, IotlbThread, ServerCounters};
 use super::stats::{DeviceCounters, VhostNetStatsHandle};
 use super::tap::{Tap, TapError};
 use crate::thread::ThreadHook;
+use crate::vhost_user::channel::ChannelError;
 use crate::vhost_user::frontend::{DEFAULT_MAC, DEFAULT_QUEUE_SIZE};
 use crate::vhost_user::miss::{MissError, MissHandler};
 use crate::vhost_user::recheck::VringArea;
@@ -120,6 +121,9 @@ pub enum VhostNetError {
     /// thread failed).
     #[error("the vhost-net device failed earlier and cannot run again: {0}")]
     Broken(String),
+    /// The full-range INVALIDATE that starts every activation was refused.
+    #[error("emptying the kernel's device IOTLB at start failed")]
+    IotlbStart(#[source] ChannelError),
     /// A thread or eventfd could not be created.
     #[error("cannot create a vhost-net helper thread or eventfd")]
     Resource(#[source] std::io::Error),
@@ -188,7 +192,7 @@ impl VhostNetDevice {
         }
         let tap = Tap::open(&cfg.tap)?;
         let mut kern = KernNet::open(mem).map_err(VhostNetError::Open)?;
-        let kf = kern.get_features_checked()?;
+        let kf = kern.features().map_err(ioctl("GET_FEATURES"))?;
         let (offered, acked) = kern
             .ack_backend_features()
             .map_err(ioctl("SET_BACKEND_FEATURES"))?;
@@ -288,13 +292,6 @@ fn iotlb(kern: &Arc<KernNet>, policy: IotlbPolicy) -> Iotlb {
     }
 }
 
-impl KernNet {
-    fn get_features_checked(&self) -> Result<u64, VhostNetError> {
-        use vhost::VhostBackend;
-        self.get_features().map_err(ioctl("GET_FEATURES"))
-    }
-}
-
 impl VhostNetDevice {
     /// Checks that need no ioctl.
     fn check(&self, ctx: &ActivateContext) -> Result<(), VhostNetError> {
@@ -336,7 +333,7 @@ impl VhostNetDevice {
         };
         i.bridge
             .start(ctx.mem.clone())
-            .map_err(|e| VhostNetError::Broken(format!("the connection INVALIDATE failed: {e}")))?;
+            .map_err(VhostNetError::IotlbStart)?;
         let areas = ctx
             .queues
             .iter()

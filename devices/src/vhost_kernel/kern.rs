@@ -110,6 +110,11 @@ impl KernNet {
         })
     }
 
+    /// `VHOST_GET_FEATURES`: the virtio features the kernel's vhost-net offers.
+    pub fn features(&self) -> vhost::Result<u64> {
+        self.get_features()
+    }
+
     /// Ack the IOTLB message format (V2) and batching where the kernel
     /// offers them; returns `(offered, acked)`.
     pub fn ack_backend_features(&mut self) -> vhost::Result<(u64, u64)> {
