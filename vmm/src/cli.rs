@@ -42,6 +42,8 @@ pub struct Cli {
     pub iommu: Option<IommuConfig>,
     /// vhost-user device: net|blk,socket=PATH[,iommu=on][,ats=on][,reconnect=SECS]; repeat for more devices.
     /// With server=on[,wait=SECS] iovmm listens on PATH and waits (default 60 s) for the backend to connect.
+    /// queues=N (net, 1..=16, default 1): N queue pairs (VIRTIO_NET_F_MQ, a control queue served
+    /// by iovmm; the backend needs VHOST_USER_PROTOCOL_F_MQ and GET_QUEUE_NUM >= N).
     // The brackets are clap's `--help` text for optional parts, not intra-doc links.
     #[allow(rustdoc::broken_intra_doc_links)]
     #[arg(long = "vhost-user", value_name = "KIND,socket=PATH[,OPTS]")]

@@ -12,7 +12,7 @@
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,8 +26,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::bridge::{IotlbBridge, IotlbPolicy};
 use super::channel::{ChannelError, IotlbChannel, MainSocket, DEFAULT_ACK_TIMEOUT};
+use super::ctrl::CtrlQueue;
 use super::kind::VhostUserKind;
 use super::listener::accept_until;
+use super::mq::{BadQueuePairs, QueueLayout};
 use super::reconnect::{Dial, ReconnectCounters, Supervisor, SupervisorConfig};
 use super::relay::CallRelay;
 use super::session::{
@@ -41,6 +43,8 @@ use super::wire::{
 use crate::thread::ThreadHook;
 use crate::viommu::Viommu;
 use crate::virtio::{ActivateContext, VirtioDevice, VirtioDeviceError, VirtioInterruptType};
+
+mod ctrl_setup;
 
 /// Default size of every queue.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -74,6 +78,9 @@ pub struct VhostUserConfig {
     /// used in server mode ([`VhostUserDevice::accept`]), which always
     /// accepts the next back end.
     pub reconnect: Option<Duration>,
+    /// Queue pairs of a net device (`queues=N`, 1..=16; 1 for blk). With
+    /// more than one the device has a control queue (see [`super::mq`]).
+    pub queue_pairs: u16,
 }
 
 impl VhostUserConfig {
@@ -89,6 +96,7 @@ impl VhostUserConfig {
             timeout: DEFAULT_ACK_TIMEOUT,
             policy: IotlbPolicy::MissDriven,
             reconnect: None,
+            queue_pairs: 1,
         }
     }
 
@@ -130,7 +138,7 @@ pub enum VhostUserError {
         why: &'static str,
     },
     /// The back end has fewer queues than the device type needs.
-    #[error("the vhost-user back end supports {offered} queues but the device needs {needed}")]
+    #[error("the vhost-user back end supports {offered} queues (GET_QUEUE_NUM) but the device needs {needed} (2 per net queue pair); start the back end with more queues or lower queues=N")]
     QueueNum {
         /// Queues the back end reports.
         offered: u64,
@@ -140,6 +148,9 @@ pub enum VhostUserError {
     /// A blk back end without the CONFIG protocol feature and no capacity given.
     #[error("vhost-user blk: the back end cannot serve the configuration (no CONFIG protocol feature); give the capacity in the device options")]
     MissingCapacity,
+    /// `queues=N` out of range.
+    #[error(transparent)]
+    QueuePairs(#[from] BadQueuePairs),
     /// The queue size option is not usable.
     #[error("queue size {0} is invalid; use a power of two between 1 and 32768")]
     QueueSize(u16),
@@ -310,6 +321,7 @@ impl VhostUserStatsHandle {
 struct Running {
     queues: Vec<(usize, Queue, EventFd)>,
     relay: Option<CallRelay>,
+    ctrl: Option<CtrlQueue>,
 }
 
 impl Drop for Running {
@@ -323,6 +335,9 @@ impl Drop for Running {
 /// A virtio device served by a vhost-user back end.
 pub struct VhostUserDevice {
     kind: VhostUserKind,
+    layout: QueueLayout,
+    /// The vIOMMU and requester id (behind a vIOMMU), for the control queue.
+    translator: Mutex<Option<(Arc<dyn Viommu>, RequesterId)>>,
     iommu: bool,
     queue_sizes: Vec<u16>,
     link: Arc<Link>,
@@ -436,11 +451,12 @@ impl VhostUserDevice {
         cfg: VhostUserConfig,
         dial: Option<Dial>,
     ) -> Result<Self, VhostUserError> {
-        let n = cfg.kind.num_queues();
+        let layout = QueueLayout::new(cfg.kind, cfg.queue_pairs)?;
+        let n = layout.backend_queues();
         check_queue_size(cfg.queue_size)?;
         let main = MainSocket::new(stream, n as u64, cfg.timeout).map_err(step("socket setup"))?;
         let main = Arc::new(main);
-        let neg = negotiate_within(&main, cfg.kind, cfg.iommu, None, cfg.timeout)?;
+        let neg = negotiate_within(&main, layout, cfg.iommu, None, cfg.timeout)?;
         let backend_config = neg.protocol & PROTOCOL_F_CONFIG != 0;
         let local_config = if backend_config {
             None
@@ -449,7 +465,9 @@ impl VhostUserDevice {
                 (VhostUserKind::Blk, None) => return Err(VhostUserError::MissingCapacity),
                 (_, c) => c.unwrap_or(0),
             };
-            Some(cfg.kind.local_config(cfg.mac, capacity))
+            let mut c = cfg.kind.local_config(cfg.mac, capacity);
+            layout.patch_config(&mut c);
+            Some(c)
         };
         let bridge = cfg.iommu.then(|| {
             let chan: Arc<dyn IotlbChannel> = main.clone();
@@ -457,6 +475,7 @@ impl VhostUserDevice {
         });
         let link = Arc::new(Link {
             kind: cfg.kind,
+            layout,
             iommu: cfg.iommu,
             main: main.clone(),
             bridge: bridge.clone(),
@@ -473,9 +492,12 @@ impl VhostUserDevice {
         let reconnect = Arc::new(ReconnectCounters::new(dial.is_some()));
         let mut dev = VhostUserDevice {
             kind: cfg.kind,
+            layout,
+            translator: Mutex::new(None),
             iommu: cfg.iommu,
-            queue_sizes: vec![cfg.queue_size; n],
-            avail: guest_features(cfg.kind, cfg.iommu, neg.features, backend_config),
+            queue_sizes: vec![cfg.queue_size; layout.device_queues()],
+            avail: guest_features(cfg.kind, cfg.iommu, neg.features, backend_config)
+                | layout.local_features(),
             link: link.clone(),
             main,
             neg,
@@ -520,6 +542,7 @@ impl VhostUserDevice {
         rid: RequesterId,
     ) -> Result<(), VhostUserError> {
         let bridge = self.bridge.as_ref().ok_or(VhostUserError::NotBehindIommu)?;
+        *iommu::sync::lock(&self.translator) = Some((viommu.clone(), rid));
         bridge.set_translation(viommu, rid);
         Ok(())
     }
@@ -615,7 +638,7 @@ impl VhostUserDevice {
     /// Check the activation's queues: exactly indices 0..n, in order.
     fn check_queues(&self, ctx: &ActivateContext) -> Result<(), VhostUserError> {
         let got: Vec<usize> = ctx.queues.iter().map(|q| q.0).collect();
-        let needed = self.kind.num_queues();
+        let needed = self.layout.active(self.acked).0;
         if got != (0..needed).collect::<Vec<_>>() {
             return Err(VhostUserError::Queues { got, needed });
         }
@@ -646,7 +669,8 @@ impl VhostUserDevice {
         let res = VhostUserError::Resource;
         let mut rings = Vec::new();
         let mut relayed = Vec::new();
-        for (index, queue, kick) in &ctx.queues {
+        let ctrl = self.layout.active(self.acked).1;
+        for (index, queue, kick) in ctx.queues.iter().filter(|q| Some(q.0) != ctrl) {
             let qi = u16::try_from(*index).unwrap_or(u16::MAX);
             let relay = match ctx.interrupt.notifier(VirtioInterruptType::Queue(qi)) {
                 Some(_) => None,
@@ -673,6 +697,7 @@ impl VhostUserDevice {
             mem: ctx.mem.clone(),
             interrupt: ctx.interrupt.clone(),
             rings,
+            enabled: AtomicUsize::new(self.layout.initially_enabled(self.acked)),
         };
         Ok((act, relayed))
     }
@@ -690,8 +715,9 @@ impl VhostUserDevice {
                     .map_err(VhostUserError::Resource)?;
             run.relay = Some(relay);
         }
-        run.queues = ctx.queues;
         let act = Arc::new(act);
+        let ctrl = self.ctrl_setup(&ctx.mem, &ctx.interrupt, &ctx.queues, act.clone())?;
+        run.queues = ctx.queues;
         let mut s = self.session();
         let res = if s.up {
             self.link.program(&mut s, &act, false)
@@ -709,7 +735,17 @@ impl VhostUserDevice {
             }
         }
         if self.supervisor.is_some() {
-            s.want = Some(act);
+            s.want = Some(act.clone());
+        }
+        if let Some(setup) = ctrl {
+            match CtrlQueue::spawn(setup, self.thread_hook.clone()) {
+                Ok(c) => run.ctrl = Some(c),
+                Err(e) => {
+                    s.want = None;
+                    self.stop_failed(&mut s);
+                    return Err(VhostUserError::Resource(e));
+                }
+            }
         }
         Ok(())
     }
@@ -758,7 +794,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn config_len(&self) -> usize {
-        self.kind.config_len()
+        self.layout.config_len()
     }
 
     fn avail_features(&self) -> u64 {
@@ -774,7 +810,10 @@ impl VirtioDevice for VhostUserDevice {
         let config = match &self.local_config {
             Some(c) => c.clone(),
             None => match self.read_backend_config() {
-                Some(c) => c,
+                Some(mut c) => {
+                    self.layout.patch_config(&mut c);
+                    c
+                }
                 None => return,
             },
         };
@@ -821,9 +860,11 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn reset(&mut self) -> bool {
-        let Some(run) = self.running.take() else {
+        let Some(mut run) = self.running.take() else {
             return !self.is_broken();
         };
+        // First: the control queue must not enable rings being stopped.
+        drop(run.ctrl.take());
         if let Some(b) = &self.bridge {
             b.stop();
         }

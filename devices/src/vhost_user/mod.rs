@@ -112,12 +112,14 @@
 pub mod backend_req;
 pub mod bridge;
 pub mod channel;
+pub mod ctrl;
 mod frame;
 pub mod frontend;
 pub mod installed;
 pub mod kind;
 pub mod listener;
 pub mod miss;
+pub mod mq;
 pub mod recheck;
 pub mod reconnect;
 pub mod relay;

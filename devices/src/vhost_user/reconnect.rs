@@ -392,7 +392,7 @@ impl State {
         }
         let timeout = link.main.timeout();
         let prior = Some(self.cfg.prior);
-        let neg = match negotiate_within(&link.main, link.kind, link.iommu, prior, timeout) {
+        let neg = match negotiate_within(&link.main, link.layout, link.iommu, prior, timeout) {
             Ok(n) => n,
             Err(e) => {
                 warn_limited!(

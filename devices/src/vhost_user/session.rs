@@ -4,6 +4,7 @@
 //! replays the same programming on a new connection.
 
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use super::bridge::IotlbBridge;
 use super::channel::{IotlbChannel, MainSocket};
 use super::frontend::{backend_features, missing_for_iommu, VhostUserError};
 use super::kind::VhostUserKind;
+use super::mq::{QueueLayout, NET_F_CTRL_VQ};
 use super::recheck::VringArea;
 use super::stall::WatchedRing;
 use super::wire::{
@@ -68,6 +70,10 @@ pub(crate) struct Activation {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     pub(crate) rings: Vec<RingSetup>,
+    /// Rings below this index are enabled in the back end (SET_VRING_ENABLE),
+    /// the others disabled: 2 × the queue pairs the driver chose on a
+    /// multiqueue net device, else every ring.
+    pub(crate) enabled: AtomicUsize,
 }
 
 /// State of the current connection, under [`Link::session`].
@@ -88,6 +94,7 @@ pub(crate) struct Session {
 /// The device's link to its back end.
 pub(crate) struct Link {
     pub(crate) kind: VhostUserKind,
+    pub(crate) layout: QueueLayout,
     pub(crate) iommu: bool,
     pub(crate) main: Arc<MainSocket>,
     pub(crate) bridge: Option<Arc<IotlbBridge>>,
@@ -116,11 +123,11 @@ fn must_keep(kind: VhostUserKind, prior: &Negotiated) -> u64 {
 /// features are acked.
 pub(crate) fn negotiate(
     main: &MainSocket,
-    kind: VhostUserKind,
+    layout: QueueLayout,
     iommu: bool,
     prior: Option<Negotiated>,
 ) -> Result<Negotiated, VhostUserError> {
-    let needed = kind.num_queues();
+    let kind = layout.kind();
     main.with_frontend(|fe| fe.set_owner())
         .map_err(step("SET_OWNER"))?;
     let features = main
@@ -168,7 +175,13 @@ pub(crate) fn negotiate(
             offered & wanted
         }
     };
-    finish_negotiation(main, features, protocol, needed)?;
+    if layout.multiqueue() && protocol & PROTOCOL_F_MQ == 0 {
+        return Err(VhostUserError::MissingFeatures {
+            missing: vec!["VHOST_USER_PROTOCOL_F_MQ"],
+            why: "for more than one queue pair (queues=N)",
+        });
+    }
+    finish_negotiation(main, features, protocol, layout)?;
     Ok(Negotiated { features, protocol })
 }
 
@@ -179,13 +192,13 @@ pub(crate) fn negotiate(
 /// passes; the pending read then ends and the negotiation fails.
 pub(crate) fn negotiate_within(
     main: &MainSocket,
-    kind: VhostUserKind,
+    layout: QueueLayout,
     iommu: bool,
     prior: Option<Negotiated>,
     limit: Duration,
 ) -> Result<Negotiated, VhostUserError> {
     let (Ok(watch), Ok(done)) = (main.watch_handle(), EventFd::new(libc::EFD_NONBLOCK)) else {
-        return negotiate(main, kind, iommu, prior);
+        return negotiate(main, layout, iommu, prior);
     };
     std::thread::scope(|scope| {
         let dog = std::thread::Builder::new()
@@ -200,20 +213,23 @@ pub(crate) fn negotiate_within(
         if let Err(e) = &dog {
             log::warn!("vhost-user: no watchdog thread for the negotiation ({e}); it is bounded per read only");
         }
-        let res = negotiate(main, kind, iommu, prior);
+        let res = negotiate(main, layout, iommu, prior);
         // A full counter still wakes the watchdog.
         let _ = done.write(1);
         res
     })
 }
 
-/// SET_PROTOCOL_FEATURES, the queue-count check and reply-ack.
+/// SET_PROTOCOL_FEATURES, the queue-count check and reply-ack. GET_QUEUE_NUM
+/// counts queues (2 per net queue pair), as the spec and the vhost crate read
+/// it (the crate bounds later vring indices by it); DPDK 22.11 answers 128.
 fn finish_negotiation(
     main: &MainSocket,
     features: u64,
     protocol: u64,
-    needed: usize,
+    layout: QueueLayout,
 ) -> Result<(), VhostUserError> {
+    let needed = layout.backend_queues();
     if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
         let p = VhostUserProtocolFeatures::from_bits_truncate(protocol);
         main.with_frontend(|fe| fe.set_protocol_features(p))
@@ -317,7 +333,9 @@ impl Link {
     /// SET_FEATURES, SET_MEM_TABLE and, behind a vIOMMU, the bridge and the
     /// back-end request channel.
     fn start_device(&self, s: &mut Session, act: &Activation) -> Result<(), VhostUserError> {
-        let features = backend_features(act.acked, s.neg.features);
+        // The control queue is ours: CTRL_VQ never reaches the back end.
+        let features = backend_features(act.acked, s.neg.features)
+            & !(self.layout.local_features() & NET_F_CTRL_VQ);
         self.request("SET_FEATURES", |fe| fe.set_features(features))?;
         let table = memory_table(&act.mem)?;
         self.request("SET_MEM_TABLE", |fe| fe.set_mem_table(&table).map(|_| ()))?;
@@ -425,9 +443,10 @@ impl Link {
             s.started.push(ring.index);
         }
         if s.neg.has_protocol_features() {
+            let enabled = act.enabled.load(Ordering::Acquire);
             for ring in &act.rings {
                 self.request("SET_VRING_ENABLE", |fe| {
-                    fe.set_vring_enable(ring.index, true)
+                    fe.set_vring_enable(ring.index, ring.index < enabled)
                 })?;
             }
         }
@@ -438,6 +457,44 @@ impl Link {
             }
         }
         Ok(())
+    }
+
+    /// Enable the rings of `act` below `count` in the back end and disable
+    /// the others (the control queue's VQ_PAIRS_SET). Recorded in `act` so
+    /// that a new connection gets the same; while the back end is away
+    /// nothing is sent. False if a request failed or the device is stopped.
+    pub(crate) fn enable_rings(
+        &self,
+        act: &Activation,
+        count: usize,
+        bound: Option<Duration>,
+    ) -> bool {
+        act.enabled.store(count, Ordering::Release);
+        let s = self.lock_session(bound);
+        if !s.up {
+            return true;
+        }
+        if s.started.is_empty() || !s.neg.has_protocol_features() {
+            return false;
+        }
+        for ring in &act.rings {
+            if !s.started.contains(&ring.index) {
+                continue;
+            }
+            let on = ring.index < count;
+            if let Err(e) =
+                self.request("SET_VRING_ENABLE", |fe| fe.set_vring_enable(ring.index, on))
+            {
+                log::warn!(
+                    "vhost-user: {} queue {} failed: {e}",
+                    if on { "enabling" } else { "disabling" },
+                    ring.index,
+                    e = chain(&e)
+                );
+                return false;
+            }
+        }
+        true
     }
 
     /// Stop every started ring (GET_VRING_BASE); false if the back end failed.

@@ -133,6 +133,9 @@ pub struct BackendConfig {
     pub complete_faulted: bool,
     /// Serve virtio-blk on this disk instead of virtio-net (`blk` module).
     pub blk: Option<blk::BlkConfig>,
+    /// Net queue pairs served (1..=[`MAX_QUEUE_PAIRS`], clamped); GET_QUEUE_NUM
+    /// reports twice as many queues.
+    pub queue_pairs: usize,
 }
 
 impl Default for BackendConfig {
@@ -147,12 +150,15 @@ impl Default for BackendConfig {
             loopback: false,
             complete_faulted: false,
             blk: None,
+            queue_pairs: 1,
         }
     }
 }
 
-/// Number of virtqueues: one RX (0) and one TX (1).
+/// Number of virtqueues of one queue pair: one RX (0) and one TX (1).
 pub const QUEUE_NUM: usize = 2;
+/// Most net queue pairs the back end serves (`--queues N`).
+pub const MAX_QUEUE_PAIRS: usize = 16;
 
 /// Live counters.
 #[derive(Debug, Default)]
@@ -289,7 +295,10 @@ pub(crate) struct Negotiated {
 pub(crate) struct Shared {
     pub(crate) config: BackendConfig,
     pub(crate) neg: Mutex<Negotiated>,
-    pub(crate) vrings: [Mutex<VringState>; QUEUE_NUM],
+    /// Two per queue pair (receiveq*k* at 2*k*, transmitq*k* at 2*k*+1).
+    pub(crate) vrings: Vec<Mutex<VringState>>,
+    /// TX frames consumed per queue pair.
+    pub(crate) tx_per_pair: Vec<AtomicU64>,
     pub(crate) mem: Mutex<Arc<MemTable>>,
     pub(crate) iotlb: Mutex<DeviceIotlb>,
     /// The message being handled is spared the IOTLB misbehaviours
@@ -327,10 +336,12 @@ impl Shared {
             None => None,
         };
         let blk = config.blk.as_ref().map(blk::BlkDevice::open).transpose()?;
+        let pairs = config.queue_pairs.clamp(1, MAX_QUEUE_PAIRS);
         Ok(Shared {
+            vrings: (0..QUEUE_NUM * pairs).map(|_| Mutex::default()).collect(),
+            tx_per_pair: (0..pairs).map(|_| AtomicU64::new(0)).collect(),
             config,
             neg: Mutex::default(),
-            vrings: Default::default(),
             mem: Mutex::new(Arc::new(MemTable::default())),
             iotlb: Mutex::default(),
             iotlb_cv: Condvar::new(),
@@ -487,6 +498,12 @@ impl BackendHandle {
     /// Current counters.
     pub fn counters(&self) -> CountersSnapshot {
         self.shared.counters.snapshot()
+    }
+
+    /// TX frames consumed per queue pair (index = pair).
+    pub fn tx_frames_per_pair(&self) -> Vec<u64> {
+        let per = &self.shared.tx_per_pair;
+        per.iter().map(|c| c.load(Ordering::Relaxed)).collect()
     }
 
     /// The blk counters (`None` in net mode).

@@ -417,12 +417,17 @@ fn read_tx_chain(q: &Queue<'_>, chain: &[Desc]) -> Result<Vec<u8>, BackendError>
     Ok(buf)
 }
 
-fn process_tx(shared: &Shared, q: &mut Queue<'_>) -> Result<usize, BackendError> {
+fn process_tx(shared: &Shared, q: &mut Queue<'_>, pair: usize) -> Result<usize, BackendError> {
     let mut n = 0;
     while let Some(head) = q.next_avail()? {
         let chain = q.chain(head, false)?;
         match read_tx_chain(q, &chain) {
-            Ok(buf) if buf.len() >= NET_HDR_LEN => consume_tx(shared, &buf[NET_HDR_LEN..]),
+            Ok(buf) if buf.len() >= NET_HDR_LEN => {
+                if let Some(c) = shared.tx_per_pair.get(pair) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                consume_tx(shared, &buf[NET_HDR_LEN..])
+            }
             Ok(_) => {}
             Err(e) if faulted(shared, &e) => {
                 log::info!(
@@ -512,10 +517,11 @@ fn service(shared: &Shared, index: usize) {
         },
         v: &mut v,
     };
-    let res = if index == 0 {
-        process_rx(shared, &mut q)
-    } else {
-        process_tx(shared, &mut q)
+    // RX frames go to receiveq1 only; every transmitq is served.
+    let res = match index {
+        0 => process_rx(shared, &mut q),
+        i if i % 2 == 0 => Ok(0),
+        i => process_tx(shared, &mut q, i / 2),
     };
     match res {
         Ok(0) => {}

@@ -17,7 +17,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::iotlb::IotlbEntry;
 use super::memory::{parse_mem_table, MemTable, MAX_REGIONS};
-use super::{BackendError, Counters, RecordedMsg, Shared, VringState, MAX_RECORDS, QUEUE_NUM};
+use super::{BackendError, Counters, RecordedMsg, Shared, VringState, MAX_RECORDS};
 
 /// Front-end request codes handled here.
 mod req {
@@ -124,9 +124,10 @@ fn u64_payload(m: &Msg) -> Result<u64, BackendError> {
 fn state_payload(m: &Msg) -> Result<(usize, u32), BackendError> {
     let v = u64_payload(m)?;
     let index = (v & 0xffff_ffff) as usize;
-    if index >= QUEUE_NUM {
+    let max = super::QUEUE_NUM * super::MAX_QUEUE_PAIRS;
+    if index >= max {
         return Err(BackendError::BadMessage(format!(
-            "vring index {index} >= {QUEUE_NUM}"
+            "vring index {index} >= {max}"
         )));
     }
     Ok((index, (v >> 32) as u32))
@@ -168,7 +169,7 @@ impl Shared {
             req::SET_VRING_KICK | req::SET_VRING_CALL | req::SET_VRING_ERR => self.vring_fd(m),
             req::GET_PROTOCOL_FEATURES => Ok(Reply::U64(self.offered_protocol())),
             req::SET_PROTOCOL_FEATURES => self.set_protocol(u64_payload(&m)?),
-            req::GET_QUEUE_NUM => Ok(Reply::U64(QUEUE_NUM as u64)),
+            req::GET_QUEUE_NUM => Ok(Reply::U64(self.vrings.len() as u64)),
             req::SET_BACKEND_REQ_FD => self.set_backend_req_fd(m),
             VHOST_USER_IOTLB_MSG => self.iotlb_msg(&m),
             other => Err(BackendError::BadMessage(format!(

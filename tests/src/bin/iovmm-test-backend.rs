@@ -80,6 +80,9 @@ struct Args {
     /// rounded down to 512 bytes, is the capacity).
     #[arg(long, value_name = "FILE")]
     blk: Option<PathBuf>,
+    /// Net queue pairs served (1..=16; GET_QUEUE_NUM reports 2 queues per pair).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    queues: u16,
     /// Exit after the first connection ends.
     #[arg(long)]
     once: bool,
@@ -128,6 +131,7 @@ fn config(a: &Args) -> BackendConfig {
         }),
         loopback: a.loopback,
         complete_faulted: a.complete_faulted,
+        queue_pairs: usize::from(a.queues),
         blk: a.blk.clone().map(BlkConfig::new),
     }
 }

@@ -94,6 +94,21 @@ pub struct VhostUserConfig {
     /// backend to connect (1..=86400).
     #[serde(default = "default_wait")]
     pub wait: u64,
+    /// Queue pairs of a net device (`queues=N`, 1..=16, default 1): with more than one the
+    /// device offers VIRTIO_NET_F_MQ and a control queue the VMM serves.
+    #[serde(default = "default_queues", skip_serializing_if = "is_one")]
+    pub queues: u16,
+}
+
+/// Largest `queues=N`.
+pub const MAX_QUEUE_PAIRS: u16 = devices::vhost_user::mq::MAX_QUEUE_PAIRS;
+
+fn default_queues() -> u16 {
+    1
+}
+
+fn is_one(v: &u16) -> bool {
+    *v == 1
 }
 
 /// Default of `wait=SECS` (server mode).
@@ -189,8 +204,16 @@ impl FromStr for VhostUserConfig {
         };
         let (mut socket, mut iommu, mut ats, mut reconnect) = (None, false, false, 0);
         let (mut server, mut wait) = (false, None);
+        let mut queues = 1;
         for (k, v) in kv {
             match k {
+                "queues" => {
+                    queues = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_QUEUE_PAIRS).contains(n))
+                        .ok_or_else(|| bad(s, "queues must be 1..=16 queue pairs"))?
+                }
                 "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
                 "iommu" => iommu = parse_bool(k, v, s)?,
                 "ats" => ats = parse_bool(k, v, s)?,
@@ -225,6 +248,7 @@ impl FromStr for VhostUserConfig {
             reconnect,
             server,
             wait: wait.unwrap_or(DEFAULT_SERVER_WAIT),
+            queues,
         })
     }
 }
@@ -238,6 +262,17 @@ impl VhostUserConfig {
         let err = |reason: String| {
             ConfigError::Combination(format!("vhost-user device {:?}: {reason}", self.socket))
         };
+        if !(1..=MAX_QUEUE_PAIRS).contains(&self.queues) {
+            return Err(err(format!(
+                "queues must be 1..={MAX_QUEUE_PAIRS} queue pairs, not {}",
+                self.queues
+            )));
+        }
+        if self.queues > 1 && self.kind != VhostUserKind::Net {
+            return Err(err(
+                "queues=N is for net devices (a blk device has one queue)".into(),
+            ));
+        }
         if !self.server {
             return Ok(());
         }
@@ -383,6 +418,35 @@ mod tests {
         ] {
             assert!(bad.parse::<VhostUserConfig>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn queue_pairs_parse_and_validate() {
+        let one: VhostUserConfig = "net,socket=/q".parse().unwrap();
+        assert_eq!(one.queues, 1);
+        let four: VhostUserConfig = "net,socket=/q,iommu=on,queues=4".parse().unwrap();
+        assert_eq!(four.queues, 4);
+        four.validate().unwrap();
+        for bad in [
+            "net,socket=/q,queues=0",
+            "net,socket=/q,queues=17",
+            "net,socket=/q,queues=two",
+        ] {
+            assert!(bad.parse::<VhostUserConfig>().is_err(), "{bad}");
+        }
+        let blk: VhostUserConfig = "blk,socket=/b,queues=2".parse().unwrap();
+        assert!(blk
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("net devices"));
+        let json = serde_json::to_string(&one).unwrap();
+        assert!(!json.contains("queues"), "{json}");
+        let back: VhostUserConfig =
+            serde_json::from_str(&serde_json::to_string(&four).unwrap()).unwrap();
+        assert_eq!(back.queues, 4);
+        let zero = VhostUserConfig { queues: 0, ..one };
+        assert!(zero.validate().is_err());
     }
 
     #[test]

@@ -173,6 +173,7 @@ fn device_config(cfg: &VhostUserConfig, policy: IotlbPolicyConfig) -> DeviceConf
     };
     debug_assert!(matches!(d.kind, DeviceKind::Net | DeviceKind::Blk));
     d.iommu = cfg.iommu;
+    d.queue_pairs = cfg.queues;
     d.reconnect = (cfg.reconnect > 0).then(|| Duration::from_secs(cfg.reconnect));
     d.policy = match policy {
         IotlbPolicyConfig::Miss => IotlbPolicy::MissDriven,
@@ -224,6 +225,12 @@ pub fn add_vhost_user(
     let listener = cfg
         .ats
         .then(|| ats_listener(viommu.as_ref().map(|v| v.seam()), requester_id(bdf)));
+    if let Some(v) = &viommu {
+        // The device (its control queue) and its bridge translate through the seam.
+        device
+            .set_translation(v.seam(), requester_id(bdf))
+            .map_err(dev_err)?;
+    }
     let plugged = dm.add_virtio_pci_with(mem.clone(), Box::new(device), listener)?;
     debug_assert_eq!(plugged, bdf, "the device went where next_bdf said");
     if let (Some(viommu), Some(bridge)) = (viommu, bridge) {
@@ -231,7 +238,6 @@ pub fn add_vhost_user(
             socket: cfg.socket.clone(),
             source,
         };
-        bridge.set_translation(viommu.seam(), requester_id(bdf));
         let maps = policy == IotlbPolicyConfig::Prefetch;
         viommu.attach(bdf, bridge, maps).map_err(iommu_err)?;
     }

@@ -1,0 +1,262 @@
+//! Multiqueue virtio-net over vhost-user (`queues=N`): negotiation (PROTOCOL_F_MQ,
+//! GET_QUEUE_NUM), the features and configuration offered, the control queue served by the
+//! VMM (VQ_PAIRS_SET enables pairs in the back end with SET_VRING_ENABLE) and TX on every
+//! queue pair, against our test back end on a socketpair (no KVM), behind a vIOMMU.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use devices::sys::{poll_fds, PollFd};
+use devices::vhost_user::ctrl::{CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, NET_ERR, NET_OK};
+use devices::vhost_user::{VhostUserError, VhostUserKind};
+use devices::virtio::VirtioDevice;
+use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour};
+use integration_tests::rig::{dev_config, fnv1a, ring_gpa, try_connect, Rig, BUF, QSIZE, TIMEOUT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const SET_VRING_ENABLE: u32 = 18;
+const MQ: u64 = 1 << 22;
+const CTRL_VQ: u64 = 1 << 17;
+/// Command buffers of the control queue (GPA), after the TX buffers.
+const CMD: u64 = BUF + 0x2_0000;
+
+fn backend(pairs: usize) -> BackendConfig {
+    BackendConfig {
+        queue_pairs: pairs,
+        ..Default::default()
+    }
+}
+
+/// A multiqueue device (`pairs` pairs) behind a vIOMMU that maps all RAM, with irqfds.
+fn mq_rig(backend_pairs: usize, pairs: u16) -> Rig {
+    let mut dcfg = dev_config(VhostUserKind::Net, true);
+    dcfg.queue_pairs = pairs;
+    let r = Rig::pair(backend(backend_pairs), dcfg).with_irqfds();
+    r.translate_all_ram();
+    r
+}
+
+/// Waits (bounded) for queue `q`'s irqfd.
+fn wait_irq(r: &Rig, q: usize) {
+    let fd: &EventFd = &r.irq.irqfds[q];
+    let mut fds = [PollFd::readable(fd)];
+    let n = poll_fds(&mut fds, Some(TIMEOUT)).unwrap();
+    assert_eq!(n, 1, "no interrupt on queue {q} within {TIMEOUT:?}");
+    fd.read().unwrap();
+}
+
+/// (queue, enabled) of every SET_VRING_ENABLE the back end received.
+fn enables(be: &BackendHandle) -> Vec<(u32, u32)> {
+    be.records()
+        .iter()
+        .filter(|m| m.request == SET_VRING_ENABLE)
+        .map(|m| {
+            let p = &m.payload;
+            let w = |i: usize| u32::from_ne_bytes(p[i..i + 4].try_into().unwrap());
+            (w(0), w(4))
+        })
+        .collect()
+}
+
+fn write(r: &Rig, data: &[u8], gpa: u64) {
+    r.mem.write_slice(data, GuestAddress(gpa)).unwrap();
+}
+
+/// A chain of `descs` (GPA, length, flags) as avail entry `slot` of queue `q` (avail index
+/// `slot + 1`; used_event asks for an interrupt once it is used), then a kick. Chains use
+/// descriptors 0..4 and 4..8 alternately (each is completed before the next but one).
+fn post(r: &Rig, q: usize, slot: u16, descs: &[(u64, u32, u16)]) {
+    assert!(descs.len() <= 4);
+    let base = ring_gpa(q);
+    let first = u64::from(slot % 2) * 4;
+    for (i, (gpa, len, flags)) in descs.iter().enumerate() {
+        let idx = first + i as u64;
+        let next = u16::try_from(idx + 1).unwrap();
+        let flags = if i + 1 < descs.len() {
+            flags | 1
+        } else {
+            *flags
+        };
+        let mut d = r.dma(*gpa).to_le_bytes().to_vec();
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        write(r, &d, base + 16 * idx);
+    }
+    let head = u16::try_from(first).unwrap();
+    let avail = base + 0x1000;
+    write(
+        r,
+        &head.to_le_bytes(),
+        avail + 4 + 2 * u64::from(slot % QSIZE),
+    );
+    write(r, &slot.to_le_bytes(), avail + 4 + 2 * u64::from(QSIZE));
+    write(r, &slot.wrapping_add(1).to_le_bytes(), avail + 2);
+    r.kicks[q].write(1).unwrap();
+}
+
+/// Sends VQ_PAIRS_SET(`pairs`) on control queue `ctrl` (avail slot `slot`); its status.
+fn pairs_set(r: &Rig, ctrl: usize, slot: u16, pairs: u16) -> u8 {
+    let cmd = CMD + 0x100 * u64::from(slot);
+    let mut c = vec![CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET];
+    c.extend_from_slice(&pairs.to_le_bytes());
+    write(r, &c, cmd);
+    write(r, &[0xff], cmd + 0x80);
+    post(
+        r,
+        ctrl,
+        slot,
+        &[(cmd, 2, 0), (cmd + 2, 2, 0), (cmd + 0x80, 1, 2)],
+    );
+    wait_irq(r, ctrl);
+    let used: u16 = r
+        .mem
+        .read_obj(GuestAddress(ring_gpa(ctrl) + 0x2002))
+        .unwrap();
+    assert_eq!(used, slot + 1);
+    r.mem.read_obj(GuestAddress(cmd + 0x80)).unwrap()
+}
+
+/// Transmits `frame` on TX queue `q` (avail slot `slot`) and waits for its completion.
+fn tx(r: &Rig, q: usize, slot: u16, frame: &[u8]) {
+    let buf = BUF + 0x1000 * (q as u64 * u64::from(QSIZE) + u64::from(slot % QSIZE));
+    let mut data = vec![0u8; integration_tests::rig::NET_HDR];
+    data.extend_from_slice(frame);
+    write(r, &data, buf);
+    post(r, q, slot, &[(buf, u32::try_from(data.len()).unwrap(), 0)]);
+    wait_irq(r, q);
+}
+
+#[test]
+fn the_control_queue_enables_pairs_and_every_tx_queue_carries_frames() {
+    let mut r = mq_rig(4, 2);
+    let f = r.dev.avail_features();
+    assert_eq!(f & (MQ | CTRL_VQ), MQ | CTRL_VQ);
+    assert_eq!(
+        r.dev.queue_max_sizes().len(),
+        5,
+        "2 pairs + the control queue"
+    );
+    let mut cfg = [0u8; 2];
+    r.dev.read_config(8, &mut cfg);
+    assert_eq!(u16::from_le_bytes(cfg), 2, "max_virtqueue_pairs");
+    r.activate().unwrap();
+    // Only the first pair runs before the driver asks for more; the control queue is ours.
+    assert_eq!(enables(&r.be), vec![(0, 1), (1, 1), (2, 0), (3, 0)]);
+    assert_eq!(pairs_set(&r, 4, 0, 2), NET_OK);
+    assert_eq!(enables(&r.be)[4..], [(0, 1), (1, 1), (2, 1), (3, 1)]);
+    // Out of range: refused, nothing sent to the back end.
+    assert_eq!(pairs_set(&r, 4, 1, 3), NET_ERR);
+    assert_eq!(pairs_set(&r, 4, 2, 0), NET_ERR);
+    assert_eq!(enables(&r.be).len(), 8);
+    let frames: [&[u8]; 3] = [b"pair zero frame", b"pair one frame", b"pair one again"];
+    tx(&r, 1, 0, frames[0]);
+    tx(&r, 3, 0, frames[1]);
+    tx(&r, 3, 1, frames[2]);
+    assert_eq!(r.be.tx_frames_per_pair(), vec![1, 2, 0, 0]);
+    let c = r.be.counters();
+    assert_eq!(c.tx_frames, 3);
+    let sum = frames.iter().fold(0u64, |s, f| s.wrapping_add(fnv1a(f)));
+    assert_eq!(c.tx_checksum, sum);
+    // Back to one pair: the second is disabled again.
+    assert_eq!(pairs_set(&r, 4, 3, 1), NET_OK);
+    assert_eq!(enables(&r.be)[8..], [(0, 1), (1, 1), (2, 0), (3, 0)]);
+    // The control queue (4) is never programmed in the back end: vring requests (NUM, ADDR,
+    // BASE, GET_BASE, KICK, CALL, ENABLE) name queues 0..4 only.
+    let vring_requests = [8u32, 9, 10, 11, 12, 13, SET_VRING_ENABLE];
+    assert!(r
+        .be
+        .records()
+        .iter()
+        .filter(|m| vring_requests.contains(&m.request))
+        .all(|m| m.payload[0] < 4));
+    assert!(r.dev.reset());
+}
+
+#[test]
+fn a_bad_control_command_gets_an_error_status() {
+    let mut r = mq_rig(2, 2);
+    r.activate().unwrap();
+    // Unknown class (RX mode), and a VQ_PAIRS_SET with a short payload.
+    let cmd = CMD;
+    write(&r, &[0, 0, 1], cmd);
+    write(&r, &[0xff], cmd + 0x80);
+    post(&r, 4, 0, &[(cmd, 3, 0), (cmd + 0x80, 1, 2)]);
+    wait_irq(&r, 4);
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(cmd + 0x80)).unwrap(),
+        NET_ERR
+    );
+    write(&r, &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 2], cmd + 0x100);
+    write(&r, &[0xff], cmd + 0x180);
+    post(&r, 4, 1, &[(cmd + 0x100, 3, 0), (cmd + 0x180, 1, 2)]);
+    wait_irq(&r, 4);
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(cmd + 0x180)).unwrap(),
+        NET_ERR
+    );
+    // A status buffer outside guest RAM: returned with used length 0.
+    write(&r, &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 2, 0], cmd + 0x200);
+    post(&r, 4, 2, &[(cmd + 0x200, 4, 0), (1 << 40, 1, 2)]);
+    wait_irq(&r, 4);
+    let len: u32 = r
+        .mem
+        .read_obj(GuestAddress(ring_gpa(4) + 0x2004 + 8 * 2 + 4))
+        .unwrap();
+    assert_eq!(len, 0);
+    assert_eq!(
+        enables(&r.be).len(),
+        4 + 4,
+        "the command itself was valid and applied"
+    );
+}
+
+#[test]
+fn a_driver_without_mq_gets_one_pair() {
+    let mut r = mq_rig(2, 2);
+    let avail = r.dev.avail_features();
+    r.dev.ack_features(avail & !(MQ | CTRL_VQ));
+    let queues = (0..2)
+        .map(|q| {
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            r.kicks.push(kick.try_clone().unwrap());
+            (q, r.queue(q), kick)
+        })
+        .collect();
+    r.dev
+        .activate(devices::virtio::ActivateContext {
+            mem: r.mem.clone(),
+            queues,
+            interrupt: r.irq.clone(),
+        })
+        .unwrap();
+    assert_eq!(enables(&r.be), vec![(0, 1), (1, 1)]);
+    tx(&r, 1, 0, b"single pair");
+    assert_eq!(r.be.tx_frames_per_pair(), vec![1, 0]);
+}
+
+#[test]
+fn more_pairs_than_the_back_end_has_are_refused() {
+    let mut dcfg = dev_config(VhostUserKind::Net, true);
+    dcfg.queue_pairs = 4;
+    let (dev, _be) = try_connect(backend(2), dcfg.clone());
+    match dev {
+        Err(VhostUserError::QueueNum { offered, needed }) => assert_eq!((offered, needed), (4, 8)),
+        other => panic!("expected QueueNum, got {other:?}"),
+    }
+    let without_mq = BackendConfig {
+        queue_pairs: 4,
+        misbehave: Misbehaviour {
+            withhold_protocol: devices::vhost_user::wire::PROTOCOL_F_MQ,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (dev, _be) = try_connect(without_mq, dcfg);
+    match dev {
+        Err(VhostUserError::MissingFeatures { missing, .. }) => {
+            assert_eq!(missing, vec!["VHOST_USER_PROTOCOL_F_MQ"])
+        }
+        other => panic!("expected MissingFeatures, got {other:?}"),
+    }
+}
