@@ -19,6 +19,7 @@ const SOURCES: &[&str] = &[
     "vtd.c",
     "virtio.c",
     "net.c",
+    "netmq.c",
     "blk.c",
     "rx.c",
     "dmatest.c",

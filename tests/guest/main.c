@@ -8,6 +8,7 @@
 #include "env.h"
 #include "exitbench.h"
 #include "net.h"
+#include "netmq.h"
 #include "pci.h"
 
 /* TSC at the first ring-0 instruction (boot.S) and at ring-3 entry. */
@@ -186,6 +187,12 @@ static int run_blk_stale_scenario(void)
     return run_blk_stale(pci_devs, pci_count);
 }
 
+static int run_net_mq_scenario(void)
+{
+    pci_count = pci_scan(pci_devs, PCI_MAX_DEVICES);
+    return run_net_mq(pci_devs, pci_count);
+}
+
 static const struct scenario scenarios[] = {
     {"blk", run_blk_scenario}, {"blk-stale", run_blk_stale_scenario},
     {"net-rx", run_net_rx_scenario}, {"net-stale", run_net_stale_scenario},
@@ -193,7 +200,7 @@ static const struct scenario scenarios[] = {
     {"triple-fault", run_triple_fault}, {"pio-exits", run_pio_exits},
     {"tsc", run_tsc},           {"pci-scan", run_pci_scan},
     {"net-tx", run_net_tx_scenario}, {"dma-map", run_dma_map_scenario},
-    {"exit-bench", run_exit_bench},
+    {"exit-bench", run_exit_bench}, {"net-mq", run_net_mq_scenario},
 };
 
 static int fail(const char *test, int code, const char *status, const char *why)
@@ -235,5 +242,5 @@ int guest_main(void)
             return code;
         }
     }
-    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, net-rx, net-stale, dma-map, blk, blk-stale, exit-bench)");
+    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, net-rx, net-stale, net-mq, dma-map, blk, blk-stale, exit-bench)");
 }

@@ -113,13 +113,38 @@ impl Testpmd {
         Self::spawn(socket, iommu, mode, true)
     }
 
+    /// Like [`Testpmd::start`] (rxonly) with `queues` queue pairs: `queues=N` on the vhost
+    /// vdev (it offers multiqueue; iovmm's `--vhost-user net,...,queues=N`) and
+    /// `--rxq=N --txq=N`; the one forwarding lcore polls every queue.
+    pub fn start_queues(socket: &Path, iommu: bool, queues: u16) -> Result<Self, TestpmdError> {
+        let _ = std::fs::remove_file(socket);
+        Self::spawn_queues(socket, iommu, "rxonly", false, queues.max(1))
+    }
+
     fn spawn(socket: &Path, iommu: bool, mode: &str, client: bool) -> Result<Self, TestpmdError> {
+        Self::spawn_queues(socket, iommu, mode, client, 1)
+    }
+
+    fn spawn_queues(
+        socket: &Path,
+        iommu: bool,
+        mode: &str,
+        client: bool,
+        queues: u16,
+    ) -> Result<Self, TestpmdError> {
         let vdev = format!(
-            "net_vhost0,iface={},iommu-support={}{}",
+            "net_vhost0,iface={},iommu-support={}{}{}",
             socket.display(),
             u8::from(iommu),
-            if client { ",client=1" } else { "" }
+            if client { ",client=1" } else { "" },
+            if queues > 1 {
+                format!(",queues={queues}")
+            } else {
+                String::new()
+            }
         );
+        let rxq = format!("--rxq={queues}");
+        let txq = format!("--txq={queues}");
         let prefix = unique_prefix();
         // testpmd prints statistics with stdio, fully buffered on a pipe: unbuffer it.
         let mut child = Command::new("stdbuf")
@@ -140,6 +165,7 @@ impl Testpmd {
                 "--port-topology=loop",
                 "--total-num-mbufs=8192",
             ])
+            .args(if queues > 1 { vec![rxq, txq] } else { vec![] })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -203,6 +229,30 @@ impl Testpmd {
             let out = self.output();
             if let Some(stats) = parse_port_stats(&out[before..]) {
                 return Ok(stats);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(TestpmdError::Stats(self.output()[before..].to_string()))
+    }
+
+    /// Packets port 0 received on each of its first `queues` RX queues: the per-stream
+    /// blocks of `show fwd stats all` (printed when there are more streams than ports; they
+    /// outlive the vhost device, unlike its extended statistics).
+    pub fn rx_queue_packets(&mut self, queues: usize) -> Result<Vec<u64>, TestpmdError> {
+        let before = self.output().len();
+        self.command("show fwd stats all")?;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            let out = self.output();
+            let text = &out[before..];
+            if text.contains("Accumulated forward statistics for all ports") {
+                let per: Option<Vec<u64>> = (0..queues)
+                    .map(|q| {
+                        let i = text.find(&format!("RX Port= 0/Queue= {q} "))?;
+                        field(&text[i..], "RX-packets:")
+                    })
+                    .collect();
+                return per.ok_or_else(|| TestpmdError::Stats(text.to_string()));
             }
             std::thread::sleep(Duration::from_millis(10));
         }

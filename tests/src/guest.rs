@@ -246,6 +246,16 @@ impl Scenario {
         Self::new("net-tx").frames(frames).size(size)
     }
 
+    /// Multiqueue transmit (`net-mq`, `tests/guest/netmq.c`): VQ_PAIRS_SET(`queues`) on the
+    /// control queue, then `frames` frames of `size` bytes round-robin on the first `queues`
+    /// transmit queues; the result has `tx0`.. per queue pair and net-tx's `checksum`.
+    pub fn net_mq(frames: u64, size: u64, queues: u64) -> Self {
+        Self::new("net-mq")
+            .frames(frames)
+            .size(size)
+            .param("queues", queues)
+    }
+
     /// Maps and unmaps `iterations` rounds of buffers of `size` bytes for one PCI function without
     /// device DMA (exercises the vIOMMU driver; default mode strict).
     pub fn dma_map(iterations: u64, size: u64) -> Self {
