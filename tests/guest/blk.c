@@ -283,13 +283,10 @@ static bool run_phase(struct blk *b, const struct blk_params *p, u64 n, bool wri
             *why = b->dma.error;
             return false;
         }
-        if (progress)
-            last = rdtsc();
-        else if (rdtsc() - last > timeout) {
+        if (!poll_progress(progress, &last, timeout)) {
             *why = "no request completion within iovmm.timeout_ms";
             return false;
-        } else
-            cpu_relax();
+        }
     }
     b->done += ph.done;
     return true;
@@ -437,8 +434,7 @@ int run_blk(const struct pci_dev *devs, size_t ndevs)
            pci->bus, pci->dev, pci->fn, b.q.size, (unsigned long long)b.capacity, (unsigned long long)n,
            (unsigned long long)p.size, (unsigned long long)p.inflight);
     const char *why = run_all(&b, &p, n);
-    if (p.reset && !virtio_reset(&b.vd) && !why)
-        why = "the device did not finish its reset after the run";
+    why = virtio_reset_after_run(&b.vd, p.reset, why);
     report(&b, &p, n, why);
     return why ? EXIT_FAILED : EXIT_OK;
 }
@@ -678,8 +674,7 @@ int run_blk_stale(const struct pci_dev *devs, size_t ndevs)
     if (!why)
         why = stale_after(&b, &p, &st);
     /* A request still queued (the device hung on it) would make the reset wait for it. */
-    if (p.reset && st.completed == ST_N && !virtio_reset(&b.vd) && !why)
-        why = "the device did not finish its reset after the run";
+    why = virtio_reset_after_run(&b.vd, p.reset && st.completed == ST_N, why);
     stale_report(&b, &p, &st, why);
     return why ? EXIT_FAILED : EXIT_OK;
 }

@@ -77,6 +77,18 @@ u64 ms_to_cycles(u64 ms)
     return ms * (khz ? khz : 3000000);
 }
 
+bool poll_progress(u64 got, u64 *last, u64 timeout)
+{
+    if (got) {
+        *last = rdtsc();
+        return true;
+    }
+    if (rdtsc() - *last > timeout)
+        return false;
+    cpu_relax();
+    return true;
+}
+
 /* ------------------------------------------------------------------ memory */
 
 static u64 arena_next, arena_end, total_ram;

@@ -17,6 +17,9 @@ int cmdline_u64(const char *key, u64 dflt, u64 *out);
 u64 tsc_rate_khz(void);
 /* Milliseconds to TSC cycles (assumes 3 GHz when the TSC rate is unknown). */
 u64 ms_to_cycles(u64 ms);
+/* One turn of a polling loop that gives up after `timeout` cycles without progress: with
+ * progress (`got` > 0) restarts the clock at *last; else false once the time is up, or pauses. */
+bool poll_progress(u64 got, u64 *last, u64 timeout);
 
 /* ---- physical memory: e820 and a bump allocator over free RAM past the image */
 struct e820_entry {

@@ -26,9 +26,50 @@
 #include "virtio.h"
 
 #define VIRTIO_NET_F_MAC (1ULL << 5)
-#define NET_HDR_LEN 12
-#define RX_QUEUE 0
-#define TX_QUEUE 1
+
+/* ------------------------------------------------ shared by the virtio-net scenarios (net.h) */
+
+const char *net_open(struct net_dev *n, const struct pci_dev *pci, enum iommu_mode iommu, u16 rx_size,
+                     u16 tx_size)
+{
+    const char *err = virtio_dma_open(&n->vd, &n->dma, pci, iommu, VIRTIO_NET_F_MAC, "virtio-net");
+    if (!err)
+        err = virtio_setup_queue(&n->vd, &n->rxq, RX_QUEUE, rx_size);
+    if (!err)
+        err = virtio_setup_queue(&n->vd, &n->txq, TX_QUEUE, tx_size);
+    if (err)
+        return err;
+    static const u8 default_mac[6] = {0x52, 0x54, 0x00, 0x00, 0x00, 0x01};
+    memcpy(n->mac, default_mac, 6);
+    if ((n->vd.features & VIRTIO_NET_F_MAC) && n->vd.device_cfg) {
+        for (u32 i = 0; i < 6; i++)
+            n->mac[i] = virtio_cfg_read8(&n->vd, i);
+    }
+    return NULL;
+}
+
+u8 *net_frame_start(u8 *buf, const u8 *mac, u16 ethertype)
+{
+    memset(buf, 0, NET_HDR_LEN);
+    u8 *f = buf + NET_HDR_LEN;
+    memset(f, 0xff, 6);
+    memcpy(f + 6, mac, 6);
+    f[12] = (u8)(ethertype >> 8);
+    f[13] = (u8)ethertype;
+    return f;
+}
+
+u8 *net_fill_frame(u8 *buf, const u8 *mac, u64 seq, u64 size, bool seq_layout)
+{
+    u8 *f = net_frame_start(buf, mac, ETH_P_SEQ);
+    for (u64 j = 14; j < size; j++)
+        f[j] = (u8)(seq * 31 + j);
+    for (u32 i = 0; seq_layout && i < 8; i++)
+        f[14 + i] = (u8)(seq >> (8 * i));
+    return f;
+}
+
+/* ------------------------------------------------------------------ net-tx */
 
 struct net_params {
     u64 frames, size, batch, queue, timeout_ms, reset, bad_frame, seq, gap_us, gap_cycles;
@@ -36,10 +77,7 @@ struct net_params {
 };
 
 struct net_tx {
-    struct virtio_dev vd;
-    struct dma_ctx dma;
-    struct virtq rxq, txq;
-    u8 mac[6];
+    struct net_dev net;
     u8 *bufs;          /* txq.size slots of `stride` bytes */
     u64 stride;
     u64 *slot_dma;     /* device address of each in-flight slot, by descriptor id */
@@ -50,7 +88,7 @@ struct net_tx {
 
 static const char *read_params(struct net_params *p)
 {
-    char mode[16];
+    const char *err;
     if (cmdline_u64("iovmm.frames", 1000, &p->frames) || cmdline_u64("iovmm.size", 1514, &p->size) ||
         cmdline_u64("iovmm.batch", 1, &p->batch) || cmdline_u64("iovmm.queue", 256, &p->queue) ||
         cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset) ||
@@ -64,9 +102,8 @@ static const char *read_params(struct net_params *p)
         return "iovmm.size must be 60..65000 bytes";
     if (p->batch == 0 || p->queue < 2 || p->queue > 32768)
         return "iovmm.batch must be >= 1 and iovmm.queue 2..32768";
-    p->iommu = IOMMU_OFF;
-    if (cmdline_get("iovmm.iommu", mode, sizeof(mode)) && !iommu_mode_parse(mode, &p->iommu))
-        return "iovmm.iommu must be off, passthrough, strict or lazy";
+    if ((err = iommu_mode_param(IOMMU_OFF, &p->iommu)))
+        return err;
     if (p->bad_frame != ~0ULL && p->iommu != IOMMU_STRICT && p->iommu != IOMMU_LAZY)
         return "iovmm.bad_frame needs iovmm.iommu=strict or lazy";
     return NULL;
@@ -74,43 +111,23 @@ static const char *read_params(struct net_params *p)
 
 static const char *net_setup(struct net_tx *n, const struct pci_dev *pci, const struct net_params *p)
 {
-    const char *err = virtio_dma_open(&n->vd, &n->dma, pci, p->iommu, VIRTIO_NET_F_MAC, "virtio-net");
-    /* Both queues of the pair are set up (vhost-user backends start only then); rx stays empty. */
-    if (!err)
-        err = virtio_setup_queue(&n->vd, &n->rxq, RX_QUEUE, 64);
-    if (!err)
-        err = virtio_setup_queue(&n->vd, &n->txq, TX_QUEUE, (u16)p->queue);
+    /* The RX queue stays empty. */
+    const char *err = net_open(&n->net, pci, p->iommu, 64, (u16)p->queue);
     if (err)
         return err;
-    static const u8 default_mac[6] = {0x52, 0x54, 0x00, 0x00, 0x00, 0x01};
-    memcpy(n->mac, default_mac, 6);
-    if ((n->vd.features & VIRTIO_NET_F_MAC) && n->vd.device_cfg) {
-        for (u32 i = 0; i < 6; i++)
-            n->mac[i] = virtio_cfg_read8(&n->vd, i);
-    }
     n->stride = ALIGN_UP(NET_HDR_LEN + p->size, 64);
-    n->bufs = mem_alloc(n->stride * n->txq.size, 4096);
-    n->slot_dma = mem_alloc(sizeof(u64) * n->txq.size, 64);
+    n->bufs = mem_alloc(n->stride * n->net.txq.size, 4096);
+    n->slot_dma = mem_alloc(sizeof(u64) * n->net.txq.size, 64);
     if (!n->bufs || !n->slot_dma)
         return "out of guest memory for transmit buffers (raise --memory or lower iovmm.size)";
-    virtio_driver_ok(&n->vd);
+    virtio_driver_ok(&n->net.vd);
     return NULL;
 }
 
-/* Writes frame `seq` after a zeroed header (with `seq_layout`, the sequence number at 14..21);
- * returns the sum of its bytes. */
+/* Writes frame `seq` (net_fill_frame); returns the sum of its bytes. */
 static u64 fill_frame(u8 *buf, const u8 *mac, u64 seq, u64 size, bool seq_layout)
 {
-    memset(buf, 0, NET_HDR_LEN);
-    u8 *f = buf + NET_HDR_LEN;
-    memset(f, 0xff, 6);
-    memcpy(f + 6, mac, 6);
-    f[12] = 0x88;
-    f[13] = 0xb5;
-    for (u64 j = 14; j < size; j++)
-        f[j] = (u8)(seq * 31 + j);
-    for (u32 i = 0; seq_layout && i < 8; i++)
-        f[14 + i] = (u8)(seq >> (8 * i));
+    const u8 *f = net_fill_frame(buf, mac, seq, size, seq_layout);
     u64 sum = 0;
     for (u64 j = 0; j < size; j++)
         sum += f[j];
@@ -121,31 +138,31 @@ static u64 fill_frame(u8 *buf, const u8 *mac, u64 seq, u64 size, bool seq_layout
 static bool submit_batch(struct net_tx *n, const struct net_params *p)
 {
     u64 added = 0;
-    while (added < p->batch && n->sent < p->frames && n->txq.num_free > 0 &&
+    while (added < p->batch && n->sent < p->frames && n->net.txq.num_free > 0 &&
            (!p->gap_cycles || rdtsc() >= n->next_tx)) {
         n->next_tx = rdtsc() + p->gap_cycles;
-        u16 slot = n->txq.free_head; /* the descriptor id virtq_add will use */
+        u16 slot = n->net.txq.free_head; /* the descriptor id virtq_add will use */
         u8 *buf = n->bufs + (u64)slot * n->stride;
-        n->checksum += fill_frame(buf, n->mac, n->sent, p->size, p->seq);
+        n->checksum += fill_frame(buf, n->net.mac, n->sent, p->size, p->seq);
         u64 len = NET_HDR_LEN + p->size;
-        u64 addr = dma_map(&n->dma, buf, len, DMA_TO_DEVICE);
+        u64 addr = dma_map(&n->net.dma, buf, len, DMA_TO_DEVICE);
         if (addr == DMA_MAPPING_ERROR)
-            return dma_fail(&n->dma, "dma_map failed");
+            return dma_fail(&n->net.dma, "dma_map failed");
         n->slot_dma[slot] = addr;
         if (n->sent == p->bad_frame) { /* the mapping stays valid: reap unmaps it as usual */
-            n->bad_iova = dma_guard_iova(&n->dma, len);
+            n->bad_iova = dma_guard_iova(&n->net.dma, len);
             if (n->bad_iova == DMA_MAPPING_ERROR)
-                return dma_fail(&n->dma, "no guard IOVA for iovmm.bad_frame");
+                return dma_fail(&n->net.dma, "no guard IOVA for iovmm.bad_frame");
             addr = n->bad_iova;
         }
         struct vq_buf b = {.addr = addr, .len = (u32)len, .device_writes = false};
-        virtq_add(&n->txq, &b, 1);
+        virtq_add(&n->net.txq, &b, 1);
         n->sent++;
         n->bytes += p->size;
         added++;
     }
     if (added)
-        virtq_kick(&n->txq);
+        virtq_kick(&n->net.txq);
     return true;
 }
 
@@ -153,74 +170,50 @@ static u64 reap(struct net_tx *n, const struct net_params *p)
 {
     u32 id, len;
     u64 got = 0;
-    while (virtq_get_used(&n->txq, &id, &len)) {
-        dma_unmap(&n->dma, n->slot_dma[id], NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+    while (virtq_get_used(&n->net.txq, &id, &len)) {
+        dma_unmap(&n->net.dma, n->slot_dma[id], NET_HDR_LEN + p->size, DMA_TO_DEVICE);
         n->completed++;
         got++;
     }
     return got;
 }
 
-/* Runs the transmit loop; returns false on timeout or a DMA/vIOMMU failure. */
-static bool transmit(struct net_tx *n, const struct net_params *p, const char **why)
+/* Runs the transmit loop; returns NULL, or why it failed (timeout, a DMA/vIOMMU failure). */
+static const char *transmit(struct net_tx *n, const struct net_params *p)
 {
     u64 timeout = ms_to_cycles(p->timeout_ms), last_progress = rdtsc();
     while (n->completed < p->frames) {
         bool submitted = submit_batch(n, p);
         u64 got = reap(n, p);
-        if (!submitted || n->dma.error) {
-            *why = n->dma.error ? n->dma.error : "dma_map failed";
-            return false;
-        }
-        if (got) {
-            last_progress = rdtsc();
-        } else if (rdtsc() - last_progress > timeout) {
-            *why = "no transmit completion within iovmm.timeout_ms";
-            return false;
-        } else {
-            cpu_relax();
-        }
+        if (!submitted || n->net.dma.error)
+            return n->net.dma.error ? n->net.dma.error : "dma_map failed";
+        if (!poll_progress(got, &last_progress, timeout))
+            return "no transmit completion within iovmm.timeout_ms";
     }
-    dma_flush(&n->dma);
-    *why = n->dma.error;
-    return !*why;
+    dma_flush(&n->net.dma);
+    return n->net.dma.error;
 }
 
-static void report(struct net_tx *n, const struct net_params *p, const char *status, const char *why, u64 cycles)
+static void report(struct net_tx *n, const struct net_params *p, const char *why, u64 cycles)
 {
     struct result r;
-    result_begin(&r, "net-tx", status);
-    if (why)
-        result_str(&r, "error", why);
-    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_begin_run(&r, "net-tx", why, p->iommu);
     result_u64(&r, "frames", p->frames);
     result_u64(&r, "size", p->size);
     result_u64(&r, "sent", n->sent);
     result_u64(&r, "completed", n->completed);
     result_u64(&r, "bytes", n->bytes);
     result_u64(&r, "checksum", n->checksum);
-    result_u64(&r, "queue_size", n->txq.size);
-    result_u64(&r, "kicks", n->txq.kicks);
-    result_hex(&r, "features", n->vd.features);
+    result_u64(&r, "queue_size", n->net.txq.size);
+    result_u64(&r, "kicks", n->net.txq.kicks);
+    result_hex(&r, "features", n->net.vd.features);
     if (n->bad_iova)
         result_hex(&r, "bad_iova", n->bad_iova);
     result_u64(&r, "cycles", cycles);
     result_u64(&r, "cycles_per_frame", p->frames ? cycles / p->frames : 0);
     result_u64(&r, "tsc_khz", tsc_rate_khz());
-    dma_report(&n->dma, &r);
+    dma_report(&n->net.dma, &r);
     result_emit(&r);
-}
-
-/* The result line of a run that did not get to transmit (with the DMA fields once dma_init ran). */
-static int report_setup_error(const char *status, const char *why, int code, struct dma_ctx *dma)
-{
-    struct result r;
-    result_begin(&r, "net-tx", status);
-    result_str(&r, "error", why);
-    if (dma)
-        dma_report(dma, &r);
-    result_emit(&r);
-    return code;
 }
 
 int run_net_tx(const struct pci_dev *devs, size_t ndevs)
@@ -229,27 +222,19 @@ int run_net_tx(const struct pci_dev *devs, size_t ndevs)
     struct net_params p;
     const char *err = read_params(&p);
     if (err)
-        return report_setup_error("error", err, EXIT_USAGE, NULL);
-    static const u16 net_ids[] = {0x1041, 0x1000, 0};
-    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, net_ids);
+        return report_early_exit("net-tx", "error", err, EXIT_USAGE, NULL);
+    const struct pci_dev *pci = virtio_find("net-tx", devs, ndevs, VIRTIO_ID_NET, "virtio-net");
     if (!pci)
-        return report_setup_error("unsupported", "no virtio-net device on PCI bus 0", EXIT_UNSUPPORTED, NULL);
+        return EXIT_UNSUPPORTED;
     err = net_setup(&n, pci, &p);
-    if (err) {
-        int code;
-        const char *status = dma_exit_status(&n.dma, &code);
-        return report_setup_error(status, err, code, &n.dma);
-    }
+    if (err)
+        return report_dma_setup_error("net-tx", err, &n.net.dma);
     printf("IOVMM-TEST net-tx: %02x:%02x.%x queue %u, %llu frames of %llu bytes\n", pci->bus, pci->dev,
-           pci->fn, n.txq.size, (unsigned long long)p.frames, (unsigned long long)p.size);
+           pci->fn, n.net.txq.size, (unsigned long long)p.frames, (unsigned long long)p.size);
     u64 t0 = rdtsc();
-    const char *why = NULL;
-    bool ok = transmit(&n, &p, &why);
+    const char *why = transmit(&n, &p);
     u64 cycles = rdtsc() - t0;
-    if (p.reset && !virtio_reset(&n.vd) && ok) {
-        ok = false;
-        why = "the device did not finish its reset after the run";
-    }
-    report(&n, &p, ok ? "ok" : "failed", why, cycles);
-    return ok ? EXIT_OK : EXIT_FAILED;
+    why = virtio_reset_after_run(&n.net.vd, p.reset, why);
+    report(&n, &p, why, cycles);
+    return why ? EXIT_FAILED : EXIT_OK;
 }

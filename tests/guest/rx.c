@@ -37,10 +37,6 @@
 #include "env.h"
 #include "virtio.h"
 
-#define VIRTIO_NET_F_MAC (1ULL << 5)
-#define NET_HDR_LEN 12
-#define RX_QUEUE 0
-#define TX_QUEUE 1
 #define SEQ_OFF 14
 #define PATTERN_OFF 22
 #define SUM_OFF 12
@@ -52,10 +48,7 @@ struct rx_params {
 };
 
 struct rx_dev {
-    struct virtio_dev vd;
-    struct dma_ctx dma;
-    struct virtq rxq, txq;
-    u8 mac[6];
+    struct net_dev net;
     u64 stride;
     u8 *rx_bufs, *tx_bufs;
     u64 *rx_dma, *tx_dma; /* device address per descriptor id */
@@ -67,6 +60,7 @@ struct rx_dev {
 static const char *read_rx_params(struct rx_params *p)
 {
     char s[16];
+    const char *err;
     if (cmdline_u64("iovmm.frames", 1000, &p->frames) || cmdline_u64("iovmm.size", 1000, &p->size) ||
         cmdline_u64("iovmm.queue", 256, &p->queue) || cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) ||
         cmdline_u64("iovmm.reset", 1, &p->reset) || cmdline_u64("iovmm.loopback", 0, &p->loopback) ||
@@ -78,9 +72,8 @@ static const char *read_rx_params(struct rx_params *p)
         return "iovmm.size must be 60..9000 bytes";
     if (p->queue < 2 || p->queue > 32768)
         return "iovmm.queue must be 2..32768";
-    p->iommu = IOMMU_OFF;
-    if (cmdline_get("iovmm.iommu", s, sizeof(s)) && !iommu_mode_parse(s, &p->iommu))
-        return "iovmm.iommu must be off, passthrough, strict or lazy";
+    if ((err = iommu_mode_param(IOMMU_OFF, &p->iommu)))
+        return err;
     p->rx_dir = DMA_FROM_DEVICE;
     if (cmdline_get("iovmm.rx_dir", s, sizeof(s))) {
         if (strcmp(s, "rw") == 0)
@@ -94,10 +87,10 @@ static const char *read_rx_params(struct rx_params *p)
 static const char *alloc_bufs(struct rx_dev *n, const struct rx_params *p)
 {
     n->stride = ALIGN_UP(NET_HDR_LEN + p->size, 64);
-    n->rx_bufs = mem_alloc(n->stride * n->rxq.size, 4096);
-    n->tx_bufs = mem_alloc(n->stride * n->txq.size, 4096);
-    n->rx_dma = mem_alloc(sizeof(u64) * n->rxq.size, 64);
-    n->tx_dma = mem_alloc(sizeof(u64) * n->txq.size, 64);
+    n->rx_bufs = mem_alloc(n->stride * n->net.rxq.size, 4096);
+    n->tx_bufs = mem_alloc(n->stride * n->net.txq.size, 4096);
+    n->rx_dma = mem_alloc(sizeof(u64) * n->net.rxq.size, 64);
+    n->tx_dma = mem_alloc(sizeof(u64) * n->net.txq.size, 64);
     if (!n->rx_bufs || !n->tx_bufs || !n->rx_dma || !n->tx_dma)
         return "out of guest memory for buffers (raise --memory or lower iovmm.size/queue)";
     return NULL;
@@ -105,36 +98,13 @@ static const char *alloc_bufs(struct rx_dev *n, const struct rx_params *p)
 
 static const char *rx_setup(struct rx_dev *n, const struct pci_dev *pci, const struct rx_params *p)
 {
-    const char *err = virtio_dma_open(&n->vd, &n->dma, pci, p->iommu, VIRTIO_NET_F_MAC, "virtio-net");
-    if (!err)
-        err = virtio_setup_queue(&n->vd, &n->rxq, RX_QUEUE, (u16)p->queue);
-    if (!err)
-        err = virtio_setup_queue(&n->vd, &n->txq, TX_QUEUE, (u16)p->queue);
+    const char *err = net_open(&n->net, pci, p->iommu, (u16)p->queue, (u16)p->queue);
     if (!err)
         err = alloc_bufs(n, p);
     if (err)
         return err;
-    static const u8 default_mac[6] = {0x52, 0x54, 0x00, 0x00, 0x00, 0x01};
-    memcpy(n->mac, default_mac, 6);
-    for (u32 i = 0; (n->vd.features & VIRTIO_NET_F_MAC) && n->vd.device_cfg && i < 6; i++)
-        n->mac[i] = virtio_cfg_read8(&n->vd, i);
-    virtio_driver_ok(&n->vd);
+    virtio_driver_ok(&n->net.vd);
     return NULL;
-}
-
-/* Writes sequence frame `seq` after a zeroed virtio_net_hdr. */
-static void fill_seq_frame(u8 *buf, const u8 *mac, u64 seq, u64 size)
-{
-    memset(buf, 0, NET_HDR_LEN);
-    u8 *f = buf + NET_HDR_LEN;
-    memset(f, 0xff, 6);
-    memcpy(f + 6, mac, 6);
-    f[12] = 0x88;
-    f[13] = 0xb5;
-    for (u32 i = 0; i < 8; i++)
-        f[SEQ_OFF + i] = (u8)(seq >> (8 * i));
-    for (u64 j = PATTERN_OFF; j < size; j++)
-        f[j] = (u8)(seq * 31 + j);
 }
 
 /* Checks frame `seq`; returns its checksum contribution or records why it is bad. */
@@ -143,7 +113,7 @@ static bool check_seq_frame(struct rx_dev *n, const u8 *f, u64 seq, u64 size)
     u64 got = 0, sum = 0;
     for (u32 i = 0; i < 8; i++)
         got |= (u64)f[SEQ_OFF + i] << (8 * i);
-    bool ok = f[12] == 0x88 && f[13] == 0xb5 && got == seq;
+    bool ok = f[12] == (ETH_P_SEQ >> 8) && f[13] == (ETH_P_SEQ & 0xff) && got == seq;
     for (u64 j = PATTERN_OFF; ok && j < size; j++)
         ok = f[j] == (u8)(seq * 31 + j);
     for (u64 j = SUM_OFF; j < size; j++)
@@ -156,23 +126,23 @@ static bool check_seq_frame(struct rx_dev *n, const u8 *f, u64 seq, u64 size)
 
 static bool post_rx(struct rx_dev *n, const struct rx_params *p)
 {
-    u16 slot = n->rxq.free_head;
+    u16 slot = n->net.rxq.free_head;
     u8 *buf = n->rx_bufs + (u64)slot * n->stride;
     memset(buf, 0, NET_HDR_LEN + p->size);
-    u64 addr = dma_map(&n->dma, buf, NET_HDR_LEN + p->size, p->rx_dir);
+    u64 addr = dma_map(&n->net.dma, buf, NET_HDR_LEN + p->size, p->rx_dir);
     if (addr == DMA_MAPPING_ERROR)
-        return dma_fail(&n->dma, "dma_map of an RX buffer failed");
+        return dma_fail(&n->net.dma, "dma_map of an RX buffer failed");
     n->rx_dma[slot] = addr;
     struct vq_buf b = {.addr = addr, .len = (u32)(NET_HDR_LEN + p->size), .device_writes = true};
-    return virtq_add(&n->rxq, &b, 1) >= 0 || dma_fail(&n->dma, "RX ring full");
+    return virtq_add(&n->net.rxq, &b, 1) >= 0 || dma_fail(&n->net.dma, "RX ring full");
 }
 
 static bool fill_rx_ring(struct rx_dev *n, const struct rx_params *p)
 {
     bool ok = true;
-    while (ok && n->rxq.num_free > 0)
+    while (ok && n->net.rxq.num_free > 0)
         ok = post_rx(n, p);
-    virtq_kick(&n->rxq);
+    virtq_kick(&n->net.rxq);
     return ok;
 }
 
@@ -181,8 +151,8 @@ static u64 reap_rx(struct rx_dev *n, const struct rx_params *p)
 {
     u32 id, len;
     u64 got = 0;
-    while (virtq_get_used(&n->rxq, &id, &len)) {
-        dma_unmap(&n->dma, n->rx_dma[id], NET_HDR_LEN + p->size, p->rx_dir);
+    while (virtq_get_used(&n->net.rxq, &id, &len)) {
+        dma_unmap(&n->net.dma, n->rx_dma[id], NET_HDR_LEN + p->size, p->rx_dir);
         if (len != NET_HDR_LEN + p->size) {
             if (n->bad_len++ == 0 && n->bad_frames == 0)
                 n->first_bad = n->received;
@@ -206,7 +176,7 @@ static u64 reap_rx(struct rx_dev *n, const struct rx_params *p)
             return got;
     }
     if (got)
-        virtq_kick(&n->rxq);
+        virtq_kick(&n->net.rxq);
     return got;
 }
 
@@ -214,21 +184,21 @@ static u64 reap_rx(struct rx_dev *n, const struct rx_params *p)
 static bool submit_tx(struct rx_dev *n, const struct rx_params *p)
 {
     u64 added = 0;
-    while (n->sent < p->frames && n->txq.num_free > 0 && n->sent - n->received < n->rxq.size) {
-        u16 slot = n->txq.free_head;
+    while (n->sent < p->frames && n->net.txq.num_free > 0 && n->sent - n->received < n->net.rxq.size) {
+        u16 slot = n->net.txq.free_head;
         u8 *buf = n->tx_bufs + (u64)slot * n->stride;
-        fill_seq_frame(buf, n->mac, n->sent, p->size);
-        u64 addr = dma_map(&n->dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+        net_fill_frame(buf, n->net.mac, n->sent, p->size, true);
+        u64 addr = dma_map(&n->net.dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
         if (addr == DMA_MAPPING_ERROR)
-            return dma_fail(&n->dma, "dma_map of a TX buffer failed");
+            return dma_fail(&n->net.dma, "dma_map of a TX buffer failed");
         n->tx_dma[slot] = addr;
         struct vq_buf b = {.addr = addr, .len = (u32)(NET_HDR_LEN + p->size), .device_writes = false};
-        virtq_add(&n->txq, &b, 1);
+        virtq_add(&n->net.txq, &b, 1);
         n->sent++;
         added++;
     }
     if (added)
-        virtq_kick(&n->txq);
+        virtq_kick(&n->net.txq);
     return true;
 }
 
@@ -236,9 +206,9 @@ static u64 reap_tx(struct rx_dev *n, const struct rx_params *p)
 {
     u32 id, len;
     u64 got = 0;
-    while (virtq_get_used(&n->txq, &id, &len)) {
+    while (virtq_get_used(&n->net.txq, &id, &len)) {
         if (n->tx_dma[id] != DMA_MAPPING_ERROR) /* net-stale's descriptor was never mapped */
-            dma_unmap(&n->dma, n->tx_dma[id], NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+            dma_unmap(&n->net.dma, n->tx_dma[id], NET_HDR_LEN + p->size, DMA_TO_DEVICE);
         n->completed++;
         got++;
     }
@@ -252,45 +222,34 @@ static bool rx_done(const struct rx_dev *n, const struct rx_params *p)
     return n->received >= p->frames && (!p->loopback || n->completed >= p->frames);
 }
 
-static bool receive(struct rx_dev *n, const struct rx_params *p, const char **why)
+/* Receives (and with iovmm.loopback, transmits) every frame; returns NULL, or why it failed. */
+static const char *receive(struct rx_dev *n, const struct rx_params *p)
 {
     u64 timeout = ms_to_cycles(p->timeout_ms), last = rdtsc();
-    if (!fill_rx_ring(n, p)) {
-        *why = n->dma.error;
-        return false;
-    }
+    if (!fill_rx_ring(n, p))
+        return n->net.dma.error;
     /* A harness that starts the sender only now cannot lose the first frames. */
-    printf("IOVMM-TEST net-rx: ready, %u RX buffers posted\n", n->rxq.size - n->rxq.num_free);
+    printf("IOVMM-TEST net-rx: ready, %u RX buffers posted\n", n->net.rxq.size - n->net.rxq.num_free);
     while (!rx_done(n, p)) {
         if (p->loopback && !submit_tx(n, p))
             break;
         u64 got = reap_rx(n, p) + (p->loopback ? reap_tx(n, p) : 0);
-        if (n->dma.error)
+        if (n->net.dma.error)
             break;
-        if (got) {
-            last = rdtsc();
-        } else if (rdtsc() - last > timeout) {
+        if (!poll_progress(got, &last, timeout)) {
             if (p->lossy && n->received)
                 break; /* the rest was lost */
-            *why = "no frame received within iovmm.timeout_ms";
-            return false;
-        } else {
-            cpu_relax();
+            return "no frame received within iovmm.timeout_ms";
         }
     }
-    dma_flush(&n->dma);
-    *why = n->dma.error ? n->dma.error : (n->bad_frames || n->bad_len) ? "a received frame is wrong" : NULL;
-    return !*why;
+    dma_flush(&n->net.dma);
+    return n->net.dma.error ? n->net.dma.error : (n->bad_frames || n->bad_len) ? "a received frame is wrong" : NULL;
 }
 
-static void rx_report(struct rx_dev *n, const struct rx_params *p, const char *test, const char *status,
-                      const char *why, u64 cycles)
+static void rx_report(struct rx_dev *n, const struct rx_params *p, const char *why, u64 cycles)
 {
     struct result r;
-    result_begin(&r, test, status);
-    if (why)
-        result_str(&r, "error", why);
-    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_begin_run(&r, "net-rx", why, p->iommu);
     result_str(&r, "rx_dir", p->rx_dir == DMA_BIDIRECTIONAL ? "rw" : "w");
     result_u64(&r, "frames", p->frames);
     result_u64(&r, "size", p->size);
@@ -307,23 +266,12 @@ static void rx_report(struct rx_dev *n, const struct rx_params *p, const char *t
     }
     result_u64(&r, "sent", n->sent);
     result_u64(&r, "completed", n->completed);
-    result_u64(&r, "queue_size", n->rxq.size);
+    result_u64(&r, "queue_size", n->net.rxq.size);
     result_u64(&r, "cycles", cycles);
     result_u64(&r, "cycles_per_frame", p->frames ? cycles / p->frames : 0);
     result_u64(&r, "tsc_khz", tsc_rate_khz());
-    dma_report(&n->dma, &r);
+    dma_report(&n->net.dma, &r);
     result_emit(&r);
-}
-
-static int setup_failed(const char *test, const char *status, const char *why, int code, struct dma_ctx *dma)
-{
-    struct result r;
-    result_begin(&r, test, status);
-    result_str(&r, "error", why);
-    if (dma)
-        dma_report(dma, &r);
-    result_emit(&r);
-    return code;
 }
 
 /* Reads parameters, finds and sets up the device; returns -1 when ready, else the exit code. */
@@ -332,18 +280,12 @@ static int rx_prepare(struct rx_dev *n, struct rx_params *p, const char *test, c
 {
     const char *err = read_rx_params(p);
     if (err)
-        return setup_failed(test, "error", err, EXIT_USAGE, NULL);
-    static const u16 net_ids[] = {0x1041, 0x1000, 0};
-    const struct pci_dev *pci = pci_find(devs, ndevs, VIRTIO_VENDOR, net_ids);
+        return report_early_exit(test, "error", err, EXIT_USAGE, NULL);
+    const struct pci_dev *pci = virtio_find(test, devs, ndevs, VIRTIO_ID_NET, "virtio-net");
     if (!pci)
-        return setup_failed(test, "unsupported", "no virtio-net device on PCI bus 0", EXIT_UNSUPPORTED, NULL);
+        return EXIT_UNSUPPORTED;
     err = rx_setup(n, pci, p);
-    if (err) {
-        int code;
-        const char *status = dma_exit_status(&n->dma, &code);
-        return setup_failed(test, status, err, code, &n->dma);
-    }
-    return -1;
+    return err ? report_dma_setup_error(test, err, &n->net.dma) : -1;
 }
 
 int run_net_rx(const struct pci_dev *devs, size_t ndevs)
@@ -353,18 +295,14 @@ int run_net_rx(const struct pci_dev *devs, size_t ndevs)
     int code = rx_prepare(&n, &p, "net-rx", devs, ndevs);
     if (code >= 0)
         return code;
-    printf("IOVMM-TEST net-rx: queue %u, %llu frames of %llu bytes%s\n", n.rxq.size, (unsigned long long)p.frames,
+    printf("IOVMM-TEST net-rx: queue %u, %llu frames of %llu bytes%s\n", n.net.rxq.size, (unsigned long long)p.frames,
            (unsigned long long)p.size, p.loopback ? " (loop-back)" : "");
     u64 t0 = rdtsc();
-    const char *why = NULL;
-    bool ok = receive(&n, &p, &why);
+    const char *why = receive(&n, &p);
     u64 cycles = rdtsc() - t0;
-    if (p.reset && !virtio_reset(&n.vd) && ok) {
-        ok = false;
-        why = "the device did not finish its reset after the run";
-    }
-    rx_report(&n, &p, "net-rx", ok ? "ok" : "failed", why, cycles);
-    return ok ? EXIT_OK : EXIT_FAILED;
+    why = virtio_reset_after_run(&n.net.vd, p.reset, why);
+    rx_report(&n, &p, why, cycles);
+    return why ? EXIT_FAILED : EXIT_OK;
 }
 
 /* ------------------------------------------------------------------ net-stale */
@@ -372,12 +310,7 @@ int run_net_rx(const struct pci_dev *devs, size_t ndevs)
 static void fill_marker(u8 *buf, const u8 *mac, u64 size)
 {
     static const char marker[] = "IOVMM-STALE-MARKER";
-    memset(buf, 0, NET_HDR_LEN);
-    u8 *f = buf + NET_HDR_LEN;
-    memset(f, 0xff, 6);
-    memcpy(f + 6, mac, 6);
-    f[12] = 0x88;
-    f[13] = 0xb6;
+    u8 *f = net_frame_start(buf, mac, ETH_P_MARKER);
     for (u64 j = 14; j < size; j++)
         f[j] = (u8)marker[(j - 14) % (sizeof(marker) - 1)];
 }
@@ -399,37 +332,37 @@ static bool wait_tx(struct rx_dev *n, const struct rx_params *p, u64 count, u64 
 /* Posts one TX descriptor at `addr` (mapped, or stale: then reaping does not unmap it). */
 static void post_tx_at(struct rx_dev *n, const struct rx_params *p, u64 addr, bool mapped)
 {
-    n->tx_dma[n->txq.free_head] = mapped ? addr : DMA_MAPPING_ERROR;
+    n->tx_dma[n->net.txq.free_head] = mapped ? addr : DMA_MAPPING_ERROR;
     struct vq_buf b = {.addr = addr, .len = (u32)(NET_HDR_LEN + p->size), .device_writes = false};
-    virtq_add(&n->txq, &b, 1);
+    virtq_add(&n->net.txq, &b, 1);
     n->sent++;
-    virtq_kick(&n->txq);
+    virtq_kick(&n->net.txq);
 }
 
 /* Frame 0 normally, then the marker at its unmapped IOVA; returns the stale IOVA or an error. */
 static const char *post_stale(struct rx_dev *n, const struct rx_params *p, u64 *stale)
 {
     u8 *buf = n->tx_bufs;
-    fill_seq_frame(buf, n->mac, 0, p->size);
-    u64 addr = dma_map(&n->dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+    net_fill_frame(buf, n->net.mac, 0, p->size, true);
+    u64 addr = dma_map(&n->net.dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
     if (addr == DMA_MAPPING_ERROR)
-        return n->dma.error;
+        return n->net.dma.error;
     post_tx_at(n, p, addr, true);
     u64 t0 = rdtsc(), limit = ms_to_cycles(p->timeout_ms);
     u32 id, len;
-    while (!virtq_get_used(&n->txq, &id, &len)) {
+    while (!virtq_get_used(&n->net.txq, &id, &len)) {
         if (rdtsc() - t0 > limit)
             return "frame 0 was not transmitted";
         cpu_relax();
     }
     n->completed++;
     if (p->unmap_to_end)
-        dma_unmap_to_end(&n->dma, addr, NET_HDR_LEN + p->size);
+        dma_unmap_to_end(&n->net.dma, addr, NET_HDR_LEN + p->size);
     else
-        dma_unmap(&n->dma, addr, NET_HDR_LEN + p->size, DMA_TO_DEVICE); /* strict: invalidation done */
-    if (n->dma.error)
-        return n->dma.error;
-    fill_marker(buf, n->mac, p->size);
+        dma_unmap(&n->net.dma, addr, NET_HDR_LEN + p->size, DMA_TO_DEVICE); /* strict: invalidation done */
+    if (n->net.dma.error)
+        return n->net.dma.error;
+    fill_marker(buf, n->net.mac, p->size);
     *stale = addr;
     post_tx_at(n, p, addr, false); /* use after unmap: the device must not read it */
     return NULL;
@@ -445,31 +378,28 @@ static const char *stale_run(struct rx_dev *n, const struct rx_params *p, u64 *s
         return p->expect_stall ? NULL : "the device hung on the stale descriptor";
     /* The device is not hung: more frames go out normally (IOVAs may be reused now). */
     u64 target = n->completed + p->after;
-    while (n->sent < 2 + p->after && n->txq.num_free > 0) {
-        u8 *buf = n->tx_bufs + (u64)n->txq.free_head * n->stride;
-        fill_seq_frame(buf, n->mac, n->sent, p->size);
-        u64 addr = dma_map(&n->dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
+    while (n->sent < 2 + p->after && n->net.txq.num_free > 0) {
+        u8 *buf = n->tx_bufs + (u64)n->net.txq.free_head * n->stride;
+        net_fill_frame(buf, n->net.mac, n->sent, p->size, true);
+        u64 addr = dma_map(&n->net.dma, buf, NET_HDR_LEN + p->size, DMA_TO_DEVICE);
         if (addr == DMA_MAPPING_ERROR)
-            return n->dma.error;
+            return n->net.dma.error;
         post_tx_at(n, p, addr, true);
     }
-    return wait_tx(n, p, target, p->timeout_ms) ? n->dma.error : "frames after the stale descriptor were not sent";
+    return wait_tx(n, p, target, p->timeout_ms) ? n->net.dma.error : "frames after the stale descriptor were not sent";
 }
 
 static void stale_report(struct rx_dev *n, const struct rx_params *p, const char *why, u64 stale, bool done)
 {
     struct result r;
-    result_begin(&r, "net-stale", why ? "failed" : "ok");
-    if (why)
-        result_str(&r, "error", why);
-    result_str(&r, "iommu", iommu_mode_name(p->iommu));
+    result_begin_run(&r, "net-stale", why, p->iommu);
     result_hex(&r, "stale_iova", stale);
     result_u64(&r, "stale_completed", done);
     result_u64(&r, "unmap_to_end", p->unmap_to_end);
     result_u64(&r, "sent", n->sent);
     result_u64(&r, "completed", n->completed);
     result_u64(&r, "size", p->size);
-    dma_report(&n->dma, &r);
+    dma_report(&n->net.dma, &r);
     result_emit(&r);
 }
 
@@ -480,15 +410,15 @@ int run_net_stale(const struct pci_dev *devs, size_t ndevs)
     int code = rx_prepare(&n, &p, "net-stale", devs, ndevs);
     if (code >= 0)
         return code;
-    if (n.dma.mode != IOMMU_STRICT)
-        return setup_failed("net-stale", "error", "net-stale needs iovmm.iommu=strict", EXIT_USAGE, &n.dma);
+    if (n.net.dma.mode != IOMMU_STRICT)
+        return report_early_exit("net-stale", "error", "net-stale needs iovmm.iommu=strict", EXIT_USAGE, &n.net.dma);
     /* The RX ring is posted so that a back end that starts only with both queues runs. */
     fill_rx_ring(&n, &p);
     u64 stale = 0;
     bool done = false;
     const char *why = stale_run(&n, &p, &stale, &done);
-    if (p.reset && (done || !p.expect_stall) && !virtio_reset(&n.vd) && !why)
-        why = "the device did not finish its reset after the run";
+    /* A descriptor still queued (the device stalled on it) would make the reset wait for it. */
+    why = virtio_reset_after_run(&n.net.vd, p.reset && (done || !p.expect_stall), why);
     stale_report(&n, &p, why, stale, done);
     return why ? EXIT_FAILED : EXIT_OK;
 }

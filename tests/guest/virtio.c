@@ -83,6 +83,13 @@ bool virtio_reset(struct virtio_dev *vd)
     return true;
 }
 
+const char *virtio_reset_after_run(struct virtio_dev *vd, bool reset, const char *why)
+{
+    if (reset && !virtio_reset(vd) && !why)
+        return "the device did not finish its reset after the run";
+    return why;
+}
+
 static u64 read_features(struct virtio_dev *vd)
 {
     u64 f = 0;

@@ -100,6 +100,9 @@ const char *virtio_setup_queue(struct virtio_dev *vd, struct virtq *vq, u16 inde
 void virtio_driver_ok(struct virtio_dev *vd);
 /* Writes 0 to device_status and waits for the device to finish the reset. */
 bool virtio_reset(struct virtio_dev *vd);
+/* The end of a scenario's run: resets the device when `reset` (iovmm.reset); returns `why` (the
+ * run's failure), or, when the run went well, the reset's. */
+const char *virtio_reset_after_run(struct virtio_dev *vd, bool reset, const char *why);
 u8 virtio_cfg_read8(const struct virtio_dev *vd, u32 off);
 u32 virtio_cfg_read32(const struct virtio_dev *vd, u32 off);
 /* Two 32-bit reads, low half first (like Linux's virtio_cread for 64-bit fields). */
