@@ -181,6 +181,21 @@ pub fn prometheus(info: &VmInfo, counters: &VmCounters) -> String {
             &l,
         );
     }
+    for (i, dev) in counters.vhost_net.iter().enumerate() {
+        let Value::Object(obj) = dev else { continue };
+        let l = labels(&[
+            ("device", i.to_string()),
+            ("tap", str_field(obj, "tap")),
+            ("bdf", str_field(obj, "bdf")),
+        ]);
+        add_object(
+            &mut fams,
+            "iovmm_vhost_net",
+            "vhost-net device counters",
+            obj,
+            &l,
+        );
+    }
     if let Some(Value::Object(obj)) = &counters.viommu {
         let l = labels(&[("kind", str_field(obj, "kind"))]);
         add_object(&mut fams, "iovmm_viommu", "vIOMMU counters", obj, &l);
@@ -327,6 +342,8 @@ mod tests {
         VmCounters {
             uptime_ms: 2500,
             vhost_user: vec![dev(0, "/tmp/a.sock"), dev(1, "/tmp/q\"b\\.sock")],
+            vhost_net: vec![serde_json::json!({"backend": "vhost-net", "tap": "tap0",
+                                               "bdf": "00:04.0", "misses": 5})],
             viommu: Some(serde_json::json!({"kind": "vtd", "waits": 3})),
         }
     }
@@ -363,6 +380,12 @@ mod tests {
         );
         assert!(text.contains("iovmm_vm_state{state=\"running\"} 0\n"));
         assert!(text.contains("iovmm_vm_uptime_seconds 2.5\n"));
+        assert!(
+            text.contains(
+                "iovmm_vhost_net_misses_total{device=\"0\",tap=\"tap0\",bdf=\"00:04.0\"} 5\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("iovmm_vm_vcpus 2\n"));
         assert!(text.contains(
             "iovmm_vhost_user_misses_total{device=\"0\",socket=\"/tmp/a.sock\",bdf=\"00:03.0\"} 7\n"

@@ -79,6 +79,9 @@ pub struct VmCounters {
     pub uptime_ms: u64,
     /// One flat object per vhost-user device, in PCI order ([`counters::device_counters`]).
     pub vhost_user: Vec<serde_json::Value>,
+    /// One flat object per vhost-net device (the vhost-user IOTLB keys plus tap and backend).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub vhost_net: Vec<serde_json::Value>,
     /// The vIOMMU's counters (flat object with a `kind`), if the VM has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub viommu: Option<serde_json::Value>,
@@ -288,6 +291,7 @@ impl VmApi for VmControl {
         VmCounters {
             uptime_ms: self.uptime_ms(),
             vhost_user: counters::all_devices(&self.vhost_user),
+            vhost_net: self.vhost_net.iter().map(|d| d.counters_json()).collect(),
             viommu: self.viommu_counters(),
         }
     }

@@ -205,6 +205,7 @@ pub(crate) mod tests {
             VmCounters {
                 uptime_ms: 1234,
                 vhost_user: vec![serde_json::json!({"device": 0, "misses": 3, "socket": "/s"})],
+                vhost_net: vec![],
                 viommu: None,
             }
         }
