@@ -380,14 +380,7 @@ pub(crate) fn run_testpmd(
     let sock = socket(&cell.tag("dpdk"));
     let mut pmd = start(&sock);
     let (result, stats) = run_guest(cell, &sock);
-    let mut port = pmd.port_stats().expect("testpmd stats");
-    for _ in 0..50 {
-        if port.rx_packets >= cell.frames {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        port = pmd.port_stats().expect("testpmd stats");
-    }
+    let port = port_stats_after(&mut pmd, cell.frames);
     assert_eq!(
         port.rx_packets,
         cell.frames,
@@ -407,7 +400,23 @@ pub(crate) fn run_testpmd(
     outcome
 }
 
-fn sink_byte_sum(path: &Path) -> u64 {
+/// testpmd's port counters once it received `frames` frames, or after 5 s (it has nothing to
+/// wait on: the counters are read again every 100 ms).
+pub fn port_stats_after(pmd: &mut Testpmd, frames: u64) -> PortStats {
+    let mut port = pmd.port_stats().expect("testpmd stats");
+    for _ in 0..50 {
+        if port.rx_packets >= frames {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        port = pmd.port_stats().expect("testpmd stats");
+    }
+    port
+}
+
+/// The wrapping sum of every payload byte in our backend's sink file (u32 length + frame,
+/// repeated).
+pub fn sink_byte_sum(path: &Path) -> u64 {
     let data = std::fs::read(path).expect("sink file");
     let (mut sum, mut off) = (0u64, 0usize);
     while off + 4 <= data.len() {

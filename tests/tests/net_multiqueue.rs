@@ -10,6 +10,7 @@ use devices::vhost_user::ctrl::{CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, NET_ERR, NET_OK};
 use devices::vhost_user::{VhostUserError, VhostUserKind};
 use devices::virtio::VirtioDevice;
 use integration_tests::backend::{BackendConfig, BackendHandle, Misbehaviour};
+use integration_tests::matrix::sink_byte_sum;
 use integration_tests::rig::{dev_config, fnv1a, ring_gpa, try_connect, Rig, BUF, QSIZE, TIMEOUT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -265,21 +266,6 @@ fn more_pairs_than_the_back_end_has_are_refused() {
 
 const FRAMES: u64 = 600;
 const SIZE: u64 = 256;
-
-/// The wrapping sum of every payload byte in a sink file (u32 length + frame, repeated).
-fn sink_byte_sum(path: &std::path::Path) -> u64 {
-    let data = std::fs::read(path).expect("sink file");
-    let (mut sum, mut off) = (0u64, 0usize);
-    while off + 4 <= data.len() {
-        let len = u32::from_ne_bytes(data[off..off + 4].try_into().unwrap()) as usize;
-        let end = (off + 4 + len).min(data.len());
-        sum = data[off + 4..end]
-            .iter()
-            .fold(sum, |s, b| s.wrapping_add(u64::from(*b)));
-        off += 4 + len;
-    }
-    sum
-}
 
 /// The `net-mq` guest (strict) behind `viommu` with `queues=2` against our back end with two
 /// pairs: VQ_PAIRS_SET is acked OK, half the frames go out on each TX queue, the back end
