@@ -166,6 +166,7 @@ for arg in \$(cat /proc/cmdline); do
     iovmm.frames=*) frames=\${arg#*=} ;;
     iovmm.size=*) size=\${arg#*=} ;;
     iovmm.qdisc=*) echo "\${arg#*=}" >/proc/sys/net/core/default_qdisc ;;
+    iovmm.tx_cpus=*) export IOVMM_SPREAD_CPUS=\${arg#*=} ;;
     esac
 done
 case "\$bench" in

@@ -14,6 +14,10 @@
  *   IOVMM-BENCH {"bench":"net-tx","frames":N,"size":S,"send_ns":T,"drain_ns":D,
  *                "retries":R,"tx_packets":P,"qdisc":"K","qdisc_drops":Q,"qdisc_overlimit":O}
  *
+ * With IOVMM_SPREAD_CPUS=N in the environment (the guest init sets it from iovmm.tx_cpus=N) the
+ * frames go out in N equal parts, part k from CPU k on a socket of its own: virtio-net maps CPU k
+ * to TX queue k (XPS), so with N queue pairs every queue carries a part.
+ *
  * send_ns is the guest-measured time of the send loop, drain_ns the time until the counter
  * reached its target (or gave up). qdisc is the kind of IFACE's root queueing discipline and
  * qdisc_drops the frames it dropped during the run (read over rtnetlink, -1 if unreadable): a
@@ -31,8 +35,10 @@
  *
  * drops is the socket's own drop count (PACKET_STATISTICS). It gives up 10 s after the last frame.
  */
+#define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <sched.h>
 #include <linux/if_packet.h>
 #include <poll.h>
 #include <sys/ioctl.h>
@@ -283,13 +289,35 @@ int main(int argc, char **argv)
     }
     const char *iface = argc == 6 ? argv[5] : "eth0";
     size = size < MIN_FRAME ? MIN_FRAME : size > MAX_FRAME ? MAX_FRAME : size;
-    int s = open_socket(argv[1], port);
-    if (s < 0)
-        return 1;
+    /* IOVMM_SPREAD_CPUS=N (N > 1): send the frames in N equal parts, part k pinned to CPU k on
+     * a socket of its own, so that with one TX queue per CPU (virtio-net's XPS) every queue
+     * carries a part (a connected socket keeps the queue of its first frame). */
+    const char *spread_env = getenv("IOVMM_SPREAD_CPUS");
+    long long spread = 1;
+    if (spread_env && (parse_count(spread_env, 64, &spread) || spread < 1))
+        spread = 1;
     long long before = tx_packets(iface);
     struct qdisc_stats q0 = root_qdisc(iface);
     long long t0 = now_ns();
-    long long sent = send_all(s, frames, (size_t)(size - HEADERS), &retries);
+    long long sent = 0;
+    for (long long k = 0; k < spread; k++) {
+        long long part = frames / spread + (k < frames % spread ? 1 : 0);
+        if (spread > 1) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET((int)k, &set);
+            if (sched_setaffinity(0, sizeof(set), &set) < 0)
+                perror("iovmm-netbench: sched_setaffinity");
+        }
+        int s = open_socket(argv[1], port);
+        if (s < 0)
+            return 1;
+        long long n = send_all(s, part, (size_t)(size - HEADERS), &retries);
+        close(s);
+        sent += n;
+        if (n < part)
+            break;
+    }
     long long t1 = now_ns();
     long long done = tx_packets(iface) - before;
     while (done < sent && now_ns() - t1 < DRAIN_LIMIT_NS) {
@@ -305,6 +333,5 @@ int main(int argc, char **argv)
            "\"qdisc_drops\":%lld,\"qdisc_overlimit\":%lld}\n",
            sent, size, t1 - t0, t2 - t1, retries, done, q1.kind, qdrops, qover);
     fflush(stdout);
-    close(s);
     return sent == frames && done >= sent ? 0 : 1;
 }

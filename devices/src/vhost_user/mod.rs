@@ -80,6 +80,8 @@
 //!   endpoint.
 //! * [`frontend`]: [`VhostUserDevice`]; [`kind`]: what differs between net
 //!   and blk; [`relay`]: call-eventfd relay; [`stats`]: counters.
+//! * [`mq`]: the queue layout of a multiqueue net device (`queues=N`);
+//!   [`ctrl`]: its control queue, served by the VMM (VQ_PAIRS_SET).
 //!
 //! # One lock for the main socket
 //!

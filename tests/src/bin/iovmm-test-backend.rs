@@ -168,6 +168,15 @@ fn main() {
         if ended > seen {
             seen = ended;
             println!("{:?}", handle.counters());
+            if args.queues > 1 {
+                let per: Vec<String> = handle
+                    .tx_frames_per_pair()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| format!("tx_pair{i}: {n}"))
+                    .collect();
+                println!("TxPerPair {{ {} }}", per.join(", "));
+            }
             if let Some(b) = handle.blk_counters() {
                 println!("{b:?}");
             }

@@ -244,7 +244,11 @@ impl ScenarioReport {
                 }
                 self.check_tap_peer();
             }
-            Outcome::PowerOff => self.check_power_off(sc),
+            Outcome::PowerOff => {
+                self.check_power_off(sc);
+                self.failures
+                    .extend(sc.queue_pairs_problem(&self.backend_log));
+            }
             Outcome::SetupError(text) => {
                 let line = self.vm_log.iter().find(|l| l.contains("iovmm: error"));
                 if self.rc != Some(1) || !line.is_some_and(|l| l.contains(text)) {

@@ -95,6 +95,8 @@ pub struct Scenario {
     /// Boot the fast test guest (`tests/guest`, `$IOVMM_TEST_GUEST` in L1) with this command
     /// line instead of Linux; it reports through its `IOVMM-RESULT` line and the exit port.
     pub test_guest: Option<String>,
+    /// Queue pairs of the net device (`queues=N`) and of our backend (`--queues N`).
+    pub queues: u16,
 }
 
 /// The tap of the vhost-net scenarios in L1 (created before, deleted after each).
@@ -135,6 +137,7 @@ impl Scenario {
             expect_rw_refusal: false,
             api_shutdown: false,
             test_guest: None,
+            queues: 1,
         }
     }
 
@@ -220,6 +223,34 @@ impl Scenario {
         Some(format!("tap={tap},vhost=on{iommu}"))
     }
 
+    /// With `queues` > 1 and our backend: every pair carried frames and the pairs add up to
+    /// the backend's total (its `TxPerPair { tx_pair0: N, ... }` line after the counters);
+    /// `None` when that holds or does not apply, else what is wrong.
+    pub fn queue_pairs_problem(&self, backend_log: &str) -> Option<String> {
+        if self.queues < 2 || !matches!(self.backend, Backend::Own { .. }) {
+            return None;
+        }
+        let count = |key: &str| -> Option<u64> {
+            let i = backend_log.rfind(key)? + key.len();
+            let digits: String = backend_log[i..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse().ok()
+        };
+        let per: Vec<Option<u64>> = (0..self.queues)
+            .map(|k| count(&format!("tx_pair{k}: ")))
+            .collect();
+        let total = count("tx_frames: ");
+        let sum = per.iter().try_fold(0u64, |s, n| n.map(|n| s + n));
+        if per.iter().any(|n| n.is_none_or(|n| n == 0)) || sum != total {
+            return Some(format!(
+                "frames per queue pair at the backend {per:?} (total {total:?}): every pair must carry frames"
+            ));
+        }
+        None
+    }
+
     /// The `--vhost-user` value for the device on `socket`, if it has one.
     pub fn vhost_user_arg(&self, socket: &str) -> Option<String> {
         if matches!(self.backend, Backend::None | Backend::VhostNet) {
@@ -232,6 +263,9 @@ impl Scenario {
         }
         if self.ats {
             a.push_str(",ats=on");
+        }
+        if self.queues > 1 {
+            let _ = write!(a, ",queues={}", self.queues);
         }
         Some(a)
     }
@@ -250,6 +284,11 @@ const VTD_QI_IR_LINES: &[&str] = &[
     "DMAR: IOMMU enabled",
     "Using Queued invalidation",
     "DMAR-IR: Enabled IRQ remapping",
+    "Adding to iommu group",
+];
+const SMP_MQ_LINES: &[&str] = &[
+    "cpus online: 0-1 processors: 2",
+    "virtio_iommu virtio0: input address",
     "Adding to iommu group",
 ];
 const VTD_FULL: &str = "vtd,caching_mode=on,device_iotlb=on,intremap=on";
@@ -301,6 +340,20 @@ fn virtio_iommu() -> Vec<Scenario> {
             Scenario::net("viommu-pt-own", v, OWN, "iommu.passthrough=1"),
             VIRTIO_IOMMU_LINES,
         ),
+        // Two vCPUs and two queue pairs: Linux's virtio-net sends VQ_PAIRS_SET on the control
+        // queue (served by iovmm through the vIOMMU); the guest sends half the frames from
+        // each CPU (iovmm.tx_cpus=2), i.e. on each TX queue, and the backend counts per pair.
+        Scenario {
+            cpus: 2,
+            queues: 2,
+            expect_lines: SMP_MQ_LINES,
+            ..Scenario::net(
+                "smp-mq-viommu-strict-own",
+                v,
+                OWN,
+                "iommu.strict=1 iovmm.tx_cpus=2",
+            )
+        },
         with_lines(
             Scenario::net("viommu-strict-dpdk", v, Backend::Testpmd, "iommu.strict=1"),
             VIRTIO_IOMMU_LINES,
@@ -549,6 +602,21 @@ pub fn acceptance() -> Vec<Scenario> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_pairs_must_all_carry_frames() {
+        let sc = acceptance().into_iter().find(|s| s.queues == 2).unwrap();
+        assert!(sc.vhost_user_arg("/s").unwrap().ends_with(",queues=2"));
+        let log = |a, b| {
+            format!("CountersSnapshot {{ tx_frames: {} }}\nTxPerPair {{ tx_pair0: {a}, tx_pair1: {b} }}", a + b)
+        };
+        assert_eq!(sc.queue_pairs_problem(&log(500, 500)), None);
+        assert!(sc.queue_pairs_problem(&log(1000, 0)).is_some());
+        assert!(sc
+            .queue_pairs_problem("CountersSnapshot { tx_frames: 9 }")
+            .is_some());
+        assert_eq!(Scenario::boot("b").queue_pairs_problem(""), None);
+    }
 
     #[test]
     fn names_are_unique_and_shell_safe() {

@@ -148,6 +148,9 @@ fn start_backend(s: &mut String, sc: &Scenario, sock: &str, log: &str) {
             if sc.rx {
                 let _ = write!(flag, " --rx-frames {} --rx-size {FRAME_SIZE}", sc.frames);
             }
+            if sc.queues > 1 {
+                let _ = write!(flag, " --queues {}", sc.queues);
+            }
             if sc.blk {
                 // A 16 MiB disk image on L1's tmpfs.
                 let img = format!("/tmp/{name}.img");
