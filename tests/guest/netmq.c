@@ -229,6 +229,7 @@ static int mq_report(struct mq_tx *n, const struct mq_params *p, const char *why
     for (u64 q = 0; q < p->queues; q++)
         result_u64(&r, keys[q], n->per_queue[q]);
     result_u64(&r, "cycles", cycles);
+    result_u64(&r, "tsc_khz", tsc_rate_khz());
     dma_report(&n->dma, &r);
     result_emit(&r);
     return code;
