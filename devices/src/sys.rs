@@ -2,6 +2,8 @@
 //!
 //! [`poll_fds`] is the one `poll(2)` of the workspace: device threads (call relay, reconnect
 //! supervisor, channel reads) and the test back ends wait on eventfds and sockets through it.
+//! [`recv_dontwait`] reads a socket without blocking (busy-polling, the rest of a frame);
+//! [`thread_cpu_time`] is what a busy-poll window costs the calling thread.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -96,6 +98,44 @@ pub fn poll_fds(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usi
     }
 }
 
+/// `recv(2)` with `MSG_DONTWAIT`: reads what `fd` (a socket) holds now into `buf`, without
+/// blocking and without changing the socket's blocking mode (shared with `dup`s of it).
+///
+/// `Ok(0)` is end of stream (or an empty `buf`); nothing to read is `ErrorKind::WouldBlock`.
+/// Saves the `poll` before a read that is expected to succeed (the rest of a frame).
+pub fn recv_dontwait(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid, exclusively borrowed byte buffer of `buf.len()` bytes for the
+    // duration of the call; recv(2) writes at most that many bytes into it.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast::<libc::c_void>(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// CPU time the calling thread has used so far (`CLOCK_THREAD_CPUTIME_ID`).
+///
+/// The price of a busy-poll window: the difference of two readings around a spin is the CPU
+/// the spin burnt (wall time would also count the time the thread was preempted).
+pub fn thread_cpu_time() -> io::Result<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, exclusively borrowed timespec; clock_gettime(2) only writes it.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u32::try_from(ts.tv_nsec).unwrap_or(0);
+    Ok(Duration::new(secs, nanos))
+}
+
 /// `d` in whole milliseconds for poll(2), rounded up, saturated.
 fn timeout_ms(d: Duration) -> libc::c_int {
     let ms = d.as_nanos().div_ceil(1_000_000);
@@ -133,6 +173,30 @@ mod tests {
         let mut fds = [PollFd::new(&ours, libc::POLLRDHUP)];
         assert_eq!(poll_fds(&mut fds, None).unwrap(), 1);
         assert!(fds[0].hung_up());
+    }
+
+    #[test]
+    fn recv_dontwait_reads_what_is_there_and_never_blocks() {
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let mut buf = [0u8; 8];
+        let e = recv_dontwait(&theirs, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        ours.write_all(b"abc").unwrap();
+        assert_eq!(recv_dontwait(&theirs, &mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"abc");
+        drop(ours);
+        assert_eq!(recv_dontwait(&theirs, &mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn thread_cpu_time_never_goes_back() {
+        let a = thread_cpu_time().unwrap();
+        let mut x = 0u64;
+        for i in 0..10_000u64 {
+            x = std::hint::black_box(x.wrapping_add(i));
+        }
+        let b = thread_cpu_time().unwrap();
+        assert!(b >= a, "{b:?} < {a:?} ({x})");
     }
 
     #[test]

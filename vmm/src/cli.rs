@@ -42,6 +42,8 @@ pub struct Cli {
     pub iommu: Option<IommuConfig>,
     /// vhost-user device: net|blk,socket=PATH[,iommu=on][,ats=on][,reconnect=SECS]; repeat for more devices.
     /// With server=on[,wait=SECS] iovmm listens on PATH and waits (default 60 s) for the backend to connect.
+    /// poll_us=P (0..=1000, default 0): behind a vIOMMU, busy-poll up to P µs for the next IOTLB
+    /// miss and for each IOTLB ack before blocking (fewer wake-ups, at the CPU the spin takes).
     /// queues=N (net, 1..=16, default 1): N queue pairs (VIRTIO_NET_F_MQ, a control queue served
     /// by iovmm; the backend needs VHOST_USER_PROTOCOL_F_MQ and GET_QUEUE_NUM >= N).
     // The brackets are clap's `--help` text for optional parts, not intra-doc links.

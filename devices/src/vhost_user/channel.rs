@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use thiserror::Error;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::frame::{read_frame, write_frame};
+use super::frame::{read_frame_after, write_frame, FirstByte};
 use super::stats::counters;
 use super::wire::{
     decode_ack, encode_iotlb_frame, IotlbMsg, IotlbType, WireError, VHOST_USER_IOTLB_MSG,
@@ -52,6 +52,34 @@ pub enum ChannelError {
     Frontend(#[source] vhost::Error),
 }
 
+/// How a busy-polling read wait ended (`--vhost-user ...,poll_us=P`: the back-end request
+/// thread waiting for the next request, the main socket waiting for an IOTLB message's ack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waited {
+    /// The socket became readable (or hung up) within the busy-poll window: no wake-up.
+    WhileSpinning,
+    /// The window passed (or was zero) and the socket became readable in a blocking `poll`.
+    AfterBlocking,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+impl Waited {
+    /// Whether a read will not block.
+    pub fn is_ready(self) -> bool {
+        self != Waited::TimedOut
+    }
+}
+
+/// One busy-polling wait: how it ended and the CPU its busy-poll took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpinWait {
+    /// How the wait ended.
+    pub waited: Waited,
+    /// CPU time the waiting thread spent busy-polling (zero without a window).
+    pub spin_cpu: Duration,
+}
+
 /// Sends front-end IOTLB messages (UPDATE, INVALIDATE) to a back end.
 pub trait IotlbChannel: Send + Sync {
     /// Send `msg` as VHOST_USER_IOTLB_MSG. With `need_reply`, wait for the
@@ -62,6 +90,18 @@ pub trait IotlbChannel: Send + Sync {
     /// and the back end sees the disconnect (used when it refused to drop a
     /// translation). The default does nothing.
     fn close(&self) {}
+
+    /// Busy-poll for up to `window` before blocking on an ack (`poll_us`). The default
+    /// (transports without such a wait) ignores it.
+    fn set_poll_window(&self, window: Duration) {
+        let _ = window;
+    }
+
+    /// Count a busy-polling wait of another thread serving this back end (the back-end request
+    /// thread) with this channel's polling counters. The default ignores it.
+    fn record_poll(&self, wait: &SpinWait) {
+        let _ = wait;
+    }
 }
 
 counters! {
@@ -83,6 +123,13 @@ counters! {
         rtt_total_ns,
         /// Largest ack round-trip time in nanoseconds.
         rtt_max_ns,
+        /// Busy-polling waits (`poll_us` > 0; ack waits and the back-end request thread's
+        /// waits for the next request) that ended while spinning: wake-ups saved.
+        poll_hits,
+        /// Busy-polling waits whose window ran out, so the thread blocked after all.
+        poll_blocks,
+        /// CPU time those waits spent spinning, in nanoseconds: the price of the window.
+        poll_spin_ns,
     }
 }
 
@@ -103,6 +150,18 @@ impl IotlbStats {
         if value != 0 {
             self.nacks.bump();
         }
+    }
+
+    fn count_poll(&self, wait: &SpinWait) {
+        if wait.spin_cpu.is_zero() && wait.waited != Waited::WhileSpinning {
+            return; // no window
+        }
+        match wait.waited {
+            Waited::WhileSpinning => self.poll_hits.bump(),
+            Waited::AfterBlocking | Waited::TimedOut => self.poll_blocks.bump(),
+        }
+        self.poll_spin_ns
+            .add(u64::try_from(wait.spin_cpu.as_nanos()).unwrap_or(u64::MAX));
     }
 }
 
@@ -127,6 +186,8 @@ pub struct MainSocket {
     stats: IotlbStats,
     /// Signalled (written) every time the socket is marked broken.
     broken_event: Option<EventFd>,
+    /// Busy-poll window of an ack wait, in nanoseconds (0: block at once).
+    ack_spin_ns: AtomicU64,
 }
 
 impl MainInner {
@@ -158,6 +219,7 @@ impl MainSocket {
             max_queue_num,
             stats: IotlbStats::default(),
             broken_event: EventFd::new(libc::EFD_NONBLOCK).ok(),
+            ack_spin_ns: AtomicU64::new(0),
         })
     }
 
@@ -267,7 +329,12 @@ impl MainSocket {
             return Ok(());
         }
         let deadline = start.checked_add(self.timeout);
-        let (hdr, payload) = read_frame(&inner.raw, deadline, self.timeout)?;
+        let first = match self.ack_spin_ns.load(Ordering::Relaxed) {
+            0 => FirstByte::Block,
+            ns => FirstByte::Spin(Duration::from_nanos(ns)),
+        };
+        let (hdr, payload, wait) = read_frame_after(&inner.raw, deadline, self.timeout, first)?;
+        self.stats.count_poll(&wait);
         let value = decode_ack(&hdr, &payload, VHOST_USER_IOTLB_MSG)?;
         self.stats.count_ack(start.elapsed(), value);
         if value != 0 {
@@ -291,6 +358,15 @@ impl IotlbChannel for MainSocket {
             }
         }
         res
+    }
+
+    fn set_poll_window(&self, window: Duration) {
+        let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        self.ack_spin_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn record_poll(&self, wait: &SpinWait) {
+        self.stats.count_poll(wait);
     }
 
     fn close(&self) {
@@ -409,6 +485,7 @@ impl IotlbChannel for MockIotlbChannel {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::vhost_user::frame::read_frame;
     use crate::vhost_user::wire::{encode_ack, Header, IotlbPerm, IOTLB_FRAME_SIZE};
     use std::thread;
     use vhost::VhostBackend;
@@ -438,6 +515,37 @@ mod tests {
         assert_eq!(got, msg);
         let s = main.stats();
         assert_eq!((s.updates, s.acked, s.nacks), (1, 1, 0));
+    }
+
+    #[test]
+    fn a_poll_window_takes_the_ack_while_spinning_and_counts_it() {
+        let (main, peer) = pair(Duration::from_secs(2));
+        // An endless window: the ack can only be taken while spinning.
+        main.set_poll_window(Duration::MAX);
+        let backend = thread::spawn(move || {
+            let (hdr, _) = read_iotlb(&peer);
+            write_frame(&peer, &encode_ack(hdr.request, 0)).unwrap();
+            peer
+        });
+        main.send_iotlb(&IotlbMsg::invalidate(0, 1), true).unwrap();
+        let _peer = backend.join().unwrap();
+        let s = main.stats();
+        assert_eq!((s.acked, s.poll_hits, s.poll_blocks), (1, 1, 0));
+        // Another thread's wait (the back-end request thread's) counts with the same counters.
+        main.record_poll(&SpinWait {
+            waited: Waited::AfterBlocking,
+            spin_cpu: Duration::from_nanos(5),
+        });
+        let t = main.stats();
+        assert_eq!((t.poll_hits, t.poll_blocks), (1, 1));
+        assert!(t.poll_spin_ns >= s.poll_spin_ns + 5);
+        // Without a window nothing is counted.
+        main.set_poll_window(Duration::ZERO);
+        main.record_poll(&SpinWait {
+            waited: Waited::AfterBlocking,
+            spin_cpu: Duration::ZERO,
+        });
+        assert_eq!(main.stats().poll_blocks, 1);
     }
 
     #[test]

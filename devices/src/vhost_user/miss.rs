@@ -2,11 +2,12 @@
 //! an IOTLB miss.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use iommu::NotifyError;
 use thiserror::Error;
 
-use super::channel::IotlbChannel;
+use super::channel::{IotlbChannel, SpinWait};
 use super::wire::{IotlbMsg, IotlbPerm, IotlbType};
 
 /// Why a miss got no UPDATE (the back end then gets a non-zero ack).
@@ -104,6 +105,18 @@ pub trait MissHandler: Send + Sync {
     /// due, never while a miss is being answered (the IOTLB bridge checks
     /// for stalled queues here). Default: nothing.
     fn tick(&self) {}
+
+    /// How long the back-end request thread busy-polls for the next request before it blocks
+    /// (`--vhost-user ...,poll_us=P`; read before every wait). Default: zero, block at once.
+    fn poll_window(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// A busy-polling wait of the back-end request thread ended (the IOTLB bridge counts it
+    /// with its channel's polling counters). Default: nothing.
+    fn on_poll(&self, wait: &SpinWait) {
+        let _ = wait;
+    }
 }
 
 /// A back-end request refused before any translation.

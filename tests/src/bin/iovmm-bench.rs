@@ -104,6 +104,14 @@ struct Args {
     /// Skip the floors (and the cells' ratios over them).
     #[arg(long)]
     no_floors: bool,
+    /// Busy-poll window A/B: run the strict and lazy TX cells (after the floors; `--only`,
+    /// `--no-dpdk` and `--frames` apply) once per `poll_us` value in the list, interleaved,
+    /// print the A/B table and stop.
+    #[arg(long, value_name = "US,US,...", value_delimiter = ',', conflicts_with_all = ["soak", "floors_only"])]
+    poll_ab: Vec<u64>,
+    /// With --poll-ab: interleaved repetitions of every variant.
+    #[arg(long, default_value_t = 3)]
+    poll_reps: usize,
 }
 
 /// Frames per cell of the table.
@@ -427,6 +435,32 @@ fn print_qemu(version: &str, runs: &[QemuRun], results: &[CellResult], iovmm_rss
     println!("  (ratios are QEMU / iovmm: above 1x means iovmm sends fewer messages or is faster)");
 }
 
+fn run_poll_ab(args: &Args, tsc_khz: u64) {
+    let cells: Vec<Cell> = bench_cells(args.frames.unwrap_or(FRAMES), args.size, tsc_khz)
+        .into_iter()
+        .filter(|c| matches!(c.mode, IommuMode::Strict | IommuMode::Lazy) && !c.prefetch)
+        .filter(|c| {
+            args.only
+                .as_deref()
+                .is_none_or(|o| viommu_name(c.viommu).contains(o))
+        })
+        .collect();
+    let mut backends = vec![BenchBackend::Own];
+    if !args.no_dpdk {
+        backends.push(BenchBackend::Dpdk);
+    }
+    let failures = integration_tests::bench::poll::poll_ab(
+        &cells,
+        &backends,
+        &args.poll_ab,
+        args.poll_reps.max(1),
+        tsc_khz,
+    );
+    for f in &failures {
+        println!("  FAILED {f}");
+    }
+}
+
 fn main() {
     let args = Args::parse();
     env_logger::init();
@@ -447,6 +481,9 @@ fn main() {
     });
     if args.floors_only {
         return;
+    }
+    if !args.poll_ab.is_empty() {
+        return run_poll_ab(&args, tsc_khz);
     }
     print_boot_and_rss(&args);
     if args.nested_boots > 0 {

@@ -238,6 +238,7 @@ pub fn add_vhost_user(
             socket: cfg.socket.clone(),
             source,
         };
+        bridge.set_poll_window(Duration::from_micros(cfg.poll_us));
         let maps = policy == IotlbPolicyConfig::Prefetch;
         viommu.attach(bdf, bridge, maps).map_err(iommu_err)?;
     }
