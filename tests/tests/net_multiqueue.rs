@@ -175,6 +175,35 @@ fn the_control_queue_enables_pairs_and_every_tx_queue_carries_frames() {
 }
 
 #[test]
+fn a_reconnected_back_end_gets_the_pairs_the_driver_chose() {
+    use integration_tests::backend::TestBackend;
+    let path = integration_tests::rig::socket_path("multiqueue", "reconnect");
+    let mut dcfg = dev_config(VhostUserKind::Net, true);
+    dcfg.socket = path.clone();
+    dcfg.queue_pairs = 2;
+    dcfg.reconnect = Some(std::time::Duration::from_millis(100));
+    let mut r = Rig::listen(path, backend(2), dcfg).with_irqfds();
+    r.translate_all_ram();
+    r.activate().unwrap();
+    assert_eq!(pairs_set(&r, 4, 0, 2), NET_OK);
+    tx(&r, 3, 0, b"pair one, first back end");
+    assert_eq!(r.be.tx_frames_per_pair(), vec![0, 1]);
+    r.be.kill();
+    r.wait_stats("disconnect seen", TIMEOUT * 3, |s| {
+        s.reconnect.disconnects == 1
+    });
+    let b = TestBackend::listen(r.socket(), backend(2)).unwrap();
+    r.wait_stats("restored", TIMEOUT * 3, |s| s.reconnect.restores == 1);
+    // Both pairs are enabled on the new connection, as the driver chose on the old one.
+    assert_eq!(enables(&b), vec![(0, 1), (1, 1), (2, 1), (3, 1)]);
+    tx(&r, 3, 1, b"pair one, second back end");
+    assert_eq!(b.tx_frames_per_pair(), vec![0, 1]);
+    // Back to one pair through the new connection.
+    assert_eq!(pairs_set(&r, 4, 1, 1), NET_OK);
+    assert_eq!(enables(&b)[4..], [(0, 1), (1, 1), (2, 0), (3, 0)]);
+}
+
+#[test]
 fn a_bad_control_command_gets_an_error_status() {
     let mut r = mq_rig(2, 2);
     r.activate().unwrap();
