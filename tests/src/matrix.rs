@@ -2,7 +2,7 @@
 //! guest IOMMU mode, driving one vhost-user device served by DPDK testpmd or by our own backend.
 //! This module holds what every cell shares (the VM of a cell, one run of it, the audits of the
 //! security invariant) and the virtio-net TX cells, which check the frame count on both sides
-//! and, with the own backend, the payload bytes and the invariant. [`rx`] has the RX and
+//! and, with the own backend, the payload bytes and the invariant. `rx` has the RX and
 //! loop-back cells, [`stale`] the use-after-unmap cells, `crate::blk` the virtio-blk cells.
 
 use std::fmt::Debug;

@@ -88,10 +88,7 @@ struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
 
 impl Write for CaptureWriter {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(b);
+        iommu::sync::lock(&self.0).extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

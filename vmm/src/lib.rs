@@ -32,6 +32,7 @@ pub mod event_loop;
 pub mod seccomp;
 pub mod vstate;
 
+use iommu::sync::lock;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -131,18 +132,15 @@ struct Done {
 
 impl Done {
     fn set(&self) {
-        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock(&self.done) = true;
         self.cv.notify_all();
     }
 
     /// Waits until set or `deadline`; whether it was set.
     fn wait_until(&self, deadline: Instant) -> bool {
-        let guard = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = lock(&self.done);
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let (done, _) = self
-            .cv
-            .wait_timeout_while(guard, timeout, |done| !*done)
-            .unwrap_or_else(|e| e.into_inner());
+        let (done, _) = iommu::sync::wait_timeout_while(&self.cv, guard, timeout, |done| !*done);
         *done
     }
 }
@@ -354,9 +352,9 @@ impl Vmm {
 
     /// Serial output so far, when the config asked for [`SerialMode::Capture`].
     pub fn serial_output(&self) -> Option<String> {
-        self.serial.as_ref().map(|b| {
-            String::from_utf8_lossy(&b.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-        })
+        self.serial
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(&lock(b)).into_owned())
     }
 }
 

@@ -10,6 +10,7 @@
 //! relocation takes (the MMIO bus's range lock). A device never calls into
 //! the root.
 
+use iommu::sync::lock;
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -366,9 +367,6 @@ fn usable_bar_range(bar: &PciBarInfo) -> bool {
     };
     bar.addr != 0 && end <= limit && (bar.size >= 1 << 32 || end % (1 << 32) != 0)
 }
-
-// Still imported from here by `virtio/iommu/mod.rs`; everything else uses `iommu::sync`.
-pub(crate) use iommu::sync::lock;
 
 #[cfg(test)]
 pub(crate) mod test_utils {

@@ -3,7 +3,7 @@
 //!
 //! It reads BACKEND_IOTLB_MSG requests, asks a [`MissHandler`] for the
 //! translation, sends the UPDATE on the main socket through an
-//! [`IotlbChannel`] (waiting for that UPDATE's own ack), and only then acks
+//! [`IotlbChannel`](super::channel::IotlbChannel) (waiting for that UPDATE's own ack), and only then acks
 //! the miss if the back end set NEED_REPLY. It never reads the main socket
 //! outside such an exchange, so it cannot steal another request's reply.
 //!

@@ -1,5 +1,5 @@
 //! The IOTLB bridge: one per vhost-user endpoint behind a vIOMMU. It answers
-//! the back end's IOTLB misses from the IOMMU model ([`DmaTranslate`]) and
+//! the back end's IOTLB misses from the IOMMU model ([`DmaTranslate`](iommu::DmaTranslate)) and
 //! turns the model's unmap notifications ([`IommuNotifier`]) into acked
 //! INVALIDATEs.
 //!

@@ -7,6 +7,7 @@
 //! under one lock (see the module documentation of `vhost_user` for why).
 //! [`MockIotlbChannel`] records messages for tests.
 
+use iommu::sync::lock;
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -229,7 +230,7 @@ impl MainSocket {
     /// link is down and the device's session is not up).
     pub fn replace(&self, stream: UnixStream) -> Result<(), ChannelError> {
         let new = MainInner::new(stream, self.max_queue_num, self.timeout)?;
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut inner = lock(&self.inner);
         let _ = inner.raw.shutdown(std::net::Shutdown::Both);
         *inner = new;
         self.broken.store(false, Ordering::Release);

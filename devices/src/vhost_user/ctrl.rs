@@ -84,7 +84,7 @@ pub enum CtrlError {
         /// Entries in the table.
         size: u32,
     },
-    /// A chain longer than [`MAX_CHAIN`] (or a loop).
+    /// A chain longer than `MAX_CHAIN` (or a loop).
     #[error("a descriptor chain is longer than {MAX_CHAIN} descriptors (or loops)")]
     ChainTooLong,
     /// An indirect descriptor that the spec forbids or whose table is malformed.

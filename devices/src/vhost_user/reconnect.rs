@@ -8,7 +8,7 @@
 //!    nothing more is sent, the record of what the back end held is kept;
 //! 2. closes the main socket, stops the back-end channel thread and forgets
 //!    the started rings;
-//! 3. gets a new connection ([`Dial`]): as a client, connects to the socket
+//! 3. gets a new connection (`Dial`): as a client, connects to the socket
 //!    path again every interval; as a server (`server=on`), accepts the next
 //!    back end on its listening socket as soon as one connects (a
 //!    connection that fails negotiation is closed and the next one

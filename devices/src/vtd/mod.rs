@@ -18,6 +18,7 @@
 //! the hypervisor's MSI delivery; interrupt-entry-cache invalidations and
 //! SIRTP/IRE/CFI changes refresh its routes in order with the other actions.
 
+use iommu::sync::{lock, read, write};
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -73,10 +74,6 @@ impl std::fmt::Debug for VtdUnit {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl VtdUnit {
     /// Creates the unit over guest memory `mem`; MSIs go to `msi`.
     pub fn new(
@@ -99,21 +96,13 @@ impl VtdUnit {
 
     /// The unit's configuration.
     pub fn config(&self) -> VtdConfig {
-        self.model
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .config()
-            .clone()
+        read(&self.model).config().clone()
     }
 
     /// Counters.
     pub fn stats(&self) -> VtdStats {
         let mut s = *lock(&self.stats);
-        s.invalidations = self
-            .model
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .invalidation_counts();
+        s.invalidations = read(&self.model).invalidation_counts();
         s
     }
 
@@ -134,11 +123,7 @@ impl VtdUnit {
             match a {
                 VtdAction::Notify(events) => self.notify(&events),
                 VtdAction::WaitDone(w) => {
-                    let more = self
-                        .model
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .complete_wait(&w);
+                    let more = write(&self.model).complete_wait(&w);
                     lock(&self.stats).waits += 1;
                     for (i, m) in more.into_iter().enumerate() {
                         queue.insert(i, m);
@@ -160,11 +145,7 @@ impl VtdUnit {
         if events.is_empty() {
             return;
         }
-        let result = self
-            .notifiers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .dispatch_all(events);
+        let result = read(&self.notifiers).dispatch_all(events);
         let mut s = lock(&self.stats);
         s.notify_batches += 1;
         s.events += events.len() as u64;
@@ -176,19 +157,12 @@ impl VtdUnit {
 
     fn mmio_write(&self, offset: u64, data: &[u8]) {
         let _serial = lock(&self.inval);
-        let actions = self
-            .model
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .mmio_write(offset, data);
+        let actions = write(&self.model).mmio_write(offset, data);
         self.run(actions);
     }
 
     fn mmio_read(&self, offset: u64, data: &mut [u8]) {
-        self.model
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .mmio_read(offset, data)
+        read(&self.model).mmio_read(offset, data)
     }
 }
 
@@ -200,10 +174,7 @@ impl DmaTranslate for VtdUnit {
         len: u64,
         access: Access,
     ) -> Result<Translation, TranslateError> {
-        self.model
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .translate(rid, iova, len, access)
+        read(&self.model).translate(rid, iova, len, access)
     }
 }
 

@@ -25,7 +25,8 @@ use devices::vhost_user::wire::{PROTOCOL_F_CONFIG, VHOST_USER_F_PROTOCOL_FEATURE
 
 use self::request::{execute, Disk, GuestMem, Outcome, Seg, ID_LEN, SECTOR, S_IOERR, S_UNSUPP};
 use super::net::Access;
-use super::{lock, BackendError, Counters, Shared, VringState};
+use super::{BackendError, Counters, Shared, VringState};
+use iommu::sync::lock;
 
 /// virtio-blk feature: seg_max in the configuration.
 pub const F_SEG_MAX: u64 = 1 << 2;

@@ -36,6 +36,7 @@ use vmm_sys_util::eventfd::EventFd;
 use self::iotlb::DeviceIotlb;
 use self::latency::{LatencyStats, MissSample, MissTimer};
 use self::memory::MemTable;
+use iommu::sync::lock;
 
 /// Errors of the test back end.
 #[derive(Debug, Error)]
@@ -325,9 +326,6 @@ pub(crate) struct Shared {
     /// The disk in blk mode.
     pub(crate) blk: Option<blk::BlkDevice>,
 }
-
-// Still imported from here by `blk.rs`; the rest of the back end uses `iommu::sync`.
-pub(crate) use iommu::sync::lock;
 
 impl Shared {
     fn new(config: BackendConfig) -> Result<Self, BackendError> {

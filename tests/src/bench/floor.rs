@@ -56,7 +56,7 @@ pub enum FloorError {
         #[source]
         source: io::Error,
     },
-    /// The peer thread did not answer within [`PEER_TIMEOUT`] or went away.
+    /// The peer thread did not answer within `PEER_TIMEOUT` or went away.
     #[error("the peer thread {0}")]
     Peer(&'static str),
     /// The exit-bench guest did not run or report.

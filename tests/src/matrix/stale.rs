@@ -63,7 +63,7 @@ fn finish(cell: &Cell, s: Scenario, sock: &std::path::Path) -> StaleRun {
 }
 
 /// Runs `s` (a `net-stale` scenario) in `cell` against our backend, which acks refused misses
-/// (NEED_REPLY), completes faulted chains and records every frame: beyond [`finish`], the stale
+/// (NEED_REPLY), completes faulted chains and records every frame: beyond `finish`, the stale
 /// descriptor and every frame after it completed, the backend transferred every frame but the
 /// marker (counting the faulted one), never recorded the marker, and honoured every INVALIDATE.
 pub fn run_own_stale(cell: &Cell, s: Scenario) -> StaleRun {
@@ -96,7 +96,7 @@ pub fn run_own_stale(cell: &Cell, s: Scenario) -> StaleRun {
 }
 
 /// Runs `s` (a `net-stale` scenario; `expect_stall` is added) in `cell` against testpmd: beyond
-/// [`finish`], the stale descriptor never completed and testpmd received frame 0 only.
+/// `finish`, the stale descriptor never completed and testpmd received frame 0 only.
 pub fn run_dpdk_stale(cell: &Cell, s: Scenario) -> StaleRun {
     let _one = lock(&ONE_CELL);
     let sock = socket(&cell.tag("dpdk-stale"));

@@ -4,6 +4,7 @@
 //! host bridge (00:01.0); the devices behind it are added right after it so
 //! that they form one contiguous BDF range for the VIOT PCI range node.
 
+use iommu::sync::lock;
 use std::sync::{Arc, Mutex};
 
 use devices::interrupt::IrqfdRouter;
@@ -281,7 +282,7 @@ impl DeviceManager {
     fn enable_interrupt_remapping(&mut self, unit: &Arc<VtdUnit>) {
         let remapper = InterruptRemapper::new(unit.clone(), self.vm.clone(), self.vm.clone());
         let source = remapper.source(Some(IOAPIC_REQUESTER_ID));
-        let mut ioapic = self.ioapic.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ioapic = lock(&self.ioapic);
         *ioapic = Ioapic::new(source.clone());
         // As without remapping, KVM needs the pins' (here: remapped) routes in
         // GSIs 0..23 to find level-triggered vectors that need an EOI exit.

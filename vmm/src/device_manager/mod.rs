@@ -5,6 +5,7 @@
 //! registers (power off) and the Generic Event Device of the ACPI power button (IOAPIC pin 9).
 //! PCI: the root complex, reachable through ECAM and ports 0xCF8/0xCFC.
 
+use ::iommu::sync::lock;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -143,14 +144,11 @@ impl DeviceManager {
         // KVM (split irqchip) only exits on EOIs of vectors it finds in the
         // level-triggered MSI routes of GSIs 0..23, so mirror each pin's route.
         let router = vm.clone();
-        ioapic
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .set_route_listener(Box::new(move |pin, msg| {
-                if let Err(e) = router.set_msi_route(pin as u32, msg) {
-                    log::warn!("ioapic: cannot mirror the route of pin {pin} into KVM: {e}");
-                }
-            }));
+        lock(&ioapic).set_route_listener(Box::new(move |pin, msg| {
+            if let Err(e) = router.set_msi_route(pin as u32, msg) {
+                log::warn!("ioapic: cannot mirror the route of pin {pin} into KVM: {e}");
+            }
+        }));
         insert(&mmio, "IOAPIC", ioapic.clone(), IOAPIC_START, IOAPIC_SIZE)?;
         let pin = IoapicPin::new(ioapic.clone(), SERIAL_IRQ as usize)
             .map_err(DeviceManagerError::Ioapic)?;
@@ -225,7 +223,7 @@ impl DeviceManager {
 
     /// Where the next PCI function will be plugged.
     pub fn next_bdf(&self) -> Result<PciBdf, DeviceManagerError> {
-        let root = self.pci.lock().unwrap_or_else(|e| e.into_inner());
+        let root = lock(&self.pci);
         let bdf = root.next_free_bdf();
         bdf.ok_or(DeviceManagerError::Pci(pci::PciSetupError::Root(
             devices::pci::PciRootError::NoFreeSlot,
@@ -281,12 +279,7 @@ impl DeviceManager {
     /// The handler vCPUs call on KVM_EXIT_IOAPIC_EOI.
     pub fn eoi_handler(&self) -> Arc<dyn Fn(u8) + Send + Sync> {
         let ioapic = self.ioapic.clone();
-        Arc::new(move |vector| {
-            ioapic
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .end_of_interrupt(vector)
-        })
+        Arc::new(move |vector| lock(&ioapic).end_of_interrupt(vector))
     }
 
     /// Lets the event loop turn guest stop requests into exit reasons.
@@ -295,7 +288,7 @@ impl DeviceManager {
         h.add_source(
             clone_evt(&self.exit_port_evt, "exit port")?,
             Box::new(move || {
-                let code = port.lock().unwrap_or_else(|e| e.into_inner()).exit_code();
+                let code = lock(&port).exit_code();
                 VmExit::ExitPort(code.unwrap_or(u32::MAX))
             }),
         );

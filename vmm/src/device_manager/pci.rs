@@ -2,6 +2,7 @@
 //! KVM ioeventfds for virtio queue notifications, and moving all of these
 //! when the guest reprograms a BAR.
 
+use iommu::sync::lock;
 use std::io;
 use std::sync::{Arc, Mutex};
 
@@ -148,11 +149,7 @@ pub fn add_virtio_pci(
                 source,
             })?;
     }
-    let bdf = root
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .add_device(pci)
-        .map_err(PciSetupError::Root)?;
+    let bdf = lock(root).add_device(pci).map_err(PciSetupError::Root)?;
     if let Some(s) = source {
         s.bind(RequesterId::from_bdf(bdf.segment(), bdf.requester_id()));
     }

@@ -13,6 +13,7 @@
 //! stops the VM with a [`CrashReport`]: the history plus the state read with
 //! `KVM_GET_*` after the exit (which AMD SVM has already reset after a shutdown).
 
+use iommu::sync::lock;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::thread::JoinHandle;
@@ -106,7 +107,7 @@ impl ExitState {
 
     /// Records `reason` unless one is already recorded, and wakes the event loop.
     pub fn request(&self, reason: VmExit) {
-        let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = lock(&self.reason);
         if r.is_none() {
             *r = Some(reason);
         }
@@ -117,10 +118,7 @@ impl ExitState {
 
     /// The recorded reason.
     pub fn reason(&self) -> Option<VmExit> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.reason).clone()
     }
 }
 

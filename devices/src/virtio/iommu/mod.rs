@@ -39,6 +39,7 @@ mod seam;
 #[cfg(test)]
 mod test_utils;
 
+use iommu::sync::{lock, read, write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -55,7 +56,6 @@ pub use device::{VirtioIommuDevice, DEVICE_FEATURES, EVENTQ_SIZE, REQUESTQ_SIZE}
 pub use event::FaultDelivery;
 pub use handler::MAX_READABLE;
 
-use crate::pci::root::lock;
 use event::EventQueue;
 
 /// Errors building the virtio-iommu device.
@@ -193,11 +193,7 @@ impl Update<'_> {
         if events.is_empty() {
             return Ok(0);
         }
-        let set = self
-            .state
-            .notifiers
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let set = read(&self.state.notifiers);
         set.dispatch_all(events)
     }
 }
@@ -348,7 +344,7 @@ impl IommuState {
     }
 
     fn notifiers_mut(&self) -> std::sync::RwLockWriteGuard<'_, NotifierSet> {
-        self.notifiers.write().unwrap_or_else(|e| e.into_inner())
+        write(&self.notifiers)
     }
 }
 

@@ -14,6 +14,7 @@
 //! once every vCPU thread reported it (or has exited), [`VcpuControl::resume`] once every one
 //! runs again. Nothing polls: the threads and the caller wait on the same condition variable.
 
+use iommu::sync::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -110,7 +111,7 @@ impl VcpuControl {
     }
 
     fn lock(&self) -> MutexGuard<'_, Threads> {
-        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.threads)
     }
 
     /// Remembers the thread of vCPU `index` so that it can be kicked.
@@ -143,9 +144,7 @@ impl VcpuControl {
         if t.paused && !self.stopping() {
             set_state(&mut t, index, VcpuRunState::Paused);
             self.changed.notify_all();
-            while t.paused && !self.stopping() {
-                t = self.changed.wait(t).unwrap_or_else(|e| e.into_inner());
-            }
+            t = iommu::sync::wait_while(&self.changed, t, |t| t.paused && !self.stopping());
             set_state(&mut t, index, VcpuRunState::Running);
             self.changed.notify_all();
         }
@@ -195,11 +194,7 @@ impl VcpuControl {
             if left.is_zero() {
                 return Err(t);
             }
-            t = self
-                .changed
-                .wait_timeout(t, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            t = iommu::sync::wait_timeout(&self.changed, t, left);
         }
         Ok(t)
     }
