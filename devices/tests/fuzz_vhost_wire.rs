@@ -57,7 +57,7 @@ fn frame() -> impl Strategy<Value = Vec<u8>> {
         any::<bool>(),
     )
         .prop_map(|(iova, perm, t, nr)| {
-            let mut msg = IotlbMsg::miss(iova, IotlbPerm::Ro);
+            let mut msg = IotlbMsg::miss(iova, IotlbPerm::ReadOnly);
             msg.perm = perm;
             msg.msg_type = t;
             encode_iotlb_frame(VHOST_USER_BACKEND_IOTLB_MSG, &msg, nr).to_vec()

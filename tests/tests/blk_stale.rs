@@ -13,7 +13,7 @@
 //! came (so the refusal is the invalidation's work, not a translation it never had).
 //! qemu-storage-daemon has no IOTLB support, so it is not part of this.
 
-use devices::vhost_user::wire::{IotlbMsg, IotlbPerm, IotlbType};
+use devices::vhost_user::wire::{Grants, IotlbMsg, IotlbPerm, IotlbType};
 use integration_tests::blk::pattern;
 use integration_tests::blk::stale::{run_stale, StaleOutcome, STALE_MARKER, STALE_SIZE};
 use integration_tests::guest::EXIT_OK;
@@ -172,8 +172,8 @@ fn check(viommu: Viommu) -> StaleOutcome {
     assert_image(&o);
     assert_counters(&o);
     assert_guest_fault(viommu, &o);
-    assert_held_then_invalidated(&o, "stale_out", IotlbPerm::Ro);
-    assert_held_then_invalidated(&o, "stale_in", IotlbPerm::Wo);
+    assert_held_then_invalidated(&o, "stale_out", IotlbPerm::ReadOnly);
+    assert_held_then_invalidated(&o, "stale_in", IotlbPerm::WriteOnly);
     eprintln!(
         "{viommu:?}: misses {} refused {} faults {} invalidations {} devtlb {}; backend nacks {} \
          faulted {} ioerrs {}",

@@ -115,7 +115,7 @@ impl DerefMut for Hostile {
 }
 
 fn miss_frame(iova: u64, need_reply: bool) -> [u8; 44] {
-    let msg = IotlbMsg::miss(iova, IotlbPerm::Ro);
+    let msg = IotlbMsg::miss(iova, IotlbPerm::ReadOnly);
     encode_iotlb_frame(VHOST_USER_BACKEND_IOTLB_MSG, &msg, need_reply)
 }
 

@@ -66,7 +66,7 @@ fn assert_guest_fault(
 #[test]
 fn write_miss_on_a_read_only_tx_buffer_is_refused_and_faults() {
     for viommu in VIOMMUS {
-        for perm in [IotlbPerm::Wo, IotlbPerm::Rw] {
+        for perm in [IotlbPerm::WriteOnly, IotlbPerm::ReadWrite] {
             let _one = lock(&ONE_CELL);
             let cell = Cell::new(viommu, IommuMode::Strict);
             let (sock, backend) = widening_backend(&cell, perm, None);
@@ -78,7 +78,7 @@ fn write_miss_on_a_read_only_tx_buffer_is_refused_and_faults() {
             assert_eq!(c.miss_nacks, FRAMES, "{c:?}");
             assert!(stats.bridge.misses_refused >= FRAMES, "{stats:?}");
             assert!(stats.bridge.faults >= FRAMES, "{stats:?}");
-            assert_guest_fault(viommu, &r, perm == IotlbPerm::Rw, true);
+            assert_guest_fault(viommu, &r, perm == IotlbPerm::ReadWrite, true);
         }
     }
 }
@@ -93,7 +93,7 @@ fn read_miss_on_a_write_only_rx_buffer_is_refused_and_the_descriptor_errors() {
             size: 200,
             rate: 0,
         };
-        let (sock, backend) = widening_backend(&cell, IotlbPerm::Rw, Some(gen));
+        let (sock, backend) = widening_backend(&cell, IotlbPerm::ReadWrite, Some(gen));
         let s = Scenario::net_rx(FRAMES, 200).timeout_ms(5000);
         let (exit, r, out, stats) = run_scenario(&cell, s, &sock);
         // Every descriptor came back empty: the guest sees the error on it.

@@ -84,7 +84,7 @@ fn iovmm_reports_a_queue_its_back_end_stopped_serving() {
     let sock = socket("stall-detector");
     let config = BackendConfig {
         misbehave: Misbehaviour {
-            buffer_perm: Some(IotlbPerm::Rw),
+            buffer_perm: Some(IotlbPerm::ReadWrite),
             ..Misbehaviour::default()
         },
         ..BackendConfig::default()

@@ -216,7 +216,12 @@ fn tx_behind_iommu_is_served_by_misses_with_exact_updates() {
         assert_eq!(*flags, FLAG_VERSION | FLAG_NEED_REPLY);
         assert_eq!(m.iova % 0x1000, 0);
         assert_eq!(m.iova + m.size, IOVA_OFF + MEM);
-        let want = IotlbMsg::update(m.iova, m.size, r.host(m.iova - IOVA_OFF), IotlbPerm::Rw);
+        let want = IotlbMsg::update(
+            m.iova,
+            m.size,
+            r.host(m.iova - IOVA_OFF),
+            IotlbPerm::ReadWrite,
+        );
         assert_eq!(*m, want);
     }
     let n = msgs.len() as u64;

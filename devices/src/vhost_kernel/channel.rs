@@ -198,7 +198,7 @@ mod tests {
     #[test]
     fn a_written_message_is_acked_and_counted() {
         let (ch, k, resets) = channel(|_| false, true);
-        let up = IotlbMsg::update(0x1000, 0x1000, 0x7000, IotlbPerm::Rw);
+        let up = IotlbMsg::update(0x1000, 0x1000, 0x7000, IotlbPerm::ReadWrite);
         ch.send_iotlb(&up, true).unwrap();
         ch.send_iotlb(&IotlbMsg::invalidate(0x1000, 0x1000), false)
             .unwrap();
@@ -214,7 +214,7 @@ mod tests {
     #[test]
     fn a_refused_update_is_an_error_and_nothing_is_dropped() {
         let (ch, _k, resets) = channel(|m| m.kind() == Ok(IotlbType::Update), true);
-        let up = IotlbMsg::update(0x1000, 0x1000, 0x7000, IotlbPerm::Rw);
+        let up = IotlbMsg::update(0x1000, 0x1000, 0x7000, IotlbPerm::ReadWrite);
         assert!(matches!(ch.send_iotlb(&up, true), Err(ChannelError::Io(_))));
         assert_eq!((ch.stats().failures, resets.load(Ordering::SeqCst)), (1, 0));
         assert!(!ch.is_dropped());
@@ -230,7 +230,7 @@ mod tests {
         ));
         assert!(ch.is_dropped());
         assert_eq!(resets.load(Ordering::SeqCst), 1);
-        let up = IotlbMsg::update(0x1000, 0x1000, 0x7000, IotlbPerm::Rw);
+        let up = IotlbMsg::update(0x1000, 0x1000, 0x7000, IotlbPerm::ReadWrite);
         assert!(matches!(
             ch.send_iotlb(&up, true),
             Err(ChannelError::Broken)

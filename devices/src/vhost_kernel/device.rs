@@ -475,7 +475,7 @@ impl VhostNetDevice {
         if let Some(i) = &self.iommu {
             for (index, q, _) in &ctx.queues {
                 i.bridge
-                    .answer_miss(q.used_ring(), IotlbPerm::Wo)
+                    .answer_miss(q.used_ring(), IotlbPerm::WriteOnly)
                     .map_err(|source| VhostNetError::RingsNotMapped {
                         queue: *index,
                         source,

@@ -188,12 +188,15 @@ mod tests {
         let (ours, kernel) = seqpacket_pair().unwrap();
         let io = FdIotlb::new(ours);
         assert!(io.read_msg().unwrap().is_none(), "nothing queued");
-        kernel_sends(&kernel, &encode_v2(&IotlbMsg::miss(0x5000, IotlbPerm::Ro)));
+        kernel_sends(
+            &kernel,
+            &encode_v2(&IotlbMsg::miss(0x5000, IotlbPerm::ReadOnly)),
+        );
         let Some(KernelMsg::Iotlb(m)) = io.read_msg().unwrap() else {
             panic!("no miss read");
         };
         assert_eq!((m.kind().unwrap(), m.iova), (IotlbType::Miss, 0x5000));
-        let up = IotlbMsg::update(0x5000, 0x1000, 0x7000_0000, IotlbPerm::Ro);
+        let up = IotlbMsg::update(0x5000, 0x1000, 0x7000_0000, IotlbPerm::ReadOnly);
         io.write_msg(&up).unwrap();
         assert_eq!(kernel_reads(&kernel), encode_v2(&up).to_vec());
     }
@@ -202,7 +205,7 @@ mod tests {
     fn truncated_oversized_and_garbage_messages_are_typed_errors() {
         let (ours, kernel) = seqpacket_pair().unwrap();
         let io = FdIotlb::new(ours);
-        let good = encode_v2(&IotlbMsg::miss(0x5000, IotlbPerm::Ro));
+        let good = encode_v2(&IotlbMsg::miss(0x5000, IotlbPerm::ReadOnly));
         kernel_sends(&kernel, &good[..40]);
         assert!(matches!(
             io.read_msg(),
@@ -246,12 +249,12 @@ mod tests {
     fn only_updates_and_invalidates_are_written() {
         let (ours, kernel) = seqpacket_pair().unwrap();
         let io = FdIotlb::new(ours);
-        let miss = IotlbMsg::miss(0x1000, IotlbPerm::Ro);
+        let miss = IotlbMsg::miss(0x1000, IotlbPerm::ReadOnly);
         assert!(matches!(
             io.write_msg(&miss),
             Err(IotlbIoError::NotSendable(_))
         ));
-        let empty = IotlbMsg::update(0x1000, 0, 0x1000, IotlbPerm::Ro);
+        let empty = IotlbMsg::update(0x1000, 0, 0x1000, IotlbPerm::ReadOnly);
         assert!(io.write_msg(&empty).is_err());
         // SAFETY: a valid buffer for a non-blocking read on an open fd.
         let n = unsafe { libc::read(kernel.as_raw_fd(), [0u8; 8].as_mut_ptr().cast(), 8) };

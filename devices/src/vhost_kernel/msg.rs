@@ -20,7 +20,7 @@
 use thiserror::Error;
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::vhost_user::wire::{IotlbMsg, IotlbPerm, IotlbType, IOTLB_MSG_SIZE};
+use crate::vhost_user::wire::{perm_from_u8, IotlbMsg, IotlbType, IOTLB_MSG_SIZE};
 
 /// `VHOST_IOTLB_MSG_V2`: the `type` of a `struct vhost_msg_v2`.
 pub const VHOST_IOTLB_MSG_V2: u32 = 2;
@@ -116,7 +116,7 @@ pub fn decode_v2(bytes: &[u8]) -> Result<KernelMsg, MsgError> {
     }
     msg.kind()
         .map_err(|_| MsgError::UnknownIotlbType(msg.msg_type))?;
-    IotlbPerm::try_from(msg.perm).map_err(|_| MsgError::BadPerm(msg.perm))?;
+    perm_from_u8(msg.perm).map_err(|_| MsgError::BadPerm(msg.perm))?;
     Ok(KernelMsg::Iotlb(msg))
 }
 
@@ -139,9 +139,10 @@ pub fn raw_payload(msg: &IotlbMsg) -> &[u8] {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::vhost_user::wire::IotlbPerm;
 
     fn miss_bytes(iova: u64, perm: u8, kind: u8) -> [u8; VHOST_MSG_V2_SIZE] {
-        let mut m = IotlbMsg::miss(iova, IotlbPerm::Ro);
+        let mut m = IotlbMsg::miss(iova, IotlbPerm::ReadOnly);
         m.perm = perm;
         m.msg_type = kind;
         let mut b = [0u8; VHOST_MSG_V2_SIZE];
@@ -152,7 +153,7 @@ mod tests {
 
     #[test]
     fn update_encodes_at_the_kernel_offsets() {
-        let m = IotlbMsg::update(0x1000, 0x2000, 0x7f00_0000_1000, IotlbPerm::Wo);
+        let m = IotlbMsg::update(0x1000, 0x2000, 0x7f00_0000_1000, IotlbPerm::WriteOnly);
         let b = encode_v2(&m);
         assert_eq!(b.len(), 72);
         assert_eq!(u32_at(&b, 0), 2);
@@ -174,7 +175,7 @@ mod tests {
         assert_eq!(m.kind().unwrap(), IotlbType::Miss);
         assert_eq!(
             (m.iova, m.permission().unwrap()),
-            (0xdead_b000, IotlbPerm::Wo)
+            (0xdead_b000, IotlbPerm::WriteOnly)
         );
     }
 
@@ -218,16 +219,19 @@ mod tests {
             0,
             1,
             2,
-            IotlbPerm::Ro
+            IotlbPerm::ReadOnly
         )));
         assert!(is_front_end_message(&IotlbMsg::invalidate(0, u64::MAX)));
         assert!(!is_front_end_message(&IotlbMsg::update(
             0,
             0,
             2,
-            IotlbPerm::Ro
+            IotlbPerm::ReadOnly
         )));
         assert!(!is_front_end_message(&IotlbMsg::invalidate(5, 0)));
-        assert!(!is_front_end_message(&IotlbMsg::miss(5, IotlbPerm::Ro)));
+        assert!(!is_front_end_message(&IotlbMsg::miss(
+            5,
+            IotlbPerm::ReadOnly
+        )));
     }
 }

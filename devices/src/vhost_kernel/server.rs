@@ -186,7 +186,7 @@ impl IotlbServer {
             KernelMsg::Batch(kind) => return self.unexpected(u32::from(kind)),
         };
         // decode_v2 validated the permission.
-        let perm = m.permission().unwrap_or(IotlbPerm::None);
+        let perm = m.permission().unwrap_or(IotlbPerm::No);
         match m.kind() {
             Ok(IotlbType::Miss) => self.miss(m.iova, perm),
             Ok(IotlbType::AccessFail) => {

@@ -258,7 +258,7 @@ impl BackendReqServer {
             }
         };
         // decode() validated both fields.
-        let perm = msg.permission().unwrap_or(IotlbPerm::None);
+        let perm = msg.permission().unwrap_or(IotlbPerm::No);
         match msg.kind() {
             Ok(IotlbType::Miss) => {
                 let ok = self.miss(msg.iova, perm);
@@ -410,11 +410,16 @@ mod tests {
         if iova >= 0x10_0000 {
             return Err(MissError::Unmapped { iova });
         }
-        if perm == IotlbPerm::Wo {
+        if perm == IotlbPerm::WriteOnly {
             return Err(MissError::PermissionDenied { iova, wanted: perm });
         }
         let page = iova & !0xfff;
-        Ok(IotlbMsg::update(page, 0x1000, UADDR + page, IotlbPerm::Ro))
+        Ok(IotlbMsg::update(
+            page,
+            0x1000,
+            UADDR + page,
+            IotlbPerm::ReadOnly,
+        ))
     }
 
     fn server(mock: &Arc<MockIotlbChannel>) -> (BackendReqServer, UnixStream) {
@@ -441,10 +446,10 @@ mod tests {
     fn miss_is_answered_with_update_then_zero_ack() {
         let mock = Arc::new(MockIotlbChannel::new());
         let (mut srv, peer) = server(&mock);
-        send_miss(&peer, 0x3456, IotlbPerm::Ro, true);
+        send_miss(&peer, 0x3456, IotlbPerm::ReadOnly, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
         assert_eq!(read_ack(&peer, 1), 0);
-        let update = IotlbMsg::update(0x3000, 0x1000, UADDR + 0x3000, IotlbPerm::Ro);
+        let update = IotlbMsg::update(0x3000, 0x1000, UADDR + 0x3000, IotlbPerm::ReadOnly);
         assert_eq!(mock.sent(), vec![(update, true)]);
     }
 
@@ -452,10 +457,10 @@ mod tests {
     fn unmapped_or_forbidden_miss_gets_nonzero_ack_and_no_update() {
         let mock = Arc::new(MockIotlbChannel::new());
         let (mut srv, peer) = server(&mock);
-        send_miss(&peer, 0x20_0000, IotlbPerm::Ro, true);
+        send_miss(&peer, 0x20_0000, IotlbPerm::ReadOnly, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
         assert_eq!(read_ack(&peer, 1), 1);
-        send_miss(&peer, 0x1000, IotlbPerm::Wo, true);
+        send_miss(&peer, 0x1000, IotlbPerm::WriteOnly, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
         assert_eq!(read_ack(&peer, 1), 1);
         assert!(mock.sent().is_empty());
@@ -466,7 +471,7 @@ mod tests {
         let mock = Arc::new(MockIotlbChannel::new());
         mock.script(&[MockReply::Nack(9)]);
         let (mut srv, peer) = server(&mock);
-        send_miss(&peer, 0x1000, IotlbPerm::Ro, true);
+        send_miss(&peer, 0x1000, IotlbPerm::ReadOnly, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
         assert_eq!(read_ack(&peer, 1), 1);
     }
@@ -475,11 +480,17 @@ mod tests {
     fn handler_update_not_covering_the_miss_is_refused() {
         let mock = Arc::new(MockIotlbChannel::new());
         let (ours, peer) = UnixStream::pair().unwrap();
-        let bad =
-            |_iova: u64, _p: IotlbPerm| Ok(IotlbMsg::update(0x9000, 0x1000, UADDR, IotlbPerm::Rw));
+        let bad = |_iova: u64, _p: IotlbPerm| {
+            Ok(IotlbMsg::update(
+                0x9000,
+                0x1000,
+                UADDR,
+                IotlbPerm::ReadWrite,
+            ))
+        };
         let handler = TranslatingHandler::new(bad, mock.clone());
         let mut srv = BackendReqServer::new(ours, Arc::new(handler));
-        send_miss(&peer, 0x1000, IotlbPerm::Ro, true);
+        send_miss(&peer, 0x1000, IotlbPerm::ReadOnly, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
         assert_eq!(read_ack(&peer, 1), 1);
         assert!(mock.sent().is_empty());
@@ -489,7 +500,7 @@ mod tests {
     fn miss_without_need_reply_gets_no_ack() {
         let mock = Arc::new(MockIotlbChannel::new());
         let (mut srv, peer) = server(&mock);
-        send_miss(&peer, 0x1000, IotlbPerm::Ro, false);
+        send_miss(&peer, 0x1000, IotlbPerm::ReadOnly, false);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
         let deadline = Instant::now() + Duration::from_millis(30);
         assert!(matches!(
@@ -508,7 +519,7 @@ mod tests {
         assert_eq!(read_ack(&peer, 77), 1);
         write_frame(&peer, &Header::request(2, 0, false).encode()).unwrap();
         assert_eq!(srv.serve_one().unwrap(), Served::Unsupported(2));
-        send_miss(&peer, 0x1000, IotlbPerm::Ro, true);
+        send_miss(&peer, 0x1000, IotlbPerm::ReadOnly, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
         assert_eq!(read_ack(&peer, 1), 0);
     }
@@ -517,11 +528,11 @@ mod tests {
     fn update_type_from_backend_is_refused_not_fatal() {
         let mock = Arc::new(MockIotlbChannel::new());
         let (mut srv, peer) = server(&mock);
-        let frame = encode_iotlb_frame(1, &IotlbMsg::update(0, 1, 0, IotlbPerm::Rw), true);
+        let frame = encode_iotlb_frame(1, &IotlbMsg::update(0, 1, 0, IotlbPerm::ReadWrite), true);
         write_frame(&peer, &frame).unwrap();
         assert_eq!(srv.serve_one().unwrap(), Served::Unsupported(1));
         assert_eq!(read_ack(&peer, 1), 1);
-        let mut unknown = encode_iotlb_frame(1, &IotlbMsg::miss(0, IotlbPerm::Ro), true);
+        let mut unknown = encode_iotlb_frame(1, &IotlbMsg::miss(0, IotlbPerm::ReadOnly), true);
         unknown[12 + 25] = 9;
         write_frame(&peer, &unknown).unwrap();
         assert_eq!(srv.serve_one().unwrap(), Served::Unsupported(1));
@@ -532,7 +543,7 @@ mod tests {
     fn access_fail_is_counted_and_acked() {
         let mock = Arc::new(MockIotlbChannel::new());
         let (mut srv, peer) = server(&mock);
-        let mut frame = encode_iotlb_frame(1, &IotlbMsg::miss(0x5000, IotlbPerm::Wo), true);
+        let mut frame = encode_iotlb_frame(1, &IotlbMsg::miss(0x5000, IotlbPerm::WriteOnly), true);
         frame[12 + 25] = IotlbType::AccessFail as u8;
         write_frame(&peer, &frame).unwrap();
         assert_eq!(srv.serve_one().unwrap(), Served::AccessFail);
@@ -584,7 +595,7 @@ mod tests {
 
     #[test]
     fn truncated_frame_times_out_and_closes() {
-        let frame = encode_iotlb_frame(1, &IotlbMsg::miss(0, IotlbPerm::Ro), true);
+        let frame = encode_iotlb_frame(1, &IotlbMsg::miss(0, IotlbPerm::ReadOnly), true);
         assert!(matches!(
             assert_closes(&frame[..IOTLB_MSG_SIZE]),
             BackendReqError::Channel(ChannelError::Timeout)
@@ -613,13 +624,13 @@ mod tests {
         let srv = BackendReqServer::new(req_ours, Arc::new(handler));
         let thread = srv.spawn("test-backend-req").unwrap();
 
-        send_miss(&req_peer, 0x7abc, IotlbPerm::Ro, true);
+        send_miss(&req_peer, 0x7abc, IotlbPerm::ReadOnly, true);
         let (hdr, payload) = read_frame(&main_peer, None, Duration::from_secs(2)).unwrap();
         assert_eq!(hdr, Header::request(22, 32, true));
         let update = IotlbMsg::decode(22, &payload).unwrap();
         assert_eq!(
             update,
-            IotlbMsg::update(0x7000, 0x1000, UADDR + 0x7000, IotlbPerm::Ro)
+            IotlbMsg::update(0x7000, 0x1000, UADDR + 0x7000, IotlbPerm::ReadOnly)
         );
         // No miss ack may arrive while the UPDATE is unacknowledged.
         let early = Instant::now() + Duration::from_millis(50);
@@ -663,18 +674,18 @@ mod tests {
         let (mut srv, peer) = server(&mock);
         let budget = MAX_BAD_REQUESTS_PER_SEC;
         for _ in 0..budget {
-            send_miss(&peer, 0x100_0000, IotlbPerm::Ro, true);
+            send_miss(&peer, 0x100_0000, IotlbPerm::ReadOnly, true);
             assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: false });
             assert_eq!(read_ack(&peer, 1), 1);
         }
         // Even a mapped IOVA is now refused without a translation or an UPDATE.
-        send_miss(&peer, 0x3000, IotlbPerm::Ro, true);
+        send_miss(&peer, 0x3000, IotlbPerm::ReadOnly, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Throttled);
         assert_eq!(read_ack(&peer, 1), 1);
         assert!(mock.sent().is_empty());
         // A new second brings a new budget.
         srv.throttle.window -= Duration::from_secs(1);
-        send_miss(&peer, 0x3000, IotlbPerm::Ro, true);
+        send_miss(&peer, 0x3000, IotlbPerm::ReadOnly, true);
         assert_eq!(srv.serve_one().unwrap(), Served::Miss { ok: true });
         assert_eq!(read_ack(&peer, 1), 0);
     }
@@ -684,14 +695,14 @@ mod tests {
         let (level, line) = refusal_log(
             "vhost-user-net 0000:00:03.0",
             0x20_0000,
-            IotlbPerm::Wo,
+            IotlbPerm::WriteOnly,
             &MissError::Unmapped { iova: 0x20_0000 },
         );
         assert_eq!(level, log::Level::Warn);
         for part in [
             "vhost-user-net 0000:00:03.0",
             "0x200000",
-            "Wo",
+            "WriteOnly",
             "DMA fault",
             "no ack",
         ] {
@@ -699,16 +710,16 @@ mod tests {
         }
         let denied = MissError::PermissionDenied {
             iova: 0x1000,
-            wanted: IotlbPerm::Wo,
+            wanted: IotlbPerm::WriteOnly,
         };
         assert_eq!(
-            refusal_log("d", 0x1000, IotlbPerm::Wo, &denied).0,
+            refusal_log("d", 0x1000, IotlbPerm::WriteOnly, &denied).0,
             log::Level::Warn
         );
         // Stopping devices refuse misses routinely: not a fault.
         let stopped = MissError::DeviceStopped { iova: 0x1000 };
         assert_eq!(
-            refusal_log("d", 0x1000, IotlbPerm::Ro, &stopped).0,
+            refusal_log("d", 0x1000, IotlbPerm::ReadOnly, &stopped).0,
             log::Level::Info
         );
     }
@@ -776,7 +787,7 @@ mod tests {
             .spawn("test-spin")
             .unwrap();
         for page in 0..3u64 {
-            send_miss(&peer, page << 12, IotlbPerm::Ro, true);
+            send_miss(&peer, page << 12, IotlbPerm::ReadOnly, true);
             assert_eq!(read_ack(&peer, VHOST_USER_BACKEND_IOTLB_MSG), 0);
         }
         drop(peer);

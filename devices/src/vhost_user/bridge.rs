@@ -134,20 +134,20 @@ impl std::fmt::Debug for IotlbBridge {
 /// The vm-memory permission asked for by an IOTLB access kind.
 pub fn access_of(perm: IotlbPerm) -> Permissions {
     match perm {
-        IotlbPerm::None => Permissions::No,
-        IotlbPerm::Ro => Permissions::Read,
-        IotlbPerm::Wo => Permissions::Write,
-        IotlbPerm::Rw => Permissions::ReadWrite,
+        IotlbPerm::No => Permissions::No,
+        IotlbPerm::ReadOnly => Permissions::Read,
+        IotlbPerm::WriteOnly => Permissions::Write,
+        IotlbPerm::ReadWrite => Permissions::ReadWrite,
     }
 }
 
 /// The IOTLB permission granting exactly `perm`.
 pub fn iotlb_perm_of(perm: Permissions) -> IotlbPerm {
     match perm {
-        Permissions::No => IotlbPerm::None,
-        Permissions::Read => IotlbPerm::Ro,
-        Permissions::Write => IotlbPerm::Wo,
-        Permissions::ReadWrite => IotlbPerm::Rw,
+        Permissions::No => IotlbPerm::No,
+        Permissions::Read => IotlbPerm::ReadOnly,
+        Permissions::Write => IotlbPerm::WriteOnly,
+        Permissions::ReadWrite => IotlbPerm::ReadWrite,
     }
 }
 

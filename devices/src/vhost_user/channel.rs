@@ -504,7 +504,7 @@ mod tests {
     #[test]
     fn update_round_trips_over_a_socketpair_with_ack() {
         let (main, peer) = pair(Duration::from_secs(2));
-        let msg = IotlbMsg::update(0x10_0000, 0x1000, 0x7f12_3400_0000, IotlbPerm::Ro);
+        let msg = IotlbMsg::update(0x10_0000, 0x1000, 0x7f12_3400_0000, IotlbPerm::ReadOnly);
         let backend = thread::spawn(move || {
             let (hdr, got) = read_iotlb(&peer);
             write_frame(&peer, &encode_ack(hdr.request, 0)).unwrap();

@@ -8,7 +8,7 @@ use iommu::NotifyError;
 use thiserror::Error;
 
 use super::channel::{IotlbChannel, SpinWait};
-use super::wire::{IotlbMsg, IotlbPerm, IotlbType};
+use super::wire::{Grants, IotlbMsg, IotlbPerm, IotlbType};
 
 /// Why a miss got no UPDATE (the back end then gets a non-zero ack).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -211,29 +211,29 @@ mod tests {
 
     #[test]
     fn check_update_accepts_covering_update() {
-        let u = IotlbMsg::update(0x1000, 0x1000, 0x5000, IotlbPerm::Rw);
-        check_update(0x1fff, IotlbPerm::Wo, &u).unwrap();
-        check_update(0x1000, IotlbPerm::Ro, &u).unwrap();
+        let u = IotlbMsg::update(0x1000, 0x1000, 0x5000, IotlbPerm::ReadWrite);
+        check_update(0x1fff, IotlbPerm::WriteOnly, &u).unwrap();
+        check_update(0x1000, IotlbPerm::ReadOnly, &u).unwrap();
     }
 
     #[test]
     fn check_update_rejects_range_kind_and_perm_mismatches() {
-        let u = IotlbMsg::update(0x1000, 0x1000, 0x5000, IotlbPerm::Ro);
-        assert!(check_update(0x2000, IotlbPerm::Ro, &u).is_err());
-        assert!(check_update(0xfff, IotlbPerm::Ro, &u).is_err());
-        assert!(check_update(0x1000, IotlbPerm::Wo, &u).is_err());
+        let u = IotlbMsg::update(0x1000, 0x1000, 0x5000, IotlbPerm::ReadOnly);
+        assert!(check_update(0x2000, IotlbPerm::ReadOnly, &u).is_err());
+        assert!(check_update(0xfff, IotlbPerm::ReadOnly, &u).is_err());
+        assert!(check_update(0x1000, IotlbPerm::WriteOnly, &u).is_err());
         let inv = IotlbMsg::invalidate(0x1000, 0x1000);
-        assert!(check_update(0x1000, IotlbPerm::None, &inv).is_err());
-        let empty = IotlbMsg::update(0x1000, 0, 0x5000, IotlbPerm::Rw);
-        assert!(check_update(0x1000, IotlbPerm::Ro, &empty).is_err());
+        assert!(check_update(0x1000, IotlbPerm::No, &inv).is_err());
+        let empty = IotlbMsg::update(0x1000, 0, 0x5000, IotlbPerm::ReadWrite);
+        assert!(check_update(0x1000, IotlbPerm::ReadOnly, &empty).is_err());
     }
 
     #[test]
     fn check_update_handles_the_top_of_the_address_space() {
-        let u = IotlbMsg::update(u64::MAX - 0xfff, 0x1000, 0, IotlbPerm::Rw);
-        check_update(u64::MAX, IotlbPerm::Rw, &u).unwrap();
-        let wraps = IotlbMsg::update(u64::MAX - 0xfff, 0x2000, 0, IotlbPerm::Rw);
-        assert!(check_update(u64::MAX, IotlbPerm::Rw, &wraps).is_err());
+        let u = IotlbMsg::update(u64::MAX - 0xfff, 0x1000, 0, IotlbPerm::ReadWrite);
+        check_update(u64::MAX, IotlbPerm::ReadWrite, &u).unwrap();
+        let wraps = IotlbMsg::update(u64::MAX - 0xfff, 0x2000, 0, IotlbPerm::ReadWrite);
+        assert!(check_update(u64::MAX, IotlbPerm::ReadWrite, &wraps).is_err());
     }
 
     #[test]
@@ -249,10 +249,10 @@ mod tests {
             },
             chan.clone(),
         );
-        let sent = h.answer_miss(0x1000, IotlbPerm::Ro).unwrap();
+        let sent = h.answer_miss(0x1000, IotlbPerm::ReadOnly).unwrap();
         assert_eq!(chan.take_sent(), vec![(sent, true)]);
         assert_eq!(
-            h.answer_miss(7, IotlbPerm::Ro),
+            h.answer_miss(7, IotlbPerm::ReadOnly),
             Err(MissError::Unmapped { iova: 7 })
         );
         assert!(chan.take_sent().is_empty(), "nothing sent for a refusal");

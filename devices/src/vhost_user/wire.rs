@@ -12,7 +12,6 @@ use vhost::vhost_user::message::{
     BackendReq, FrontendReq, VhostUserHeaderFlag, VhostUserProtocolFeatures,
     VhostUserVirtioFeatures, MAX_MSG_SIZE,
 };
-use vhost::VhostAccess;
 use virtio_bindings::virtio_config;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -203,35 +202,33 @@ const VHOST_USER_IOTLB_TYPES: [IotlbType; 4] = [
     IotlbType::AccessFail,
 ];
 
-/// `vhost_iotlb_msg.perm`: what the *device* may do with the memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum IotlbPerm {
-    /// No access.
-    None = VhostAccess::No as u8,
-    /// Device may read guest memory.
-    Ro = VhostAccess::ReadOnly as u8,
-    /// Device may write guest memory.
-    Wo = VhostAccess::WriteOnly as u8,
-    /// Device may read and write.
-    Rw = VhostAccess::ReadWrite as u8,
+/// `vhost_iotlb_msg.perm`: what the *device* may do with the memory
+/// (the vhost crate's `VhostAccess`: `No`, `ReadOnly`, `WriteOnly`, `ReadWrite`).
+pub use vhost::VhostAccess as IotlbPerm;
+
+/// What the vhost crate's access type lacks for the IOTLB checks.
+pub trait Grants {
+    /// Whether `self` grants every access `wanted` asks for.
+    fn allows(self, wanted: IotlbPerm) -> bool;
 }
 
-impl IotlbPerm {
-    /// Whether `self` grants every access `wanted` asks for.
-    pub fn allows(self, wanted: IotlbPerm) -> bool {
+impl Grants for IotlbPerm {
+    fn allows(self, wanted: IotlbPerm) -> bool {
         (self as u8) & (wanted as u8) == wanted as u8
     }
 }
 
-impl TryFrom<u8> for IotlbPerm {
-    type Error = WireError;
-    fn try_from(v: u8) -> Result<Self, WireError> {
-        [IotlbPerm::None, IotlbPerm::Ro, IotlbPerm::Wo, IotlbPerm::Rw]
-            .into_iter()
-            .find(|p| *p as u8 == v)
-            .ok_or(WireError::BadPerm(v))
-    }
+/// Decodes a `vhost_iotlb_msg.perm` byte.
+pub fn perm_from_u8(v: u8) -> Result<IotlbPerm, WireError> {
+    [
+        IotlbPerm::No,
+        IotlbPerm::ReadOnly,
+        IotlbPerm::WriteOnly,
+        IotlbPerm::ReadWrite,
+    ]
+    .into_iter()
+    .find(|p| *p as u8 == v)
+    .ok_or(WireError::BadPerm(v))
 }
 
 /// `struct vhost_iotlb_msg`, 32 bytes with explicit zero tail padding.
@@ -273,7 +270,7 @@ impl IotlbMsg {
 
     /// An INVALIDATE of `iova..iova+size` (uaddr and perm zero).
     pub fn invalidate(iova: u64, size: u64) -> Self {
-        Self::new(IotlbType::Invalidate, iova, size, 0, IotlbPerm::None)
+        Self::new(IotlbType::Invalidate, iova, size, 0, IotlbPerm::No)
     }
 
     /// A MISS asking for a translation of `iova` with `perm`.
@@ -291,7 +288,7 @@ impl IotlbMsg {
 
     /// The permission, validated.
     pub fn permission(&self) -> Result<IotlbPerm, WireError> {
-        IotlbPerm::try_from(self.perm)
+        perm_from_u8(self.perm)
     }
 
     /// Decode a payload of 26 to 32 bytes; type and perm must be known.
@@ -403,7 +400,7 @@ mod tests {
 
     #[test]
     fn update_frame_matches_golden_bytes() {
-        let msg = IotlbMsg::update(0x1000, 0x2000, 0x7f00_0000_1000, IotlbPerm::Rw);
+        let msg = IotlbMsg::update(0x1000, 0x2000, 0x7f00_0000_1000, IotlbPerm::ReadWrite);
         let frame = encode_iotlb_frame(VHOST_USER_IOTLB_MSG, &msg, true);
         let mut golden = Vec::new();
         golden.extend_from_slice(&22u32.to_le_bytes());
@@ -421,7 +418,7 @@ mod tests {
     fn miss_without_need_reply_has_flags_one() {
         let frame = encode_iotlb_frame(
             VHOST_USER_BACKEND_IOTLB_MSG,
-            &IotlbMsg::miss(0xabc000, IotlbPerm::Wo),
+            &IotlbMsg::miss(0xabc000, IotlbPerm::WriteOnly),
             false,
         );
         assert_eq!(&frame[..12], &[1, 0, 0, 0, 1, 0, 0, 0, 32, 0, 0, 0]);
@@ -440,7 +437,7 @@ mod tests {
 
     #[test]
     fn iotlb_msg_round_trips_and_clears_padding() {
-        let msg = IotlbMsg::update(0xfff0_0000, 4096, 0x1234_5000, IotlbPerm::Ro);
+        let msg = IotlbMsg::update(0xfff0_0000, 4096, 0x1234_5000, IotlbPerm::ReadOnly);
         let mut bytes = msg.encode();
         bytes[30] = 0xee;
         let back = IotlbMsg::decode(VHOST_USER_IOTLB_MSG, &bytes).unwrap();
@@ -468,7 +465,7 @@ mod tests {
 
     #[test]
     fn iotlb_decode_rejects_unknown_type_and_perm() {
-        let mut bytes = IotlbMsg::miss(0, IotlbPerm::Ro).encode();
+        let mut bytes = IotlbMsg::miss(0, IotlbPerm::ReadOnly).encode();
         bytes[25] = 5;
         assert_eq!(
             IotlbMsg::decode(1, &bytes),
@@ -573,7 +570,12 @@ mod tests {
         );
         let types = VHOST_USER_IOTLB_TYPES.map(|t| t as u8);
         assert_eq!(types, [1, 2, 3, 4]);
-        let perms = [IotlbPerm::None, IotlbPerm::Ro, IotlbPerm::Wo, IotlbPerm::Rw];
+        let perms = [
+            IotlbPerm::No,
+            IotlbPerm::ReadOnly,
+            IotlbPerm::WriteOnly,
+            IotlbPerm::ReadWrite,
+        ];
         assert_eq!(perms.map(|p| p as u8), [0, 1, 2, 3]);
     }
 
@@ -590,9 +592,9 @@ mod tests {
 
     #[test]
     fn perm_allows_is_subset_check() {
-        assert!(IotlbPerm::Rw.allows(IotlbPerm::Wo));
-        assert!(IotlbPerm::Ro.allows(IotlbPerm::None));
-        assert!(!IotlbPerm::Ro.allows(IotlbPerm::Wo));
-        assert!(!IotlbPerm::Wo.allows(IotlbPerm::Rw));
+        assert!(IotlbPerm::ReadWrite.allows(IotlbPerm::WriteOnly));
+        assert!(IotlbPerm::ReadOnly.allows(IotlbPerm::No));
+        assert!(!IotlbPerm::ReadOnly.allows(IotlbPerm::WriteOnly));
+        assert!(!IotlbPerm::WriteOnly.allows(IotlbPerm::ReadWrite));
     }
 }

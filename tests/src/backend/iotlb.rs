@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use devices::vhost_user::wire::IotlbPerm;
+use devices::vhost_user::wire::{Grants, IotlbPerm};
 
 /// Most entries kept; on overflow the lowest IOVA entry is evicted (it will
 /// simply miss again).
@@ -44,7 +44,7 @@ impl DeviceIotlb {
         let valid = e.size > 0
             && e.iova.checked_add(e.size - 1).is_some()
             && e.uaddr.checked_add(e.size - 1).is_some()
-            && e.perm != IotlbPerm::None;
+            && e.perm != IotlbPerm::No;
         if !valid {
             return false;
         }
@@ -111,7 +111,7 @@ impl DeviceIotlb {
             return false;
         };
         while at < end {
-            match self.lookup(at, IotlbPerm::None) {
+            match self.lookup(at, IotlbPerm::No) {
                 Some(e) if e.last() == u64::MAX => return true,
                 Some(e) => at = e.last() + 1,
                 None => return false,
@@ -147,26 +147,26 @@ mod tests {
     #[test]
     fn lookup_finds_containing_entry_with_permission() {
         let mut t = DeviceIotlb::default();
-        assert!(t.insert(e(0x1000, 0x1000, IotlbPerm::Ro)));
+        assert!(t.insert(e(0x1000, 0x1000, IotlbPerm::ReadOnly)));
         assert_eq!(
-            t.lookup(0x1fff, IotlbPerm::Ro).map(|x| x.iova),
+            t.lookup(0x1fff, IotlbPerm::ReadOnly).map(|x| x.iova),
             Some(0x1000)
         );
-        assert!(t.lookup(0x2000, IotlbPerm::Ro).is_none());
-        assert!(t.lookup(0x1000, IotlbPerm::Wo).is_none());
+        assert!(t.lookup(0x2000, IotlbPerm::ReadOnly).is_none());
+        assert!(t.lookup(0x1000, IotlbPerm::WriteOnly).is_none());
     }
 
     #[test]
     fn invalidate_drops_every_overlapping_entry() {
         let mut t = DeviceIotlb::default();
         for i in 0..4 {
-            t.insert(e(i * 0x1000, 0x1000, IotlbPerm::Rw));
+            t.insert(e(i * 0x1000, 0x1000, IotlbPerm::ReadWrite));
         }
         assert_eq!(t.invalidate(0x1800, 0x1000), 2);
-        assert!(t.lookup(0x1000, IotlbPerm::Ro).is_none());
-        assert!(t.lookup(0x2000, IotlbPerm::Ro).is_none());
-        assert!(t.lookup(0x0, IotlbPerm::Ro).is_some());
-        assert!(t.lookup(0x3000, IotlbPerm::Ro).is_some());
+        assert!(t.lookup(0x1000, IotlbPerm::ReadOnly).is_none());
+        assert!(t.lookup(0x2000, IotlbPerm::ReadOnly).is_none());
+        assert!(t.lookup(0x0, IotlbPerm::ReadOnly).is_some());
+        assert!(t.lookup(0x3000, IotlbPerm::ReadOnly).is_some());
         assert_eq!(t.invalidate(0, u64::MAX), 2);
         assert!(t.is_empty());
     }
@@ -174,19 +174,19 @@ mod tests {
     #[test]
     fn insert_replaces_overlaps_and_refuses_bad_ranges() {
         let mut t = DeviceIotlb::default();
-        t.insert(e(0x1000, 0x2000, IotlbPerm::Ro));
-        t.insert(e(0x2000, 0x1000, IotlbPerm::Rw));
-        assert!(t.lookup(0x1000, IotlbPerm::Ro).is_none());
+        t.insert(e(0x1000, 0x2000, IotlbPerm::ReadOnly));
+        t.insert(e(0x2000, 0x1000, IotlbPerm::ReadWrite));
+        assert!(t.lookup(0x1000, IotlbPerm::ReadOnly).is_none());
         assert_eq!(t.len(), 1);
-        assert!(!t.insert(e(0, 0, IotlbPerm::Rw)));
-        assert!(!t.insert(e(u64::MAX, 2, IotlbPerm::Rw)));
-        assert!(!t.insert(e(0x9000, 1, IotlbPerm::None)));
+        assert!(!t.insert(e(0, 0, IotlbPerm::ReadWrite)));
+        assert!(!t.insert(e(u64::MAX, 2, IotlbPerm::ReadWrite)));
+        assert!(!t.insert(e(0x9000, 1, IotlbPerm::No)));
     }
 
     #[test]
     fn overlaps_sees_any_byte_of_the_range() {
         let mut t = DeviceIotlb::default();
-        t.insert(e(0x3000, 0x1000, IotlbPerm::Wo));
+        t.insert(e(0x3000, 0x1000, IotlbPerm::WriteOnly));
         assert!(t.overlaps(0x3fff, 1));
         assert!(t.overlaps(0x1000, 0x2001));
         assert!(!t.overlaps(0x1000, 0x2000));
@@ -199,8 +199,8 @@ mod tests {
     #[test]
     fn covers_spans_adjacent_entries_only() {
         let mut t = DeviceIotlb::default();
-        t.insert(e(0x1000, 0x1000, IotlbPerm::Ro));
-        t.insert(e(0x2000, 0x1000, IotlbPerm::Wo));
+        t.insert(e(0x1000, 0x1000, IotlbPerm::ReadOnly));
+        t.insert(e(0x2000, 0x1000, IotlbPerm::WriteOnly));
         assert!(t.covers(0x1800, 0x1000));
         assert!(!t.covers(0x1800, 0x2000));
         assert!(!t.covers(0x800, 0x1000));
@@ -210,9 +210,9 @@ mod tests {
     fn table_is_bounded() {
         let mut t = DeviceIotlb::default();
         for i in 0..(MAX_ENTRIES as u64 + 10) {
-            t.insert(e(i * 0x1000, 0x1000, IotlbPerm::Rw));
+            t.insert(e(i * 0x1000, 0x1000, IotlbPerm::ReadWrite));
         }
         assert_eq!(t.len(), MAX_ENTRIES);
-        assert!(t.lookup(0, IotlbPerm::Ro).is_none());
+        assert!(t.lookup(0, IotlbPerm::ReadOnly).is_none());
     }
 }

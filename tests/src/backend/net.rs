@@ -71,7 +71,7 @@ impl<'a> Access<'a> {
         }
         // Misbehaviour: buffers are accessed asking for a wider permission.
         let perm = match self.shared.config.misbehave.buffer_perm {
-            Some(p) if !self.ring && perm != IotlbPerm::None => p,
+            Some(p) if !self.ring && perm != IotlbPerm::No => p,
             _ => perm,
         };
         let e = self.lookup_or_miss(addr, perm)?;
@@ -161,7 +161,7 @@ impl<'a> Access<'a> {
     /// Copy guest memory at `addr` into `buf` (device read).
     pub(crate) fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), BackendError> {
         let dst = buf.as_mut_ptr();
-        self.each_chunk(addr, buf.len(), IotlbPerm::Ro, |src, off, n| {
+        self.each_chunk(addr, buf.len(), IotlbPerm::ReadOnly, |src, off, n| {
             // SAFETY: `src..src+n` lies inside one mapped region (checked by
             // the memory table) and `dst+off..+n` inside `buf`. The guest may
             // write concurrently; that only yields stale data.
@@ -172,7 +172,7 @@ impl<'a> Access<'a> {
     /// Copy `buf` into guest memory at `addr` (device write).
     pub(crate) fn write(&self, addr: u64, buf: &[u8]) -> Result<(), BackendError> {
         let src = buf.as_ptr();
-        self.each_chunk(addr, buf.len(), IotlbPerm::Wo, |dst, off, n| {
+        self.each_chunk(addr, buf.len(), IotlbPerm::WriteOnly, |dst, off, n| {
             // SAFETY: as in `read`, with the roles swapped.
             unsafe { std::ptr::copy_nonoverlapping(src.add(off), dst, n) }
         })
@@ -195,8 +195,7 @@ pub(crate) fn probe(shared: &Shared, iova: u64, len: u64) -> bool {
     let Ok(len) = usize::try_from(len) else {
         return false;
     };
-    a.each_chunk(iova, len, IotlbPerm::None, |_, _, _| {})
-        .is_ok()
+    a.each_chunk(iova, len, IotlbPerm::No, |_, _, _| {}).is_ok()
 }
 
 /// What the front end said to a miss.

@@ -542,7 +542,7 @@ mod tests {
 
     #[test]
     fn other_iotlb_messages_keep_their_fields() {
-        let up = IotlbMsg::update(0x4000, 0x1000, 0x7f00_0000_0000, IotlbPerm::Ro).encode();
+        let up = IotlbMsg::update(0x4000, 0x1000, 0x7f00_0000_0000, IotlbPerm::ReadOnly).encode();
         assert_eq!(invalidate_fields_cleared(&up), up.to_vec());
         let mut bad = up;
         bad[IOTLB_TYPE - 1] = 0xee;

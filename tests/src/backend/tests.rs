@@ -59,7 +59,7 @@ fn translate(iova: u64, _perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
         IOVA_OFF + page,
         0x1000,
         UBASE + page,
-        IotlbPerm::Rw,
+        IotlbPerm::ReadWrite,
     ))
 }
 
@@ -209,7 +209,7 @@ fn access_platform_is_not_offered_when_disabled() {
 fn iotlb_update_and_invalidate_are_acked_and_probed() {
     let mut r = rig(BackendConfig::default());
     r.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM);
-    let upd = IotlbMsg::update(0x9000_0000, 0x2000, UBASE + 0x4000, IotlbPerm::Ro);
+    let upd = IotlbMsg::update(0x9000_0000, 0x2000, UBASE + 0x4000, IotlbPerm::ReadOnly);
     r.main.send_iotlb(&upd, true).unwrap();
     assert!(r.be.probe(0x9000_0000, 0x2000));
     assert!(!r.be.probe(0x9000_0000, 0x2001));
@@ -234,7 +234,7 @@ fn iotlb_update_and_invalidate_are_acked_and_probed() {
 fn update_outside_guest_memory_is_nacked() {
     let mut r = rig(BackendConfig::default());
     r.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM);
-    let bad = IotlbMsg::update(0x1000, 0x1000, UBASE + MEM_SIZE, IotlbPerm::Rw);
+    let bad = IotlbMsg::update(0x1000, 0x1000, UBASE + MEM_SIZE, IotlbPerm::ReadWrite);
     assert!(matches!(
         r.main.send_iotlb(&bad, true),
         Err(ChannelError::Nack(1))
@@ -248,7 +248,10 @@ fn set_features_flushes_the_iotlb() {
     let f = VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM;
     r.negotiate(f);
     r.main
-        .send_iotlb(&IotlbMsg::update(0, 0x1000, UBASE, IotlbPerm::Rw), true)
+        .send_iotlb(
+            &IotlbMsg::update(0, 0x1000, UBASE, IotlbPerm::ReadWrite),
+            true,
+        )
         .unwrap();
     assert!(r.be.probe(0, 0x1000));
     r.main.with_frontend(|fe| fe.set_features(f)).unwrap();
@@ -270,7 +273,12 @@ fn miss_is_sent_for_an_unmapped_iova_and_update_resolves_it() {
         let c = r.be.counters();
         assert_eq!((c.misses_sent, c.miss_nacks, c.iotlb_updates), (1, 0, 1));
         let last = r.be.records().last().cloned().unwrap();
-        let expect = IotlbMsg::update(IOVA_OFF + 0x6000, 0x1000, UBASE + 0x6000, IotlbPerm::Rw);
+        let expect = IotlbMsg::update(
+            IOVA_OFF + 0x6000,
+            0x1000,
+            UBASE + 0x6000,
+            IotlbPerm::ReadWrite,
+        );
         assert_eq!(last.payload, expect.encode());
     }
 }
@@ -531,7 +539,7 @@ fn nack_iotlb_misbehaviour_is_reported_as_nack() {
         ..Default::default()
     });
     r.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_ACCESS_PLATFORM);
-    let upd = IotlbMsg::update(0, 0x1000, UBASE, IotlbPerm::Rw);
+    let upd = IotlbMsg::update(0, 0x1000, UBASE, IotlbPerm::ReadWrite);
     assert!(matches!(
         r.main.send_iotlb(&upd, true),
         Err(ChannelError::Nack(1))

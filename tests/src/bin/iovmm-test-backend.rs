@@ -100,9 +100,9 @@ fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
 
 fn parse_perm(s: &str) -> Result<IotlbPerm, String> {
     match s {
-        "ro" => Ok(IotlbPerm::Ro),
-        "wo" => Ok(IotlbPerm::Wo),
-        "rw" => Ok(IotlbPerm::Rw),
+        "ro" => Ok(IotlbPerm::ReadOnly),
+        "wo" => Ok(IotlbPerm::WriteOnly),
+        "rw" => Ok(IotlbPerm::ReadWrite),
         _ => Err(format!("permission {s:?} is not ro, wo or rw")),
     }
 }

@@ -487,7 +487,7 @@ impl ScenarioReport {
             let warned = self
                 .vm_log
                 .iter()
-                .any(|l| l.contains("for Rw access was refused"));
+                .any(|l| l.contains("for ReadWrite access was refused"));
             if u(c, "faults") == 0 || u(c, "misses_refused") == 0 || !warned || rx != Some(0) {
                 self.failures.push(format!(
                     "expected DPDK's read-write RX miss refused and reported, nothing received: \

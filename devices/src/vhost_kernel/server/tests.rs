@@ -15,11 +15,16 @@ fn translate(iova: u64, perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
     if iova >= 0x10_0000 {
         return Err(MissError::Unmapped { iova });
     }
-    if perm != IotlbPerm::Ro {
+    if perm != IotlbPerm::ReadOnly {
         return Err(MissError::PermissionDenied { iova, wanted: perm });
     }
     let page = iova & !0xfff;
-    Ok(IotlbMsg::update(page, 0x1000, UADDR + page, IotlbPerm::Ro))
+    Ok(IotlbMsg::update(
+        page,
+        0x1000,
+        UADDR + page,
+        IotlbPerm::ReadOnly,
+    ))
 }
 
 /// A handler that records what the server asked of it.
@@ -101,12 +106,12 @@ fn miss(iova: u64, perm: IotlbPerm) -> [u8; VHOST_MSG_V2_SIZE] {
 #[test]
 fn a_miss_is_answered_with_an_update_on_the_same_fd() {
     let (mut srv, kernel) = translating_server();
-    kernel_sends(&kernel, &miss(0x3456, IotlbPerm::Ro));
+    kernel_sends(&kernel, &miss(0x3456, IotlbPerm::ReadOnly));
     assert_eq!(srv.serve_one().unwrap(), Some(Handled::Miss { ok: true }));
     let up = kernel_receives(&kernel).unwrap();
     assert_eq!(
         up,
-        IotlbMsg::update(0x3000, 0x1000, UADDR + 0x3000, IotlbPerm::Ro)
+        IotlbMsg::update(0x3000, 0x1000, UADDR + 0x3000, IotlbPerm::ReadOnly)
     );
     assert_eq!(srv.serve_one().unwrap(), None, "nothing else queued");
     assert_eq!(srv.counters().snapshot().messages, 1);
@@ -115,8 +120,8 @@ fn a_miss_is_answered_with_an_update_on_the_same_fd() {
 #[test]
 fn a_refused_miss_gets_no_update() {
     let (mut srv, kernel) = translating_server();
-    kernel_sends(&kernel, &miss(0x20_0000, IotlbPerm::Ro));
-    kernel_sends(&kernel, &miss(0x1000, IotlbPerm::Wo));
+    kernel_sends(&kernel, &miss(0x20_0000, IotlbPerm::ReadOnly));
+    kernel_sends(&kernel, &miss(0x1000, IotlbPerm::WriteOnly));
     assert_eq!(srv.serve_one().unwrap(), Some(Handled::Miss { ok: false }));
     assert_eq!(srv.serve_one().unwrap(), Some(Handled::Miss { ok: false }));
     assert!(nothing_written(&kernel), "a refused miss is never answered");
@@ -128,7 +133,7 @@ fn access_fail_and_front_end_types_are_reported_not_served() {
     let rec = Arc::new(Recorder::default());
     let io: Arc<dyn IotlbIo> = Arc::new(FdIotlb::new(ours));
     let mut srv = IotlbServer::new(io, rec.clone(), "t");
-    let mut fail = IotlbMsg::miss(0x9000, IotlbPerm::Wo);
+    let mut fail = IotlbMsg::miss(0x9000, IotlbPerm::WriteOnly);
     fail.msg_type = IotlbType::AccessFail as u8;
     kernel_sends(&kernel, &encode_v2(&fail));
     kernel_sends(&kernel, &encode_v2(&IotlbMsg::invalidate(0, 0x1000)));
@@ -140,7 +145,10 @@ fn access_fail_and_front_end_types_are_reported_not_served() {
     assert_eq!(srv.serve_one().unwrap(), Some(Handled::AccessFail));
     assert_eq!(srv.serve_one().unwrap(), Some(Handled::Unexpected));
     assert_eq!(srv.serve_one().unwrap(), Some(Handled::Unexpected));
-    assert_eq!(*lock(&rec.access_fails), vec![(0x9000, IotlbPerm::Wo)]);
+    assert_eq!(
+        *lock(&rec.access_fails),
+        vec![(0x9000, IotlbPerm::WriteOnly)]
+    );
     assert_eq!(
         *lock(&rec.refused),
         vec![
@@ -171,10 +179,10 @@ fn the_thread_serves_misses_and_ends_with_the_error_of_a_bad_message() {
     let (srv, kernel, _io) = translating_server_io();
     let counters = srv.counters();
     let t = srv.spawn("test-vhost-net-iotlb", None).unwrap();
-    kernel_sends(&kernel, &miss(0x5000, IotlbPerm::Ro));
+    kernel_sends(&kernel, &miss(0x5000, IotlbPerm::ReadOnly));
     let up = kernel_receives(&kernel).expect("UPDATE written by the thread");
     assert_eq!(up.iova, 0x5000);
-    let mut bad = miss(0x6000, IotlbPerm::Ro);
+    let mut bad = miss(0x6000, IotlbPerm::ReadOnly);
     bad[4] = 1; // ASID 1
     kernel_sends(&kernel, &bad);
     assert!(
@@ -187,7 +195,7 @@ fn the_thread_serves_misses_and_ends_with_the_error_of_a_bad_message() {
         "{why}"
     );
     // Later misses are not answered: the device's queues stall, nothing crashes.
-    kernel_sends(&kernel, &miss(0x7000, IotlbPerm::Ro));
+    kernel_sends(&kernel, &miss(0x7000, IotlbPerm::ReadOnly));
     assert!(nothing_written(&kernel));
     assert_eq!(counters.snapshot().malformed, 1);
     t.stop();

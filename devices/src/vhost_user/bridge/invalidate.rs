@@ -231,7 +231,7 @@ impl IotlbBridge {
     fn push_ring_area_locked(&self, st: &mut BridgeState, area: VringArea) -> bool {
         let mut iova = area.start;
         for _ in 0..MAX_RING_UPDATES {
-            let planned = match self.plan(st, iova, IotlbPerm::Ro) {
+            let planned = match self.plan(st, iova, IotlbPerm::ReadOnly) {
                 Ok(p) => p,
                 Err(e) => {
                     self.ring_lost(st, area, &e);

@@ -60,10 +60,20 @@ fn miss_sends_the_extent_from_the_missed_page_clipped_to_the_memory_region() {
     let r = rig(IotlbPolicy::MissDriven);
     r.stub.map(0x1000_0000, 0x20000, 0, Permissions::ReadWrite);
     // From the missed page to the end of the first region (0x10000 bytes).
-    let want = IotlbMsg::update(0x1000_8000, 0x8000, host(&r.mem, 0x8000), IotlbPerm::Rw);
-    assert_eq!(r.miss(0x1000_8123, IotlbPerm::Wo).unwrap(), want);
-    let want2 = IotlbMsg::update(0x1001_0000, 0x10000, host(&r.mem, 0x10000), IotlbPerm::Rw);
-    assert_eq!(r.miss(0x1001_0005, IotlbPerm::Ro).unwrap(), want2);
+    let want = IotlbMsg::update(
+        0x1000_8000,
+        0x8000,
+        host(&r.mem, 0x8000),
+        IotlbPerm::ReadWrite,
+    );
+    assert_eq!(r.miss(0x1000_8123, IotlbPerm::WriteOnly).unwrap(), want);
+    let want2 = IotlbMsg::update(
+        0x1001_0000,
+        0x10000,
+        host(&r.mem, 0x10000),
+        IotlbPerm::ReadWrite,
+    );
+    assert_eq!(r.miss(0x1001_0005, IotlbPerm::ReadOnly).unwrap(), want2);
     assert_eq!(r.chan.sent(), vec![(want, true), (want2, true)]);
     let s = r.bridge.stats();
     assert_eq!((s.misses, s.misses_served, s.misses_refused), (2, 2, 0));
@@ -74,10 +84,15 @@ fn miss_sends_the_extent_from_the_missed_page_clipped_to_the_memory_region() {
 fn miss_update_starts_inside_a_region_and_keeps_the_real_permission() {
     let r = rig(IotlbPolicy::MissDriven);
     r.stub.map(0x2000_0000, 0x4000, 0x8000, Permissions::Read);
-    let got = r.miss(0x2000_1fff, IotlbPerm::Ro).unwrap();
+    let got = r.miss(0x2000_1fff, IotlbPerm::ReadOnly).unwrap();
     assert_eq!(
         got,
-        IotlbMsg::update(0x2000_1000, 0x3000, host(&r.mem, 0x9000), IotlbPerm::Ro)
+        IotlbMsg::update(
+            0x2000_1000,
+            0x3000,
+            host(&r.mem, 0x9000),
+            IotlbPerm::ReadOnly
+        )
     );
 }
 
@@ -89,14 +104,14 @@ fn misses_after_a_mapping_grew_never_repeat_an_update_start() {
     let r = rig(IotlbPolicy::MissDriven);
     r.stub
         .map(0x3000_0000, 0x1000, 0x4000, Permissions::ReadWrite);
-    let first = r.miss(0x3000_0010, IotlbPerm::Ro).unwrap();
+    let first = r.miss(0x3000_0010, IotlbPerm::ReadOnly).unwrap();
     assert_eq!((first.iova, first.size), (0x3000_0000, 0x1000));
     // The translation extent now also covers the next page (a contiguous
     // neighbour mapped while the first stays mapped, merged by the model).
     r.stub.clear();
     r.stub
         .map(0x3000_0000, 0x2000, 0x4000, Permissions::ReadWrite);
-    let second = r.miss(0x3000_1010, IotlbPerm::Ro).unwrap();
+    let second = r.miss(0x3000_1010, IotlbPerm::ReadOnly).unwrap();
     assert_eq!((second.iova, second.size), (0x3000_1000, 0x1000));
 }
 
@@ -105,14 +120,14 @@ fn unmapped_or_forbidden_miss_sends_nothing_and_reports_a_fault() {
     let r = rig(IotlbPolicy::MissDriven);
     r.stub.map(0x2000_0000, 0x1000, 0x8000, Permissions::Read);
     assert_eq!(
-        r.miss(0x2000_0010, IotlbPerm::Wo),
+        r.miss(0x2000_0010, IotlbPerm::WriteOnly),
         Err(MissError::PermissionDenied {
             iova: 0x2000_0010,
-            wanted: IotlbPerm::Wo
+            wanted: IotlbPerm::WriteOnly
         })
     );
     assert_eq!(
-        r.miss(0x3000_0000, IotlbPerm::Ro),
+        r.miss(0x3000_0000, IotlbPerm::ReadOnly),
         Err(MissError::Unmapped { iova: 0x3000_0000 })
     );
     assert!(r.chan.sent().is_empty());
@@ -133,13 +148,13 @@ fn miss_while_stopped_or_unconfigured_is_refused_without_fault() {
     r.stub.map(0, 0x1000, 0, Permissions::ReadWrite);
     r.bridge.stop();
     assert_eq!(
-        r.miss(0x10, IotlbPerm::Ro),
+        r.miss(0x10, IotlbPerm::ReadOnly),
         Err(MissError::DeviceStopped { iova: 0x10 })
     );
     let fresh = IotlbBridge::new(r.chan.clone(), IotlbPolicy::MissDriven);
     fresh.start(r.mem.clone()).unwrap();
     assert_eq!(
-        fresh.answer_miss(0x10, IotlbPerm::Ro),
+        fresh.answer_miss(0x10, IotlbPerm::ReadOnly),
         Err(MissError::NoTranslation { iova: 0x10 })
     );
     // Only the fresh bridge's connection INVALIDATE.
@@ -153,7 +168,7 @@ fn translation_outside_guest_ram_is_refused() {
     r.stub
         .map(0x5000, 0x1000, 0xfee0_0000, Permissions::ReadWrite);
     assert_eq!(
-        r.miss(0x5000, IotlbPerm::Wo),
+        r.miss(0x5000, IotlbPerm::WriteOnly),
         Err(MissError::NotSharedMemory { iova: 0x5000 })
     );
     assert!(r.chan.sent().is_empty());
@@ -164,13 +179,18 @@ fn update_never_wraps_the_top_of_the_iova_space() {
     let r = rig(IotlbPolicy::MissDriven);
     r.stub
         .map(u64::MAX - 0xfff, 0x1000, 0x1000, Permissions::ReadWrite);
-    let got = r.miss(u64::MAX - 0xfff, IotlbPerm::Rw).unwrap();
+    let got = r.miss(u64::MAX - 0xfff, IotlbPerm::ReadWrite).unwrap();
     assert_eq!(
         got,
-        IotlbMsg::update(u64::MAX - 0xfff, 0xfff, host(&r.mem, 0x1000), IotlbPerm::Rw)
+        IotlbMsg::update(
+            u64::MAX - 0xfff,
+            0xfff,
+            host(&r.mem, 0x1000),
+            IotlbPerm::ReadWrite
+        )
     );
     assert_eq!(
-        r.miss(u64::MAX, IotlbPerm::Ro),
+        r.miss(u64::MAX, IotlbPerm::ReadOnly),
         Err(MissError::Unrepresentable { iova: u64::MAX })
     );
 }
@@ -194,11 +214,11 @@ fn map_events_are_pushed_only_with_the_prefetch_policy() {
         eager.chan.sent(),
         vec![
             (
-                IotlbMsg::update(0x4000_0000, 0x8000, host(m, 0x8000), IotlbPerm::Ro),
+                IotlbMsg::update(0x4000_0000, 0x8000, host(m, 0x8000), IotlbPerm::ReadOnly),
                 true
             ),
             (
-                IotlbMsg::update(0x4000_8000, 0x10000, host(m, 0x10000), IotlbPerm::Ro),
+                IotlbMsg::update(0x4000_8000, 0x10000, host(m, 0x10000), IotlbPerm::ReadOnly),
                 true
             ),
         ]

@@ -151,7 +151,11 @@ impl FakeMem {
         len: usize,
         write: bool,
     ) -> Result<std::ops::Range<usize>, BackendError> {
-        let perm = if write { IotlbPerm::Wo } else { IotlbPerm::Ro };
+        let perm = if write {
+            IotlbPerm::WriteOnly
+        } else {
+            IotlbPerm::ReadOnly
+        };
         let end = addr.checked_add(len as u64).filter(|e| *e <= FAKE_MEM);
         let Some(end) = end else {
             return Err(BackendError::Translate { addr, perm });
@@ -360,9 +364,9 @@ fn translate(iova: u64, _perm: IotlbPerm) -> Result<IotlbMsg, MissError> {
     let gpa = iova.checked_sub(IOVA_OFF).filter(|g| *g < MEM_SIZE);
     let page = gpa.ok_or(MissError::Unmapped { iova })? & !0xfff;
     let perm = if page == RO_PAGE {
-        IotlbPerm::Ro
+        IotlbPerm::ReadOnly
     } else {
-        IotlbPerm::Rw
+        IotlbPerm::ReadWrite
     };
     Ok(IotlbMsg::update(
         IOVA_OFF + page,

@@ -17,13 +17,16 @@ fn inv(iova: u64, size: u64) -> (IotlbMsg, bool) {
 }
 
 fn upd(iova: u64, size: u64, uaddr: u64) -> (IotlbMsg, bool) {
-    (IotlbMsg::update(iova, size, uaddr, IotlbPerm::Rw), true)
+    (
+        IotlbMsg::update(iova, size, uaddr, IotlbPerm::ReadWrite),
+        true,
+    )
 }
 
 impl Rig {
     /// Let the back end hold the translation of the mapping at `iova`.
     fn hold(&self, iova: u64) -> IotlbMsg {
-        self.miss(iova, IotlbPerm::Ro).unwrap()
+        self.miss(iova, IotlbPerm::ReadOnly).unwrap()
     }
 
     fn unmap_event(&self, start: u64, end: u64) {
@@ -106,7 +109,7 @@ fn a_page_remapped_elsewhere_or_with_another_permission_is_invalidated() {
     // The next miss installs the new target.
     assert_eq!(
         r.hold(0x1000),
-        IotlbMsg::update(0x1000, 0x1000, host(&r.mem, 0xc000), IotlbPerm::Rw)
+        IotlbMsg::update(0x1000, 0x1000, host(&r.mem, 0xc000), IotlbPerm::ReadWrite)
     );
 }
 
@@ -399,7 +402,7 @@ fn an_update_in_flight_is_acked_before_a_concurrent_invalidate_is_sent() {
     bridge.set_translation(stub, RID);
     bridge.start(mem()).unwrap();
     let b = bridge.clone();
-    let miss = std::thread::spawn(move || b.answer_miss(0x1000, IotlbPerm::Ro));
+    let miss = std::thread::spawn(move || b.answer_miss(0x1000, IotlbPerm::ReadOnly));
     rx.recv().unwrap();
     let range = IovaRange::new(0x1000, 0x1fff).unwrap();
     bridge
@@ -446,7 +449,7 @@ fn a_new_connection_starts_with_a_full_invalidate_before_any_other_iotlb_message
     r.stub.map(0x1000, 0x1000, 0x8000, RW);
     let n = r.chan.sent().len();
     assert_eq!(
-        r.miss(0x1000, IotlbPerm::Ro),
+        r.miss(0x1000, IotlbPerm::ReadOnly),
         Err(MissError::DeviceStopped { iova: 0x1000 })
     );
     assert_eq!(r.sent_after(n), vec![]);
@@ -479,7 +482,7 @@ fn a_refused_or_lost_connection_invalidate_fails_the_start() {
     assert!(r.chan.is_closed());
     assert!(!r.bridge.is_running());
     assert_eq!(
-        r.miss(0x1000, IotlbPerm::Ro),
+        r.miss(0x1000, IotlbPerm::ReadOnly),
         Err(MissError::DeviceStopped { iova: 0x1000 })
     );
     assert_eq!(r.chan.sent(), vec![connect_inv(), connect_inv()]);

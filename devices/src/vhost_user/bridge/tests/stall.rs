@@ -109,8 +109,8 @@ fn the_history_names_the_last_miss_and_invalidate() {
         "last miss: none; last INVALIDATE: none"
     );
     drop(st);
-    r.miss(0x4000, IotlbPerm::Ro).unwrap();
-    assert!(r.miss(0x7_0000, IotlbPerm::Wo).is_err());
+    r.miss(0x4000, IotlbPerm::ReadOnly).unwrap();
+    assert!(r.miss(0x7_0000, IotlbPerm::WriteOnly).is_err());
     // The ring moves: its INVALIDATE overlaps queue 1's ring.
     r.stub.remove(0x4000);
     r.stub.map(0x4000, 0x3000, 0xc000, RW);
@@ -121,7 +121,7 @@ fn the_history_names_the_last_miss_and_invalidate() {
         })
         .unwrap();
     let text = lock(&r.bridge.state).history.describe(Instant::now());
-    assert!(text.contains("IOVA 0x70000 Wo"), "{text}");
+    assert!(text.contains("IOVA 0x70000 WriteOnly"), "{text}");
     assert!(text.contains("refused"), "{text}");
     assert!(text.contains("overlapping queue 1's ring"), "{text}");
 }
