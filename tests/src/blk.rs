@@ -318,13 +318,7 @@ pub fn qsd_start_error(cell: &BlkCell) -> String {
         Ok(_) => panic!("iovmm started a blk device behind a vIOMMU on qemu-storage-daemon"),
         Err(e) => {
             // The whole chain, as the CLI prints it.
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg = format!("{msg}: {s}");
-                src = s.source();
-            }
-            msg
+            iommu::error::chain(&e).to_string()
         }
     }
 }

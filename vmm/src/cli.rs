@@ -245,13 +245,7 @@ pub fn main_entry() -> ExitCode {
             ExitCode::from(code)
         }
         Err(e) => {
-            eprint!("iovmm: error: {e}");
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                eprint!(": {s}");
-                src = s.source();
-            }
-            eprintln!();
+            eprintln!("iovmm: error: {}", iommu::error::chain(&e));
             ExitCode::from(1)
         }
     }

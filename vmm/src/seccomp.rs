@@ -213,9 +213,7 @@ pub enum SeccompError {
     #[error("invalid seccomp level {0:?}: use true (trap), log or false")]
     InvalidLevel(String),
     /// A rule table did not compile; this is a bug in iovmm.
-    #[error(
-        "the {kind} seccomp filter does not compile: {source}; this is a bug, please report it"
-    )]
+    #[error("the {kind} seccomp filter does not compile; this is a bug, please report it")]
     Compile {
         /// Thread kind.
         kind: ThreadKind,
@@ -224,7 +222,7 @@ pub enum SeccompError {
         source: BackendError,
     },
     /// The kernel refused a filter.
-    #[error("cannot install the {kind} seccomp filter: {source}; run with --seccomp false if this kernel has no seccomp")]
+    #[error("cannot install the {kind} seccomp filter; run with --seccomp false if this kernel has no seccomp")]
     Install {
         /// Thread kind.
         kind: ThreadKind,
@@ -233,7 +231,7 @@ pub enum SeccompError {
         source: seccompiler::Error,
     },
     /// The filters could not be tried out on a probe thread.
-    #[error("cannot try the seccomp filters on a probe thread: {0}")]
+    #[error("cannot try the seccomp filters on a probe thread")]
     Probe(#[source] io::Error),
 }
 
