@@ -519,3 +519,125 @@ fn stale_translations_lists_what_changed_until_the_unmap_is_notified() {
     r.unmap_event(0x5000_0000, 0x5000_0fff);
     assert!(r.bridge.stale_translations().is_empty());
 }
+
+/// A vIOMMU for long runs: page `p` of IOVA space maps to guest page
+/// `p % 32` (alternately read-only and read-write, so recorded pages never
+/// merge), and every page below `unmapped_below` is gone.
+struct Pages {
+    unmapped_below: AtomicU64,
+}
+
+impl iommu::DmaTranslate for Pages {
+    fn translate(
+        &self,
+        _rid: RequesterId,
+        iova: Iova,
+        _len: u64,
+        access: Permissions,
+    ) -> Result<iommu::Translation, TranslateError> {
+        let page = iova.0 >> 12;
+        if page < self.unmapped_below.load(Ordering::Relaxed) {
+            return Err(TranslateError::Unmapped { iova });
+        }
+        let perm = if page % 2 == 0 { Permissions::Read } else { RW };
+        if !perm.allow(access) {
+            return Err(TranslateError::PermissionDenied {
+                iova,
+                requested: access,
+                allowed: perm,
+            });
+        }
+        let gpa = GuestAddress((page % 32) << 12);
+        let range = IovaRange::from_start_len(page << 12, 0x1000).unwrap();
+        Ok(iommu::Translation {
+            fragments: vec![(gpa, 1)],
+            perm,
+            extent: iommu::Extent {
+                iova: range,
+                gpa,
+                perm,
+            },
+        })
+    }
+}
+
+impl Viommu for Pages {
+    fn add_endpoint(&self, _rid: RequesterId) -> Result<(), crate::viommu::ViommuError> {
+        Ok(())
+    }
+
+    fn register_consumer(
+        &self,
+        rid: RequesterId,
+        _consumer: Arc<dyn IommuNotifier>,
+        _maps: bool,
+    ) -> Result<crate::viommu::ConsumerRegistration, crate::viommu::ViommuError> {
+        let source = iommu::NotifierError::NoFlags;
+        Err(crate::viommu::ViommuError::Consumer { rid, source })
+    }
+
+    fn unregister_consumer(&self, _handle: iommu::NotifierHandle) {}
+
+    fn report_fault(&self, _rid: RequesterId, _iova: Iova, _access: Permissions) {}
+}
+
+const MILLION: u64 = 1_000_000;
+
+fn pages_bridge() -> (Arc<IotlbBridge>, Arc<Pages>, Arc<MockIotlbChannel>) {
+    let chan = Arc::new(MockIotlbChannel::new());
+    let pages = Arc::new(Pages {
+        unmapped_below: AtomicU64::new(0),
+    });
+    let bridge = Arc::new(IotlbBridge::new(chan.clone(), IotlbPolicy::MissDriven));
+    bridge.set_translation(pages.clone(), RID);
+    bridge.start(mem()).unwrap();
+    (bridge, pages, chan)
+}
+
+/// A million strict frames (miss, then the unmap notified): the record of
+/// what the back end may hold never grows past one page.
+#[test]
+fn the_record_stays_bounded_over_a_million_strict_frames() {
+    let (bridge, pages, chan) = pages_bridge();
+    let mut most = 0;
+    for page in 1..=MILLION {
+        let iova = page << 12;
+        bridge.answer_miss(iova, IotlbPerm::ReadOnly).unwrap();
+        most = most.max(bridge.installed_ranges());
+        pages.unmapped_below.store(page + 1, Ordering::Relaxed);
+        let range = IovaRange::from_start_len(iova, 0x1000).unwrap();
+        bridge
+            .notify(&IommuEvent::Unmap { rid: RID, range })
+            .unwrap();
+        if page % 4096 == 0 {
+            chan.take_sent();
+        }
+    }
+    assert_eq!(most, 1);
+    assert_eq!(bridge.installed_ranges(), 0);
+    assert_eq!(bridge.stats().invalidations, MILLION);
+}
+
+/// A million misses that are never unmapped (a lazy guest that never
+/// flushes): the record is capped at MAX_SEGMENTS by invalidating
+/// everything when it is full.
+#[test]
+fn the_record_stays_bounded_over_a_million_misses_without_unmaps() {
+    let (bridge, _pages, chan) = pages_bridge();
+    let mut most = 0;
+    for page in 1..=MILLION {
+        bridge.answer_miss(page << 12, IotlbPerm::ReadOnly).unwrap();
+        most = most.max(bridge.installed_ranges());
+        if page % 4096 == 0 {
+            chan.take_sent();
+        }
+    }
+    assert_eq!(most, MAX_SEGMENTS);
+    assert!(bridge.installed_ranges() <= MAX_SEGMENTS);
+    let flushes = MILLION / MAX_SEGMENTS as u64;
+    assert!(
+        bridge.stats().invalidations >= flushes,
+        "{:?}",
+        bridge.stats()
+    );
+}
