@@ -539,7 +539,11 @@ impl iommu::DmaTranslate for Pages {
         if page < self.unmapped_below.load(Ordering::Relaxed) {
             return Err(TranslateError::Unmapped { iova });
         }
-        let perm = if page % 2 == 0 { Permissions::Read } else { RW };
+        let perm = if page.is_multiple_of(2) {
+            Permissions::Read
+        } else {
+            RW
+        };
         if !perm.allow(access) {
             return Err(TranslateError::PermissionDenied {
                 iova,
@@ -609,7 +613,7 @@ fn the_record_stays_bounded_over_a_million_strict_frames() {
         bridge
             .notify(&IommuEvent::Unmap { rid: RID, range })
             .unwrap();
-        if page % 4096 == 0 {
+        if page.is_multiple_of(4096) {
             chan.take_sent();
         }
     }
@@ -628,7 +632,7 @@ fn the_record_stays_bounded_over_a_million_misses_without_unmaps() {
     for page in 1..=MILLION {
         bridge.answer_miss(page << 12, IotlbPerm::ReadOnly).unwrap();
         most = most.max(bridge.installed_ranges());
-        if page % 4096 == 0 {
+        if page.is_multiple_of(4096) {
             chan.take_sent();
         }
     }
