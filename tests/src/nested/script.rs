@@ -94,8 +94,11 @@ fn scenario(s: &mut String, sc: &Scenario) {
     if sc.api_shutdown {
         api_shutdown(s, name, &cmd);
     } else {
-        let _ = writeln!(s, "{cmd} 2>&1");
-        let _ = writeln!(s, "rc=$?; echo NESTED-VM-EXIT {name} rc=$rc");
+        // iovmm's log goes to a file printed after the VM, so that a log line can never land
+        // in the middle of a guest console line (seen under load: a stall report inside the
+        // test guest's IOVMM-RESULT line).
+        let _ = writeln!(s, "{cmd} 2>/tmp/{name}.iovmm.log");
+        let _ = writeln!(s, "rc=$?; cat /tmp/{name}.iovmm.log; echo NESTED-VM-EXIT {name} rc=$rc");
     }
     stop_backend(s, sc, &log);
     let _ = writeln!(
