@@ -98,7 +98,10 @@ fn scenario(s: &mut String, sc: &Scenario) {
         // in the middle of a guest console line (seen under load: a stall report inside the
         // test guest's IOVMM-RESULT line).
         let _ = writeln!(s, "{cmd} 2>/tmp/{name}.iovmm.log");
-        let _ = writeln!(s, "rc=$?; cat /tmp/{name}.iovmm.log; echo NESTED-VM-EXIT {name} rc=$rc");
+        let _ = writeln!(
+            s,
+            "rc=$?; cat /tmp/{name}.iovmm.log; echo NESTED-VM-EXIT {name} rc=$rc"
+        );
     }
     stop_backend(s, sc, &log);
     let _ = writeln!(
