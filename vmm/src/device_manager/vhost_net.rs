@@ -94,8 +94,8 @@ impl VhostNetInfo {
 
 /// One device's counters as a flat JSON object.
 fn counters_json(tap: &str, bdf: PciBdf, iommu: bool, s: &VhostNetStats) -> serde_json::Value {
-    let (b, t, r) = (&s.bridge, &s.iotlb, &s.server);
-    serde_json::json!({
+    let (t, r) = (&s.iotlb, &s.server);
+    let mut obj = serde_json::json!({
         "backend": "vhost-net",
         "tap": tap,
         "bdf": bdf.to_string(),
@@ -111,27 +111,9 @@ fn counters_json(tap: &str, bdf: PciBdf, iommu: bool, s: &VhostNetStats) -> serd
         "malformed": r.malformed,
         "unexpected": r.unexpected,
         "iotlb_failure": s.iotlb_failure,
-        "misses": b.misses,
-        "misses_served": b.misses_served,
-        "misses_refused": b.misses_refused,
-        "faults": b.faults,
-        "access_fails": b.access_fails,
-        "prefetches": b.prefetches,
-        "invalidations_acked": b.invalidations,
-        "invalidation_failures": b.invalidation_failures,
-        "invalidations_skipped": b.invalidations_skipped,
-        "invalidations_unchanged": b.invalidations_unchanged,
-        "connect_invalidations": b.connect_invalidations,
-        "devtlb_notifications": b.devtlb_notifications,
-        "ring_invalidations": b.ring_invalidations,
-        "ring_updates": b.ring_updates,
-        "rings_unmapped": b.rings_unmapped,
-        "stall_reports": b.stall_reports,
-        "miss_p50_ns": b.miss_latency.p50_ns,
-        "miss_p99_ns": b.miss_latency.p99_ns,
-        "invalidate_p50_ns": b.invalidate_latency.p50_ns,
-        "invalidate_p99_ns": b.invalidate_latency.p99_ns,
-    })
+    });
+    super::vhost_user::add_bridge_counters(&mut obj, &s.bridge);
+    obj
 }
 
 fn device_config(cfg: &NetConfig, policy: IotlbPolicyConfig) -> DeviceConfig {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use devices::pci::ats::AtsListener;
 use devices::pci::PciBdf;
+use devices::vhost_user::stats::BridgeStats;
 use devices::vhost_user::{
     listener, IotlbPolicy, VhostUserConfig as DeviceConfig, VhostUserDevice, VhostUserError,
     VhostUserKind as DeviceKind, VhostUserStats, VhostUserStatsHandle,
@@ -129,8 +130,8 @@ fn counters_json(
     iommu: bool,
     s: &VhostUserStats,
 ) -> serde_json::Value {
-    let (b, t) = (s.bridge, s.iotlb);
-    serde_json::json!({
+    let t = s.iotlb;
+    let mut obj = serde_json::json!({
         "socket": socket,
         "bdf": bdf.to_string(),
         "iommu": iommu,
@@ -140,6 +141,16 @@ fn counters_json(
         "invalidations": t.invalidations,
         "nacks": t.nacks,
         "failures": t.failures,
+        "reconnects": s.reconnect.reconnects,
+    });
+    add_bridge_counters(&mut obj, &s.bridge);
+    obj
+}
+
+/// Adds the IOTLB bridge's counters (misses, INVALIDATEs, latencies) to `obj`, a JSON object:
+/// the keys every device with a bridge prints, vhost-user or vhost-net.
+pub(super) fn add_bridge_counters(obj: &mut serde_json::Value, b: &BridgeStats) {
+    let bridge = serde_json::json!({
         "misses": b.misses,
         "misses_served": b.misses_served,
         "misses_refused": b.misses_refused,
@@ -162,8 +173,10 @@ fn counters_json(
         "miss_p99_ns": b.miss_latency.p99_ns,
         "invalidate_p50_ns": b.invalidate_latency.p50_ns,
         "invalidate_p99_ns": b.invalidate_latency.p99_ns,
-        "reconnects": s.reconnect.reconnects,
-    })
+    });
+    if let (Some(obj), serde_json::Value::Object(bridge)) = (obj.as_object_mut(), bridge) {
+        obj.extend(bridge);
+    }
 }
 
 fn device_config(cfg: &VhostUserConfig, policy: IotlbPolicyConfig) -> DeviceConfig {
