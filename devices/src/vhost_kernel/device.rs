@@ -549,12 +549,7 @@ impl VirtioDevice for VhostNetDevice {
     }
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        if let Some(src) = self.config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::virtio::copy_config(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

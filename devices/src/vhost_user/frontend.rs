@@ -817,11 +817,7 @@ impl VirtioDevice for VhostUserDevice {
                 None => return,
             },
         };
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::virtio::copy_config(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

@@ -155,3 +155,36 @@ pub trait VirtioDevice: Send {
     /// [`crate::thread`]). Devices without threads ignore it (the default).
     fn set_thread_hook(&mut self, _hook: ThreadHook) {}
 }
+
+/// Copies the bytes of a device's configuration `config` at `offset` into
+/// `data`, the part past the end (or an offset beyond it) reading as 0: the
+/// `read_config` contract for devices that hold their configuration as bytes.
+pub fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let start = usize::try_from(offset).unwrap_or(usize::MAX);
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_config;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        copy_config(&config, 1, &mut data);
+        assert_eq!(data, [2, 3, 4, 0]);
+        copy_config(&config, 4, &mut data);
+        assert_eq!(data, [0; 4]);
+        data = [0xff; 4];
+        copy_config(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+        let mut two = [0u8; 2];
+        copy_config(&config, 0, &mut two);
+        assert_eq!(two, [1, 2]);
+    }
+}

@@ -11,6 +11,6 @@ pub mod iommu;
 pub mod transport;
 
 pub use device::{
-    ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError, VirtioInterrupt,
-    VirtioInterruptType,
+    copy_config, ActivateContext, GuestMemoryMmap, VirtioDevice, VirtioDeviceError,
+    VirtioInterrupt, VirtioInterruptType,
 };

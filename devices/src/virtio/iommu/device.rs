@@ -150,14 +150,7 @@ impl VirtioDevice for VirtioIommuDevice {
 
     fn read_config(&mut self, offset: u64, data: &mut [u8]) {
         let cfg = self.config_bytes();
-        let bytes = cfg.as_bytes();
-        for (i, out) in data.iter_mut().enumerate() {
-            let at = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| bytes.get(o));
-            *out = at.copied().unwrap_or(0);
-        }
+        crate::virtio::copy_config(cfg.as_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
