@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 runs="${1:-5}"
 logdir="${2:-/tmp/iovmm-loaded}"
 mkdir -p "$logdir"
+# The guest artefacts the suite needs (as .ci/run builds them), before the load starts.
+bash resources/build-linux-guest.sh >"$logdir/build-linux-guest.log" 2>&1
 
 hogs=()
 stop_hogs() { [ "${#hogs[@]}" -eq 0 ] || kill "${hogs[@]}" 2>/dev/null || true; }
