@@ -15,6 +15,9 @@
 
 use std::io;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// The kinds of threads devices start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -56,11 +59,65 @@ pub fn enter(hook: Option<&ThreadHook>, kind: ThreadKind) -> bool {
     }
 }
 
+/// A device thread whose loop polls a stop eventfd: dropping (or
+/// [`StoppableThread::stop`]) signals the eventfd and joins the thread, so the
+/// stop is bounded by one round of the thread's poll.
+pub struct StoppableThread {
+    stop: Arc<EventFd>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl StoppableThread {
+    /// Run `body` on a thread named `name`; `body` gets the stop eventfd to poll
+    /// beside its own fds and returns once it fired (or on its own).
+    pub fn spawn<F>(name: &str, body: F) -> io::Result<Self>
+    where
+        F: FnOnce(&EventFd) + Send + 'static,
+    {
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let s = Arc::clone(&stop);
+        let join = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || body(&s))?;
+        Ok(StoppableThread {
+            stop,
+            join: Some(join),
+        })
+    }
+
+    /// Stop the thread and wait for it.
+    pub fn stop(self) {}
+}
+
+impl Drop for StoppableThread {
+    fn drop(&mut self) {
+        // A full counter still wakes the poller; nothing else can fail here.
+        let _ = self.stop.write(1);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_stoppable_thread_ends_when_stopped() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = StoppableThread::spawn("stoppable-test", move |stop| {
+            let mut fds = [crate::sys::PollFd::readable(stop)];
+            let fired = crate::sys::poll_fds(&mut fds, None).is_ok() && fds[0].fired();
+            tx.send(fired).unwrap();
+        })
+        .unwrap();
+        t.stop();
+        // `stop` joined the thread, so its answer is already there.
+        assert_eq!(rx.try_recv(), Ok(true));
+    }
 
     #[test]
     fn enter_without_a_hook_lets_the_thread_run() {

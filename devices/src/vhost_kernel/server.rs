@@ -27,7 +27,6 @@
 //! the device's queues stall; iovmm keeps running.
 
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use iommu::ratelimit::RateLimit;
@@ -38,7 +37,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::io::{IotlbIo, IotlbIoError};
 use super::msg::KernelMsg;
 use crate::sys::{poll_fds, PollFd};
-use crate::thread::{self, ThreadHook, ThreadKind};
+use crate::thread::{self, StoppableThread, ThreadHook, ThreadKind};
 use crate::vhost_user::backend_req::TICK;
 use crate::vhost_user::miss::{MissError, MissHandler, RefusedRequest};
 use crate::vhost_user::stats::counters;
@@ -274,25 +273,21 @@ impl IotlbServer {
 
     /// Run on a thread named `name`, which first runs `hook`.
     pub fn spawn(self, name: &str, hook: Option<ThreadHook>) -> std::io::Result<IotlbThread> {
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
         let ended = Arc::new(Ended {
             slot: self.failure_slot.clone(),
             ..Ended::default()
         });
-        let (s, e) = (stop.clone(), ended.clone());
-        let join = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let why = match thread::enter(hook.as_ref(), ThreadKind::VhostNetIotlb) {
-                    true => self.run(&s),
-                    false => ServerError::Sandbox,
-                };
-                e.finish(why);
-            })?;
+        let e = ended.clone();
+        let thread = StoppableThread::spawn(name, move |stop| {
+            let why = match thread::enter(hook.as_ref(), ThreadKind::VhostNetIotlb) {
+                true => self.run(stop),
+                false => ServerError::Sandbox,
+            };
+            e.finish(why);
+        })?;
         Ok(IotlbThread {
-            stop,
+            _thread: thread,
             ended,
-            join: Some(join),
         })
     }
 }
@@ -336,9 +331,8 @@ impl Ended {
 
 /// A running IOTLB thread; stopped and joined on drop.
 pub struct IotlbThread {
-    stop: Arc<EventFd>,
     ended: Arc<Ended>,
-    join: Option<JoinHandle<()>>,
+    _thread: StoppableThread,
 }
 
 impl IotlbThread {
@@ -355,23 +349,7 @@ impl IotlbThread {
     }
 
     /// Stop the thread and wait for it (bounded by one poll round).
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        // A full counter still wakes the poller; nothing else can fail here.
-        let _ = self.stop.write(1);
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
-        }
-    }
-}
-
-impl Drop for IotlbThread {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
+    pub fn stop(self) {}
 }
 
 /// How long a test waits for the thread to notice something.

@@ -22,7 +22,6 @@
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use iommu::ratelimit::RateLimit;
 use iommu::{Iova, Permissions, RequesterId};
@@ -31,7 +30,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::sys::{poll_fds, PollFd};
-use crate::thread::{self, ThreadHook, ThreadKind};
+use crate::thread::{self, StoppableThread, ThreadHook, ThreadKind};
 use crate::viommu::Viommu;
 use crate::virtio::{GuestMemoryMmap, VirtioInterrupt, VirtioInterruptType};
 
@@ -397,36 +396,18 @@ pub struct CtrlSetup {
 
 /// A running control queue thread; stopped and joined when dropped.
 pub struct CtrlQueue {
-    stop: Arc<EventFd>,
-    join: Option<JoinHandle<()>>,
+    _thread: StoppableThread,
 }
 
 impl CtrlQueue {
     /// Serve `setup` on thread `vhost-user-ctrl`, which runs `hook` first.
     pub fn spawn(setup: CtrlSetup, hook: Option<ThreadHook>) -> std::io::Result<Self> {
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let s = Arc::clone(&stop);
-        let join = std::thread::Builder::new()
-            .name("vhost-user-ctrl".into())
-            .spawn(move || {
-                if thread::enter(hook.as_ref(), ThreadKind::VhostUserReq) {
-                    serve(setup, &s);
-                }
-            })?;
-        Ok(CtrlQueue {
-            stop,
-            join: Some(join),
-        })
-    }
-}
-
-impl Drop for CtrlQueue {
-    fn drop(&mut self) {
-        // A full counter still wakes the poller.
-        let _ = self.stop.write(1);
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
-        }
+        let t = StoppableThread::spawn("vhost-user-ctrl", move |stop| {
+            if thread::enter(hook.as_ref(), ThreadKind::VhostUserReq) {
+                serve(setup, stop);
+            }
+        })?;
+        Ok(CtrlQueue { _thread: t })
     }
 }
 

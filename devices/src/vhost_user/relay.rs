@@ -4,19 +4,15 @@
 //! and this thread does not exist.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::sys::{poll_fds, PollFd};
-use crate::thread::{self, ThreadHook, ThreadKind};
+use crate::thread::{self, StoppableThread, ThreadHook, ThreadKind};
 use crate::virtio::{VirtioInterrupt, VirtioInterruptType};
 
-/// A running relay thread.
-pub struct CallRelay {
-    stop: Arc<EventFd>,
-    join: Option<JoinHandle<()>>,
-}
+/// A running relay thread; stopped and joined when dropped.
+pub struct CallRelay(StoppableThread);
 
 impl CallRelay {
     /// Relay each `(queue index, eventfd)` pair to `interrupt`.
@@ -35,38 +31,17 @@ impl CallRelay {
         name: &str,
         hook: Option<ThreadHook>,
     ) -> std::io::Result<Self> {
-        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let s = Arc::clone(&stop);
-        let join = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                if thread::enter(hook.as_ref(), ThreadKind::VhostUserCall) {
-                    relay_loop(&calls, interrupt.as_ref(), &s)
-                }
-            })?;
-        Ok(CallRelay {
-            stop,
-            join: Some(join),
-        })
+        let t = StoppableThread::spawn(name, move |stop| {
+            if thread::enter(hook.as_ref(), ThreadKind::VhostUserCall) {
+                relay_loop(&calls, interrupt.as_ref(), stop)
+            }
+        })?;
+        Ok(CallRelay(t))
     }
 
     /// Stop the thread and wait for it.
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    fn shutdown(&mut self) {
-        // A full counter still wakes the poller; nothing else can fail here.
-        let _ = self.stop.write(1);
-        if let Some(j) = self.join.take() {
-            let _ = j.join();
-        }
-    }
-}
-
-impl Drop for CallRelay {
-    fn drop(&mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.0.stop();
     }
 }
 
