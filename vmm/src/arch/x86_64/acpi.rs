@@ -310,6 +310,25 @@ pub fn write(mem: &GuestMemoryMmap, layout: &AcpiLayout) -> Result<(), AcpiError
     Ok(())
 }
 
+/// Lays `table` out with the built-in tables and asserts it is there under
+/// `signature`, with the same header fields as the MADT (OEM id, OEM table id,
+/// OEM revision, creator id and revision): what an extra table must satisfy.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn assert_header_like_madt(table: &[u8], signature: &[u8; 4]) {
+    let layout = build(&AcpiConfig {
+        cpus: 1,
+        extra_tables: vec![table.to_vec()],
+    })
+    .unwrap();
+    let madt = &layout.tables.iter().find(|t| &t.1 == b"APIC").unwrap().2;
+    assert_eq!(&table[10..36], &madt[10..36]);
+    assert!(layout
+        .tables
+        .iter()
+        .any(|(_, sig, b)| sig == signature && b == table));
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -533,23 +552,4 @@ mod tests {
             Err(AcpiError::TooLarge(_))
         ));
     }
-}
-
-/// Lays `table` out with the built-in tables and asserts it is there under
-/// `signature`, with the same header fields as the MADT (OEM id, OEM table id,
-/// OEM revision, creator id and revision): what an extra table must satisfy.
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-pub(crate) fn assert_header_like_madt(table: &[u8], signature: &[u8; 4]) {
-    let layout = build(&AcpiConfig {
-        cpus: 1,
-        extra_tables: vec![table.to_vec()],
-    })
-    .unwrap();
-    let madt = &layout.tables.iter().find(|t| &t.1 == b"APIC").unwrap().2;
-    assert_eq!(&table[10..36], &madt[10..36]);
-    assert!(layout
-        .tables
-        .iter()
-        .any(|(_, sig, b)| sig == signature && b == table));
 }
