@@ -316,19 +316,27 @@ impl ScenarioReport {
         }
     }
 
-    /// A fast test guest run: exit 0 through the exit port, status ok; receiving, every frame
-    /// the peer delivered arrived intact (the guest checks each byte) and the device was reset.
-    fn check_test_guest(&mut self, sc: &Scenario) {
+    /// A fast test guest's common end: iovmm exited 0 through the exit port and the guest
+    /// printed its result record, which is returned (failures are noted otherwise).
+    fn test_guest_exit(&mut self) -> Option<GuestResult> {
         if self.rc != Some(0) {
             self.failures.push(format!(
                 "iovmm exited with {:?}, not 0 (exit port)",
                 self.rc
             ));
         }
-        let Some(r) = &self.guest_result else {
-            return self
-                .failures
+        if self.guest_result.is_none() {
+            self.failures
                 .push("the test guest printed no IOVMM-RESULT".into());
+        }
+        self.guest_result.clone()
+    }
+
+    /// A fast test guest run: exit 0 through the exit port, status ok; receiving, every frame
+    /// the peer delivered arrived intact (the guest checks each byte) and the device was reset.
+    fn check_test_guest(&mut self, sc: &Scenario) {
+        let Some(r) = self.test_guest_exit() else {
+            return;
         };
         let want = u64::from(sc.frames);
         let (status, received) = (r.status(), r.u64("received"));
@@ -358,16 +366,8 @@ impl ScenarioReport {
     /// stale descriptor never completed (the kernel's queue stays stopped on the refused
     /// miss), and iovmm refused that miss and reported the fault at the stale IOVA.
     fn check_stale(&mut self) {
-        if self.rc != Some(0) {
-            self.failures.push(format!(
-                "iovmm exited with {:?}, not 0 (exit port)",
-                self.rc
-            ));
-        }
-        let Some(r) = &self.guest_result else {
-            return self
-                .failures
-                .push("the test guest printed no IOVMM-RESULT".into());
+        let Some(r) = self.test_guest_exit() else {
+            return;
         };
         let (status, completed) = (r.status(), r.u64("stale_completed"));
         if status != Some("ok") || completed != Some(0) {
