@@ -24,6 +24,7 @@ const SOURCES: &[&str] = &[
     "rx.c",
     "dmatest.c",
     "exitbench.c",
+    "smp.c",
     "main.c",
 ];
 const CFLAGS: &[&str] = &[

@@ -30,5 +30,12 @@
 
 #define KSTACK_SIZE 0x4000
 #define USTACK_SIZE 0x10000
+#define USTACK_SHIFT 16 /* log2(USTACK_SIZE) */
+
+/* Application processors (boot.S, smp.c). */
+#define SMP_MAX_CPUS 4
+#define AP_KSTACK_SIZE 0x1000
+#define AP_KSTACK_SHIFT 12
+#define AP_TRAMPOLINE 0x10000 /* real-mode entry page below 1 MiB: SIPI vector 0x10 */
 
 #endif

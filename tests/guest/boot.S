@@ -33,6 +33,7 @@ _start:
     jnc 1f
     mov $pml4_1g, %eax
 1:  mov %rax, %cr3
+    mov %eax, boot_cr3
 
     /* TSS descriptor base (the image is below 16 MiB: base[31:24] stays 0). */
     mov $tss, %eax
@@ -94,8 +95,73 @@ isr_common:
 3:  hlt
     jmp 3b
 
+/*
+ * Application processors (smp.c starts them with INIT-SIPI-SIPI). ap_trampoline is copied by
+ * ring 3 to AP_TRAMPOLINE (below 1 MiB) and entered there in real mode: it goes straight to long
+ * mode (PE and PG set at once) with the image's GDT and page tables. ap_entry64 then loads this
+ * CPU's TSS (selector SEL_TSS + 16 * cpu, its base patched by smp.c) and irets to ring 3 at
+ * ap_user_entry with the CPU number smp.c left in ap_boot_cpu.
+ */
+    .code16
+    .balign 16
+    .globl ap_trampoline, ap_trampoline_end
+ap_trampoline:
+    cli
+    mov %cs, %ax
+    mov %ax, %ds
+    lgdtl (ap_gdtr - ap_trampoline)
+    mov $0x20, %eax             /* CR4.PAE */
+    mov %eax, %cr4
+    mov $pml4_low, %eax
+    mov %eax, %cr3
+    mov $0xc0000080, %ecx       /* EFER.LME */
+    rdmsr
+    or $0x100, %eax
+    wrmsr
+    mov $0x80000011, %eax       /* PG, ET, PE */
+    mov %eax, %cr0
+    ljmpl $SEL_KCODE, $ap_entry64
+    .balign 8
+ap_gdtr:
+    .short gdt_end - gdt - 1
+    .long gdt
+ap_trampoline_end:
+    .code64
+
+ap_entry64:
+    mov $SEL_KDATA, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    mov boot_cr3, %eax
+    mov %rax, %cr3
+    mov ap_boot_cpu, %ebx
+    mov %ebx, %eax
+    shl $AP_KSTACK_SHIFT, %eax
+    lea ap_kstacks(%rax), %rsp
+    lidt idtr
+    mov %ebx, %eax
+    shl $4, %eax
+    add $SEL_TSS, %eax
+    ltr %ax
+    push $(SEL_UDATA | 3)
+    mov %ebx, %eax
+    shl $USTACK_SHIFT, %eax
+    lea ap_ustacks(%rax), %rax
+    push %rax
+    push $0x3002
+    push $(SEL_UCODE | 3)
+    push $ap_user_entry
+    mov %ebx, %edi
+    iretq
+
 /* Ring 3 from here on: native speed. */
     .text
+ap_user_entry:
+    call ap_main
+5:  pause
+    jmp 5b
+
 user_entry:
     mov $__bss_start, %edi
     mov $__bss_end, %ecx
@@ -158,6 +224,11 @@ pd0:
     .globl boot_tsc
 boot_tsc:
     .quad 0
+boot_cr3:
+    .long 0
+    .globl ap_boot_cpu
+ap_boot_cpu:
+    .long 0
 
     .balign 16
 gdt:
@@ -170,9 +241,28 @@ gdt:
 gdt_tss:                        /* 0x30 64-bit TSS, base patched at boot */
     .quad 0x0000890000000000 + (tss_end - tss - 1)
     .quad 0
+    .globl gdt_ap_tss
+gdt_ap_tss:                     /* 0x40, 0x50, ...: the APs' TSSs, patched by smp.c */
+    .fill 2 * (SMP_MAX_CPUS - 1), 8, 0
 gdt_end:
 
-    .balign 16
+/*
+ * The APs' TSSs (128 bytes apart) come right before the BSP's and share its I/O permission
+ * bitmap: each one's bitmap offset reaches tss_iopb.
+ */
+    .balign 128
+    .globl ap_tss, tss_end
+ap_tss:
+    .set cpu, 1
+    .rept SMP_MAX_CPUS - 1
+    .long 0
+    .quad ap_kstacks + cpu * AP_KSTACK_SIZE  /* RSP0 */
+    .fill 11, 8, 0
+    .short 0
+    .short tss_iopb - (. - 102)    /* from this TSS's base */
+    .balign 128
+    .set cpu, cpu + 1
+    .endr
 tss:
     .long 0
     .quad kstack_top            /* RSP0 */
@@ -215,5 +305,10 @@ kstack_top:
     .space USTACK_SIZE
     .globl ustack_top
 ustack_top:
+    .balign 4096
+ap_kstacks:                     /* CPU n's stack top is ap_kstacks + n * size (n >= 1) */
+    .space AP_KSTACK_SIZE * (SMP_MAX_CPUS - 1)
+ap_ustacks:
+    .space USTACK_SIZE * (SMP_MAX_CPUS - 1)
 
     .section .note.GNU-stack, "", @progbits

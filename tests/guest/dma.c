@@ -150,6 +150,33 @@ void result_begin_run(struct result *r, const char *test, const char *why, enum 
     result_str(r, "iommu", iommu_mode_name(iommu));
 }
 
+/* Serialises the driver calls of every vCPU (see dma.h). */
+static struct spinlock iommu_lock;
+
+static const char *drv_map(struct dma_ctx *ctx, u64 iova, u64 pa, u64 size, u32 prot)
+{
+    spin_lock(&iommu_lock);
+    const char *err = ctx->drv->map(ctx, iova, pa, size, prot);
+    spin_unlock(&iommu_lock);
+    return err;
+}
+
+static const char *drv_unmap(struct dma_ctx *ctx, u64 iova, u64 size, bool sync)
+{
+    spin_lock(&iommu_lock);
+    const char *err = sync ? ctx->drv->unmap_sync(ctx, iova, size) : ctx->drv->unmap_deferred(ctx, iova, size);
+    spin_unlock(&iommu_lock);
+    return err;
+}
+
+static const char *drv_flush(struct dma_ctx *ctx)
+{
+    spin_lock(&iommu_lock);
+    const char *err = ctx->drv->flush(ctx, ctx->pending, ctx->npending);
+    spin_unlock(&iommu_lock);
+    return err;
+}
+
 static bool translated(const struct dma_ctx *ctx) { return ctx->mode == IOMMU_STRICT || ctx->mode == IOMMU_LAZY; }
 
 static u32 dir_prot(enum dma_dir dir)
@@ -173,7 +200,7 @@ u64 dma_map(struct dma_ctx *ctx, const void *va, u64 len, enum dma_dir dir)
             dma_fail(ctx, "IOVA space exhausted");
             return DMA_MAPPING_ERROR;
         }
-        const char *err = ctx->drv->map(ctx, iova, pa - off, size, dir_prot(dir));
+        const char *err = drv_map(ctx, iova, pa - off, size, dir_prot(dir));
         if (err) {
             dma_fail(ctx, err);
             iova_free(ctx->iova, iova, size);
@@ -199,7 +226,7 @@ static void lazy_flush(struct dma_ctx *ctx)
     if (ctx->npending == 0)
         return;
     u64 t0 = rdtsc();
-    const char *err = ctx->drv->flush(ctx, ctx->pending, ctx->npending);
+    const char *err = drv_flush(ctx);
     if (err) {
         dma_fail(ctx, err);
     } else {
@@ -221,13 +248,13 @@ void dma_unmap(struct dma_ctx *ctx, u64 dma_addr, u64 len, enum dma_dir dir)
     if (translated(ctx)) {
         u64 off = dma_addr & (ctx->gran - 1), iova = dma_addr - off, size = ALIGN_UP(off + len, ctx->gran);
         if (ctx->mode == IOMMU_STRICT) {
-            const char *err = ctx->drv->unmap_sync(ctx, iova, size);
+            const char *err = drv_unmap(ctx, iova, size, true);
             if (err)
                 dma_fail(ctx, err);
             else if (!iova_free(ctx->iova, iova, size))
                 dma_fail(ctx, "IOVA free failed (double unmap or allocator full)");
         } else {
-            const char *err = ctx->drv->unmap_deferred(ctx, iova, size);
+            const char *err = drv_unmap(ctx, iova, size, false);
             if (err)
                 dma_fail(ctx, err);
             ctx->pending[ctx->npending++] = (struct dma_range){iova, size};
@@ -247,7 +274,7 @@ const char *dma_unmap_to_end(struct dma_ctx *ctx, u64 dma_addr, u64 len)
     }
     u64 off = dma_addr & (ctx->gran - 1), iova = dma_addr - off, size = ALIGN_UP(off + len, ctx->gran);
     /* A size of 2^64 - iova: the UNMAP's virt_end = iova + size - 1 is u64 max (unsigned wrap). */
-    const char *err = ctx->drv->unmap_sync(ctx, iova, 0 - iova);
+    const char *err = drv_unmap(ctx, iova, 0 - iova, true);
     if (err)
         dma_fail(ctx, err);
     else if (!iova_free(ctx->iova, iova, size))
@@ -260,6 +287,46 @@ void dma_flush(struct dma_ctx *ctx)
 {
     if (ctx->mode == IOMMU_LAZY)
         lazy_flush(ctx);
+}
+
+const char *dma_split(struct dma_ctx *parent, struct dma_ctx *child, u64 iova_bytes)
+{
+    *child = *parent;
+    child->maps = child->unmaps = child->flushes = child->iommu_reqs = child->iommu_syncs = 0;
+    child->map_cycles = child->unmap_cycles = child->flush_cycles = 0;
+    child->npending = 0;
+    child->error = NULL;
+    if (!translated(parent))
+        return NULL;
+    child->iova = mem_alloc(sizeof(*child->iova), 64);
+    child->pending = mem_alloc(sizeof(*child->pending) * LAZY_BATCH_MAX, 64);
+    if (!child->iova || !child->pending)
+        return "out of guest memory for a per-vCPU DMA context";
+    u64 first = iova_alloc(parent->iova, iova_bytes);
+    if (first == IOVA_NONE)
+        return "the IOVA space has no room for a per-vCPU range";
+    iova_init(child->iova, first, first + iova_bytes - 1, parent->gran);
+    return NULL;
+}
+
+void dma_merge(struct dma_ctx *parent, const struct dma_ctx *child)
+{
+    parent->maps += child->maps;
+    parent->unmaps += child->unmaps;
+    parent->flushes += child->flushes;
+    parent->iommu_reqs += child->iommu_reqs;
+    parent->iommu_syncs += child->iommu_syncs;
+    parent->map_cycles += child->map_cycles;
+    parent->unmap_cycles += child->unmap_cycles;
+    parent->flush_cycles += child->flush_cycles;
+    if (child->error)
+        dma_fail(parent, child->error);
+    if (!translated(parent) || child->iova == parent->iova || child->iova->n != 1)
+        return;
+    /* Nothing mapped any more: the range is one free run again, which goes back whole. */
+    struct iova_range whole = child->iova->r[0];
+    if (child->iova->in_use == 0 && !iova_free(parent->iova, whole.first, whole.last - whole.first + 1))
+        dma_fail(parent, "returning a per-vCPU IOVA range failed");
 }
 
 void dma_report(struct dma_ctx *ctx, struct result *r)

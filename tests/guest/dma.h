@@ -106,6 +106,17 @@ void dma_flush(struct dma_ctx *ctx);
 bool dma_fail(struct dma_ctx *ctx, const char *why);
 /* Result status and exit code of a dma_init failure. */
 const char *dma_exit_status(const struct dma_ctx *ctx, int *code);
+/*
+ * Several vCPUs: every vIOMMU request (drivers keep one request queue / invalidation queue and one
+ * page-table tree) runs under one lock, like Linux's request_lock / qi->q_lock; each vCPU maps
+ * through its own context with its own IOVA range, so IOVA allocation needs no lock.
+ *
+ * dma_split() makes `child` a copy of the attached `parent` with `iova_bytes` of the parent's
+ * IOVA space (translated modes), its own lazy batch and zeroed counters; call it before the
+ * vCPUs start. dma_merge() adds the child's counters and first error to the parent and gives
+ * its IOVA range back when nothing in it is still mapped. */
+const char *dma_split(struct dma_ctx *parent, struct dma_ctx *child, u64 iova_bytes);
+void dma_merge(struct dma_ctx *parent, const struct dma_ctx *child);
 /* Adds the DMA/vIOMMU fields to a result line. */
 void dma_report(struct dma_ctx *ctx, struct result *r);
 

@@ -51,6 +51,18 @@ static inline void mb(void) { __asm__ volatile("mfence" : : : "memory"); }
 static inline void clflush(const volatile void *p) { __asm__ volatile("clflush (%0)" : : "r"(p) : "memory"); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
 
+/* A ring-3 spinlock for data shared between vCPUs (smp.c). */
+struct spinlock {
+    volatile u32 held;
+};
+static inline void spin_lock(struct spinlock *l)
+{
+    while (__atomic_exchange_n(&l->held, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&l->held, __ATOMIC_RELAXED))
+            cpu_relax();
+}
+static inline void spin_unlock(struct spinlock *l) { __atomic_store_n(&l->held, 0, __ATOMIC_RELEASE); }
+
 /* Serialised TSC read (lfence keeps earlier instructions from drifting past it). */
 static inline u64 rdtsc(void)
 {

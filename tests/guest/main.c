@@ -10,6 +10,7 @@
 #include "net.h"
 #include "netmq.h"
 #include "pci.h"
+#include "smp.h"
 
 /* TSC at the first ring-0 instruction (boot.S) and at ring-3 entry. */
 extern u64 boot_tsc;
@@ -146,6 +147,56 @@ static int run_pci_scan(void)
     return EXIT_OK;
 }
 
+/* Work of the smp scenario on each AP: its APIC id, and a ring-3 loop to show it runs natively. */
+struct smp_probe {
+    u32 apic_id;
+    u64 loop_cycles;
+};
+
+static void smp_probe_fn(void *arg)
+{
+    struct smp_probe *p = arg;
+    p->apic_id = smp_cpu_id();
+    u64 t0 = rdtsc();
+    for (u64 i = 0; i < 1000000; i++)
+        __asm__ volatile("" : "+r"(i));
+    p->loop_cycles = rdtsc() - t0;
+}
+
+/* Starts iovmm.cpus CPUs and runs a probe on each AP. */
+static int run_smp(void)
+{
+    u64 cpus;
+    if (cmdline_u64("iovmm.cpus", 2, &cpus))
+        return -EXIT_USAGE;
+    u64 t0 = rdtsc();
+    const char *err = smp_start((u32)cpus, 5000);
+    u64 start_cycles = rdtsc() - t0;
+    static struct smp_probe probes[SMP_MAX_CPUS];
+    for (u32 c = 1; !err && c < smp_cpus(); c++)
+        smp_call(c, smp_probe_fn, &probes[c]);
+    for (u32 c = 1; !err && c < smp_cpus(); c++)
+        if (!smp_wait(c, 5000))
+            err = "an AP did not finish its probe";
+    struct result r;
+    result_begin(&r, "smp", err ? "failed" : "ok");
+    if (err)
+        result_str(&r, "error", err);
+    result_u64(&r, "cpus", smp_cpus());
+    result_u64(&r, "bsp_apic_id", smp_cpu_id());
+    for (u32 c = 1; c < smp_cpus(); c++) {
+        char key[24];
+        snprintf(key, sizeof(key), "apic_id%u", c);
+        result_u64(&r, key, probes[c].apic_id);
+        snprintf(key, sizeof(key), "loop_cycles%u", c);
+        result_u64(&r, key, probes[c].loop_cycles);
+    }
+    result_u64(&r, "start_cycles", start_cycles);
+    result_u64(&r, "tsc_khz", tsc_rate_khz());
+    result_emit(&r);
+    return err ? EXIT_FAILED : EXIT_OK;
+}
+
 struct scenario {
     const char *name;
     int (*run)(void);
@@ -201,6 +252,7 @@ static const struct scenario scenarios[] = {
     {"tsc", run_tsc},           {"pci-scan", run_pci_scan},
     {"net-tx", run_net_tx_scenario}, {"dma-map", run_dma_map_scenario},
     {"exit-bench", run_exit_bench}, {"net-mq", run_net_mq_scenario},
+    {"smp", run_smp},
 };
 
 static int fail(const char *test, int code, const char *status, const char *why)
@@ -242,5 +294,5 @@ int guest_main(void)
             return code;
         }
     }
-    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, net-rx, net-stale, net-mq, dma-map, blk, blk-stale, exit-bench)");
+    return fail(test, EXIT_USAGE, "error", "unknown iovmm.test (hello, fault, triple-fault, pio-exits, tsc, pci-scan, net-tx, net-rx, net-stale, net-mq, dma-map, blk, blk-stale, exit-bench, smp)");
 }

@@ -4,17 +4,22 @@
  * control queue), sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET(iovmm.queues) on the control queue (its
  * buffers DMA-mapped like any other: IOVAs behind a vIOMMU), then transmits iovmm.frames frames
  * round-robin on the first iovmm.queues transmit queues (frame i on transmitq i % queues).
+ * With iovmm.cpus=N (1..4, at most iovmm.queues) the guest starts N - 1 more vCPUs (smp.c) and
+ * vCPU c drives the queues q with q % N == c concurrently with the others, each through its
+ * own DMA context and IOVA range but the same vIOMMU (dma.h: dma_split).
  *
  * Frames and "checksum" as net-tx's (net.c): frame i = broadcast dst, src = device MAC,
  * ethertype 0x88b5, byte j >= 14 = (u8)(i * 31 + j); the checksum is the wrapping sum of every
  * frame byte. Result keys: frames, size, queues, max_pairs, ctrl_status (0 = VIRTIO_NET_OK),
- * completed, checksum, tx0..tx<queues-1> (frames completed per queue pair), plus the DMA
- * counters. Parameters: iovmm.frames (1000), iovmm.size (60..4000, 1514), iovmm.queues (2,
- * 1..16), iovmm.queue (transmit queue size, 64), iovmm.timeout_ms (10000), iovmm.reset (1),
+ * completed, checksum, tx0..tx<queues-1> (frames completed per queue pair), cpus, cycles (set-up
+ * included), run_cycles (the transmit phase alone), plus the DMA counters. Parameters:
+ * iovmm.frames (1000), iovmm.size (60..4000, 1514), iovmm.queues (2, 1..16), iovmm.queue
+ * (transmit queue size, 64), iovmm.timeout_ms (10000), iovmm.reset (1), iovmm.cpus (1),
  * iovmm.iommu and the DMA layer's options (dma.h).
  */
 #include "netmq.h"
 #include "env.h"
+#include "smp.h"
 #include "virtio.h"
 
 #define MQ_F_MAC (1ULL << 5)
@@ -24,9 +29,10 @@
 #define MQ_MAX_PAIRS 16
 #define MQ_CTRL_MQ 4
 #define MQ_CTRL_MQ_VQ_PAIRS_SET 0
+#define MQ_IOVA_PER_CPU (1ULL << 30)
 
 struct mq_params {
-    u64 frames, size, queues, queue, timeout_ms, reset;
+    u64 frames, size, queues, queue, timeout_ms, reset, cpus;
     enum iommu_mode iommu;
 };
 
@@ -39,15 +45,18 @@ struct mq_tx {
     u8 *bufs[MQ_MAX_PAIRS];     /* txq.size slots of `stride` bytes per queue */
     u64 *slot_dma[MQ_MAX_PAIRS];
     u64 stride, sent, completed, checksum;
-    u64 per_queue[MQ_MAX_PAIRS];
+    u64 per_queue[MQ_MAX_PAIRS]; /* completed per queue pair */
+    u64 sent_q[MQ_MAX_PAIRS];
     u64 ctrl_status;
+    u64 run_cycles;
 };
 
 static const char *mq_params(struct mq_params *p)
 {
     if (cmdline_u64("iovmm.frames", 1000, &p->frames) || cmdline_u64("iovmm.size", 1514, &p->size) ||
         cmdline_u64("iovmm.queues", 2, &p->queues) || cmdline_u64("iovmm.queue", 64, &p->queue) ||
-        cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset))
+        cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset) ||
+        cmdline_u64("iovmm.cpus", 1, &p->cpus))
         return "a numeric iovmm.* parameter is malformed";
     if (p->size < 60 || p->size > 4000)
         return "iovmm.size must be 60..4000 bytes";
@@ -55,6 +64,8 @@ static const char *mq_params(struct mq_params *p)
         return "iovmm.queues must be 1..16";
     if (p->queue < 2 || p->queue > 1024)
         return "iovmm.queue must be 2..1024";
+    if (p->cpus < 1 || p->cpus > SMP_MAX_CPUS || p->cpus > p->queues)
+        return "iovmm.cpus must be 1..4 and at most iovmm.queues";
     return iommu_mode_param(IOMMU_OFF, &p->iommu);
 }
 
@@ -131,31 +142,46 @@ static const char *mq_set_pairs(struct mq_tx *n, const struct mq_params *p)
     return *status == 0 ? NULL : "the device answered VQ_PAIRS_SET with VIRTIO_NET_ERR";
 }
 
-static u64 mq_reap(struct mq_tx *n, const struct mq_params *p)
+/* One vCPU's share of the run: the queues q with q % cpus == cpu, its own DMA context. */
+struct mq_worker {
+    struct mq_tx *n;
+    const struct mq_params *p;
+    struct dma_ctx dma;
+    u32 cpu;
+    u64 sent, completed, checksum;
+    const char *err;
+};
+
+/* Frames the run puts on queue q: frame i goes on transmitq i % queues. */
+static u64 mq_frames_for(const struct mq_params *p, u64 q) { return p->frames / p->queues + (q < p->frames % p->queues); }
+
+static u64 mq_reap(struct mq_worker *w, u64 q)
 {
+    struct mq_tx *n = w->n;
     u64 got = 0;
-    for (u64 q = 0; q < p->queues; q++) {
-        u32 id, len;
-        while (virtq_get_used(&n->txq[q], &id, &len)) {
-            if (id >= n->txq[q].size)
-                continue;
-            dma_unmap(&n->dma, n->slot_dma[q][id], MQ_HDR_LEN + p->size, DMA_TO_DEVICE);
-            n->per_queue[q]++;
-            n->completed++;
-            got++;
-        }
+    u32 id, len;
+    while (virtq_get_used(&n->txq[q], &id, &len)) {
+        if (id >= n->txq[q].size)
+            continue;
+        dma_unmap(&w->dma, n->slot_dma[q][id], MQ_HDR_LEN + w->p->size, DMA_TO_DEVICE);
+        n->per_queue[q]++;
+        got++;
     }
+    w->completed += got;
     return got;
 }
 
-/* Adds frame n->sent to its queue if that queue has room; false on a mapping failure. */
-static bool mq_submit(struct mq_tx *n, const struct mq_params *p, bool *added)
+/* Adds queue q's next frame (global index sent_q * queues + q) if the queue has room; false on
+ * a mapping failure. */
+static bool mq_submit(struct mq_worker *w, u64 q, bool *added)
 {
+    struct mq_tx *n = w->n;
+    const struct mq_params *p = w->p;
     *added = false;
-    u64 q = n->sent % p->queues;
     struct virtq *vq = &n->txq[q];
-    if (vq->num_free == 0)
+    if (vq->num_free == 0 || n->sent_q[q] == mq_frames_for(p, q))
         return true;
+    u64 frame = n->sent_q[q] * p->queues + q;
     u16 slot = vq->free_head;
     u8 *buf = n->bufs[q] + (u64)slot * n->stride;
     memset(buf, 0, MQ_HDR_LEN);
@@ -165,43 +191,94 @@ static bool mq_submit(struct mq_tx *n, const struct mq_params *p, bool *added)
     f[12] = 0x88;
     f[13] = 0xb5;
     for (u64 j = 14; j < p->size; j++)
-        f[j] = (u8)(n->sent * 31 + j);
+        f[j] = (u8)(frame * 31 + j);
     for (u64 j = 0; j < p->size; j++)
-        n->checksum += f[j];
-    u64 addr = dma_map(&n->dma, buf, MQ_HDR_LEN + p->size, DMA_TO_DEVICE);
+        w->checksum += f[j];
+    u64 addr = dma_map(&w->dma, buf, MQ_HDR_LEN + p->size, DMA_TO_DEVICE);
     if (addr == DMA_MAPPING_ERROR)
-        return dma_fail(&n->dma, "dma_map failed");
+        return dma_fail(&w->dma, "dma_map failed");
     struct vq_buf b = {addr, (u32)(MQ_HDR_LEN + p->size), false};
     int id = virtq_add(vq, &b, 1);
     if (id < 0)
-        return dma_fail(&n->dma, "virtq_add failed with free descriptors");
+        return dma_fail(&w->dma, "virtq_add failed with free descriptors");
     n->slot_dma[q][id] = addr;
     virtq_kick(vq);
-    n->sent++;
+    n->sent_q[q]++;
+    w->sent++;
     *added = true;
     return true;
 }
 
-static const char *mq_transmit(struct mq_tx *n, const struct mq_params *p)
+/* Frames this worker must complete. */
+static u64 mq_worker_frames(const struct mq_worker *w, u32 cpus)
 {
-    u64 timeout = ms_to_cycles(p->timeout_ms), last = rdtsc();
-    while (n->completed < p->frames) {
-        bool added = false;
-        if (n->sent < p->frames && !mq_submit(n, p, &added))
-            return n->dma.error ? n->dma.error : "dma_map failed";
-        u64 got = mq_reap(n, p);
-        if (n->dma.error)
-            return n->dma.error;
-        if (got || added) {
-            last = rdtsc();
-        } else if (rdtsc() - last > timeout) {
-            return "no transmit completion within iovmm.timeout_ms";
-        } else {
-            cpu_relax();
+    u64 total = 0;
+    for (u64 q = w->cpu; q < w->p->queues; q += cpus)
+        total += mq_frames_for(w->p, q);
+    return total;
+}
+
+static const char *mq_transmit(struct mq_worker *w, u32 cpus)
+{
+    const struct mq_params *p = w->p;
+    u64 timeout = ms_to_cycles(p->timeout_ms), last = rdtsc(), target = mq_worker_frames(w, cpus);
+    while (w->completed < target) {
+        bool progress = false;
+        for (u64 q = w->cpu; q < p->queues; q += cpus) {
+            bool added = false;
+            if (!mq_submit(w, q, &added))
+                return w->dma.error ? w->dma.error : "dma_map failed";
+            progress |= added | (mq_reap(w, q) != 0);
+            if (w->dma.error)
+                return w->dma.error;
         }
+        if (progress)
+            last = rdtsc();
+        else if (rdtsc() - last > timeout)
+            return "no transmit completion within iovmm.timeout_ms";
+        else
+            cpu_relax();
     }
-    dma_flush(&n->dma);
-    return n->dma.error;
+    dma_flush(&w->dma);
+    return w->dma.error;
+}
+
+static u32 mq_cpus; /* vCPUs driving queues (iovmm.cpus) */
+
+static void mq_worker_run(void *arg)
+{
+    struct mq_worker *w = arg;
+    w->err = mq_transmit(w, mq_cpus);
+}
+
+/* Runs one worker per vCPU (the BSP is worker 0) and folds their results into n. */
+static const char *mq_run(struct mq_tx *n, const struct mq_params *p)
+{
+    static struct mq_worker workers[SMP_MAX_CPUS];
+    mq_cpus = (u32)p->cpus;
+    for (u32 c = 0; c < mq_cpus; c++) {
+        workers[c] = (struct mq_worker){.n = n, .p = p, .cpu = c};
+        const char *err = dma_split(&n->dma, &workers[c].dma, MQ_IOVA_PER_CPU);
+        if (err)
+            return err;
+    }
+    for (u32 c = 1; c < mq_cpus; c++)
+        smp_call(c, mq_worker_run, &workers[c]);
+    mq_worker_run(&workers[0]);
+    const char *err = workers[0].err;
+    for (u32 c = 1; c < mq_cpus; c++) {
+        if (!smp_wait(c, p->timeout_ms + 1000) && !err)
+            err = "a vCPU did not finish its queues";
+        if (!err)
+            err = workers[c].err;
+    }
+    for (u32 c = 0; c < mq_cpus; c++) {
+        n->sent += workers[c].sent;
+        n->completed += workers[c].completed;
+        n->checksum += workers[c].checksum;
+        dma_merge(&n->dma, &workers[c].dma);
+    }
+    return err;
 }
 
 static int mq_report(struct mq_tx *n, const struct mq_params *p, const char *why, u64 cycles)
@@ -218,6 +295,7 @@ static int mq_report(struct mq_tx *n, const struct mq_params *p, const char *why
     result_u64(&r, "frames", p->frames);
     result_u64(&r, "size", p->size);
     result_u64(&r, "queues", p->queues);
+    result_u64(&r, "cpus", smp_cpus());
     result_u64(&r, "max_pairs", n->max_pairs);
     result_u64(&r, "ctrl_status", n->ctrl_status);
     result_u64(&r, "sent", n->sent);
@@ -229,6 +307,7 @@ static int mq_report(struct mq_tx *n, const struct mq_params *p, const char *why
     for (u64 q = 0; q < p->queues; q++)
         result_u64(&r, keys[q], n->per_queue[q]);
     result_u64(&r, "cycles", cycles);
+    result_u64(&r, "run_cycles", n->run_cycles);
     result_u64(&r, "tsc_khz", tsc_rate_khz());
     dma_report(&n->dma, &r);
     result_emit(&r);
@@ -256,6 +335,14 @@ int run_net_mq(const struct pci_dev *devs, size_t ndevs)
         result_emit(&r);
         return EXIT_UNSUPPORTED;
     }
+    err = smp_start((u32)p.cpus, 5000);
+    if (err) {
+        struct result r;
+        result_begin(&r, "net-mq", "failed");
+        result_str(&r, "error", err);
+        result_emit(&r);
+        return EXIT_FAILED;
+    }
     u64 t0 = rdtsc();
     err = mq_setup(&n, pci, &p);
     if (!err && (n.vd.features & MQ_F_MQ))
@@ -264,7 +351,9 @@ int run_net_mq(const struct pci_dev *devs, size_t ndevs)
         printf("IOVMM-TEST net-mq: %02x:%02x.%x %llu of %llu pairs, %llu frames of %llu bytes\n", pci->bus,
                pci->dev, pci->fn, (unsigned long long)p.queues, (unsigned long long)n.max_pairs,
                (unsigned long long)p.frames, (unsigned long long)p.size);
-        err = mq_transmit(&n, &p);
+        u64 r0 = rdtsc();
+        err = mq_run(&n, &p);
+        n.run_cycles = rdtsc() - r0;
     }
     if (p.reset && !virtio_reset(&n.vd) && !err)
         err = "the device did not finish its reset after the run";

@@ -298,8 +298,10 @@ const SIZE: u64 = 256;
 
 /// The `net-mq` guest (strict) behind `viommu` with `queues=2` against our back end with two
 /// pairs: VQ_PAIRS_SET is acked OK, half the frames go out on each TX queue, the back end
-/// counts them per pair, the payload bytes match and nothing invalidated stays usable.
-fn two_pairs_strict(label: &str, viommu: &str) {
+/// counts them per pair, the payload bytes match and nothing invalidated stays usable. With
+/// `cpus` = 2 the guest drives each pair from its own vCPU, both mapping and unmapping through
+/// the same vIOMMU at the same time.
+fn two_pairs_strict(label: &str, viommu: &str, cpus: u8) {
     use integration_tests::backend::TestBackend;
     use integration_tests::guest::{test_guest_path, IommuMode, Scenario};
     use integration_tests::matrix::{
@@ -321,17 +323,29 @@ fn two_pairs_strict(label: &str, viommu: &str) {
     let mut cfg = VmConfig::new(test_guest_path());
     cfg.cmdline = Scenario::net_mq(FRAMES, SIZE, 2)
         .iommu(IommuMode::Strict)
+        .param("cpus", cpus)
         .cmdline()
         .unwrap();
     cfg.serial = SerialMode::Capture;
+    cfg.cpus = cpus;
     cfg.iommu = Some(viommu.parse().unwrap());
     let dev = format!("net,socket={},iommu=on,queues=2", sock.display());
     cfg.vhost_user.push(dev.parse().unwrap());
     let run = VmRun::boot(&label, &cfg, std::time::Duration::from_secs(60));
     let r = run.ok_result(&label);
     let serial = &run.serial;
+    assert_eq!(r.u64("cpus"), Some(u64::from(cpus)), "{serial}");
     assert_eq!(r.u64("ctrl_status"), Some(0), "{serial}");
     assert_eq!(r.u64("max_pairs"), Some(2), "{serial}");
+    // Every frame (and the control command's two buffers) unmapped, and every per-vCPU IOVA
+    // range came back: what stays in use is exactly the rings' pages, mapped once at set-up.
+    let (maps, unmaps) = (r.u64("maps").unwrap(), r.u64("unmaps").unwrap());
+    assert_eq!(unmaps, FRAMES + 2, "{serial}");
+    assert_eq!(
+        r.u64("iova_in_use"),
+        Some((maps - unmaps) * 4096),
+        "{serial}"
+    );
     assert_eq!(r.u64("completed"), Some(FRAMES), "{serial}");
     assert_eq!(
         (r.u64("tx0"), r.u64("tx1")),
@@ -357,7 +371,7 @@ fn two_pairs_strict(label: &str, viommu: &str) {
     assert_no_stale_translation(&backend);
     assert_invalidates_honoured(&backend);
     println!(
-        "{label}: {FRAMES} frames on 2 pairs, {} misses, {} invalidations",
+        "{label}: {FRAMES} frames on 2 pairs from {cpus} vCPU(s), {} misses, {} invalidations",
         run.stats.bridge.misses, run.stats.iotlb.invalidations
     );
     let _ = std::fs::remove_file(&sink);
@@ -365,12 +379,72 @@ fn two_pairs_strict(label: &str, viommu: &str) {
 
 #[test]
 fn kvm_two_pairs_virtio_iommu_strict() {
-    two_pairs_strict("virtio", "virtio");
+    two_pairs_strict("virtio", "virtio", 1);
 }
 
 #[test]
 fn kvm_two_pairs_vtd_strict() {
-    two_pairs_strict("vtd", "vtd,caching_mode=on");
+    two_pairs_strict("vtd", "vtd,caching_mode=on", 1);
+}
+
+#[test]
+fn kvm_two_pairs_two_vcpus_virtio_iommu_strict() {
+    two_pairs_strict("virtio-smp", "virtio", 2);
+}
+
+#[test]
+fn kvm_two_pairs_two_vcpus_vtd_strict() {
+    two_pairs_strict("vtd-smp", "vtd,caching_mode=on", 2);
+}
+
+/// The test guest starts its other vCPUs (INIT-SIPI-SIPI from ring 3 through the local APIC
+/// to a real-mode trampoline) and each one runs code natively in ring 3: every AP reports its
+/// own APIC id, and asking for more CPUs than the VM has fails instead of hanging.
+#[test]
+fn kvm_the_test_guest_starts_its_other_vcpus() {
+    use integration_tests::guest::GuestResult;
+    use integration_tests::matrix::ONE_CELL;
+
+    let _one = iommu::sync::lock(&ONE_CELL);
+    let (exit, serial) = boot_smp(4, 4);
+    assert_eq!(exit, vmm::VmExit::ExitPort(0), "{serial}");
+    let r = GuestResult::from_output(&serial).unwrap();
+    assert_eq!(r.u64("cpus"), Some(4), "{serial}");
+    assert_eq!(r.u64("bsp_apic_id"), Some(0));
+    for cpu in 1..4u64 {
+        assert_eq!(r.u64(&format!("apic_id{cpu}")), Some(cpu), "{serial}");
+        // 1M iterations of an empty loop: natively about 1 ms; emulated (ring 0) it would
+        // take seconds.
+        let cycles = r.u64(&format!("loop_cycles{cpu}")).unwrap();
+        assert!(
+            cycles < 1_000_000_000,
+            "AP {cpu} looped for {cycles} cycles"
+        );
+    }
+    // Asking for a vCPU the VM does not have fails (the AP never answers) instead of hanging.
+    let (_, serial) = boot_smp(1, 2);
+    let r = GuestResult::from_output(&serial).unwrap();
+    assert_eq!(r.status(), Some("failed"), "{serial}");
+    assert_eq!(r.u64("cpus"), Some(1), "{serial}");
+}
+
+/// Boots the `smp` scenario with `vcpus` vCPUs asking for `wanted`: (exit, serial output).
+fn boot_smp(vcpus: u8, wanted: u8) -> (vmm::VmExit, String) {
+    use integration_tests::guest::{test_guest_path, Scenario};
+    use vmm::{SerialMode, VmConfig, Vmm};
+
+    let mut cfg = VmConfig::new(test_guest_path());
+    cfg.serial = SerialMode::Capture;
+    cfg.cpus = vcpus;
+    cfg.cmdline = Scenario::new("smp")
+        .param("cpus", wanted)
+        .cmdline()
+        .unwrap();
+    let mut vm = Vmm::start(&cfg).expect("VM starts");
+    let exit = vm
+        .wait_timeout(std::time::Duration::from_secs(30))
+        .expect("VMM stops");
+    (exit, vm.serial_output().unwrap_or_default())
 }
 
 /// The `net-mq` guest (strict, two pairs) behind `viommu` against DPDK testpmd with
