@@ -448,8 +448,9 @@ fn boot_smp(vcpus: u8, wanted: u8) -> (vmm::VmExit, String) {
 }
 
 /// The `net-mq` guest (strict, two pairs) behind `viommu` against DPDK testpmd with
-/// `queues=2` (`--rxq=2 --txq=2`): testpmd receives every frame (counted over both queues).
-fn two_pairs_testpmd(label: &str, viommu: &str) {
+/// `queues=2` (`--rxq=2 --txq=2`): testpmd receives every frame (counted over both queues),
+/// from one vCPU or (`cpus` = 2) one vCPU per pair.
+fn two_pairs_testpmd(label: &str, viommu: &str, cpus: u8) {
     use integration_tests::dpdk::Testpmd;
     use integration_tests::guest::{test_guest_path, IommuMode, Scenario};
     use integration_tests::matrix::{socket, VmRun, ONE_CELL};
@@ -461,15 +462,18 @@ fn two_pairs_testpmd(label: &str, viommu: &str) {
     let mut cfg = VmConfig::new(test_guest_path());
     cfg.cmdline = Scenario::net_mq(FRAMES, SIZE, 2)
         .iommu(IommuMode::Strict)
+        .param("cpus", cpus)
         .cmdline()
         .unwrap();
     cfg.serial = SerialMode::Capture;
+    cfg.cpus = cpus;
     cfg.iommu = Some(viommu.parse().unwrap());
     let dev = format!("net,socket={},iommu=on,queues=2", sock.display());
     cfg.vhost_user.push(dev.parse().unwrap());
     let run = VmRun::boot(&label, &cfg, std::time::Duration::from_secs(60));
     let r = run.ok_result(&label);
     let serial = &run.serial;
+    assert_eq!(r.u64("cpus"), Some(u64::from(cpus)), "{serial}");
     assert_eq!(r.u64("ctrl_status"), Some(0), "{serial}");
     assert_eq!(r.u64("completed"), Some(FRAMES), "{serial}");
     assert_eq!(
@@ -488,17 +492,27 @@ fn two_pairs_testpmd(label: &str, viommu: &str) {
     let per_queue = pmd.rx_queue_packets(2).expect("testpmd xstats");
     assert_eq!(per_queue, vec![FRAMES / 2, FRAMES / 2], "{}", pmd.output());
     println!(
-        "{label} testpmd: {} frames on 2 pairs ({per_queue:?}), {} misses, {} invalidations",
+        "{label} testpmd: {} frames on 2 pairs ({per_queue:?}) from {cpus} vCPU(s), {} misses, {} invalidations",
         port.rx_packets, run.stats.bridge.misses, run.stats.iotlb.invalidations
     );
 }
 
 #[test]
 fn kvm_two_pairs_testpmd_virtio_iommu_strict() {
-    two_pairs_testpmd("virtio", "virtio");
+    two_pairs_testpmd("virtio", "virtio", 1);
 }
 
 #[test]
 fn kvm_two_pairs_testpmd_vtd_strict() {
-    two_pairs_testpmd("vtd", "vtd,caching_mode=on");
+    two_pairs_testpmd("vtd", "vtd,caching_mode=on", 1);
+}
+
+#[test]
+fn kvm_two_pairs_two_vcpus_testpmd_virtio_iommu_strict() {
+    two_pairs_testpmd("virtio-smp", "virtio", 2);
+}
+
+#[test]
+fn kvm_two_pairs_two_vcpus_testpmd_vtd_strict() {
+    two_pairs_testpmd("vtd-smp", "vtd,caching_mode=on", 2);
 }
