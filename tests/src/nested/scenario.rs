@@ -291,6 +291,11 @@ const SMP_MQ_LINES: &[&str] = &[
     "virtio_iommu virtio0: input address",
     "Adding to iommu group",
 ];
+const SMP_MQ_VTD_LINES: &[&str] = &[
+    "cpus online: 0-1 processors: 2",
+    "DMAR: IOMMU enabled",
+    "Adding to iommu group",
+];
 const VTD_FULL: &str = "vtd,caching_mode=on,device_iotlb=on,intremap=on";
 const OWN: Backend = Backend::Own {
     access_platform: true,
@@ -385,6 +390,19 @@ fn vtd() -> Vec<Scenario> {
             Scenario::net("vtd-strict-dpdk", v, Backend::Testpmd, strict),
             VTD_LINES,
         ),
+        // Two vCPUs and two queue pairs behind VT-d: both CPUs map and unmap through the one
+        // queued-invalidation interface while each sends on its own TX queue.
+        Scenario {
+            cpus: 2,
+            queues: 2,
+            expect_lines: SMP_MQ_VTD_LINES,
+            ..Scenario::net(
+                "smp-mq-vtd-strict-own",
+                v,
+                OWN,
+                "intel_iommu=on iommu.strict=1 iovmm.tx_cpus=2",
+            )
+        },
         ats(Scenario::net("vtd-ats-strict-own", full, OWN, strict)),
         ats(Scenario::net(
             "vtd-ats-strict-dpdk",
