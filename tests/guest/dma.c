@@ -153,9 +153,17 @@ void result_begin_run(struct result *r, const char *test, const char *why, enum 
 /* Serialises the driver calls of every vCPU (see dma.h). */
 static struct spinlock iommu_lock;
 
+/* Takes iommu_lock, counting the cycles spent waiting for it (another vCPU's request). */
+static void iommu_lock_take(struct dma_ctx *ctx)
+{
+    u64 t0 = rdtsc();
+    spin_lock(&iommu_lock);
+    ctx->lock_wait_cycles += rdtsc() - t0;
+}
+
 static const char *drv_map(struct dma_ctx *ctx, u64 iova, u64 pa, u64 size, u32 prot)
 {
-    spin_lock(&iommu_lock);
+    iommu_lock_take(ctx);
     const char *err = ctx->drv->map(ctx, iova, pa, size, prot);
     spin_unlock(&iommu_lock);
     return err;
@@ -163,7 +171,7 @@ static const char *drv_map(struct dma_ctx *ctx, u64 iova, u64 pa, u64 size, u32 
 
 static const char *drv_unmap(struct dma_ctx *ctx, u64 iova, u64 size, bool sync)
 {
-    spin_lock(&iommu_lock);
+    iommu_lock_take(ctx);
     const char *err = sync ? ctx->drv->unmap_sync(ctx, iova, size) : ctx->drv->unmap_deferred(ctx, iova, size);
     spin_unlock(&iommu_lock);
     return err;
@@ -171,7 +179,7 @@ static const char *drv_unmap(struct dma_ctx *ctx, u64 iova, u64 size, bool sync)
 
 static const char *drv_flush(struct dma_ctx *ctx)
 {
-    spin_lock(&iommu_lock);
+    iommu_lock_take(ctx);
     const char *err = ctx->drv->flush(ctx, ctx->pending, ctx->npending);
     spin_unlock(&iommu_lock);
     return err;
@@ -293,7 +301,7 @@ const char *dma_split(struct dma_ctx *parent, struct dma_ctx *child, u64 iova_by
 {
     *child = *parent;
     child->maps = child->unmaps = child->flushes = child->iommu_reqs = child->iommu_syncs = 0;
-    child->map_cycles = child->unmap_cycles = child->flush_cycles = 0;
+    child->map_cycles = child->unmap_cycles = child->flush_cycles = child->lock_wait_cycles = 0;
     child->npending = 0;
     child->error = NULL;
     if (!translated(parent))
@@ -319,6 +327,7 @@ void dma_merge(struct dma_ctx *parent, const struct dma_ctx *child)
     parent->map_cycles += child->map_cycles;
     parent->unmap_cycles += child->unmap_cycles;
     parent->flush_cycles += child->flush_cycles;
+    parent->lock_wait_cycles += child->lock_wait_cycles;
     if (child->error)
         dma_fail(parent, child->error);
     if (!translated(parent) || child->iova == parent->iova || child->iova->n != 1)
@@ -341,6 +350,7 @@ void dma_report(struct dma_ctx *ctx, struct result *r)
     result_u64(r, "map_cycles", ctx->map_cycles);
     result_u64(r, "unmap_cycles", ctx->unmap_cycles);
     result_u64(r, "flush_cycles", ctx->flush_cycles);
+    result_u64(r, "lock_wait_cycles", ctx->lock_wait_cycles);
     if (ctx->mode == IOMMU_LAZY)
         result_u64(r, "lazy_batch", ctx->lazy_batch);
     if (ctx->iova)

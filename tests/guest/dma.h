@@ -79,6 +79,7 @@ struct dma_ctx {
     u64 iommu_reqs;            /* virtio-iommu requests / VT-d queued descriptors (waits included) */
     u64 iommu_syncs;           /* synchronous round trips: request kicks waited for / wait descriptors */
     u64 map_cycles, unmap_cycles, flush_cycles;
+    u64 lock_wait_cycles;      /* waiting for another vCPU's vIOMMU request (included above) */
 };
 
 bool iommu_mode_parse(const char *s, enum iommu_mode *out);

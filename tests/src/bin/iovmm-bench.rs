@@ -23,6 +23,8 @@
 //! TX table each translated cell's costs over them.
 //! The RX and loop-back rows (`--no-rx` skips them) and the virtio-blk rows
 //! (`--no-blk`) follow the TX cells; `--only` filters every table.
+//! After the TX table, the multiqueue / SMP rows (`--mq-only`, `--no-mq`): 1 and 2 queue pairs
+//! from 1 and 2 vCPUs, with the threads that used the CPU.
 
 use std::time::Duration;
 
@@ -112,6 +114,12 @@ struct Args {
     /// With --poll-ab: interleaved repetitions of every variant.
     #[arg(long, default_value_t = 3)]
     poll_reps: usize,
+    /// Run and print only the multiqueue / SMP table.
+    #[arg(long, conflicts_with_all = ["no_mq", "soak", "floors_only"])]
+    mq_only: bool,
+    /// Skip the multiqueue / SMP table.
+    #[arg(long)]
+    no_mq: bool,
 }
 
 /// Frames per cell of the table.
@@ -461,6 +469,16 @@ fn run_poll_ab(args: &Args, tsc_khz: u64) {
     }
 }
 
+fn print_mq_table(args: &Args, tsc_khz: u64) {
+    use integration_tests::bench::mq::{mq_cells, print_mq, run_mq};
+    let cells: Vec<_> = mq_cells(args.frames.unwrap_or(FRAMES), args.size)
+        .into_iter()
+        .filter(|c| args.only.as_deref().is_none_or(|o| c.viommu.contains(o)))
+        .collect();
+    let results: Vec<_> = cells.iter().map(|c| run_mq(c, tsc_khz)).collect();
+    print_mq(&results, &cells);
+}
+
 fn main() {
     let args = Args::parse();
     env_logger::init();
@@ -473,6 +491,9 @@ fn main() {
     }
     if args.nested_iotlb_only {
         return print_nested_iotlb();
+    }
+    if args.mq_only {
+        return print_mq_table(&args, tsc_khz);
     }
     let floors = (!args.no_floors).then(|| {
         let f = Floors::measure(args.floor_iterations, tsc_khz);
@@ -519,6 +540,9 @@ fn main() {
     print_cells(&results, tsc_khz);
     if let Some(f) = &floors {
         print_floor_ratios(&results, f, tsc_khz);
+    }
+    if !args.no_mq {
+        print_mq_table(&args, tsc_khz);
     }
     if !args.no_rx {
         failures.extend(integration_tests::bench::rx::rx_bench(
