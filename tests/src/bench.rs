@@ -16,6 +16,7 @@ use crate::matrix::{
 };
 
 pub mod floor;
+pub mod memory;
 pub mod mq;
 pub mod poll;
 pub mod ratio;

@@ -23,6 +23,8 @@
 //! TX table each translated cell's costs over them.
 //! The RX and loop-back rows (`--no-rx` skips them) and the virtio-blk rows
 //! (`--no-blk`) follow the TX cells; `--only` filters every table.
+//! After the boot RSS, the VMM memory table (`--memory-only`, `--no-memory`,
+//! `--memory-reps N`): iovmm's RssAnon/RssFile/RssShmem per vCPU and per device.
 //! After the TX table, the multiqueue / SMP rows (`--mq-only`, `--no-mq`): 1 and 2 queue pairs
 //! from 1 and 2 vCPUs, with the threads that used the CPU.
 
@@ -114,6 +116,15 @@ struct Args {
     /// With --poll-ab: interleaved repetitions of every variant.
     #[arg(long, default_value_t = 3)]
     poll_reps: usize,
+    /// Run and print only the VMM memory table (RSS per vCPU and per device).
+    #[arg(long, conflicts_with_all = ["no_memory", "soak", "floors_only", "nested_iotlb_only"])]
+    memory_only: bool,
+    /// Skip the VMM memory table.
+    #[arg(long)]
+    no_memory: bool,
+    /// Runs per configuration of the memory table (the table shows the median).
+    #[arg(long, default_value_t = 3)]
+    memory_reps: usize,
     /// Run and print only the multiqueue / SMP table.
     #[arg(long, conflicts_with_all = ["no_mq", "soak", "floors_only"])]
     mq_only: bool,
@@ -246,6 +257,15 @@ fn print_boot_and_rss(args: &Args) {
             println!("\n== VMM RSS\n  hello guest, 256M RAM: {kib} KiB peak (exit {code})")
         }
         Err(e) => println!("\n== VMM RSS: cannot run {}: {e}", iovmm.display()),
+    }
+}
+
+fn print_memory(reps: usize) {
+    match sibling_binary("iovmm-cli") {
+        Some(iovmm) => integration_tests::bench::memory::print_memory(&iovmm, reps),
+        None => println!(
+            "\n== VMM memory: iovmm binary not built (cargo build --release -p integration-tests --bins)"
+        ),
     }
 }
 
@@ -492,6 +512,9 @@ fn main() {
     if args.nested_iotlb_only {
         return print_nested_iotlb();
     }
+    if args.memory_only {
+        return print_memory(args.memory_reps);
+    }
     if args.mq_only {
         return print_mq_table(&args, tsc_khz);
     }
@@ -507,6 +530,9 @@ fn main() {
         return run_poll_ab(&args, tsc_khz);
     }
     print_boot_and_rss(&args);
+    if !args.no_memory {
+        print_memory(args.memory_reps);
+    }
     if args.nested_boots > 0 {
         print_nested_boot(args.nested_boots);
     }
