@@ -10,8 +10,14 @@
 //! mounted, and gives back the pages it added when dropped. It configures
 //! `dpdk-init=true`, `dpdk-socket-mem`, `dpdk-extra="--no-pci --iova-mode=va"` (no NIC, no
 //! VFIO) and `vhost-iommu-support=true` (OVS offers ACCESS_PLATFORM only then, and only on
-//! `dpdkvhostuserclient` ports). Every `ovs-vsctl` call waits for ovs-vswitchd to apply it, and
-//! readiness is waited for with `ovs-vsctl wait-until` (no polling here).
+//! `dpdkvhostuserclient` ports). Every `ovs-vsctl` call waits for ovs-vswitchd to apply it.
+//!
+//! Counters are read live from OpenFlow port statistics ([`Ovs::port_counters`]), never from the
+//! database's `statistics` column: ovs-vswitchd writes that only every `stats-update-interval`
+//! (5 s at least, `ovs-vswitchd.conf.db(5)`), and a port whose vhost device went away loses its
+//! standard counters there too, so a test that waits on it for traffic of less than 5 s can wait
+//! forever. After a restart the database still holds what the killed process wrote last
+//! (`link_state=up`, `dpdk_initialized=true`): [`Ovs::wait_running`] asks the running process.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -301,7 +307,9 @@ impl Ovs {
     }
 
     /// Kills ovs-vswitchd (SIGKILL, like a crash) and starts it again on the same database:
-    /// its bridges and ports come back and its vhost-user clients connect again.
+    /// its bridges and ports come back and its vhost-user clients connect again. The database's
+    /// `dpdk_initialized` is still `true` from the killed process, so this may return before the
+    /// new one set up its bridges: wait for the ports with [`Ovs::wait_running`].
     pub fn restart_vswitchd(&mut self) -> Result<(), OvsError> {
         if let Some(mut c) = self.vswitchd.take() {
             let _ = c.kill();
@@ -390,34 +398,86 @@ impl Ovs {
         Ok(())
     }
 
-    /// Waits until the port's vhost-user device is up (OVS connected and the guest driver
-    /// started both queues).
-    pub fn wait_link_up(&self, port: &str) -> Result<(), OvsError> {
-        self.vsctl(&["wait-until", "Interface", port, "link_state=up"])?;
-        Ok(())
+    /// The port's counters as ovs-vswitchd has them now, from OpenFlow port statistics
+    /// (`ovs-ofctl -O OpenFlow14 dump-ports`; see [`parse_dump_ports`] for the keys). Not the
+    /// database's `statistics` column: ovs-vswitchd writes that only every
+    /// `stats-update-interval` (at least 5 s), so it lags the traffic by up to 5 s. The standard
+    /// counters are missing while the port's vhost device is not running (OVS reports them as
+    /// unknown then); OVS's own drop counters (`ovs_tx_failure_drops`, ...) are always there.
+    pub fn port_counters(
+        &self,
+        bridge: &str,
+        port: &str,
+    ) -> Result<BTreeMap<String, u64>, OvsError> {
+        let text = self.ofctl(&["-O", "OpenFlow14", "dump-ports", bridge, port])?;
+        Ok(parse_dump_ports(&text))
     }
 
-    /// `ovs-vsctl get Interface PORT statistics` as a map.
-    pub fn port_stats(&self, port: &str) -> Result<BTreeMap<String, u64>, OvsError> {
-        let text = self.vsctl(&["get", "Interface", port, "statistics"])?;
-        Ok(parse_map(&text))
+    /// Waits until OVS's vhost device of `port` runs (its counters are known; that needs the
+    /// device connected, its queues set up and OVS's reconfiguration done), for at most 60 s.
+    /// Unlike the database's `link_state`, which a killed ovs-vswitchd leaves at `up`, this is
+    /// what the running process sees.
+    pub fn wait_running(&self, bridge: &str, port: &str) -> Result<(), OvsError> {
+        let t = std::time::Instant::now();
+        loop {
+            let counters = self.port_counters(bridge, port);
+            if matches!(&counters, Ok(c) if c.contains_key("tx_packets")) {
+                return Ok(());
+            }
+            if t.elapsed() > std::time::Duration::from_secs(VSCTL_TIMEOUT.into()) {
+                return Err(OvsError::Command {
+                    cmd: format!("waiting for {port}'s vhost device to run"),
+                    status: "timed out".into(),
+                    output: format!("{counters:?}\n{}", self.log_tail(20)),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 }
 
-/// Parses OVSDB's `{key=value, ...}` map of integers (non-numeric values are skipped).
-pub fn parse_map(text: &str) -> BTreeMap<String, u64> {
-    text.trim()
-        .trim_start_matches('{')
-        .trim_end_matches('}')
-        .split(',')
-        .filter_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            Some((
-                k.trim().trim_matches('"').to_string(),
-                v.trim().parse().ok()?,
-            ))
-        })
-        .collect()
+/// Parses `ovs-ofctl -O OpenFlow14 dump-ports` for one port: the standard counters as
+/// `rx_packets`, `rx_bytes`, `rx_dropped`, `rx_errors`, `tx_packets`, `tx_bytes`, `tx_dropped`,
+/// `tx_errors` (unknown ones, printed `?`, are left out), and the "CUSTOM Statistics" under their
+/// own names (`ovs_tx_failure_drops`, `rx_q0_good_packets`, ...). The RFC 2819 size buckets are
+/// skipped.
+pub fn parse_dump_ports(text: &str) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.contains("rfc2819") {
+            continue;
+        }
+        let line = match line.split_once(": ") {
+            Some((head, rest)) if head.starts_with("port ") => rest,
+            _ => line,
+        };
+        let (dir, rest) = match line.split_once(' ') {
+            Some((d @ ("rx" | "tx"), rest)) => (Some(d), rest),
+            _ => (None, line),
+        };
+        for kv in rest.split(',') {
+            let Some((k, v)) = kv.trim().split_once('=') else {
+                continue;
+            };
+            let Ok(v) = v.trim().parse::<u64>() else {
+                continue;
+            };
+            let key = match (dir, k.trim()) {
+                (Some(d), k) => {
+                    let name = match k {
+                        "pkts" => "packets",
+                        "drop" => "dropped",
+                        "errs" => "errors",
+                        other => other,
+                    };
+                    format!("{d}_{name}")
+                }
+                (None, k) => k.to_string(),
+            };
+            out.insert(key, v);
+        }
+    }
+    out
 }
 
 impl Drop for Ovs {
@@ -442,13 +502,57 @@ impl Drop for Ovs {
 mod tests {
     use super::*;
 
+    /// What OVS 3.1 printed for a running `dpdkvhostuserclient` port (custom counters cut).
+    const DUMP: &str = "OFPST_PORT reply (OF1.4) (xid=0x4): 1 ports
+  port  1: rx pkts=840, bytes=215040, drop=0, errs=?, frame=?, over=?, crc=?
+           tx pkts=3, bytes=768, drop=7, errs=?, coll=?
+           duration=9.333s
+           rx rfc2819 1_to_64_packets=0, 256_to_511_packets=840, broadcast_packets=840,
+           tx rfc2819 1_to_64_packets=0, 256_to_511_packets=3,
+           CUSTOM Statistics
+                      ovs_tx_retries=0, ovs_tx_failure_drops=7, ovs_tx_mtu_exceeded_drops=0,
+                      rx_q0_good_packets=840, tx_q0_iotlb_misses=1,
+";
+
     #[test]
-    fn ovsdb_maps_parse() {
-        let m = parse_map("{ovs_tx_retries=0, rx_bytes=512000, \"rx_packets\"=2000, x=up}\n");
-        assert_eq!(m.get("rx_bytes"), Some(&512_000));
-        assert_eq!(m.get("rx_packets"), Some(&2000));
-        assert_eq!(m.get("ovs_tx_retries"), Some(&0));
-        assert!(!m.contains_key("x"));
-        assert!(parse_map("{}").is_empty());
+    fn dump_ports_parse() {
+        let m = parse_dump_ports(DUMP);
+        assert_eq!(m.get("rx_packets"), Some(&840));
+        assert_eq!(m.get("rx_bytes"), Some(&215_040));
+        assert_eq!(m.get("rx_dropped"), Some(&0));
+        assert_eq!(m.get("tx_packets"), Some(&3));
+        assert_eq!(m.get("tx_dropped"), Some(&7));
+        assert_eq!(m.get("ovs_tx_failure_drops"), Some(&7));
+        assert_eq!(m.get("rx_q0_good_packets"), Some(&840));
+        assert_eq!(m.get("tx_q0_iotlb_misses"), Some(&1));
+        // Unknown counters (`errs=?`), the duration and the RFC 2819 size buckets are left out.
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        let want = [
+            "ovs_tx_failure_drops",
+            "ovs_tx_mtu_exceeded_drops",
+            "ovs_tx_retries",
+            "rx_bytes",
+            "rx_dropped",
+            "rx_packets",
+            "rx_q0_good_packets",
+            "tx_bytes",
+            "tx_dropped",
+            "tx_packets",
+            "tx_q0_iotlb_misses",
+        ];
+        assert_eq!(keys, want);
+    }
+
+    #[test]
+    fn a_port_whose_device_is_down_has_only_ovs_counters() {
+        let down = "  port  2: rx pkts=?, bytes=?, drop=?, errs=?, frame=?, over=?, crc=?
+           tx pkts=?, bytes=?, drop=?, errs=?, coll=?
+           CUSTOM Statistics
+                      ovs_tx_retries=0, ovs_tx_failure_drops=12,
+";
+        let m = parse_dump_ports(down);
+        assert!(!m.contains_key("tx_packets") && !m.contains_key("rx_packets"));
+        assert_eq!(m.get("ovs_tx_failure_drops"), Some(&12));
+        assert!(parse_dump_ports("").is_empty());
     }
 }
