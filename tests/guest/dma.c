@@ -151,7 +151,7 @@ void result_begin_run(struct result *r, const char *test, const char *why, enum 
 }
 
 /* Serialises the driver calls of every vCPU (see dma.h). */
-static struct spinlock iommu_lock;
+struct spinlock iommu_lock;
 
 /* Takes iommu_lock, counting the cycles spent waiting for it (another vCPU's request). */
 static void iommu_lock_take(struct dma_ctx *ctx)
@@ -163,6 +163,8 @@ static void iommu_lock_take(struct dma_ctx *ctx)
 
 static const char *drv_map(struct dma_ctx *ctx, u64 iova, u64 pa, u64 size, u32 prot)
 {
+    if (ctx->drv->concurrent_sync)
+        return ctx->drv->map(ctx, iova, pa, size, prot);
     iommu_lock_take(ctx);
     const char *err = ctx->drv->map(ctx, iova, pa, size, prot);
     spin_unlock(&iommu_lock);
@@ -171,6 +173,8 @@ static const char *drv_map(struct dma_ctx *ctx, u64 iova, u64 pa, u64 size, u32 
 
 static const char *drv_unmap(struct dma_ctx *ctx, u64 iova, u64 size, bool sync)
 {
+    if (sync && ctx->drv->concurrent_sync)
+        return ctx->drv->unmap_sync(ctx, iova, size);
     iommu_lock_take(ctx);
     const char *err = sync ? ctx->drv->unmap_sync(ctx, iova, size) : ctx->drv->unmap_deferred(ctx, iova, size);
     spin_unlock(&iommu_lock);

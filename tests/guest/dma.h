@@ -54,7 +54,13 @@ struct iommu_driver {
     const char *(*flush)(struct dma_ctx *ctx, const struct dma_range *r, u64 n);
     /* Adds the unit's own fields (faults, capabilities) to the result line. */
     void (*report)(struct dma_ctx *ctx, struct result *r);
+    /* map and unmap_sync take iommu_lock themselves, only around their queue accesses, so
+     * several vCPUs can have a request in flight; the other calls run under it (dma.c). */
+    bool concurrent_sync;
 };
+
+/* Serialises vIOMMU driver state between vCPUs (see dma_split). */
+extern struct spinlock iommu_lock;
 
 struct dma_ctx {
     enum iommu_mode mode;      /* effective mode (VT-d caching mode turns lazy into strict) */

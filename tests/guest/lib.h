@@ -61,6 +61,7 @@ static inline void spin_lock(struct spinlock *l)
         while (__atomic_load_n(&l->held, __ATOMIC_RELAXED))
             cpu_relax();
 }
+static inline bool spin_trylock(struct spinlock *l) { return !__atomic_exchange_n(&l->held, 1, __ATOMIC_ACQUIRE); }
 static inline void spin_unlock(struct spinlock *l) { __atomic_store_n(&l->held, 0, __ATOMIC_RELEASE); }
 
 /* Serialised TSC read (lfence keeps earlier instructions from drifting past it). */

@@ -109,6 +109,10 @@ static u8 evbufs[EVENT_BUFS][64] __attribute__((aligned(64)));
 static u8 ev_of_head[EVENT_BUFS];
 static struct iova_space space;
 static char errbuf[192];
+/* Requests sent alone (strict MAP and UNMAP, from any vCPU): buffers by head, completion. */
+static u8 lone_mem[REQ_QUEUE_SIZE][REQ_BUF] __attribute__((aligned(64)));
+static volatile u32 lone_done[REQ_QUEUE_SIZE]; /* used length + 1 once the device returned it */
+static bool lone[REQ_QUEUE_SIZE];
 static struct pci_dev own_scan[PCI_MAX_DEVICES];
 
 static u64 gpa(const void *p) { return (u64)(uintptr_t)p; } /* the guest is identity-mapped */
@@ -196,15 +200,34 @@ static const char *type_name(u8 t)
     return t < ARRAY_SIZE(names) ? names[t] : "?";
 }
 
+/*
+ * Takes every used entry (iommu_lock held): a lone request is marked done and its sender frees
+ * the chain; a staged one is recorded and freed. Returns the staged completions.
+ */
+static u32 drain_used(void)
+{
+    u32 staged = 0, id, len;
+    while (virtq_pop_used(&v.reqq, &id, &len)) {
+        if (id >= REQ_QUEUE_SIZE)
+            continue;
+        if (lone[id]) {
+            lone_done[id] = len + 1;
+            continue;
+        }
+        stage[head_to_stage[id]].used_len = len;
+        virtq_free_chain(&v.reqq, (u16)id);
+        staged++;
+    }
+    return staged;
+}
+
 static const char *wait_used(u32 *done, u32 target)
 {
     u64 deadline = rdtsc() + ms_to_cycles(REQ_TIMEOUT_MS);
     while (*done < target) {
-        u32 id, len;
-        if (virtq_get_used(&v.reqq, &id, &len)) {
-            if (id < REQ_QUEUE_SIZE)
-                stage[head_to_stage[id]].used_len = len;
-            (*done)++;
+        u32 got = drain_used();
+        if (got) {
+            *done += got;
         } else if (rdtsc() > deadline) {
             return "virtio-iommu request timed out (no used-ring entry within 10 s)";
         } else {
@@ -273,13 +296,6 @@ static const char *stage_req(const void *req, u32 rlen)
     s->rlen = rlen;
     s->wlen = TAIL_LEN;
     return NULL;
-}
-
-static const char *stage_map(u64 iova, u64 pa, u64 size, u32 prot)
-{
-    struct req_map m = {.type = T_MAP, .domain = v.domain, .virt_start = iova, .virt_end = iova + size - 1,
-                        .phys_start = pa, .flags = prot};
-    return stage_req(&m, sizeof(m));
 }
 
 static const char *stage_unmap(u64 iova, u64 size)
@@ -500,18 +516,87 @@ static const char *viommu_attach(struct dma_ctx *ctx)
     return err;
 }
 
+/* iommu_lock, counting the wait in ctx->lock_wait_cycles. */
+static void lone_lock(struct dma_ctx *ctx)
+{
+    u64 t0 = rdtsc();
+    spin_lock(&iommu_lock);
+    ctx->lock_wait_cycles += rdtsc() - t0;
+}
+
+/* Waits (without iommu_lock) for lone request `head`; any vCPU drains the used ring. */
+static const char *lone_wait(u16 head)
+{
+    u64 deadline = rdtsc() + ms_to_cycles(REQ_TIMEOUT_MS);
+    while (!lone_done[head]) {
+        if (spin_trylock(&iommu_lock)) {
+            drain_used();
+            spin_unlock(&iommu_lock);
+        }
+        if (lone_done[head])
+            break;
+        if (rdtsc() > deadline)
+            return "virtio-iommu request timed out (no used-ring entry within 10 s)";
+        cpu_relax();
+    }
+    return NULL;
+}
+
+/*
+ * One request with its own buffer and head, in flight concurrently with other vCPUs' (Linux
+ * holds its request lock until the reply; here the lock covers only the queue accesses).
+ */
+static const char *lone_request(struct dma_ctx *ctx, const void *req, u32 rlen)
+{
+    lone_lock(ctx);
+    if (v.reqq.num_free < 2) {
+        spin_unlock(&iommu_lock);
+        return "the virtio-iommu request queue is full";
+    }
+    u16 head = v.reqq.free_head;
+    u8 *buf = lone_mem[head];
+    memcpy(buf, req, rlen);
+    memset(buf + rlen, 0xff, TAIL_LEN);
+    struct vq_buf b[2] = {{gpa(buf), rlen, false}, {gpa(buf + rlen), TAIL_LEN, true}};
+    lone_done[head] = 0;
+    lone[head] = true;
+    (void)virtq_add(&v.reqq, b, 2);
+    virtq_publish(&v.reqq);
+    v.ctx->iommu_reqs++;
+    v.ctx->iommu_syncs++;
+    spin_unlock(&iommu_lock);
+    virtq_notify(&v.reqq);
+    const char *err = lone_wait(head);
+    if (err)
+        return err; /* the chain stays allocated: the run ends on this error */
+    u32 used_len = lone_done[head] - 1;
+    /* A request returned without a written tail counts as IOERR (like Linux). */
+    u8 st = used_len == 0 ? 1 : buf[rlen];
+    u8 type = buf[0];
+    lone_lock(ctx);
+    lone[head] = false;
+    virtq_free_chain(&v.reqq, head);
+    poll_events();
+    spin_unlock(&iommu_lock);
+    if (st != 0) {
+        snprintf(errbuf, sizeof(errbuf), "virtio-iommu %s request failed: status %u (%s)%s", type_name(type), st,
+                 status_name(st), used_len == 0 ? ", used length 0" : "");
+        return errbuf;
+    }
+    return NULL;
+}
+
 static const char *viommu_map(struct dma_ctx *ctx, u64 iova, u64 pa, u64 size, u32 prot)
 {
-    (void)ctx;
-    const char *err = stage_map(iova, pa, size, prot);
-    return err ? err : sync_requests();
+    struct req_map m = {.type = T_MAP, .domain = v.domain, .virt_start = iova, .virt_end = iova + size - 1,
+                        .phys_start = pa, .flags = prot};
+    return lone_request(ctx, &m, sizeof(m));
 }
 
 static const char *viommu_unmap_sync(struct dma_ctx *ctx, u64 iova, u64 size)
 {
-    (void)ctx;
-    const char *err = stage_unmap(iova, size);
-    return err ? err : sync_requests();
+    struct req_unmap u = {.type = T_UNMAP, .domain = v.domain, .virt_start = iova, .virt_end = iova + size - 1};
+    return lone_request(ctx, &u, sizeof(u));
 }
 
 static const char *viommu_unmap_deferred(struct dma_ctx *ctx, u64 iova, u64 size)
@@ -565,4 +650,5 @@ const struct iommu_driver virtio_iommu_driver = {
     .unmap_deferred = viommu_unmap_deferred,
     .flush = viommu_flush,
     .report = viommu_report,
+    .concurrent_sync = true,
 };

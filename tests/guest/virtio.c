@@ -211,18 +211,28 @@ int virtq_add(struct virtq *vq, const struct vq_buf *bufs, u16 n)
     return head;
 }
 
-void virtq_kick(struct virtq *vq)
+void virtq_publish(struct virtq *vq)
 {
     barrier(); /* descriptors and ring entries before the index (x86: stores stay ordered) */
     vq->avail->idx = vq->avail_idx;
+}
+
+void virtq_notify(struct virtq *vq)
+{
     mb(); /* the index store before reading the device's flags */
     if (!(vq->used->flags & VRING_USED_F_NO_NOTIFY)) {
         mmio_write16(vq->notify_addr, vq->index);
-        vq->kicks++;
+        __atomic_add_fetch(&vq->kicks, 1, __ATOMIC_RELAXED);
     }
 }
 
-bool virtq_get_used(struct virtq *vq, u32 *id, u32 *len)
+void virtq_kick(struct virtq *vq)
+{
+    virtq_publish(vq);
+    virtq_notify(vq);
+}
+
+bool virtq_pop_used(struct virtq *vq, u32 *id, u32 *len)
 {
     if (vq->used->idx == vq->last_used)
         return false;
@@ -231,17 +241,28 @@ bool virtq_get_used(struct virtq *vq, u32 *id, u32 *len)
     vq->last_used++;
     if (e.id >= vq->size)
         return false; /* a bad id from the device: drop it rather than corrupt the free list */
-    /* Return the chain to the free list. */
-    u16 last = (u16)e.id, count = 1;
+    *id = e.id;
+    *len = e.len;
+    return true;
+}
+
+void virtq_free_chain(struct virtq *vq, u16 head)
+{
+    u16 last = head, count = 1;
     while ((vq->desc[last].flags & VRING_DESC_F_NEXT) && count < vq->size) {
         last = vq->desc[last].next;
         count++;
     }
     vq->desc[last].next = vq->free_head;
-    vq->free_head = (u16)e.id;
+    vq->free_head = head;
     vq->num_free = (u16)(vq->num_free + count);
-    *id = e.id;
-    *len = e.len;
+}
+
+bool virtq_get_used(struct virtq *vq, u32 *id, u32 *len)
+{
+    if (!virtq_pop_used(vq, id, len))
+        return false;
+    virtq_free_chain(vq, (u16)*id);
     return true;
 }
 

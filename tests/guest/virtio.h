@@ -112,7 +112,15 @@ u64 virtio_cfg_read64(const struct virtio_dev *vd, u32 off);
 int virtq_add(struct virtq *vq, const struct vq_buf *bufs, u16 n);
 /* Makes added chains visible, then notifies the device unless it asked not to be notified. */
 void virtq_kick(struct virtq *vq);
+/* The two halves of virtq_kick: publish with the ring's lock held, notify after dropping it
+ * (the notification is a VM exit; another vCPU's publish in between is covered by it). */
+void virtq_publish(struct virtq *vq);
+void virtq_notify(struct virtq *vq);
 /* Pops one used element (frees its chain); false when none is pending. */
 bool virtq_get_used(struct virtq *vq, u32 *id, u32 *len);
+/* Pops one used element but leaves its chain allocated (virtq_free_chain returns it later);
+ * false when none is pending (an element with a bad id is dropped). */
+bool virtq_pop_used(struct virtq *vq, u32 *id, u32 *len);
+void virtq_free_chain(struct virtq *vq, u16 head);
 
 #endif
