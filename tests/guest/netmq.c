@@ -6,7 +6,9 @@
  * round-robin on the first iovmm.queues transmit queues (frame i on transmitq i % queues).
  * With iovmm.cpus=N (1..4, at most iovmm.queues) the guest starts N - 1 more vCPUs (smp.c) and
  * vCPU c drives the queues q with q % N == c concurrently with the others, each through its
- * own DMA context and IOVA range but the same vIOMMU (dma.h: dma_split).
+ * own DMA context and IOVA range but the same vIOMMU (dma.h: dma_split). iovmm.start_cpus=M
+ * (iovmm.cpus..4, default iovmm.cpus) starts M vCPUs of which only the first iovmm.cpus drive
+ * queues: the others spin idle, as a waiting vCPU does (the benchmark's control row).
  *
  * Frames and "checksum" as net-tx's (net.c): frame i = broadcast dst, src = device MAC,
  * ethertype 0x88b5, byte j >= 14 = (u8)(i * 31 + j); the checksum is the wrapping sum of every
@@ -32,7 +34,7 @@
 #define MQ_IOVA_PER_CPU (1ULL << 30)
 
 struct mq_params {
-    u64 frames, size, queues, queue, timeout_ms, reset, cpus;
+    u64 frames, size, queues, queue, timeout_ms, reset, cpus, start_cpus;
     enum iommu_mode iommu;
 };
 
@@ -58,6 +60,8 @@ static const char *mq_params(struct mq_params *p)
         cmdline_u64("iovmm.timeout_ms", 10000, &p->timeout_ms) || cmdline_u64("iovmm.reset", 1, &p->reset) ||
         cmdline_u64("iovmm.cpus", 1, &p->cpus))
         return "a numeric iovmm.* parameter is malformed";
+    if (cmdline_u64("iovmm.start_cpus", p->cpus, &p->start_cpus))
+        return "a numeric iovmm.* parameter is malformed";
     if (p->size < 60 || p->size > 4000)
         return "iovmm.size must be 60..4000 bytes";
     if (p->queues < 1 || p->queues > MQ_MAX_PAIRS)
@@ -66,6 +70,8 @@ static const char *mq_params(struct mq_params *p)
         return "iovmm.queue must be 2..1024";
     if (p->cpus < 1 || p->cpus > SMP_MAX_CPUS || p->cpus > p->queues)
         return "iovmm.cpus must be 1..4 and at most iovmm.queues";
+    if (p->start_cpus < p->cpus || p->start_cpus > SMP_MAX_CPUS)
+        return "iovmm.start_cpus must be iovmm.cpus..4";
     return iommu_mode_param(IOMMU_OFF, &p->iommu);
 }
 
@@ -296,6 +302,7 @@ static int mq_report(struct mq_tx *n, const struct mq_params *p, const char *why
     result_u64(&r, "size", p->size);
     result_u64(&r, "queues", p->queues);
     result_u64(&r, "cpus", smp_cpus());
+    result_u64(&r, "driving_cpus", p->cpus);
     result_u64(&r, "max_pairs", n->max_pairs);
     result_u64(&r, "ctrl_status", n->ctrl_status);
     result_u64(&r, "sent", n->sent);
@@ -335,7 +342,7 @@ int run_net_mq(const struct pci_dev *devs, size_t ndevs)
         result_emit(&r);
         return EXIT_UNSUPPORTED;
     }
-    err = smp_start((u32)p.cpus, 5000);
+    err = smp_start((u32)p.start_cpus, 5000);
     if (err) {
         struct result r;
         result_begin(&r, "net-mq", "failed");

@@ -29,23 +29,28 @@ pub struct MqCell {
     pub pairs: u8,
     /// vCPUs driving them (one pair per vCPU when equal).
     pub cpus: u8,
+    /// vCPUs started (at least `cpus`; the others spin idle in the guest, a control for the
+    /// host CPU a polling vCPU takes).
+    pub started: u8,
     /// Frames and their size.
     pub frames: u64,
     /// Frame size in bytes.
     pub size: u64,
 }
 
-/// The rows: for each vIOMMU, 1 pair on 1 vCPU, 2 pairs on 1 vCPU, 2 pairs on 2 vCPUs.
+/// The rows: for each vIOMMU, 1 pair on 1 vCPU, 2 pairs on 1 vCPU (alone, then with a second
+/// vCPU spinning idle), 2 pairs on 2 vCPUs.
 pub fn mq_cells(frames: u64, size: u64) -> Vec<MqCell> {
     let viommus = [("virtio-iommu", "virtio"), ("vt-d", "vtd,caching_mode=on")];
     let mut cells = Vec::new();
     for (viommu, spec) in viommus {
-        for (pairs, cpus) in [(1, 1), (2, 1), (2, 2)] {
+        for (pairs, cpus, started) in [(1, 1, 1), (2, 1, 1), (2, 1, 2), (2, 2, 2)] {
             cells.push(MqCell {
                 viommu,
                 spec,
                 pairs,
                 cpus,
+                started,
                 frames,
                 size,
             });
@@ -204,7 +209,10 @@ pub fn run_mq(cell: &MqCell, tsc_khz: u64) -> Result<MqResult, String> {
 }
 
 fn run_mq_inner(cell: MqCell, tsc_khz: u64) -> MqResult {
-    let label = format!("mq-bench-{}-{}p{}c", cell.viommu, cell.pairs, cell.cpus);
+    let label = format!(
+        "mq-bench-{}-{}p{}c{}s",
+        cell.viommu, cell.pairs, cell.cpus, cell.started
+    );
     let sock = socket(&label);
     let config = BackendConfig {
         queue_pairs: usize::from(cell.pairs),
@@ -216,12 +224,13 @@ fn run_mq_inner(cell: MqCell, tsc_khz: u64) -> MqResult {
     cfg.cmdline = Scenario::net_mq(cell.frames, cell.size, u64::from(cell.pairs))
         .iommu(IommuMode::Strict)
         .param("cpus", cell.cpus)
+        .param("start_cpus", cell.started)
         .tsc_khz(tsc_khz)
         .timeout_ms(20_000)
         .cmdline()
         .expect("the command line fits");
     cfg.serial = SerialMode::Capture;
-    cfg.cpus = cell.cpus;
+    cfg.cpus = cell.started;
     cfg.iommu = Some(cell.spec.parse().expect("a vIOMMU option"));
     let dev = format!(
         "net,socket={},iommu=on,queues={}",
@@ -277,6 +286,15 @@ pub fn busiest(threads: &[ThreadCpu], wall: Duration, n: usize) -> String {
         .join(", ")
 }
 
+/// "2", or "1+1" for one driving vCPU and one idle.
+fn vcpus(cell: &MqCell) -> String {
+    if cell.started > cell.cpus {
+        format!("{}+{}", cell.cpus, cell.started - cell.cpus)
+    } else {
+        cell.cpus.to_string()
+    }
+}
+
 /// Prints the multiqueue / SMP table.
 pub fn print_mq(results: &[Result<MqResult, String>], cells: &[MqCell]) {
     println!(
@@ -284,10 +302,10 @@ pub fn print_mq(results: &[Result<MqResult, String>], cells: &[MqCell]) {
          time, with its voluntary/involuntary context switches):"
     );
     println!(
-        "{:<13} {:>5} {:>4} {:>9} {:>14} {:>10} {:>14} {:>9}  busiest threads",
+        "{:<13} {:>5} {:>5} {:>9} {:>14} {:>10} {:>14} {:>9}  busiest threads",
         "vIOMMU",
         "pairs",
-        "vCPU",
+        "vCPUs",
         "frames/s",
         "miss p50/p99us",
         "misses/frm",
@@ -297,10 +315,10 @@ pub fn print_mq(results: &[Result<MqResult, String>], cells: &[MqCell]) {
     for (res, cell) in results.iter().zip(cells) {
         match res {
             Ok(m) => println!(
-                "{:<13} {:>5} {:>4} {:>9.0} {:>14} {:>10.2} {:>14} {:>8.0}%  {}",
+                "{:<13} {:>5} {:>5} {:>9.0} {:>14} {:>10.2} {:>14} {:>8.0}%  {}",
                 cell.viommu,
                 cell.pairs,
-                cell.cpus,
+                vcpus(cell),
                 m.fps,
                 m.miss.as_ref().map_or("-".into(), |l| format!(
                     "{:.1}/{:.1}",
@@ -313,8 +331,10 @@ pub fn print_mq(results: &[Result<MqResult, String>], cells: &[MqCell]) {
                 busiest(&m.threads, m.wall, 5)
             ),
             Err(e) => println!(
-                "{:<13} {:>5} {:>4} failed: {e}",
-                cell.viommu, cell.pairs, cell.cpus
+                "{:<13} {:>5} {:>5} failed: {e}",
+                cell.viommu,
+                cell.pairs,
+                vcpus(cell)
             ),
         }
     }
@@ -328,16 +348,21 @@ mod tests {
     #[test]
     fn rows_cover_one_and_two_pairs_and_vcpus_per_viommu() {
         let cells = mq_cells(100, 256);
-        let shape: Vec<_> = cells.iter().map(|c| (c.viommu, c.pairs, c.cpus)).collect();
+        let shape: Vec<_> = cells
+            .iter()
+            .map(|c| format!("{} {}p {}", c.viommu, c.pairs, vcpus(c)))
+            .collect();
         assert_eq!(
             shape,
             [
-                ("virtio-iommu", 1, 1),
-                ("virtio-iommu", 2, 1),
-                ("virtio-iommu", 2, 2),
-                ("vt-d", 1, 1),
-                ("vt-d", 2, 1),
-                ("vt-d", 2, 2)
+                "virtio-iommu 1p 1",
+                "virtio-iommu 2p 1",
+                "virtio-iommu 2p 1+1",
+                "virtio-iommu 2p 2",
+                "vt-d 1p 1",
+                "vt-d 2p 1",
+                "vt-d 2p 1+1",
+                "vt-d 2p 2"
             ]
         );
     }
