@@ -51,6 +51,19 @@ pub struct PortStats {
     pub tx_packets: u64,
 }
 
+/// testpmd's forwarding counters summed over all ports since forwarding started (the
+/// "Accumulated forward statistics for all ports" block of `show fwd stats all`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FwdStats {
+    /// Frames the ports received.
+    pub rx_packets: u64,
+    /// Frames the ports sent.
+    pub tx_packets: u64,
+    /// Frames the forwarding engine freed because the TX queue did not take them within its
+    /// retries (`fwd_dropped`), plus the ports' own TX errors.
+    pub tx_dropped: u64,
+}
+
 /// A running dpdk-testpmd serving one vhost-user socket.
 pub struct Testpmd {
     child: Child,
@@ -259,6 +272,20 @@ impl Testpmd {
         Err(TestpmdError::Stats(self.output()[before..].to_string()))
     }
 
+    /// The forwarding counters since forwarding started ([`FwdStats`]).
+    pub fn fwd_stats(&mut self) -> Result<FwdStats, TestpmdError> {
+        let before = self.output().len();
+        self.command("show fwd stats all")?;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Some(stats) = parse_fwd_stats(&self.output()[before..]) {
+                return Ok(stats);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(TestpmdError::Stats(self.output()[before..].to_string()))
+    }
+
     /// The socket path testpmd serves (or connects to, as a client).
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -305,6 +332,20 @@ pub fn parse_port_stats(text: &str) -> Option<PortStats> {
         rx_packets: field(block, "RX-packets:")?,
         rx_bytes: field(block, "RX-bytes:")?,
         tx_packets: field(block, "TX-packets:")?,
+    })
+}
+
+/// Parses the accumulated block of `show fwd stats all` (or of `stop`), once its TX line is
+/// complete.
+pub fn parse_fwd_stats(text: &str) -> Option<FwdStats> {
+    let start = text.find("Accumulated forward statistics for all ports")?;
+    let block = &text[start..];
+    let tx = block.find("TX-total:")?;
+    block[tx..].find('\n')?;
+    Some(FwdStats {
+        rx_packets: field(block, "RX-packets:")?,
+        tx_packets: field(block, "TX-packets:")?,
+        tx_dropped: field(block, "TX-dropped:")?,
     })
 }
 
@@ -367,12 +408,40 @@ mod tests {
         assert_eq!(parse_port_stats("RX-packets: 5"), None);
     }
 
+    const FWD_SAMPLE: &str = "testpmd> show fwd stats all\n\
+\n\
+  ---------------------- Forward statistics for port 0  ----------------------\n\
+  RX-packets: 500            RX-dropped: 0             RX-total: 500\n\
+  TX-packets: 497            TX-dropped: 3             TX-total: 500\n\
+  ----------------------------------------------------------------------------\n\
+\n\
+  +++++++++++++++ Accumulated forward statistics for all ports+++++++++++++++\n\
+  RX-packets: 500            RX-dropped: 0             RX-total: 500\n\
+  TX-packets: 497            TX-dropped: 3             TX-total: 500\n\
+  ++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++++\n";
+
+    #[test]
+    fn fwd_stats_block_is_parsed() {
+        let want = FwdStats {
+            rx_packets: 500,
+            tx_packets: 497,
+            tx_dropped: 3,
+        };
+        assert_eq!(parse_fwd_stats(FWD_SAMPLE), Some(want));
+        let cut = &FWD_SAMPLE[..FWD_SAMPLE.rfind("TX-total: 500").unwrap()];
+        assert_eq!(parse_fwd_stats(cut), None);
+        // The per-port block alone is not the accumulated one.
+        let port = &FWD_SAMPLE[..FWD_SAMPLE.find("+++").unwrap()];
+        assert_eq!(parse_fwd_stats(port), None);
+    }
+
     #[test]
     fn testpmd_starts_and_reports_zero_counters() {
         let sock = std::env::temp_dir().join(format!("iovmm-pmd-{}.sock", std::process::id()));
         let mut pmd = Testpmd::start(&sock, true).unwrap();
         assert!(pmd.socket().exists());
         assert_eq!(pmd.port_stats().unwrap(), PortStats::default());
+        assert_eq!(pmd.fwd_stats().unwrap(), FwdStats::default());
         drop(pmd);
         assert!(!sock.exists());
     }

@@ -2,7 +2,8 @@
 //! (VT-d PTE W, virtio-iommu MAP WRITE) and verifies every frame, behind both
 //! vIOMMUs in every mode, with our backend's generator and loop-back and with
 //! testpmd `macswap` (which needs read-write RX buffers: DPDK's enqueue
-//! translates RX descriptors with VHOST_ACCESS_RW).
+//! translates RX descriptors with VHOST_ACCESS_RW; behind a vIOMMU the guest counts
+//! a frame testpmd dropped, which must be exactly testpmd's TX-dropped).
 
 use integration_tests::guest::IommuMode;
 use integration_tests::matrix::{
