@@ -67,7 +67,7 @@ pub enum MemoryError {
         /// The end of its stderr.
         stderr: String,
     },
-    /// iovmm was not held within [`HOLD_TIMEOUT`].
+    /// iovmm was not held within `HOLD_TIMEOUT`.
     #[error("iovmm not held at the guest's first console line within {0:?}; last look: {1:?}")]
     Timeout(Duration, TaskScan),
     /// The line the guest was held at is not the expected one.
