@@ -2,8 +2,7 @@
 //! throughput and IOTLB traffic (TX here, RX and loop-back in [`rx`]), and the
 //! QEMU 7.2 reference runs.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vmm::{SerialMode, VmConfig, VmExit, Vmm};
@@ -67,33 +66,6 @@ pub fn sibling_binary(name: &str) -> Option<PathBuf> {
     [dir.join(name), dir.parent()?.join(name)]
         .into_iter()
         .find(|p| p.is_file())
-}
-
-/// Runs `cmd` and returns its exit status and peak RSS in KiB.
-pub fn run_with_max_rss(cmd: &mut Command) -> std::io::Result<(i32, u64)> {
-    let child = cmd.spawn()?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet waited for; both pointers are valid.
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    std::mem::forget(child); // already reaped by wait4
-    Ok((libc::WEXITSTATUS(status), usage.ru_maxrss as u64))
-}
-
-/// Peak RSS of the `iovmm` CLI running `cmdline` on the test guest, with
-/// `extra` arguments.
-pub fn cli_rss(iovmm: &Path, cmdline: &str, extra: &[String]) -> std::io::Result<(i32, u64)> {
-    let mut cmd = Command::new(iovmm);
-    cmd.arg("--kernel")
-        .arg(test_guest_path())
-        .args(["--cmdline", cmdline, "--memory", "256M", "--serial", "off"])
-        .args(extra);
-    run_with_max_rss(&mut cmd)
 }
 
 /// Which backend a bench cell uses.

@@ -34,9 +34,8 @@ use clap::Parser;
 use integration_tests::bench::floor::{self, Floors};
 use integration_tests::bench::ratio::print_floor_ratios;
 use integration_tests::bench::{
-    bench_cells, boot_times, cli_rss, fmt_latency, host_tsc_khz, percentiles, run_cell,
-    sibling_binary, soak, soak_cells, us, viommu_name, BenchBackend, CellResult, CpuLoad, SoakCell,
-    SoakRun,
+    bench_cells, boot_times, fmt_latency, host_tsc_khz, percentiles, run_cell, sibling_binary,
+    soak, soak_cells, us, viommu_name, BenchBackend, CellResult, CpuLoad, SoakCell, SoakRun,
 };
 use integration_tests::guest::IommuMode;
 use integration_tests::matrix::{Cell, Viommu};
@@ -252,11 +251,12 @@ fn print_boot_and_rss(args: &Args) {
         println!("  (iovmm binary not built; skipping RSS: cargo build --release -p integration-tests --bins)");
         return;
     };
-    match cli_rss(&iovmm, "iovmm.test=hello", &[]) {
-        Ok((code, kib)) => {
-            println!("\n== VMM RSS\n  hello guest, 256M RAM: {kib} KiB peak (exit {code})")
-        }
-        Err(e) => println!("\n== VMM RSS: cannot run {}: {e}", iovmm.display()),
+    match integration_tests::bench::memory::hello(&iovmm) {
+        Ok(m) => println!(
+            "\n== VMM RSS\n  hello guest after its workload, 256M RAM: VmHWM {} KiB (VmRSS {} KiB: {} private, {} files, {} guest RAM)",
+            m.vm_hwm, m.vm_rss, m.rss_anon, m.rss_file, m.rss_shmem
+        ),
+        Err(e) => println!("\n== VMM RSS: {}", chain(&e)),
     }
 }
 
@@ -593,8 +593,8 @@ fn main() {
         return;
     }
     let iovmm_rss = sibling_binary("iovmm-cli")
-        .and_then(|b| cli_rss(&b, "iovmm.test=hello", &[]).ok())
-        .map(|(_, kib)| kib);
+        .and_then(|b| integration_tests::bench::memory::hello(&b).ok())
+        .map(|m| m.vm_hwm);
     let qemus: Vec<(QemuBinary, String)> = reference_qemus()
         .into_iter()
         .filter(|(_, v)| {
