@@ -461,9 +461,14 @@ impl IotlbBridge {
                 break;
             };
             if let Some(msg) = update_for(mem, iova, g, span, perm) {
-                let planned = Planned { msg, gpa: g, perm };
-                self.send_update_locked(st, &planned)?;
-                self.counters.prefetches.bump();
+                // A caching-mode invalidation reports every present leaf of its range, also
+                // ones already sent and unchanged (a neighbour still in flight): skip those.
+                let last = msg.iova + (msg.size - 1);
+                if !st.installed.holds(msg.iova, last, g, perm) {
+                    let planned = Planned { msg, gpa: g, perm };
+                    self.send_update_locked(st, &planned)?;
+                    self.counters.prefetches.bump();
+                }
             }
             match (off + span).checked_add(1) {
                 Some(next) if next <= total => off = next,

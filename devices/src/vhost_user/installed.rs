@@ -111,6 +111,18 @@ impl Installed {
             .collect()
     }
 
+    /// Whether `[start, end]` is recorded whole as translating to `gpa` (at `start`) with
+    /// `perm`: an UPDATE for exactly that would tell the back end nothing new.
+    pub fn holds(&self, start: u64, end: u64, gpa: u64, perm: Permissions) -> bool {
+        let want = Segment {
+            start,
+            end,
+            gpa,
+            perm,
+        };
+        self.overlapping(start, end) == [want]
+    }
+
     /// Whether anything is recorded in `[start, end]`.
     pub fn intersects(&self, start: u64, end: u64) -> bool {
         self.segs

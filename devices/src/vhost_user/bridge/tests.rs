@@ -196,6 +196,29 @@ fn update_never_wraps_the_top_of_the_iova_space() {
 }
 
 #[test]
+fn a_map_event_for_what_the_back_end_already_holds_sends_nothing() {
+    let map = |gpa: u64, perm| IommuEvent::Map {
+        rid: RID,
+        range: IovaRange::from_start_len(0x4000_0000, 0x2000).unwrap(),
+        gpa: GuestAddress(gpa),
+        perm,
+    };
+    let r = rig(IotlbPolicy::Prefetch);
+    r.bridge.notify(&map(0x8000, Permissions::Read)).unwrap();
+    assert_eq!(r.chan.sent().len(), 1);
+    // The same leaves reported again (a caching-mode invalidation of a larger block).
+    r.bridge.notify(&map(0x8000, Permissions::Read)).unwrap();
+    assert_eq!(r.chan.sent().len(), 1);
+    // A different GPA or permission for the same IOVAs is news.
+    r.bridge.notify(&map(0xa000, Permissions::Read)).unwrap();
+    r.bridge
+        .notify(&map(0xa000, Permissions::ReadWrite))
+        .unwrap();
+    assert_eq!(r.chan.sent().len(), 3);
+    assert_eq!(r.bridge.stats().prefetches, 3);
+}
+
+#[test]
 fn map_events_are_pushed_only_with_the_prefetch_policy() {
     let ev = IommuEvent::Map {
         rid: RID,
