@@ -400,18 +400,31 @@ pub(crate) fn run_testpmd(
     outcome
 }
 
-/// testpmd's port counters once it received `frames` frames, or after 5 s (it has nothing to
-/// wait on: the counters are read again every 100 ms).
-pub fn port_stats_after(pmd: &mut Testpmd, frames: u64) -> PortStats {
-    let mut port = pmd.port_stats().expect("testpmd stats");
+/// Reads testpmd's counters with `read` until `done` holds, or for the last time after 5 s
+/// (testpmd has nothing to wait on: they are read again every 100 ms).
+pub fn testpmd_read_until<T>(
+    pmd: &mut Testpmd,
+    read: impl Fn(&mut Testpmd) -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let mut last = read(pmd);
     for _ in 0..50 {
-        if port.rx_packets >= frames {
+        if done(&last) {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
-        port = pmd.port_stats().expect("testpmd stats");
+        last = read(pmd);
     }
-    port
+    last
+}
+
+/// testpmd's port counters once it received `frames` frames, or after 5 s.
+pub fn port_stats_after(pmd: &mut Testpmd, frames: u64) -> PortStats {
+    testpmd_read_until(
+        pmd,
+        |p| p.port_stats().expect("testpmd stats"),
+        |port| port.rx_packets >= frames,
+    )
 }
 
 /// The wrapping sum of every payload byte in our backend's sink file (u32 length + frame,

@@ -80,15 +80,7 @@ fn run_dpdk_polled(cell: &Cell, poll_us: u64) -> Outcome {
     let sock = socket(&cell.tag("dpdk-poll"));
     let mut pmd = Testpmd::start(&sock, true).expect("testpmd starts");
     let (result, stats) = run_guest_polled(cell, &sock, poll_us);
-    let mut port = pmd.port_stats().expect("testpmd stats");
-    // testpmd has nothing to wait on: its counters are read until every frame is in (5 s).
-    for _ in 0..50 {
-        if port.rx_packets >= cell.frames {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        port = pmd.port_stats().expect("testpmd stats");
-    }
+    let port = crate::matrix::port_stats_after(&mut pmd, cell.frames);
     assert_eq!(port.rx_packets, cell.frames);
     Outcome {
         result,

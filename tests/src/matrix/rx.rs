@@ -14,8 +14,8 @@ use iommu::sync::lock;
 use vmm::{VhostUserStats, VmExit};
 
 use super::{
-    assert_connection_invalidates, port_stats_after, report, run_own, socket, Cell, Outcome,
-    Viommu, VmRun, ONE_CELL,
+    assert_connection_invalidates, port_stats_after, report, run_own, socket, testpmd_read_until,
+    Cell, Outcome, Viommu, VmRun, ONE_CELL,
 };
 use crate::backend::rxgen::{seq_checksum, RxGen};
 use crate::backend::BackendConfig;
@@ -123,17 +123,11 @@ fn start_macswap(sock: &Path) -> Testpmd {
 /// testpmd's forwarding counters once every burst it took was accounted for (sent or dropped)
 /// and it had received `frames`, or the last read after 5 s (re-read every 100 ms).
 fn fwd_stats_settled(pmd: &mut Testpmd, frames: u64) -> FwdStats {
-    let settled =
-        |f: &FwdStats| f.rx_packets >= frames && f.tx_packets + f.tx_dropped == f.rx_packets;
-    let mut fwd = pmd.fwd_stats().expect("testpmd forwarding stats");
-    for _ in 0..50 {
-        if settled(&fwd) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-        fwd = pmd.fwd_stats().expect("testpmd forwarding stats");
-    }
-    fwd
+    testpmd_read_until(
+        pmd,
+        |p| p.fwd_stats().expect("testpmd forwarding stats"),
+        |f| f.rx_packets >= frames && f.tx_packets + f.tx_dropped == f.rx_packets,
+    )
 }
 
 /// A lossy loop-back (`iovmm.lossy=1`): every frame came back unless testpmd dropped it, and
