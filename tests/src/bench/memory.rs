@@ -103,7 +103,7 @@ pub struct ProcMemory {
 }
 
 /// The number after `field:` in a `/proc/PID/status` text, with the unit after it (if any).
-fn status_value<'a>(status: &'a str, field: &str) -> Option<(u64, Option<&'a str>)> {
+pub(crate) fn status_value<'a>(status: &'a str, field: &str) -> Option<(u64, Option<&'a str>)> {
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
         let mut words = rest.split_whitespace();

@@ -111,16 +111,10 @@ struct Sample {
 
 /// The context-switch counts of `/proc/.../status`.
 fn switches(status: &str) -> (u64, u64) {
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |key| super::memory::status_value(status, key).map_or(0, |(n, _)| n);
     (
-        field("voluntary_ctxt_switches:"),
-        field("nonvoluntary_ctxt_switches:"),
+        field("voluntary_ctxt_switches"),
+        field("nonvoluntary_ctxt_switches"),
     )
 }
 
